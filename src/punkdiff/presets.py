@@ -1,0 +1,404 @@
+"""Named presets: a `UNet2DModel` config, a `DDPMScheduler` config, data and training defaults.
+
+Every configuration of the projects punkdiff absorbs is a preset here. A preset is plain data
+(dataclasses), so it can be printed, saved into `training_summary.json`, overridden from a
+YAML/JSON file or `--set section.key=value` flags, and validated before anything heavy runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "quadratic", "cosine")
+# diffusers has no "quadratic": its `scaled_linear` (linspace(sqrt(b0), sqrt(b1))**2) *is* the
+# original DDPM codebase's "quad" schedule, so the name maps onto it exactly. "cosine" is the
+# Nichol & Dhariwal schedule, which diffusers calls `squaredcos_cap_v2`.
+_SCHEDULE_ALIASES = {"quadratic": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+VARIANCE_TYPES = ("fixed_small", "fixed_large")
+RESIZE_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos", "box")
+
+
+class PresetError(ValueError):
+    """A preset, override or combination that cannot work; the message says what to change."""
+
+
+@dataclass
+class ModelSpec:
+    """The UNet, described by what people tune; `unet_config()` turns it into `UNet2DModel` kwargs."""
+
+    sample_size: int
+    in_channels: int
+    out_channels: int
+    block_out_channels: tuple[int, ...]
+    layers_per_block: int = 2
+    attention_resolutions: tuple[int, ...] = ()
+    mid_attention: bool = True
+    dropout: float = 0.0
+    norm_num_groups: int = 32
+    attention_head_dim: int = 8
+
+    def resolutions(self) -> list[int]:
+        """Feature-map size at each level of the UNet, from the input down."""
+        return [self.sample_size // 2**i for i in range(len(self.block_out_channels))]
+
+    def unet_config(self) -> dict[str, Any]:
+        levels = self.resolutions()
+        attn = [res in self.attention_resolutions for res in levels]
+        return {
+            "sample_size": self.sample_size,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "block_out_channels": tuple(self.block_out_channels),
+            "layers_per_block": self.layers_per_block,
+            "down_block_types": tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+            "up_block_types": tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+            "add_attention": self.mid_attention,
+            "dropout": self.dropout,
+            "norm_num_groups": self.norm_num_groups,
+            "attention_head_dim": self.attention_head_dim,
+        }
+
+
+@dataclass
+class SchedulerSpec:
+    """The forward process; `ddpm_config()` gives `DDPMScheduler` kwargs."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    prediction_type: str = "epsilon"
+    variance_type: str = "fixed_small"
+    clip_sample: bool = True
+
+    def ddpm_config(self) -> dict[str, Any]:
+        return {
+            "num_train_timesteps": self.num_train_timesteps,
+            "beta_schedule": _SCHEDULE_ALIASES.get(self.beta_schedule, self.beta_schedule),
+            "beta_start": self.beta_start,
+            "beta_end": self.beta_end,
+            "prediction_type": self.prediction_type,
+            "variance_type": self.variance_type,
+            "clip_sample": self.clip_sample,
+        }
+
+
+@dataclass
+class DataSpec:
+    """How raw images become training tensors for this preset."""
+
+    dataset: str | None = None  # Hub id or local path; None means it must be given
+    split: str = "train"
+    image_column: str | None = None  # None: the first column of type `Image`
+    resolution: int = 32
+    channels: int = 3  # 1 (grayscale) or 3 (RGB)
+    background: str = "#ffffff"  # RGBA images are composited onto this colour
+    resize_filter: str = "bicubic"  # "nearest" for pixel art, an antialiased filter for photos
+    center_crop: bool = False
+    random_flip: bool = False
+
+
+@dataclass
+class TrainSpec:
+    """Optimisation defaults; every field is a `train.*` override and most have a CLI flag."""
+
+    learning_rate: float = 3e-4
+    batch_size: int = 64
+    epochs: int = 100
+    max_steps: int | None = None  # overrides epochs when set
+    gradient_accumulation_steps: int = 1
+    lr_scheduler: str = "cosine"
+    lr_warmup_steps: int = 500
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 0.0
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    use_ema: bool = True
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True
+    ema_inv_gamma: float = 1.0
+    ema_power: float = 0.75
+    snr_gamma: float | None = None  # min-SNR-gamma loss weighting (5.0 is the paper's value)
+    mixed_precision: str = "no"
+    checkpoint_every: int = 500
+    checkpoints_total_limit: int | None = 3
+    sample_every: int = 500
+    num_sample_images: int = 16
+    sample_inference_steps: int = 50
+
+
+@dataclass
+class Preset:
+    name: str
+    description: str
+    model: ModelSpec
+    scheduler: SchedulerSpec
+    data: DataSpec
+    train: TrainSpec = field(default_factory=TrainSpec)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> Preset:
+        """Fail early, with the fix in the message, for combinations that cannot train."""
+        validate_preset(self)
+        return self
+
+
+def _mnist16(name: str, description: str, T: int, beta_end: float, lr: float) -> Preset:
+    return Preset(
+        name=name,
+        description=description,
+        model=ModelSpec(16, 1, 1, (32, 64, 64), layers_per_block=1, mid_attention=False, norm_num_groups=8),
+        scheduler=SchedulerSpec(num_train_timesteps=T, beta_start=1e-4, beta_end=beta_end),
+        data=DataSpec(dataset="ylecun/mnist", resolution=16, channels=1, resize_filter="bilinear"),
+        train=TrainSpec(learning_rate=lr, batch_size=128, lr_warmup_steps=100),
+    )
+
+
+_PUNKS_DATA = dict(dataset="huggingnft/cryptopunks", channels=3, background="#638596", resize_filter="nearest")
+_CELEBA_DATA = dict(dataset="nielsr/CelebA-faces", channels=3, resize_filter="bicubic", center_crop=True,
+                    random_flip=True)
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        _mnist16("mnist-baseline-16", "MNIST baseline DDPM: T=1000, linear betas 1e-4..0.02, lr 3e-4",
+                 1000, 0.02, 3e-4),
+        _mnist16("mnist-fast-16", "MNIST fast prototyping: T=300, linear betas 1e-4..0.02, lr 3e-4",
+                 300, 0.02, 3e-4),
+        _mnist16("mnist-hp-16", "MNIST high precision: T=1000, linear betas 1e-4..0.01, lr 2e-4",
+                 1000, 0.01, 2e-4),
+        Preset(
+            name="mnist-28",
+            description="MNIST at native 28 px: residual UNet with attention at 7 px, cosine schedule",
+            model=ModelSpec(28, 1, 1, (64, 128, 128), attention_resolutions=(7,)),
+            scheduler=SchedulerSpec(beta_schedule="cosine"),
+            data=DataSpec(dataset="ylecun/mnist", resolution=28, channels=1, resize_filter="bilinear"),
+            train=TrainSpec(learning_rate=2e-4, batch_size=128),
+        ),
+        Preset(
+            name="punks-32",
+            description="CryptoPunks upscaled to 32 px (nearest): UNet with attention at 16 and 8 px",
+            model=ModelSpec(32, 3, 3, (64, 128, 256, 256), attention_resolutions=(16, 8)),
+            scheduler=SchedulerSpec(),
+            data=DataSpec(resolution=32, **_PUNKS_DATA),
+            train=TrainSpec(learning_rate=3e-4, batch_size=64),
+        ),
+        Preset(
+            name="punks-24",
+            description="CryptoPunks at native 24 px: UNet 24-12-6 with attention at 12 and 6 px",
+            model=ModelSpec(24, 3, 3, (64, 128, 256), attention_resolutions=(12, 6)),
+            scheduler=SchedulerSpec(),
+            data=DataSpec(resolution=24, **_PUNKS_DATA),
+            train=TrainSpec(learning_rate=3e-4, batch_size=64),
+        ),
+        Preset(
+            name="celeba-64",
+            description="CelebA faces, center crop to 64 px: UNet with attention at 16 px",
+            model=ModelSpec(64, 3, 3, (64, 128, 256, 256), attention_resolutions=(16,), dropout=0.1),
+            scheduler=SchedulerSpec(),
+            data=DataSpec(resolution=64, **_CELEBA_DATA),
+            train=TrainSpec(learning_rate=2e-4, batch_size=64),
+        ),
+        Preset(
+            name="celeba-128",
+            description="CelebA faces, center crop to 128 px: 5-level UNet with attention at 16 px",
+            model=ModelSpec(128, 3, 3, (64, 128, 128, 256, 256), attention_resolutions=(16,), dropout=0.1),
+            scheduler=SchedulerSpec(),
+            data=DataSpec(resolution=128, **_CELEBA_DATA),
+            train=TrainSpec(learning_rate=2e-4, batch_size=32),
+        ),
+        Preset(
+            name="imagefolder-128",
+            description="Generic image folder at 128 px: base 192, mult 1,2,3,4, attention at 16 px, "
+            "dropout 0.1, cosine, EMA 0.999",
+            model=ModelSpec(128, 3, 3, (192, 384, 576, 768), attention_resolutions=(16,), dropout=0.1),
+            scheduler=SchedulerSpec(beta_schedule="cosine"),
+            data=DataSpec(resolution=128, channels=3, resize_filter="bicubic", center_crop=True, random_flip=True),
+            train=TrainSpec(learning_rate=2e-4, batch_size=8, ema_decay=0.999, max_grad_norm=1.0),
+        ),
+    ]
+}
+
+
+def validate_preset(preset: Preset) -> None:
+    m, s, d, t = preset.model, preset.scheduler, preset.data, preset.train
+    problems: list[str] = []
+    if s.beta_schedule not in BETA_SCHEDULES:
+        problems.append(f"unknown beta schedule {s.beta_schedule!r}: use one of {', '.join(BETA_SCHEDULES)}")
+    if s.prediction_type not in PREDICTION_TYPES:
+        problems.append(f"unknown prediction type {s.prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}")
+    if s.variance_type not in VARIANCE_TYPES:
+        problems.append(f"unknown variance type {s.variance_type!r}: use one of {', '.join(VARIANCE_TYPES)}")
+    if not 0 < s.beta_start < s.beta_end < 1:
+        problems.append(f"betas must satisfy 0 < beta_start < beta_end < 1 (got {s.beta_start}, {s.beta_end})")
+    if s.num_train_timesteps < 2:
+        problems.append(f"num_train_timesteps must be at least 2 (got {s.num_train_timesteps})")
+    factor = 2 ** (len(m.block_out_channels) - 1)
+    if m.sample_size % factor:
+        ok = [r for r in range(m.sample_size - factor, m.sample_size + factor + 1) if r > 0 and r % factor == 0]
+        problems.append(
+            f"sample size {m.sample_size} is not divisible by the UNet's downsampling factor {factor} "
+            f"({len(m.block_out_channels)} levels): use data.resolution/model.sample_size {ok} or fewer levels"
+        )
+    unreached = sorted(set(m.attention_resolutions) - set(m.resolutions()))
+    if unreached:
+        problems.append(
+            f"attention at {unreached} px is never reached: the UNet's levels are {m.resolutions()} px"
+        )
+    bad_groups = [c for c in m.block_out_channels if c % m.norm_num_groups]
+    if bad_groups:
+        problems.append(f"block_out_channels {bad_groups} are not divisible by norm_num_groups={m.norm_num_groups}")
+    if d.channels not in (1, 3):
+        problems.append(f"data.channels must be 1 (grayscale) or 3 (RGB), got {d.channels}")
+    if m.in_channels != d.channels or m.out_channels != d.channels:
+        problems.append(
+            f"the UNet has in/out channels {m.in_channels}/{m.out_channels} but the data has {d.channels}: "
+            f"set model.in_channels and model.out_channels to {d.channels} (or data.channels to match)"
+        )
+    if m.sample_size != d.resolution:
+        problems.append(
+            f"model.sample_size {m.sample_size} differs from data.resolution {d.resolution}: set both to the same"
+        )
+    if d.resize_filter not in RESIZE_FILTERS:
+        problems.append(f"unknown resize filter {d.resize_filter!r}: use one of {', '.join(RESIZE_FILTERS)}")
+    if t.mixed_precision not in ("no", "fp16", "bf16"):
+        problems.append(f"mixed_precision must be no, fp16 or bf16 (got {t.mixed_precision!r})")
+    for name in ("learning_rate", "batch_size", "gradient_accumulation_steps", "epochs"):
+        if getattr(t, name) <= 0:
+            problems.append(f"train.{name} must be positive (got {getattr(t, name)})")
+    if not 0 < t.ema_decay < 1:
+        problems.append(f"train.ema_decay must be in (0, 1) (got {t.ema_decay})")
+    if problems:
+        raise PresetError(f"invalid configuration for preset {preset.name!r}:\n  - " + "\n  - ".join(problems))
+
+
+def get_preset(name: str) -> Preset:
+    """A fresh copy of a named preset (safe to modify)."""
+    if name not in PRESETS:
+        raise PresetError(f"unknown preset {name!r}; available: {', '.join(PRESETS)} (see `punkdiff presets`)")
+    return _from_dict(PRESETS[name].to_dict())
+
+
+def _from_dict(d: dict[str, Any]) -> Preset:
+    return Preset(
+        name=d["name"],
+        description=d["description"],
+        model=ModelSpec(**{**d["model"], "block_out_channels": tuple(d["model"]["block_out_channels"]),
+                           "attention_resolutions": tuple(d["model"]["attention_resolutions"])}),
+        scheduler=SchedulerSpec(**d["scheduler"]),
+        data=DataSpec(**d["data"]),
+        train=TrainSpec(**d["train"]),
+    )
+
+
+_SECTIONS = {"model": ModelSpec, "scheduler": SchedulerSpec, "data": DataSpec, "train": TrainSpec}
+
+
+def apply_overrides(preset: Preset, overrides: dict[str, Any]) -> Preset:
+    """Return a new preset with nested `{section: {key: value}}` overrides applied.
+
+    Unknown sections or keys are errors (a typo must not silently train the wrong model).
+    """
+    d = preset.to_dict()
+    for section, values in overrides.items():
+        if section in ("name", "description"):
+            d[section] = values
+            continue
+        if section not in _SECTIONS:
+            raise PresetError(f"unknown config section {section!r}; use one of {', '.join(_SECTIONS)}")
+        if not isinstance(values, dict):
+            raise PresetError(f"config section {section!r} must be a mapping of keys to values")
+        known = {f.name for f in dataclasses.fields(_SECTIONS[section])}
+        for key, value in values.items():
+            if key not in known:
+                raise PresetError(f"unknown key {section}.{key}; known keys: {', '.join(sorted(known))}")
+            d[section][key] = value
+    return _from_dict(d)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read overrides from YAML or JSON: `{preset: NAME?, model: {...}, train: {...}, ...}`."""
+    path = Path(path)
+    if not path.is_file():
+        raise PresetError(f"config file {path} does not exist")
+    import yaml
+
+    try:
+        data = json.loads(path.read_text()) if path.suffix.lower() == ".json" else yaml.safe_load(path.read_text())
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise PresetError(f"config file {path} could not be parsed: {err}") from err
+    if not isinstance(data, dict):
+        raise PresetError(f"config file {path} must contain a mapping at the top level")
+    return data
+
+
+def parse_set_flags(items: list[str]) -> dict[str, Any]:
+    """Turn `["train.learning_rate=1e-3", "model.block_out_channels=[32,64]"]` into nested overrides.
+
+    Values are parsed as YAML scalars/lists, so numbers, booleans, null and lists work.
+    """
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or "." not in key:
+            raise PresetError(f"--set expects SECTION.KEY=VALUE (e.g. train.learning_rate=1e-4), got {item!r}")
+        section, _, name = key.partition(".")
+        out.setdefault(section, {})[name] = yaml.safe_load(raw)
+    return out
+
+
+def resolve_preset(
+    name: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Preset:
+    """Preset by name, then the config file, then explicit overrides (CLI flags); validated."""
+    file_overrides = load_config_file(config_file) if config_file else {}
+    name = name or file_overrides.pop("preset", None)
+    file_overrides.pop("preset", None)
+    if name is None:
+        raise PresetError("no preset given: pass --preset NAME (see `punkdiff presets`) or `preset:` in --config")
+    preset = apply_overrides(get_preset(name), file_overrides)
+    if overrides:
+        preset = apply_overrides(preset, overrides)
+    return preset.validate()
+
+
+def count_parameters(preset: Preset) -> int:
+    """Parameter count of the preset's UNet, built on the meta device (no memory, no init cost)."""
+    import torch
+    from diffusers import UNet2DModel
+
+    with torch.device("meta"):
+        unet = UNet2DModel(**preset.model.unet_config())
+    return sum(p.numel() for p in unet.parameters())
+
+
+def format_presets_table() -> str:
+    rows = [("preset", "res", "ch", "channels", "attn", "T", "schedule", "params", "description")]
+    for p in PRESETS.values():
+        rows.append((
+            p.name,
+            f"{p.data.resolution}px",
+            "L" if p.data.channels == 1 else "RGB",
+            ",".join(map(str, p.model.block_out_channels)),
+            ",".join(map(str, p.model.attention_resolutions)) or "-",
+            str(p.scheduler.num_train_timesteps),
+            p.scheduler.beta_schedule,
+            f"{count_parameters(p) / 1e6:.2f}M",
+            p.description,
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] for r in rows
+    )
