@@ -1,0 +1,253 @@
+"""Datasets -> cached uint8 training tensors.
+
+One entry point, `load_training_images`, accepts a Hub id, a local folder in Hub layout, a plain
+folder of images, or an in-memory `datasets.Dataset`. Images are decoded and transformed once
+(composite, crop, resize) into a uint8 tensor `[N, C, H, W]`, cached on disk as `.npy` and
+memory-mapped, so training never touches PIL. Scaling to [-1, 1] and random flips happen per
+batch on the training device (`to_model_input`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageColor
+
+from punkdiff.presets import DataSpec
+
+_FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+}
+
+
+class DataError(ValueError):
+    """A dataset that cannot be turned into training tensors; the message names the item and the fix."""
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """The deterministic part of preprocessing, applied once per image before caching."""
+
+    resolution: int
+    channels: int
+    background: str = "#ffffff"
+    resize_filter: str = "bicubic"
+    center_crop: bool = False
+
+    @classmethod
+    def from_spec(cls, spec: DataSpec) -> ImageTransform:
+        return cls(spec.resolution, spec.channels, spec.background, spec.resize_filter, spec.center_crop)
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """PIL image -> uint8 array `[C, H, W]` at the target resolution."""
+        image = composite_on_background(image, self.background)
+        image = image.convert("L" if self.channels == 1 else "RGB")
+        if self.center_crop:
+            w, h = image.size
+            side = min(w, h)
+            left, top = (w - side) // 2, (h - side) // 2
+            image = image.crop((left, top, left + side, top + side))
+        size = (self.resolution, self.resolution)
+        if image.size != size:
+            image = image.resize(size, _FILTERS[self.resize_filter])
+        array = np.asarray(image, dtype=np.uint8)
+        return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def composite_on_background(image: Image.Image, background: str) -> Image.Image:
+    """Flatten transparency (RGBA, LA, palette with transparency) onto a solid colour.
+
+    Converting RGBA straight to RGB would keep whatever colour the transparent pixels happen to
+    store (black for CryptoPunks); compositing makes the background an explicit choice.
+    """
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode not in ("RGBA", "LA", "PA"):
+        return image
+    rgba = image.convert("RGBA")
+    base = Image.new("RGBA", rgba.size, ImageColor.getrgb(background) + (255,))
+    return Image.alpha_composite(base, rgba).convert("RGB")
+
+
+def load_image_dataset(source, split: str = "train", image_column: str | None = None):
+    """Load `source` with `datasets` and return `(dataset, image_column)`.
+
+    `source` is a Hub id, a local folder (Hub layout or plain images, which `datasets` infers as
+    `imagefolder`), or a `datasets.Dataset` / `DatasetDict` already in memory.
+    """
+    import datasets
+
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source).expanduser()
+        if path.exists() and not path.is_dir():
+            raise DataError(f"dataset path {path} is a file; give a folder (Hub layout or images) or a Hub id")
+        try:
+            loaded = datasets.load_dataset(str(path) if path.is_dir() else str(source))
+        except FileNotFoundError as err:
+            raise DataError(f"could not find dataset {source!r}: {err}") from err
+    else:
+        loaded = source
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(f"dataset {_name(source)} has no split {split!r}; available splits: {', '.join(loaded)}")
+        loaded = loaded[split]
+    column = find_image_column(loaded.features, image_column, _name(source))
+    if len(loaded) == 0:
+        raise DataError(f"dataset {_name(source)} (split {split!r}) is empty: nothing to train on")
+    return loaded, column
+
+
+def _name(source) -> str:
+    return repr(str(source)) if isinstance(source, (str, os.PathLike)) else "(in-memory dataset)"
+
+
+def find_image_column(features, image_column: str | None = None, name: str = "dataset") -> str:
+    """The requested column, or the first column whose feature type is `datasets.Image`."""
+    import datasets
+
+    if image_column is not None:
+        if image_column not in features:
+            raise DataError(
+                f"{name} has no column {image_column!r}; columns: {', '.join(features)} "
+                "(pass --image-column / data.image_column with one of these)"
+            )
+        return image_column
+    for column, feature in features.items():
+        if isinstance(feature, datasets.Image):
+            return column
+    raise DataError(
+        f"{name} has no image column (columns: {', '.join(f'{k}: {type(v).__name__}' for k, v in features.items())}); "
+        "pass data.image_column naming the column that holds the images"
+    )
+
+
+def decode_images(dataset, column: str, transform: ImageTransform, progress: bool = True) -> np.ndarray:
+    """Decode and transform every image once into a uint8 array `[N, C, H, W]`.
+
+    Images are decoded here, not by `datasets`, so a corrupt file raises a `DataError` that names
+    its index (and path when known) instead of failing deep inside an iterator or being skipped.
+    """
+    import datasets
+    from tqdm.auto import tqdm
+
+    raw = dataset.cast_column(column, datasets.Image(decode=False))
+    out = np.empty((len(raw), transform.channels, transform.resolution, transform.resolution), dtype=np.uint8)
+    rows = tqdm(raw, total=len(raw), desc="decoding images", disable=not progress, unit="img")
+    for index, row in enumerate(rows):
+        item = row[column]
+        where = f"item {index}" + (f" ({item['path']})" if item.get("path") else "")
+        try:
+            if item.get("bytes") is not None:
+                image = Image.open(io.BytesIO(item["bytes"]))
+            elif item.get("path"):
+                image = Image.open(item["path"])
+            else:
+                raise DataError(f"{where} of column {column!r} is empty (no bytes, no path)")
+            image.load()
+            out[index] = transform(image)
+        except DataError:
+            raise
+        except Exception as err:  # PIL raises many types for a broken file
+            raise DataError(
+                f"{where} of column {column!r} is not a readable image ({type(err).__name__}: {err}); "
+                "fix or remove it from the dataset"
+            ) from err
+    return out
+
+
+def default_cache_dir() -> Path:
+    """`$PUNKDIFF_CACHE`, else `$XDG_CACHE_HOME/punkdiff`, else `~/.cache/punkdiff`."""
+    if os.environ.get("PUNKDIFF_CACHE"):
+        return Path(os.environ["PUNKDIFF_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "punkdiff"
+
+
+def load_training_images(
+    source,
+    spec: DataSpec,
+    *,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> ImageTensorDataset:
+    """The one entry point: dataset source + a preset's `DataSpec` -> an `ImageTensorDataset`.
+
+    The decoded tensor is cached under `cache_dir` keyed by the dataset's fingerprint and the
+    transform, written to a temporary file and renamed, so an interrupted run never leaves a
+    truncated cache behind.
+    """
+    dataset, column = load_image_dataset(source, spec.split, spec.image_column)
+    transform = ImageTransform.from_spec(spec)
+    if not use_cache or not dataset.cache_files:  # in-memory datasets have no stable fingerprint
+        return ImageTensorDataset(torch.from_numpy(decode_images(dataset, column, transform, progress)))
+    key = hashlib.sha256(
+        json.dumps([dataset._fingerprint, column, asdict(transform)], sort_keys=True).encode()
+    ).hexdigest()[:24]
+    path = Path(cache_dir or default_cache_dir()) / f"images-{key}.npy"
+    if not path.exists():
+        array = decode_images(dataset, column, transform, progress)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+        np.save(tmp, array)
+        os.replace(tmp, path)
+    # copy-on-write memory map: pages are read lazily and the file is never modified
+    return ImageTensorDataset(torch.from_numpy(np.load(path, mmap_mode="c")))
+
+
+class ImageTensorDataset(torch.utils.data.Dataset):
+    """Decoded uint8 images `[N, C, H, W]`; indexing is a tensor slice, so batches are cheap.
+
+    A small dataset can be moved whole onto the training device with `.to(device)`.
+    """
+
+    def __init__(self, images: torch.Tensor) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise DataError(f"expected a uint8 tensor [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
+        self.images = images
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+    def to(self, device: torch.device | str) -> ImageTensorDataset:
+        return ImageTensorDataset(self.images.to(device))
+
+
+def to_model_input(
+    batch: torch.Tensor, random_flip: bool = False, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """uint8 `[B, C, H, W]` -> float in [-1, 1], with an optional per-image horizontal flip."""
+    x = batch.float().div_(127.5).sub_(1.0)
+    if random_flip:
+        flip = torch.rand(x.shape[0], generator=generator, device=generator.device if generator else "cpu") < 0.5
+        x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+    return x
+
+
+def sklearn_digits():
+    """Real handwritten digits that scikit-learn ships (1,797 images, 8x8, 17 grey levels).
+
+    The embedded default for `punkdiff demo`, so the main job needs no download.
+    """
+    import datasets
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
+    return datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(p, mode="L") for p in pixels], "label": digits.target.tolist()},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}),
+    )
