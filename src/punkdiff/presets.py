@@ -316,12 +316,38 @@ def apply_overrides(preset: Preset, overrides: dict[str, Any]) -> Preset:
             raise PresetError(f"unknown config section {section!r}; use one of {', '.join(_SECTIONS)}")
         if not isinstance(values, dict):
             raise PresetError(f"config section {section!r} must be a mapping of keys to values")
-        known = {f.name for f in dataclasses.fields(_SECTIONS[section])}
+        known = {f.name: f.type for f in dataclasses.fields(_SECTIONS[section])}
         for key, value in values.items():
             if key not in known:
                 raise PresetError(f"unknown key {section}.{key}; known keys: {', '.join(sorted(known))}")
-            d[section][key] = value
+            d[section][key] = _coerce(f"{section}.{key}", value, known[key])
     return _from_dict(d)
+
+
+def _coerce(name: str, value: Any, annotation: str) -> Any:
+    """Give an override the type its field declares, or fail naming the key.
+
+    YAML (files and `--set`) reads `1e-4` as a string and `16` where a list is expected as a
+    scalar; both would otherwise crash later with a bare TypeError, or train the wrong thing.
+    """
+    if value is None and "None" in annotation:
+        return None
+    kind = annotation.split(" |")[0].split("[")[0]
+    if kind == "tuple":
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+            raise PresetError(f"{name} expects a list of integers (e.g. [16, 8]), got {value!r}")
+        return tuple(items)
+    if kind == "float" and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise PresetError(f"{name} expects a number, got {value!r}") from None
+    expected = {"float": (int, float), "int": (int,), "bool": (bool,), "str": (str,)}.get(kind)
+    if expected and (not isinstance(value, expected) or (kind != "bool" and isinstance(value, bool))):
+        hint = " (quote it: YAML reads an unquoted # as a comment)" if kind == "str" and value is None else ""
+        raise PresetError(f"{name} expects {kind}, got {value!r}{hint}")
+    return float(value) if kind == "float" else value
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
