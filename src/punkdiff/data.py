@@ -94,8 +94,12 @@ def load_image_dataset(source, split: str = "train", image_column: str | None = 
             raise DataError(f"dataset path {path} is a file; give a folder (Hub layout or images) or a Hub id")
         try:
             loaded = datasets.load_dataset(str(path) if path.is_dir() else str(source))
-        except FileNotFoundError as err:
-            raise DataError(f"could not find dataset {source!r}: {err}") from err
+        except (FileNotFoundError, ConnectionError) as err:  # offline, a missing folder is a Hub miss
+            if path.is_dir():
+                raise DataError(f"dataset folder {str(path)!r} is empty (no images or data files): {err}") from err
+            raise DataError(
+                f"could not find dataset {str(source)!r}: no such local folder, and not loadable from the Hub ({err})"
+            ) from err
     else:
         loaded = source
     if isinstance(loaded, datasets.DatasetDict):
@@ -121,6 +125,14 @@ def find_image_column(features, image_column: str | None = None, name: str = "da
             raise DataError(
                 f"{name} has no column {image_column!r}; columns: {', '.join(features)} "
                 "(pass --image-column / data.image_column with one of these)"
+            )
+        feature = features[image_column]
+        holds_paths = isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string", "binary")
+        if not isinstance(feature, datasets.Image) and not holds_paths:
+            images = [k for k, v in features.items() if isinstance(v, datasets.Image)]
+            raise DataError(
+                f"column {image_column!r} of {name} holds {feature!r}, not images; set data.image_column to "
+                + (f"one of the image columns: {', '.join(images)}" if images else "a column of images or paths")
             )
         return image_column
     for column, feature in features.items():
