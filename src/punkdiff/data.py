@@ -211,8 +211,12 @@ def load_training_images(
         array = decode_images(dataset, column, transform, progress)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
-        np.save(tmp, array)
-        os.replace(tmp, path)
+        try:
+            np.save(tmp, array)
+            os.replace(tmp, path)
+        except BaseException:  # full disk, Ctrl-C: leave neither a truncated cache nor a stray temp file
+            tmp.unlink(missing_ok=True)
+            raise
     # copy-on-write memory map: pages are read lazily and the file is never modified
     return ImageTensorDataset(torch.from_numpy(np.load(path, mmap_mode="c")))
 
