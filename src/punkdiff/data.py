@@ -83,11 +83,14 @@ def composite_on_background(image: Image.Image, background: str) -> Image.Image:
 def load_image_dataset(source, split: str = "train", image_column: str | None = None):
     """Load `source` with `datasets` and return `(dataset, image_column)`.
 
-    `source` is a Hub id, a local folder (Hub layout or plain images, which `datasets` infers as
+    `source` is a Hub id, `"sklearn-digits"` (real digits scikit-learn ships, for offline demos),
+    a local folder (Hub layout or plain images, which `datasets` infers as
     `imagefolder`), or a `datasets.Dataset` / `DatasetDict` already in memory.
     """
     import datasets
 
+    if isinstance(source, str) and source in BUILTIN_DATASETS:
+        source = BUILTIN_DATASETS[source]()
     if isinstance(source, (str, os.PathLike)):
         path = Path(source).expanduser()
         if path.exists() and not path.is_dir():
@@ -200,6 +203,10 @@ def load_training_images(
     truncated cache behind.
     """
     dataset, column = load_image_dataset(source, spec.split, spec.image_column)
+    if spec.max_samples is not None:
+        if spec.max_samples <= 0:
+            raise DataError(f"max_samples must be positive, got {spec.max_samples}")
+        dataset = dataset.select(range(min(spec.max_samples, len(dataset))))
     transform = ImageTransform.from_spec(spec)
     if not use_cache or not dataset.cache_files:  # in-memory datasets have no stable fingerprint
         return ImageTensorDataset(torch.from_numpy(decode_images(dataset, column, transform, progress)))
@@ -267,3 +274,6 @@ def sklearn_digits():
         {"image": [Image.fromarray(p, mode="L") for p in pixels], "label": digits.target.tolist()},
         features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}),
     )
+
+
+BUILTIN_DATASETS = {"sklearn-digits": sklearn_digits}

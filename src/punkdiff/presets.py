@@ -95,6 +95,7 @@ class DataSpec:
     dataset: str | None = None  # Hub id or local path; None means it must be given
     split: str = "train"
     image_column: str | None = None  # None: the first column of type `Image`
+    max_samples: int | None = None  # keep only the first N images (quick experiments, tests)
     resolution: int = 32
     channels: int = 3  # 1 (grayscale) or 3 (RGB)
     background: str = "#ffffff"  # RGBA images are composited onto this colour
