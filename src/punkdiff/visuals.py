@@ -1,0 +1,106 @@
+"""What people look at: sample grids, noising/denoising GIFs, loss curves, saved as images."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """Model-space tensors `[B, C, H, W]` in [-1, 1] -> PIL images (L or RGB)."""
+    arr = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    arr = arr.permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a[..., 0], "L") if a.shape[-1] == 1 else Image.fromarray(a, "RGB") for a in arr]
+
+
+def image_grid(images: Sequence[Image.Image], cols: int | None = None, scale: int = 1) -> Image.Image:
+    """A grid (diffusers' `make_image_grid`), upscaled with nearest so small pixel art stays crisp."""
+    from diffusers.utils import make_image_grid
+
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    images = list(images) + [Image.new(images[0].mode, images[0].size)] * (rows * cols - len(images))
+    grid = make_image_grid(images, rows=rows, cols=cols)
+    if scale > 1:
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
+    return grid
+
+
+def display_scale(resolution: int, target: int = 96) -> int:
+    """Integer upscale factor that makes a tile roughly `target` pixels wide."""
+    return max(1, target // resolution)
+
+
+def save_gif(frames: Sequence[Image.Image], path: str | Path, duration_ms: int = 60, hold_last_ms: int = 1500) -> Path:
+    """Animated GIF that loops and lingers on the last frame."""
+    path = Path(path)
+    frames = [f.convert("RGB") if f.mode not in ("RGB", "L", "P") else f for f in frames]
+    durations = [duration_ms] * (len(frames) - 1) + [hold_last_ms]
+    frames[0].save(path, save_all=True, append_images=list(frames[1:]), duration=durations, loop=0)
+    return path
+
+
+def plot_loss_curve(steps: Sequence[int], losses: Sequence[float], path: str | Path, title: str = "") -> Path:
+    """Loss per optimizer step (faint) with a moving average, on a log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, losses, alpha=0.3, linewidth=0.8, label="loss")
+    window = max(1, len(losses) // 50)
+    if window > 1:
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1 :], smooth, linewidth=1.8, label=f"moving average ({window} steps)")
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def denoising_gif(
+    pipe, path: str | Path, num_images: int = 16, seed: int = 0, num_inference_steps: int = 50
+) -> Path:
+    """Animate DDIM sampling: each frame is the grid of x_t beside the predicted x_0 at that step."""
+    generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)]
+    out = pipe(
+        batch_size=num_images,
+        generator=generators,
+        scheduler="ddim",
+        num_inference_steps=num_inference_steps,
+        return_trajectory=True,
+    )
+    scale = display_scale(pipe.unet.config.sample_size)
+    frames = []
+    for x_t, x_0 in zip(out.trajectory, out.pred_original_samples, strict=True):
+        left, right = image_grid(x_t, scale=scale), image_grid(x_0, scale=scale)
+        frame = Image.new(left.mode, (left.width * 2 + 8, left.height), 255 if left.mode == "L" else (255,) * 3)
+        frame.paste(left, (0, 0))
+        frame.paste(right, (left.width + 8, 0))
+        frames.append(frame)
+    return save_gif(frames, path)
+
+
+def noising_gif(images: torch.Tensor, scheduler, path: str | Path, num_frames: int = 40, seed: int = 0) -> Path:
+    """Animate the forward process q(x_t | x_0) on real images `[B, C, H, W]` in [-1, 1]."""
+    T = scheduler.config.num_train_timesteps
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
+    scale = display_scale(images.shape[-1])
+    frames = []
+    for t in np.linspace(0, T - 1, num_frames).round().astype(int):
+        noisy = scheduler.add_noise(images, noise, torch.full((images.shape[0],), int(t)))
+        frames.append(image_grid(to_pil(noisy), scale=scale))
+    return save_gif(frames, path)

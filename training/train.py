@@ -1,0 +1,311 @@
+"""Train a punkdiff preset with Accelerate: the whole loop, top to bottom.
+
+    accelerate launch training/train.py --preset mnist-baseline-16 --dataset ../shared/datasets/mnist
+    accelerate launch --multi_gpu --num_processes 2 training/train.py --preset punks-32 ...
+    punkdiff train ...            (same parser, same loop, one process)
+
+Helpers (argument parsing, loss, checkpoints, reporting) live in `punkdiff.training`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers import DDPMScheduler, UNet2DModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from punkdiff.data import load_training_images, to_model_input
+from punkdiff.hub import ModelCardInfo, export_pipeline
+from punkdiff.pipelines import PunkDiffPipeline
+from punkdiff.presets import PresetError
+from punkdiff.training import (
+    TrainingError,
+    build_train_parser,
+    diffusion_loss,
+    find_checkpoint,
+    flat_config,
+    load_checkpoint,
+    package_versions,
+    peak_memory_mb,
+    register_ema_hooks,
+    resolve_training_config,
+    save_checkpoint,
+    steps_per_epoch,
+    write_json,
+)
+from punkdiff.visuals import display_scale, image_grid, plot_loss_curve
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(build_train_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train as `args` (from `build_train_parser`) says; 0 on success, 1 on a failed run, 2 on bad input."""
+    # ---- configuration: every bad flag or preset fails here, before any data is loaded ----------
+    try:
+        preset = resolve_training_config(args)
+    except PresetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    cfg = preset.train
+    output_dir = Path(args.output_dir)
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=cfg.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    set_seed(args.seed, device_specific=True)  # dropout etc. differ per process, reproducibly
+    # timesteps, noise and flips come from our own generator, saved with each checkpoint, so a
+    # resumed run draws exactly what the uninterrupted one would have
+    noise_rng = torch.Generator(accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
+
+    # ---- data: decoded once (main process first, so the cache is built once) -------------------
+    with accelerator.main_process_first():
+        dataset = load_training_images(
+            preset.data.dataset, preset.data, cache_dir=args.cache_dir, progress=accelerator.is_main_process
+        )
+    on_device = args.data_on_device == "yes" or (
+        args.data_on_device == "auto" and accelerator.device.type == "cuda" and dataset.images.nbytes < 2**31
+    )
+    if on_device:
+        dataset = dataset.to(accelerator.device)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True)
+    loader = accelerator.prepare(loader)  # sharded: each process sees its own slice of every batch
+
+    # ---- model, noise schedule, optimizer, LR schedule, EMA -----------------------------------
+    model = UNet2DModel(**preset.model.unet_config())
+    noise_scheduler = DDPMScheduler(**preset.scheduler.ddpm_config())
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        weight_decay=cfg.adam_weight_decay,
+        eps=cfg.adam_epsilon,
+    )
+    updates_per_epoch = steps_per_epoch(len(loader), cfg.gradient_accumulation_steps)
+    max_steps = cfg.max_steps or cfg.epochs * updates_per_epoch
+    num_epochs = math.ceil(max_steps / updates_per_epoch)
+    # the prepared scheduler advances once per process per optimizer step, so its length is in
+    # optimizer steps x processes (never in data-loader batches)
+    lr_scheduler = get_scheduler(
+        cfg.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_steps * accelerator.num_processes,
+    )
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    ema = None
+    if cfg.use_ema:
+        ema = EMAModel(
+            accelerator.unwrap_model(model).parameters(),
+            decay=cfg.ema_decay,
+            use_ema_warmup=cfg.ema_warmup,
+            inv_gamma=cfg.ema_inv_gamma,
+            power=cfg.ema_power,
+            model_cls=UNet2DModel,
+            model_config=accelerator.unwrap_model(model).config,
+        )
+        ema.to(accelerator.device)
+        register_ema_hooks(accelerator, ema)
+
+    # ---- resume ---------------------------------------------------------------------------------
+    global_step, first_epoch, skip_batches, history, resumed_from = 0, 0, 0, [], None
+    if args.resume_from_checkpoint:
+        checkpoint = find_checkpoint(output_dir, args.resume_from_checkpoint)
+        if checkpoint is None:
+            accelerator.print(f"no checkpoint in {output_dir / 'checkpoints'}: starting from scratch")
+        else:
+            state = load_checkpoint(accelerator, checkpoint, noise_rng)
+            global_step, first_epoch, skip_batches = state["global_step"], state["epoch"], state["batches_in_epoch"]
+            history, resumed_from = state["history"], str(checkpoint)
+            accelerator.print(f"resumed from {checkpoint} at step {global_step}")
+
+    global_batch = cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
+    if accelerator.is_main_process:
+        accelerator.init_trackers("punkdiff", config=flat_config(preset))
+    accelerator.print(
+        f"{preset.name}: {len(dataset)} images, {accelerator.num_processes} process(es), global batch {global_batch}, "
+        f"{max_steps} optimizer steps ({num_epochs} epochs)"
+    )
+
+    def sample_grid(step: int):
+        """A DDIM grid from the EMA weights with a fixed seed, so grids are comparable over time."""
+        unet = accelerator.unwrap_model(model)
+        if ema is not None:
+            ema.store(unet.parameters())
+            ema.copy_to(unet.parameters())
+        pipe = PunkDiffPipeline(unet=unet, scheduler=noise_scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        generators = [torch.Generator("cpu").manual_seed(args.seed + i) for i in range(cfg.num_sample_images)]
+        images = pipe(
+            batch_size=cfg.num_sample_images,
+            generator=generators,
+            scheduler="ddim",
+            num_inference_steps=cfg.sample_inference_steps,
+        ).images
+        if ema is not None:
+            ema.restore(unet.parameters())
+        unet.train()
+        grid = image_grid(images, scale=display_scale(preset.data.resolution))
+        (output_dir / "samples").mkdir(parents=True, exist_ok=True)
+        grid.save(output_dir / "samples" / f"step-{step:07d}.png")
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image("samples", np.asarray(grid.convert("RGB")), step, dataformats="HWC")
+            elif tracker.name == "wandb":  # wandb is optional: imported only when asked for
+                import wandb
+
+                tracker.log({"samples": wandb.Image(grid)}, step=step)
+        return grid
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    progress = tqdm(
+        total=max_steps, initial=global_step, desc="training", disable=not accelerator.is_local_main_process
+    )
+    start, step_start, loss_sum, micro_batches = time.time(), time.time(), torch.zeros((), device=accelerator.device), 0
+    last_grid, exit_code = None, 0
+    try:
+        for epoch in range(first_epoch, num_epochs):
+            model.train()
+            loader.set_epoch(epoch)  # the seeded shuffle of epoch e is the same in every run
+            batches = loader
+            batches_in_epoch = 0
+            if epoch == first_epoch and skip_batches:
+                batches = accelerator.skip_first_batches(loader, skip_batches)
+                batches_in_epoch = skip_batches
+            for batch in batches:
+                batches_in_epoch += 1
+                clean = to_model_input(batch, preset.data.random_flip, noise_rng)
+                noise = torch.randn(clean.shape, generator=noise_rng, device=clean.device)
+                timesteps = torch.randint(
+                    0, noise_scheduler.config.num_train_timesteps, (clean.shape[0],), generator=noise_rng,
+                    device=clean.device,
+                )
+                with accelerator.accumulate(model):
+                    loss = diffusion_loss(model, noise_scheduler, clean, noise, timesteps, cfg.snr_gamma)
+                    all_losses = accelerator.gather(loss.detach()[None])
+                    if not torch.isfinite(all_losses).all():
+                        raise TrainingError(
+                            f"non-finite loss {all_losses.tolist()} at step {global_step + 1}: stopping. "
+                            "The last good checkpoint is kept; lower --learning-rate, keep gradient clipping "
+                            "or use --mixed-precision no, then --resume-from-checkpoint latest"
+                        )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                loss_sum += all_losses.mean()
+                micro_batches += 1
+                if not accelerator.sync_gradients:
+                    continue
+
+                # one optimizer step done
+                if ema is not None:
+                    ema.step(accelerator.unwrap_model(model).parameters())
+                global_step += 1
+                step_loss = (loss_sum / micro_batches).item()
+                now = time.time()
+                logs = {
+                    "loss": step_loss,
+                    "grad_norm": float(grad_norm),
+                    "lr": lr_scheduler.get_last_lr()[0],
+                    "images_per_sec": global_batch / max(now - step_start, 1e-9),
+                    "peak_memory_mb": peak_memory_mb(accelerator.device),
+                }
+                if ema is not None:
+                    logs["ema_decay"] = ema.cur_decay_value
+                history.append([global_step, step_loss])
+                loss_sum.zero_()
+                micro_batches, step_start = 0, now
+                accelerator.log(logs, step=global_step)
+                progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{logs['lr']:.2e}")
+                progress.update(1)
+
+                if global_step % cfg.checkpoint_every == 0 or global_step == max_steps:
+                    state = {"global_step": global_step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
+                             "history": history}
+                    if batches_in_epoch == len(loader):  # epoch finished: resume at the next one
+                        state.update(epoch=epoch + 1, batches_in_epoch=0)
+                    save_checkpoint(accelerator, output_dir, state, noise_rng, cfg.checkpoints_total_limit)
+                if accelerator.is_main_process and (global_step % cfg.sample_every == 0 or global_step == max_steps):
+                    last_grid = sample_grid(global_step)
+                if global_step >= max_steps:
+                    break
+            if global_step >= max_steps:
+                break
+    except TrainingError as err:
+        accelerator.print(f"error: {err}")
+        exit_code = 1
+    progress.close()
+    # every process must hold the same EMA weights (each updates its own copy after the all-reduce)
+    ema_in_sync = None
+    if ema is not None:
+        checksum = torch.stack([p.double().sum() for p in ema.shadow_params]).sum()[None]
+        ema_in_sync = bool((accelerator.gather(checksum) == checksum).all())
+
+    # ---- export: EMA weights by default, the last grid, the loss curve, a summary ---------------
+    if exit_code == 0 and accelerator.is_main_process:
+        unet = copy.deepcopy(accelerator.unwrap_model(model)).eval()
+        if ema is not None:
+            ema.copy_to(unet.parameters())
+        if last_grid is None:  # resumed at the final step: nothing sampled in this process yet
+            last_grid = sample_grid(global_step)
+        last_grid.save(output_dir / "samples.png")
+        steps, losses = zip(*history, strict=True) if history else ((), ())
+        plot_loss_curve(steps, losses, output_dir / "loss_curve.png", title=f"{preset.name} on {preset.data.dataset}")
+        export_pipeline(
+            unet,
+            noise_scheduler,
+            output_dir / "pipeline",
+            card=ModelCardInfo(
+                preset=preset.name,
+                dataset=str(preset.data.dataset),
+                training_steps=global_step,
+                resolution=preset.data.resolution,
+            ),
+            sample_grid=last_grid,
+        )
+        summary = {
+            "preset": preset.name,
+            "config": preset.to_dict(),
+            "steps": global_step,
+            "epochs": num_epochs,
+            "num_processes": accelerator.num_processes,
+            "global_batch_size": global_batch,
+            "images_seen": global_step * global_batch,
+            "wall_time_s": time.time() - start,
+            "final_loss": history[-1][1] if history else None,
+            "final_lr": lr_scheduler.get_last_lr()[0],
+            "ema_optimization_step": ema.optimization_step if ema is not None else None,
+            "ema_in_sync_across_processes": ema_in_sync,
+            "resumed_from": resumed_from,
+            "mixed_precision": cfg.mixed_precision,
+            "device": str(accelerator.device),
+            "versions": package_versions(),
+        }
+        write_json(output_dir / "training_summary.json", summary)
+        accelerator.print(f"done: pipeline in {output_dir / 'pipeline'}, samples in {output_dir / 'samples.png'}")
+    accelerator.end_training()
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
