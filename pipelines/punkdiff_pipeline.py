@@ -1,0 +1,373 @@
+"""`PunkDiffPipeline`: unconditional DDPM sampling, reconstruction and RePaint inpainting.
+
+This file is the one source of the class. It imports only torch, diffusers, numpy, PIL and the standard
+library, so punkdiff's export copies it next to a model as `pipeline.py` and a Hub user without punkdiff
+can load it with `DiffusionPipeline.from_pretrained(repo, custom_pipeline=repo, trust_remote_code=True)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    ImagePipelineOutput,
+    RePaintScheduler,
+    UNet2DModel,
+)
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | list[PIL.Image.Image] | list[np.ndarray]
+Generator = torch.Generator | list[torch.Generator] | None
+StepCallback = Callable[[DiffusionPipeline, int, torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+class ExactDDIMScheduler(DDIMScheduler):
+    """`DDIMScheduler` whose step lands on the next entry of `timesteps`, for every `timestep_spacing`.
+
+    Upstream `DDIMScheduler.step` takes the previous timestep as `t - num_train_timesteps // num_inference_steps`,
+    which is only the next scheduled timestep for "leading" spacing; with "trailing" or "linspace" it steps to a
+    timestep that is not in the schedule (diffusers issues #11347 and #12633). Here the previous timestep is the
+    next entry of `timesteps` (or -1, i.e. `final_alpha_cumprod`, after the last), as
+    `DDPMScheduler.previous_timestep` does. Only that lookup changes: the update itself, the noise draw and the
+    config are upstream's, so a saved config stays a stock `DDIMScheduler`/`DDPMScheduler` one.
+    """
+
+    def previous_timestep(self, timestep: int | torch.Tensor) -> int:
+        timesteps = self.timesteps.tolist()
+        index = timesteps.index(int(timestep))
+        return timesteps[index + 1] if index + 1 < len(timesteps) else -1
+
+    def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor, *args, **kwargs):
+        prev_t = self.previous_timestep(timestep)
+        alphas_cumprod, num_inference_steps = self.alphas_cumprod, self.num_inference_steps
+        alpha_prod_prev = alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
+        # Upstream `step` reads `timestep` only as `alphas_cumprod[t]` and `alphas_cumprod[t - T // n]`. Hand it
+        # the pair (prev, t) at indices (0, 1) with T // n == 1, and its unchanged math uses the right pair.
+        self.alphas_cumprod = torch.stack([alpha_prod_prev, alphas_cumprod[int(timestep)]])
+        self.num_inference_steps = self.config.num_train_timesteps
+        try:
+            return super().step(model_output, 1, sample, *args, **kwargs)
+        finally:
+            self.alphas_cumprod, self.num_inference_steps = alphas_cumprod, num_inference_steps
+
+
+SCHEDULERS: dict[str, type[SchedulerMixin]] = {
+    "ddpm": DDPMScheduler,
+    "ddim": ExactDDIMScheduler,
+    "dpm++": DPMSolverMultistepScheduler,  # its default algorithm_type is "dpmsolver++"
+}
+
+
+@dataclass
+class PunkDiffPipelineOutput(ImagePipelineOutput):
+    """Images, plus, with `return_trajectory=True`, x_t and the predicted x_0 after every step (for GIFs).
+
+    Args:
+        images: The final images as PIL images, a `(B, H, W, C)` array or a `(B, C, H, W)` tensor in [0, 1].
+        trajectory: One entry per denoising step, each a batch of x_t in the same `output_type` as `images`.
+        pred_original_samples: One entry per step, each a batch of the predicted x_0 at that step.
+    """
+
+    trajectory: list[Any] | None = None
+    pred_original_samples: list[Any] | None = None
+
+
+class PunkDiffPipeline(DiffusionPipeline):
+    r"""Pipeline for unconditional image generation, reconstruction and inpainting with one DDPM-trained UNet.
+
+    The scheduler is chosen per call (`"ddpm"`, `"ddim"`, `"dpm++"` or a scheduler instance) and built with
+    `from_config` from the saved one, so a call never changes `self.scheduler` or its config. DDIM uses
+    [`ExactDDIMScheduler`], which is correct for every `timestep_spacing`.
+
+    Args:
+        unet ([`UNet2DModel`]): The denoiser, trained in [-1, 1] pixel space with 1 (grayscale) or 3 channels.
+        scheduler ([`SchedulerMixin`]): The training noise schedule, usually a [`DDPMScheduler`].
+    """
+
+    model_cpu_offload_seq = "unet"
+    _callback_tensor_inputs = ["latents", "pred_original_sample"]
+
+    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+        grayscale = unet is not None and unet.config.in_channels == 1
+        # No resizing: the model works at its own resolution, and a wrong-sized input is an error, not a guess.
+        self.image_processor = VaeImageProcessor(
+            vae_scale_factor=1, do_resize=False, do_convert_rgb=not grayscale, do_convert_grayscale=grayscale
+        )
+        self.mask_processor = VaeImageProcessor(
+            vae_scale_factor=1, do_resize=False, do_normalize=False, do_binarize=True, do_convert_grayscale=True
+        )
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        generator: Generator = None,
+        num_inference_steps: int | None = None,
+        eta: float = 0.0,
+        scheduler: str | SchedulerMixin | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        return_trajectory: bool = False,
+        callback_on_step_end: StepCallback | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ) -> PunkDiffPipelineOutput | tuple:
+        r"""Sample images from pure noise.
+
+        Args:
+            batch_size: Number of images.
+            generator: One `torch.Generator`, or a list with one per image; with a list, image i depends only on
+                `generator[i]`, so it is the same whatever the batch size.
+            num_inference_steps: Denoising steps; `None` means every training step for DDPM and 50 otherwise.
+            eta: DDIM noise weight (0 is deterministic DDIM, 1 is DDPM-like); ignored by other schedulers.
+            scheduler: `"ddpm"`, `"ddim"`, `"dpm++"`, a scheduler instance, or `None` for the saved one.
+            output_type: `"pil"`, `"np"` or `"pt"`; arrays and tensors are in [0, 1].
+            return_dict: Return a [`PunkDiffPipelineOutput`] rather than a tuple.
+            return_trajectory: Also return x_t and the predicted x_0 after each step.
+            callback_on_step_end: Called as `callback(pipe, step_index, timestep, callback_kwargs)` after each
+                step, like other diffusers pipelines; a `"latents"` entry in the returned dict replaces x_t.
+            callback_on_step_end_tensor_inputs: Which of `"latents"` and `"pred_original_sample"` go into
+                `callback_kwargs` (default `["latents"]`).
+
+        Examples:
+            ```py
+            >>> pipe = PunkDiffPipeline.from_pretrained("path/to/export")
+            >>> generator = [torch.Generator().manual_seed(i) for i in range(4)]
+            >>> images = pipe(batch_size=4, generator=generator, scheduler="ddim", num_inference_steps=50).images
+            ```
+        """
+        self._check_generator(generator, batch_size)
+        sched = self._make_scheduler(scheduler)
+        sched.set_timesteps(self._default_steps(sched, num_inference_steps))
+        latents = randn_tensor(
+            self._image_shape(batch_size), generator=generator, device=self._execution_device, dtype=self.unet.dtype
+        )
+        latents = latents * sched.init_noise_sigma
+        return self._denoise(
+            sched,
+            sched.timesteps,
+            latents,
+            generator,
+            eta,
+            output_type,
+            return_dict,
+            return_trajectory,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+        )
+
+    @torch.no_grad()
+    def reconstruct(
+        self,
+        image: ImageInput,
+        t_start: int,
+        generator: Generator = None,
+        num_inference_steps: int | None = None,
+        eta: float = 0.0,
+        scheduler: str | SchedulerMixin | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        return_trajectory: bool = False,
+        callback_on_step_end: StepCallback | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ) -> PunkDiffPipelineOutput | tuple:
+        r"""Noise `image` to timestep `t_start` with the forward process, then denoise it back to t = 0.
+
+        Comparing the result with the input (MSE, SSIM) as a function of `t_start` shows how much of an image the
+        model can recover from a given noise level. The image is noised to the largest scheduled timestep that is
+        not above `t_start` (exactly `t_start` for full-length DDPM).
+
+        Args:
+            image: Images in [0, 1] at the model's resolution (PIL, `(B, H, W, C)` array or `(B, C, H, W)` tensor).
+            t_start: Training timestep to noise to, in `[0, num_train_timesteps)`.
+            generator: As in `__call__`; draws the forward noise first, then the scheduler's noise.
+            Other arguments: As in `__call__`.
+        """
+        original = self._preprocess(image)
+        self._check_generator(generator, original.shape[0])
+        num_train_timesteps = self.scheduler.config.num_train_timesteps
+        if not 0 <= t_start < num_train_timesteps:
+            raise ValueError(f"`t_start` must be in [0, {num_train_timesteps}), got {t_start}.")
+        sched = self._make_scheduler(scheduler)
+        sched.set_timesteps(self._default_steps(sched, num_inference_steps))
+        begin = int((sched.timesteps > t_start).sum())
+        if begin == len(sched.timesteps):
+            raise ValueError(f"No scheduled timestep is <= t_start={t_start}; use more inference steps.")
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(begin)
+        timesteps = sched.timesteps[begin:]
+        noise = randn_tensor(original.shape, generator=generator, device=original.device, dtype=original.dtype)
+        latents = sched.add_noise(original, noise, timesteps[:1])
+        return self._denoise(
+            sched,
+            timesteps,
+            latents,
+            generator,
+            eta,
+            output_type,
+            return_dict,
+            return_trajectory,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+        )
+
+    @torch.no_grad()
+    def inpaint(
+        self,
+        image: ImageInput,
+        mask: ImageInput,
+        num_inference_steps: int = 250,
+        jump_length: int = 10,
+        jump_n_sample: int = 10,
+        eta: float = 0.0,
+        generator: Generator = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> PunkDiffPipelineOutput | tuple:
+        r"""Fill the masked region of `image` with the unconditional model (RePaint, Lugmayr et al. 2022).
+
+        Uses diffusers' [`RePaintScheduler`]: at each step the known region is the forward-noised original and the
+        masked region comes from the model; jumping back `jump_length` steps `jump_n_sample` times lets the two
+        harmonise. At the last step the known region is the original image exactly. Unlike diffusers'
+        `RePaintPipeline`, a list of generators is used per image throughout, not just for the initial noise.
+
+        Args:
+            image: Images in [0, 1] at the model's resolution.
+            mask: Same size; 1 (white) marks the pixels to generate, 0 (black) those to keep, as in diffusers'
+                inpainting pipelines. Binarised at 0.5; one mask may serve a whole batch.
+            num_inference_steps: Denoising steps before resampling jumps.
+            jump_length: Steps to go back in time per jump ("j" in the paper).
+            jump_n_sample: How many times each jump is repeated ("r" in the paper).
+            eta: DDIM-style noise weight of the RePaint step (0 deterministic, 1 DDPM-like).
+            generator, output_type, return_dict: As in `__call__`.
+        """
+        if self.scheduler.config.get("prediction_type", "epsilon") != "epsilon":
+            raise ValueError("RePaint inpainting needs an epsilon-prediction model.")
+        original = self._preprocess(image)
+        self._check_generator(generator, original.shape[0])
+        known = 1.0 - self.mask_processor.preprocess(mask).to(original.device, original.dtype)
+        sched = RePaintScheduler.from_config(self.scheduler.config, eta=eta)
+        sched.set_timesteps(num_inference_steps, jump_length, jump_n_sample)
+        latents = randn_tensor(original.shape, generator=generator, device=original.device, dtype=original.dtype)
+        t_last = sched.timesteps[0] + 1
+        for t in self.progress_bar(sched.timesteps):
+            if t < t_last:
+                model_output = self.unet(latents, t).sample
+                latents = sched.step(model_output, t, latents, original, known, generator).prev_sample
+            else:
+                latents = sched.undo_step(latents, t_last, generator)
+            t_last = t
+        images = self.image_processor.postprocess(latents, output_type)
+        self.maybe_free_model_hooks()
+        return PunkDiffPipelineOutput(images=images) if return_dict else (images,)
+
+    def _denoise(
+        self,
+        sched: SchedulerMixin,
+        timesteps: torch.Tensor,
+        latents: torch.Tensor,
+        generator: Generator,
+        eta: float,
+        output_type: str,
+        return_dict: bool,
+        return_trajectory: bool,
+        callback_on_step_end: StepCallback | None,
+        callback_on_step_end_tensor_inputs: list[str] | None,
+    ) -> PunkDiffPipelineOutput | tuple:
+        """The reverse process shared by sampling and reconstruction."""
+        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        unknown = set(tensor_inputs) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs must be in {self._callback_tensor_inputs}.")
+        step_kwargs: dict[str, Any] = {"generator": generator}
+        if isinstance(sched, DDIMScheduler):
+            step_kwargs["eta"] = eta
+        need_x0 = return_trajectory or "pred_original_sample" in tensor_inputs
+        trajectory, pred_x0s = [], []
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            model_input = sched.scale_model_input(latents, t)
+            model_output = self.unet(model_input, t).sample
+            out = sched.step(model_output, t, latents, **step_kwargs)
+            latents = out.prev_sample
+            pred_original_sample = None
+            if need_x0:
+                pred_original_sample = getattr(out, "pred_original_sample", None)
+                if pred_original_sample is None:  # e.g. DPM-Solver does not report x_0
+                    pred_original_sample = _predict_x0(sched, model_output, t, model_input)
+            if callback_on_step_end is not None:
+                local = {"latents": latents, "pred_original_sample": pred_original_sample}
+                callback_outputs = callback_on_step_end(self, i, t, {k: local[k] for k in tensor_inputs})
+                latents = callback_outputs.pop("latents", latents)
+            if return_trajectory:
+                trajectory.append(self.image_processor.postprocess(latents, output_type))
+                pred_x0s.append(self.image_processor.postprocess(pred_original_sample, output_type))
+        images = self.image_processor.postprocess(latents, output_type)
+        self.maybe_free_model_hooks()
+        output = PunkDiffPipelineOutput(
+            images=images,
+            trajectory=trajectory if return_trajectory else None,
+            pred_original_samples=pred_x0s if return_trajectory else None,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _make_scheduler(self, scheduler: str | SchedulerMixin | None) -> SchedulerMixin:
+        """A fresh scheduler for one call, so `self.scheduler` (what gets saved) is never mutated."""
+        if isinstance(scheduler, SchedulerMixin):
+            return scheduler
+        if scheduler is None:
+            cls = ExactDDIMScheduler if isinstance(self.scheduler, DDIMScheduler) else type(self.scheduler)
+        elif scheduler.lower() in SCHEDULERS:
+            cls = SCHEDULERS[scheduler.lower()]
+        else:
+            raise ValueError(f"Unknown scheduler {scheduler!r}; choose one of {sorted(SCHEDULERS)}.")
+        return cls.from_config(self.scheduler.config)
+
+    @staticmethod
+    def _default_steps(sched: SchedulerMixin, num_inference_steps: int | None) -> int:
+        if num_inference_steps is not None:
+            return num_inference_steps
+        return sched.config.num_train_timesteps if isinstance(sched, DDPMScheduler) else 50
+
+    def _image_shape(self, batch_size: int) -> tuple[int, ...]:
+        size = self.unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return (batch_size, self.unet.config.in_channels, *size)
+
+    def _preprocess(self, image: ImageInput) -> torch.Tensor:
+        """Images in [0, 1] (any diffusers format) -> model-space tensor in [-1, 1], checked against the UNet."""
+        x = self.image_processor.preprocess(image).to(self._execution_device, self.unet.dtype)
+        expected = self._image_shape(x.shape[0])
+        if tuple(x.shape) != expected:
+            raise ValueError(f"Expected images of shape {expected[1:]} (C, H, W), got {tuple(x.shape[1:])}.")
+        return x
+
+    @staticmethod
+    def _check_generator(generator: Generator, batch_size: int) -> None:
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"Got {len(generator)} generators for a batch of {batch_size}; pass one per image.")
+
+
+def _predict_x0(sched: SchedulerMixin, model_output: torch.Tensor, t: torch.Tensor, sample: torch.Tensor):
+    """x_0 implied by the model output at timestep t, for schedulers whose step does not return it."""
+    alpha_prod_t = sched.alphas_cumprod[int(t)].to(sample.device, sample.dtype)
+    beta_prod_t = 1 - alpha_prod_t
+    prediction_type = sched.config.prediction_type
+    if prediction_type == "epsilon":
+        return (sample - beta_prod_t**0.5 * model_output) / alpha_prod_t**0.5
+    if prediction_type == "sample":
+        return model_output
+    if prediction_type == "v_prediction":
+        return alpha_prod_t**0.5 * sample - beta_prod_t**0.5 * model_output
+    raise ValueError(f"Unsupported prediction_type {prediction_type!r}.")

@@ -1,0 +1,210 @@
+"""PunkDiffPipeline: sampling, scheduler choice, exact DDIM, trajectories, reconstruction and inpainting."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from tiny_models import one_torch_thread, tiny_pipeline
+
+from punkdiff import PunkDiffPipeline
+from punkdiff.pipelines.punkdiff_pipeline import ExactDDIMScheduler
+
+PIPELINE_FILE = Path(__file__).resolve().parents[1] / "pipelines" / "punkdiff_pipeline.py"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def pipe() -> PunkDiffPipeline:
+    return tiny_pipeline(channels=3)
+
+
+@pytest.fixture(scope="module")
+def gray_pipe() -> PunkDiffPipeline:
+    return tiny_pipeline(channels=1)
+
+
+def generators(*seeds: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+@pytest.mark.parametrize("scheduler", ["ddpm", "ddim", "dpm++"])
+def test_image_i_depends_only_on_its_generator(pipe, scheduler):
+    kwargs = {"num_inference_steps": 8, "scheduler": scheduler, "eta": 1.0, "output_type": "pt"}
+    batch = pipe(batch_size=3, generator=generators(10, 11, 12), **kwargs).images
+    single = pipe(batch_size=1, generator=generators(12), **kwargs).images
+    other = pipe(batch_size=1, generator=generators(13), **kwargs).images
+    # Batched and single convolutions may round differently in the last float32 bits, nothing more.
+    torch.testing.assert_close(batch[2], single[0], atol=1e-5, rtol=0)
+    assert (single - other).abs().max() > 1e-2
+
+
+def test_output_types_shapes_and_ranges(pipe, gray_pipe):
+    kwargs = {"batch_size": 2, "num_inference_steps": 3, "scheduler": "ddim"}
+    pil = pipe(**kwargs, generator=generators(0, 1)).images
+    assert len(pil) == 2 and pil[0].mode == "RGB" and pil[0].size == (8, 8)
+    arr = pipe(**kwargs, generator=generators(0, 1), output_type="np").images
+    assert arr.shape == (2, 8, 8, 3) and arr.dtype == np.float32 and arr.min() >= 0 and arr.max() <= 1
+    pt = pipe(**kwargs, generator=generators(0, 1), output_type="pt").images
+    assert pt.shape == (2, 3, 8, 8) and pt.dtype == torch.float32
+    np.testing.assert_allclose(pt.permute(0, 2, 3, 1).numpy(), arr, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(pil[1]), (arr[1] * 255).round().astype(np.uint8))
+
+    gray = gray_pipe(**kwargs, generator=generators(0, 1)).images
+    assert gray[0].mode == "L" and gray[0].size == (8, 8)
+    assert gray_pipe(**kwargs, output_type="np").images.shape == (2, 8, 8, 1)
+    images, *rest = gray_pipe(**kwargs, output_type="pt", return_dict=False)
+    assert images.shape == (2, 1, 8, 8) and rest == []
+
+
+def test_scheduler_choice_never_touches_the_saved_scheduler(pipe):
+    saved = dict(pipe.scheduler.config)
+    for name in ("ddim", "dpm++", "ddpm"):
+        pipe(num_inference_steps=4, scheduler=name, output_type="np")
+    assert type(pipe.scheduler) is DDPMScheduler
+    assert dict(pipe.scheduler.config) == saved
+    assert pipe.scheduler.num_inference_steps is None  # not even its timesteps were set
+    with pytest.raises(ValueError, match="Unknown scheduler"):
+        pipe(scheduler="euler-ancestral-typo")
+
+
+def test_ddim_eta_zero_is_deterministic_and_eta_is_used(pipe):
+    def run(seed: int, eta: float) -> torch.Tensor:
+        return pipe(
+            generator=torch.Generator().manual_seed(seed),
+            scheduler="ddim",
+            num_inference_steps=6,
+            eta=eta,
+            output_type="pt",
+        ).images
+
+    assert torch.equal(run(0, 0.0), run(0, 0.0))
+    assert (run(0, 0.0) - run(0, 1.0)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_exact_ddim_steps_to_the_next_scheduled_timestep(spacing):
+    config = {"num_train_timesteps": 1000, "timestep_spacing": spacing, "clip_sample": False}
+    sched, stock = ExactDDIMScheduler(**config), DDIMScheduler(**config)
+    sched.set_timesteps(7)
+    stock.set_timesteps(7)
+    timesteps = sched.timesteps.tolist()
+    x, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    stock_differs = False
+    for i, t in enumerate(timesteps):
+        alpha_t = sched.alphas_cumprod[t]
+        alpha_prev = sched.alphas_cumprod[timesteps[i + 1]] if i + 1 < len(timesteps) else torch.tensor(1.0)
+        x0 = (x - (1 - alpha_t).sqrt() * eps) / alpha_t.sqrt()
+        expected = alpha_prev.sqrt() * x0 + (1 - alpha_prev).sqrt() * eps
+        torch.testing.assert_close(sched.step(eps, t, x).prev_sample, expected, atol=1e-5, rtol=1e-5)
+        stock_differs |= not torch.allclose(stock.step(eps, t, x).prev_sample, expected, atol=1e-5, rtol=1e-5)
+    # The bug being fixed: stock diffusers is only right for "leading" spacing.
+    assert stock_differs == (spacing != "leading")
+    assert torch.equal(sched.alphas_cumprod, stock.alphas_cumprod)  # the temporary swap is undone
+
+
+def test_exact_ddim_keeps_upstream_noise_draws():
+    sched, stock = ExactDDIMScheduler(), DDIMScheduler()
+    sched.set_timesteps(10)
+    stock.set_timesteps(10)
+    x, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    for t in sched.timesteps:
+        ours = sched.step(eps, t, x, eta=1.0, generator=torch.Generator().manual_seed(int(t))).prev_sample
+        theirs = stock.step(eps, t, x, eta=1.0, generator=torch.Generator().manual_seed(int(t))).prev_sample
+        assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("scheduler", ["ddpm", "dpm++"])
+def test_trajectory_has_one_x_t_and_x0_per_step(pipe, scheduler):
+    out = pipe(batch_size=2, num_inference_steps=5, scheduler=scheduler, output_type="np", return_trajectory=True)
+    assert len(out.trajectory) == len(out.pred_original_samples) == 5
+    assert all(frame.shape == (2, 8, 8, 3) for frame in out.trajectory + out.pred_original_samples)
+    np.testing.assert_array_equal(out.trajectory[-1], out.images)
+    assert pipe(num_inference_steps=2, output_type="np").trajectory is None
+
+
+def test_callback_sees_each_step_and_can_replace_latents(pipe):
+    seen = []
+
+    def callback(p, i, t, tensors):
+        seen.append((i, int(t), tensors["latents"].shape, tensors["pred_original_sample"].shape))
+        return {"latents": torch.zeros_like(tensors["latents"])} if i == 3 else {}
+
+    out = pipe(
+        num_inference_steps=4,
+        scheduler="ddim",
+        output_type="np",
+        callback_on_step_end=callback,
+        callback_on_step_end_tensor_inputs=["latents", "pred_original_sample"],
+    )
+    assert [s[0] for s in seen] == [0, 1, 2, 3]
+    assert [s[1] for s in seen] == [750, 500, 250, 0]
+    assert all(s[2] == s[3] == (1, 3, 8, 8) for s in seen)
+    np.testing.assert_allclose(out.images, 0.5)  # zeroed model-space latents are mid-grey
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        pipe(num_inference_steps=1, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["noise"])
+
+
+@pytest.mark.parametrize("scheduler", ["ddpm", "ddim"])
+def test_reconstruction_recovers_lightly_noised_images_only(pipe, scheduler):
+    image = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    steps = 100 if scheduler == "ddpm" else 20
+
+    def mse(t_start: int) -> float:
+        out = pipe.reconstruct(
+            image, t_start, generator=generators(0, 1), scheduler=scheduler, num_inference_steps=steps, output_type="pt"
+        ).images
+        return float(((out - image) ** 2).mean())
+
+    assert mse(10) < 5e-3
+    assert mse(990) > 5e-2
+
+
+def test_reconstruction_accepts_pil_and_checks_inputs(gray_pipe):
+    image = PIL.Image.fromarray(np.full((8, 8), 200, dtype=np.uint8), mode="L")
+    out = gray_pipe.reconstruct(image, 5, num_inference_steps=100, output_type="np").images
+    assert out.shape == (1, 8, 8, 1) and abs(out.mean() - 200 / 255) < 0.05
+    with pytest.raises(ValueError, match="shape"):
+        gray_pipe.reconstruct(PIL.Image.new("L", (16, 16)), 5)
+    with pytest.raises(ValueError, match="t_start"):
+        gray_pipe.reconstruct(image, 1000)
+    with pytest.raises(ValueError, match="one per image"):
+        gray_pipe.reconstruct(image, 5, generator=generators(0, 1))
+
+
+def test_inpainting_keeps_the_known_region_and_fills_the_mask(pipe):
+    image = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 2:6, 2:6] = 1.0
+    out = pipe.inpaint(
+        image,
+        mask,
+        num_inference_steps=10,
+        jump_length=3,
+        jump_n_sample=2,
+        generator=generators(0, 1),
+        output_type="pt",
+    ).images
+    assert out.shape == image.shape
+    torch.testing.assert_close(out * (1 - mask), image * (1 - mask), atol=1e-6, rtol=0)
+    assert ((out - image).abs() * mask).sum() / (mask.sum() * 6) > 0.05
+
+
+def test_pipeline_file_imports_only_torch_diffusers_numpy_pil_and_stdlib():
+    allowed = {"torch", "diffusers", "numpy", "PIL"} | set(sys.stdlib_module_names)
+    tree = ast.parse(PIPELINE_FILE.read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert {name.split(".")[0] for name in imported} <= allowed
+    assert PunkDiffPipeline.__module__ == "punkdiff.pipelines.punkdiff_pipeline"
