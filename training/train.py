@@ -34,6 +34,7 @@ from punkdiff.training import (
     TrainingError,
     build_train_parser,
     diffusion_loss,
+    distributed_cpu_fallback,
     find_checkpoint,
     flat_config,
     load_checkpoint,
@@ -64,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     output_dir = Path(args.output_dir)
 
     accelerator = Accelerator(
+        cpu=distributed_cpu_fallback(),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
@@ -232,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
                 }
                 if ema is not None:
                     logs["ema_decay"] = ema.cur_decay_value
-                history.append([global_step, step_loss])
+                history.append([global_step, step_loss, logs["lr"]])
                 loss_sum.zero_()
                 micro_batches, step_start = 0, now
                 accelerator.log(logs, step=global_step)
@@ -269,8 +271,10 @@ def run(args: argparse.Namespace) -> int:
         if last_grid is None:  # resumed at the final step: nothing sampled in this process yet
             last_grid = sample_grid(global_step)
         last_grid.save(output_dir / "samples.png")
-        steps, losses = zip(*history, strict=True) if history else ((), ())
-        plot_loss_curve(steps, losses, output_dir / "loss_curve.png", title=f"{preset.name} on {preset.data.dataset}")
+        plot_loss_curve(
+            [h[0] for h in history], [h[1] for h in history], output_dir / "loss_curve.png",
+            title=f"{preset.name} on {preset.data.dataset}",
+        )
         export_pipeline(
             unet,
             noise_scheduler,

@@ -146,6 +146,16 @@ def diffusion_loss(
     return (per_image * weight).mean()
 
 
+def distributed_cpu_fallback() -> bool:
+    """True when launched as several processes on a machine with no GPU.
+
+    `accelerate launch --multi_gpu --num_processes N` without a GPU would otherwise give N
+    independent single-process runs writing over each other; `Accelerator(cpu=True)` makes them
+    one run over gloo instead.
+    """
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 # --- checkpoints -------------------------------------------------------------------------------
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
