@@ -1,0 +1,252 @@
+"""Export a trained model as a Diffusers folder, check model folders before loading, and push to the Hub.
+
+An export is what a Hub user downloads: `model_index.json`, `unet/` and `scheduler/` (weights in
+`.safetensors` only), `pipeline.py` (the `PunkDiffPipeline` source, for diffusers' custom-pipeline route),
+`samples.png` and a `README.md` model card. `model_index.json` names the stock `DDPMPipeline`, so
+`DiffusionPipeline.from_pretrained(folder)` works without running any code shipped with the model, and
+`custom_pipeline=..., trust_remote_code=True` is an explicit opt-in to `PunkDiffPipeline`.
+
+Loading goes through `validate_model_folder` first, which reads only JSON and safetensors headers: a
+pickle checkpoint is refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import PIL.Image
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+from safetensors import safe_open
+
+from punkdiff.pipelines import punkdiff_pipeline
+from punkdiff.pipelines.punkdiff_pipeline import PunkDiffPipeline
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+# diffusers' `custom_pipeline=<folder or repo id>` looks for this file name.
+CUSTOM_PIPELINE_FILE = "pipeline.py"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+class ModelFolderError(ValueError):
+    """A model folder that punkdiff will not load or push; the message names the file and the fix."""
+
+
+@dataclasses.dataclass
+class ModelCardInfo:
+    """What the model card says about a trained model; `None` fields are filled from the model or left out.
+
+    Attributes:
+        preset: punkdiff preset name the model was trained with.
+        dataset: Hub dataset id it was trained on, e.g. `"ylecun/mnist"`.
+        training_steps: Optimiser steps taken.
+        resolution: Image side in pixels (default: the UNet's `sample_size`).
+        channels: 1 or 3 (default: the UNet's `in_channels`).
+        num_train_timesteps: Length of the noise schedule (default: the scheduler's).
+        license: Hub license id; set it to respect the training data's terms.
+        metrics: e.g. `{"FID": 12.3}`; the card says "not measured" when `None`.
+        model_name: Card title (default: `punkdiff <preset>`).
+        repo_id: Where the model will live, used in the card's loading snippets.
+        tags: Extra Hub tags.
+    """
+
+    preset: str = "custom"
+    dataset: str | None = None
+    training_steps: int | None = None
+    resolution: int | None = None
+    channels: int | None = None
+    num_train_timesteps: int | None = None
+    license: str = "apache-2.0"
+    metrics: dict[str, float] | None = None
+    model_name: str | None = None
+    repo_id: str | None = None
+    tags: list[str] = dataclasses.field(default_factory=list)
+
+
+def render_model_card(info: ModelCardInfo, *, has_samples: bool = False) -> str:
+    """Render `model_cards/template.md` with Hub metadata, so the Hub lists the model as a Diffusers one."""
+    card_data = ModelCardData(
+        library_name="diffusers",
+        pipeline_tag="unconditional-image-generation",
+        license=info.license,
+        datasets=[info.dataset] if info.dataset else None,
+        tags=["diffusers", "unconditional-image-generation", "ddpm", "punkdiff", *info.tags],
+    )
+    template = resources.files("punkdiff.model_cards").joinpath("template.md").read_text(encoding="utf-8")
+    card = ModelCard.from_template(
+        card_data,
+        template_str=template,
+        model_name=info.model_name or f"punkdiff {info.preset}",
+        model_ref=info.repo_id or "path/to/this/folder",
+        preset=info.preset,
+        training_steps=info.training_steps,
+        resolution=info.resolution,
+        channels=info.channels,
+        num_train_timesteps=info.num_train_timesteps,
+        eval_metrics=info.metrics,
+        has_samples=has_samples,
+    )
+    return str(card)
+
+
+def export_pipeline(
+    unet: UNet2DModel,
+    scheduler: SchedulerMixin,
+    output_dir: str | os.PathLike,
+    *,
+    card: ModelCardInfo | Mapping[str, Any] | None = None,
+    sample_grid: PIL.Image.Image | None = None,
+) -> Path:
+    """Write a Hub-ready model folder, replacing `output_dir` only once the new export is complete and valid.
+
+    The schedule is saved as a `DDPMScheduler` (the training process), so stock `DDPMPipeline` and
+    `DDIMPipeline` load the folder; samplers are picked at call time. Pass an unwrapped UNet (e.g. the EMA
+    copy, not a DDP or compiled wrapper). An existing `output_dir` is replaced only if it is empty or is
+    itself an export, so a mistyped path never deletes a training run.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not (output_dir / "model_index.json").is_file():
+        raise FileExistsError(f"{output_dir} exists and is not a model export; choose another output folder.")
+    info = ModelCardInfo(**card) if isinstance(card, Mapping) else card or ModelCardInfo()
+    info = dataclasses.replace(
+        info,
+        resolution=info.resolution or _side(unet.config.sample_size),
+        channels=info.channels or unet.config.in_channels,
+        num_train_timesteps=info.num_train_timesteps or scheduler.config.num_train_timesteps,
+    )
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.staging-", dir=output_dir.parent))
+    try:
+        pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(scheduler.config))
+        pipe.save_pretrained(staging, safe_serialization=True)
+        shutil.copyfile(punkdiff_pipeline.__file__, staging / CUSTOM_PIPELINE_FILE)
+        if sample_grid is not None:
+            sample_grid.save(staging / "samples.png")
+        readme = render_model_card(info, has_samples=sample_grid is not None)
+        (staging / "README.md").write_text(readme, encoding="utf-8")
+        validate_model_folder(staging)
+        _move_into_place(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def validate_model_folder(folder: str | os.PathLike) -> Path:
+    """Check a model folder without executing anything from it; raise `ModelFolderError` saying what to fix.
+
+    Reads only JSON files and the safetensors header, and checks the UNet config against the weights'
+    names and shapes (diffusers would otherwise leave missing weights randomly initialised, with a warning).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelFolderError(f"{folder} is not a folder; pass a folder written by punkdiff's export.")
+    index = _read_json(folder / "model_index.json")
+    if index.get("unet", [None])[-1] != "UNet2DModel" or "scheduler" not in index:
+        raise ModelFolderError(
+            f"{folder / 'model_index.json'} must list a `unet` (UNet2DModel) and a `scheduler` component."
+        )
+    _read_json(folder / "scheduler" / "scheduler_config.json")
+    unet_config = _read_json(folder / "unet" / "config.json")
+    weights = folder / "unet" / WEIGHTS_NAME
+    if not weights.is_file():
+        pickles = sorted(str(p.relative_to(folder)) for p in _pickle_files(folder))
+        if pickles:
+            raise ModelFolderError(
+                f"{folder} has only pickle checkpoints ({', '.join(pickles)}), and punkdiff never unpickles "
+                "because that can run arbitrary code. Convert it in an environment you trust: load it with "
+                "diffusers and save it with `save_pretrained(dir, safe_serialization=True)` or "
+                f"`punkdiff.hub.export_pipeline`, which write {WEIGHTS_NAME}."
+            )
+        raise ModelFolderError(f"Missing weights {weights}; re-export the model with punkdiff.hub.export_pipeline.")
+    try:
+        with safe_open(weights, framework="pt") as f:
+            found = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
+    except Exception as e:  # safetensors raises its own SafetensorError for truncated or corrupt files
+        raise ModelFolderError(
+            f"{weights} is not a readable safetensors file ({e}); re-export or re-download it."
+        ) from e
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            expected = {k: tuple(v.shape) for k, v in UNet2DModel.from_config(unet_config).state_dict().items()}
+    except Exception as e:
+        raise ModelFolderError(f"{folder / 'unet' / 'config.json'} does not describe a UNet2DModel: {e}") from e
+    problems = [f"missing {k}" for k in expected.keys() - found.keys()]
+    problems += [f"unexpected {k}" for k in found.keys() - expected.keys()]
+    problems += [
+        f"{k}: config says {expected[k]}, weights have {found[k]}"
+        for k in expected.keys() & found.keys()
+        if expected[k] != found[k]
+    ]
+    if problems:
+        shown = "; ".join(sorted(problems)[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise ModelFolderError(
+            f"{folder / 'unet' / 'config.json'} does not match {weights} ({shown}). "
+            "The config and weights come from different models; re-export them together."
+        )
+    return folder
+
+
+def load_pipeline(path: str | os.PathLike, **kwargs: Any) -> PunkDiffPipeline:
+    """Validate a model folder, then load it as a `PunkDiffPipeline` from safetensors only.
+
+    `kwargs` go to `from_pretrained` (e.g. `torch_dtype`).
+    """
+    folder = validate_model_folder(path)
+    return PunkDiffPipeline.from_pretrained(folder, use_safetensors=True, **kwargs)
+
+
+def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Upload a validated export to `repo_id` (created if needed) and return the repo URL.
+
+    The token defaults to the usual Hugging Face login (`hf auth login` or `HF_TOKEN`); punkdiff never
+    stores it. Folders with pickle files are refused so that nothing unsafe to load is published.
+    """
+    folder = validate_model_folder(folder)
+    pickles = sorted(str(p.relative_to(folder)) for p in _pickle_files(folder))
+    if pickles:
+        raise ModelFolderError(f"{folder} contains pickle files ({', '.join(pickles)}); remove them before pushing.")
+    api = HfApi(token=token)
+    # `private=None` rather than False leaves a new repo's visibility to the account's or organisation's default.
+    repo_url = api.create_repo(repo_id, private=private or None, exist_ok=True, repo_type="model")
+    api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", commit_message="Upload punkdiff model")
+    return str(repo_url)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ModelFolderError(f"Missing {path}; pass a folder written by punkdiff's export or save_pretrained.")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelFolderError(f"{path} is not valid JSON ({e}); re-export the model.") from e
+
+
+def _pickle_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES]
+
+
+def _side(sample_size: int | list[int] | tuple[int, ...]) -> int:
+    return sample_size if isinstance(sample_size, int) else sample_size[0]
+
+
+def _move_into_place(staging: Path, target: Path) -> None:
+    """Rename `staging` to `target`; an old `target` is moved aside first and deleted only afterwards."""
+    if not target.exists():
+        staging.rename(target)
+        return
+    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    target.rename(old)
+    staging.rename(target)
+    shutil.rmtree(old)

@@ -1,0 +1,297 @@
+"""Export, model card, every load route, refusal of bad folders, and push at the HTTP boundary."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import DDIMPipeline, DDPMPipeline, DiffusionPipeline
+from fake_hub import fake_hub
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+from tiny_models import one_torch_thread, tiny_unet
+
+from punkdiff import PunkDiffPipeline
+from punkdiff.hub import (
+    ModelCardInfo,
+    ModelFolderError,
+    export_pipeline,
+    load_pipeline,
+    push_to_hub,
+    render_model_card,
+)
+from punkdiff.pipelines import punkdiff_pipeline
+
+EXPORTED_FILES = {
+    "README.md",
+    "model_index.json",
+    "pipeline.py",
+    "samples.png",
+    "scheduler/scheduler_config.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+}
+CARD = ModelCardInfo(
+    preset="mnist", dataset="ylecun/mnist", training_steps=1234, license="cc-by-sa-3.0", metrics={"FID": 12.3456}
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return tiny_unet(channels=1)
+
+
+@pytest.fixture(scope="module")
+def exported(unet, tmp_path_factory) -> Path:
+    from diffusers import DDPMScheduler
+
+    grid = PIL.Image.new("L", (16, 16), color=128)
+    return export_pipeline(
+        unet, DDPMScheduler(), tmp_path_factory.mktemp("export") / "model", card=CARD, sample_grid=grid
+    )
+
+
+@pytest.fixture
+def folder(exported, tmp_path) -> Path:
+    """A private copy of the export that a test may damage."""
+    return Path(shutil.copytree(exported, tmp_path / "model"))
+
+
+def files_in(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_export_is_safetensors_only_with_stock_metadata(exported, unet):
+    assert files_in(exported) == EXPORTED_FILES
+    index = json.loads((exported / "model_index.json").read_text())
+    assert index["_class_name"] == "DDPMPipeline"
+    assert index["unet"] == ["diffusers", "UNet2DModel"] and index["scheduler"] == ["diffusers", "DDPMScheduler"]
+    weights = load_file(exported / "unet" / "diffusion_pytorch_model.safetensors")
+    assert weights.keys() == unet.state_dict().keys()
+    assert all(torch.equal(weights[k], v) for k, v in unet.state_dict().items())
+    assert (exported / "pipeline.py").read_bytes() == Path(punkdiff_pipeline.__file__).read_bytes()
+    assert not list(exported.parent.glob(".*"))  # no staging or backup folders left behind
+
+
+def test_model_card_metadata_and_content(exported):
+    card = ModelCard.load(exported / "README.md")
+    assert card.data.library_name == "diffusers"
+    assert card.data.pipeline_tag == "unconditional-image-generation"
+    assert card.data.license == "cc-by-sa-3.0" and card.data.datasets == ["ylecun/mnist"]
+    assert {"diffusers", "ddpm", "punkdiff"} <= set(card.data.tags)
+    for expected in ("![Samples](samples.png)", "`mnist`", "1234", "8x8, 1 channel", "| FID | 12.35 |"):
+        assert expected in card.text
+    assert "DDPMPipeline.from_pretrained" in card.text and "trust_remote_code=True" in card.text
+
+    bare = ModelCard(render_model_card(ModelCardInfo(resolution=64, channels=3, num_train_timesteps=1000)))
+    assert "Not measured yet." in bare.text and "samples.png" not in bare.text and bare.data.datasets is None
+
+
+@pytest.mark.parametrize(
+    "load",
+    [
+        DDPMPipeline.from_pretrained,
+        DDIMPipeline.from_pretrained,
+        DiffusionPipeline.from_pretrained,
+        PunkDiffPipeline.from_pretrained,
+        load_pipeline,
+    ],
+    ids=["DDPMPipeline", "DDIMPipeline", "DiffusionPipeline", "PunkDiffPipeline", "load_pipeline"],
+)
+def test_every_stock_and_punkdiff_load_route_makes_images(exported, load):
+    pipe = load(exported)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=2, num_inference_steps=3, output_type="np").images
+    assert images.shape == (2, 8, 8, 1)
+    assert isinstance(pipe, PunkDiffPipeline) == (load in (PunkDiffPipeline.from_pretrained, load_pipeline))
+
+
+def test_custom_pipeline_needs_explicit_trust(exported):
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        DiffusionPipeline.from_pretrained(exported, custom_pipeline=str(exported))
+
+
+def test_custom_pipeline_route_works_without_punkdiff(exported, tmp_path):
+    """A Hub user's view: punkdiff cannot be imported, the class comes from the exported pipeline.py."""
+    script = textwrap.dedent(
+        """
+        import importlib.abc, sys
+
+        class HidePunkdiff(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "punkdiff":
+                    raise ModuleNotFoundError(name)
+
+        sys.meta_path.insert(0, HidePunkdiff())
+        try:
+            import punkdiff
+            raise SystemExit("punkdiff is importable")
+        except ModuleNotFoundError:
+            pass
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(sys.argv[1], custom_pipeline=sys.argv[1], trust_remote_code=True)
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe(batch_size=2, num_inference_steps=3, scheduler="ddim", output_type="np").images
+        recon = pipe.reconstruct(images, 5, num_inference_steps=3, scheduler="ddim", output_type="np").images
+        print(type(pipe).__name__, type(pipe).__module__, images.shape, recon.shape)
+        """
+    )
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", script, str(exported)], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    name, module, *shapes = result.stdout.split()
+    assert name == "PunkDiffPipeline" and module.startswith("diffusers_modules.")
+    assert shapes == ["(2,", "8,", "8,", "1)", "(2,", "8,", "8,", "1)"]
+
+
+def test_reexport_replaces_only_complete_exports(exported, unet, tmp_path):
+    from diffusers import DDPMScheduler
+
+    target = Path(shutil.copytree(exported, tmp_path / "model"))
+    before = {name: (target / name).read_bytes() for name in files_in(target)}
+
+    class BrokenImage:
+        def save(self, path):
+            Path(path).write_bytes(b"half")
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        export_pipeline(unet, DDPMScheduler(), target, card={"preset": "other"}, sample_grid=BrokenImage())
+    assert {name: (target / name).read_bytes() for name in files_in(target)} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+    export_pipeline(unet, DDPMScheduler(), target, card={"preset": "other"})
+    assert files_in(target) == EXPORTED_FILES - {"samples.png"} and "`other`" in (target / "README.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+    not_an_export = tmp_path / "run"
+    (not_an_export / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="not a model export"):
+        export_pipeline(unet, DDPMScheduler(), not_an_export)
+    assert (not_an_export / "checkpoints").is_dir()
+
+
+class WritesMarker:
+    """Unpickling this runs `open(marker, "w")`: a stand-in for a malicious checkpoint."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _missing_weights(folder: Path) -> None:
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+
+
+def _truncated_weights(folder: Path) -> None:
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+
+
+def _config_mismatch(folder: Path) -> None:
+    config_path = folder / "unet" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["block_out_channels"] = [8, 32]
+    config_path.write_text(json.dumps(config))
+
+
+def _missing_index(folder: Path) -> None:
+    (folder / "model_index.json").unlink()
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_missing_weights, "Missing weights"),
+        (_truncated_weights, "not a readable safetensors file"),
+        (_config_mismatch, r"does not match .*config says"),
+        (_missing_index, "Missing .*model_index.json"),
+    ],
+)
+def test_bad_folders_are_refused_with_a_clear_error(folder, damage, message):
+    damage(folder)
+    with pytest.raises(ModelFolderError, match=message):
+        load_pipeline(folder)
+    with fake_hub() as hub, pytest.raises(ModelFolderError, match=message):
+        push_to_hub(folder, "user/model")
+    assert hub.requests == []
+
+
+def test_pickle_only_checkpoint_is_refused_and_never_unpickled(exported, folder, tmp_path):
+    armed = tmp_path / "armed"
+    pickle.loads(pickle.dumps(WritesMarker(armed)))
+    assert armed.exists()  # the payload really does run code when unpickled
+
+    marker = tmp_path / "executed"
+    _missing_weights(folder)
+    (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(WritesMarker(marker)))
+    with pytest.raises(ModelFolderError, match=r"only pickle checkpoints \(unet/diffusion_pytorch_model.bin\)"):
+        load_pipeline(folder)
+    with pytest.raises(ModelFolderError, match="safe_serialization=True"):
+        load_pipeline(folder)
+    assert not marker.exists()
+
+    shutil.copyfile(
+        exported / "unet" / "diffusion_pytorch_model.safetensors",
+        folder / "unet" / "diffusion_pytorch_model.safetensors",
+    )
+    assert isinstance(load_pipeline(folder), PunkDiffPipeline)  # with safetensors present, the .bin is ignored
+    assert not marker.exists()
+
+
+def test_push_uploads_exactly_the_export_with_the_login_token(exported, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_TOKEN", "hf_punkdiff_test_token")
+    with fake_hub() as hub:
+        url = push_to_hub(exported, "someone/mnist-ddpm", private=True)
+    assert url == "https://huggingface.co/someone/mnist-ddpm"
+    [created] = hub.created
+    assert created["organization"] == "someone" and created["name"] == "mnist-ddpm"
+    assert created.get("visibility") == "private" or created.get("private") is True  # wire format varies by version
+    assert set(hub.uploaded) == EXPORTED_FILES
+    assert (
+        hub.uploaded["unet/diffusion_pytorch_model.safetensors"]
+        == (exported / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    )
+    card = ModelCard(hub.uploaded["README.md"].decode())
+    assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "unconditional-image-generation"
+    assert {r.headers.get("authorization") for r in hub.requests if r.url.path.startswith("/api/repos")} == {
+        "Bearer hf_punkdiff_test_token"
+    }
+    written = [p for p in [*tmp_path.rglob("*"), *exported.rglob("*")] if p.is_file()]
+    assert not any(b"hf_punkdiff_test_token" in p.read_bytes() for p in written)
+
+
+def test_push_refuses_folders_with_pickles(folder):
+    (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"not even read")
+    with fake_hub() as hub, pytest.raises(ModelFolderError, match="remove them before pushing"):
+        push_to_hub(folder, "user/model")
+    assert hub.requests == []
+
+
+def test_grayscale_export_round_trips_images(exported):
+    pipe = load_pipeline(exported)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(generator=torch.Generator().manual_seed(0), scheduler="ddim", num_inference_steps=3).images[0]
+    assert image.mode == "L" and np.asarray(image).shape == (8, 8)
