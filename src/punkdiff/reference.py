@@ -133,6 +133,8 @@ def spaced_timesteps(
         steps = [0] if n == 1 else [round(Fraction(i * (T - 1), n - 1)) for i in range(n)]
     else:
         raise ValueError(f"unknown timestep spacing {spacing!r}")
+    if steps[-1] > T - 1:
+        raise ValueError(f"steps_offset={steps_offset} puts timestep {steps[-1]} outside [0, {T - 1}]")
     return steps[::-1]
 
 
