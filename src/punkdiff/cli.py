@@ -85,12 +85,89 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_sample(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample", help="sample images from an exported model folder into a grid (and single PNGs)")
+    p.add_argument("model_dir", help="folder written by the export (or by save_pretrained with safetensors)")
+    p.add_argument("--scheduler", choices=["ddpm", "ddim", "dpm++"], default="ddim")
+    p.add_argument("--steps", type=int, default=None, help="default: every training step for ddpm, 50 otherwise")
+    p.add_argument("--num-images", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed+i, so it does not depend on --num-images")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise weight: 0 deterministic, 1 DDPM-like")
+    p.add_argument("--out", default="grid.png", help="grid image path")
+    p.add_argument("--out-dir", default=None, help="also write each image here as NNNN.png")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.set_defaults(func=_run_sample)
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+    from diffusers.utils import make_image_grid
+
+    from punkdiff.hub import ModelFolderError, load_pipeline
+
+    try:
+        pipe = load_pipeline(args.model_dir)
+    except ModelFolderError as e:
+        print(f"punkdiff sample: {e}", file=sys.stderr)
+        return 2
+    pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # CPU generators: the same seed gives the same image on any device.
+    generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
+    images = pipe(
+        batch_size=args.num_images,
+        generator=generators,
+        num_inference_steps=args.steps,
+        eta=args.eta,
+        scheduler=args.scheduler,
+    ).images
+    rows = max(r for r in range(1, int(args.num_images**0.5) + 1) if args.num_images % r == 0)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    make_image_grid(images, rows=rows, cols=args.num_images // rows).save(out)
+    print(f"grid: {out.resolve()}")
+    if args.out_dir:
+        out_dir = Path(args.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(images):
+            image.save(out_dir / f"{i:04d}.png")
+        print(f"{len(images)} images: {out_dir.resolve()}")
+    return 0
+
+
+def _add_push(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "push",
+        help="upload an exported model folder to the Hugging Face Hub "
+        "(token from `hf auth login` or HF_TOKEN; punkdiff never stores it)",
+    )
+    p.add_argument("model_dir", help="folder written by the export")
+    p.add_argument("--repo-id", required=True, help="e.g. your-name/punkdiff-mnist")
+    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.set_defaults(func=_run_push)
+
+
+def _run_push(args: argparse.Namespace) -> int:
+    from punkdiff.hub import ModelFolderError, push_to_hub
+
+    try:
+        url = push_to_hub(args.model_dir, args.repo_id, private=args.private)
+    except ModelFolderError as e:
+        print(f"punkdiff push: {e}", file=sys.stderr)
+        return 2
+    print(f"pushed {args.model_dir} to {url}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="punkdiff", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_presets(sub)
     _add_train(sub)
     _add_demo(sub)
+    _add_sample(sub)
+    _add_push(sub)
     return parser
 
 
