@@ -99,8 +99,10 @@ def test_model_card_metadata_and_content(exported):
         assert expected in card.text
     assert "DDPMPipeline.from_pretrained" in card.text and "trust_remote_code=True" in card.text
 
-    bare = ModelCard(render_model_card(ModelCardInfo(resolution=64, channels=3, num_train_timesteps=1000)))
-    assert "Not measured yet." in bare.text and "samples.png" not in bare.text and bare.data.datasets is None
+    info = ModelCardInfo(dataset="sklearn-digits", resolution=64, channels=3, num_train_timesteps=1000)
+    bare = ModelCard(render_model_card(info))
+    assert "Not measured yet." in bare.text and "samples.png" not in bare.text
+    assert bare.data.datasets is None and "| Dataset | sklearn-digits |" in bare.text  # not a Hub id: no metadata
 
 
 @pytest.mark.parametrize(

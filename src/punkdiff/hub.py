@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -49,7 +50,8 @@ class ModelCardInfo:
 
     Attributes:
         preset: punkdiff preset name the model was trained with.
-        dataset: Hub dataset id it was trained on, e.g. `"ylecun/mnist"`.
+        dataset: What it was trained on: a Hub dataset id such as `"ylecun/mnist"` (linked, and listed in the
+            card metadata) or any other name or path (only mentioned).
         training_steps: Optimiser steps taken.
         resolution: Image side in pixels (default: the UNet's `sample_size`).
         channels: 1 or 3 (default: the UNet's `in_channels`).
@@ -80,7 +82,7 @@ def render_model_card(info: ModelCardInfo, *, has_samples: bool = False) -> str:
         library_name="diffusers",
         pipeline_tag="unconditional-image-generation",
         license=info.license,
-        datasets=[info.dataset] if info.dataset else None,
+        datasets=[info.dataset] if _is_hub_dataset(info.dataset) else None,
         tags=["diffusers", "unconditional-image-generation", "ddpm", "punkdiff", *info.tags],
     )
     template = resources.files("punkdiff.model_cards").joinpath("template.md").read_text(encoding="utf-8")
@@ -90,6 +92,7 @@ def render_model_card(info: ModelCardInfo, *, has_samples: bool = False) -> str:
         model_name=info.model_name or f"punkdiff {info.preset}",
         model_ref=info.repo_id or "path/to/this/folder",
         preset=info.preset,
+        dataset=info.dataset,
         training_steps=info.training_steps,
         resolution=info.resolution,
         channels=info.channels,
@@ -222,6 +225,11 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False, 
     repo_url = api.create_repo(repo_id, private=private or None, exist_ok=True, repo_type="model")
     api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", commit_message="Upload punkdiff model")
     return str(repo_url)
+
+
+def _is_hub_dataset(dataset: str | None) -> bool:
+    """Only a `namespace/name` that is not a local path goes into the card's `datasets` metadata and links."""
+    return bool(dataset) and re.fullmatch(r"[\w.-]+/[\w.-]+", dataset) is not None and not Path(dataset).exists()
 
 
 def _read_json(path: Path) -> dict[str, Any]:
