@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import uuid
 from collections.abc import Mapping
 from importlib import resources
@@ -129,7 +128,8 @@ def export_pipeline(
         num_train_timesteps=info.num_train_timesteps or scheduler.config.num_train_timesteps,
     )
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.staging-", dir=output_dir.parent))
+    staging = output_dir.with_name(f".{output_dir.name}.staging-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()  # a sibling, so the final rename stays on one filesystem
     try:
         pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(scheduler.config))
         pipe.save_pretrained(staging, safe_serialization=True)
