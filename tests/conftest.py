@@ -11,6 +11,17 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = Path(os.environ.get("PUNKDIFF_SHARED_DATASETS", REPO.parent / "shared" / "datasets"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tests use tiny models, which run fastest on one thread; CI has only 2 cores to share."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _mirror(name: str) -> Path:
     path = SHARED_DATASETS / name
     if not path.is_dir():
@@ -31,3 +42,30 @@ def punks_dir() -> Path:
 @pytest.fixture(scope="session")
 def celeba_dir() -> Path:
     return _mirror("celeba-faces")
+
+
+# ---- Parity report (used by tests/test_parity.py; owned by the parity suite) ----------------------------
+# Each parity test records the largest |diffusers - reference| it saw; the maxima per family are printed at the
+# end of the run, so `pytest -m parity -q` shows the measured numbers and not just "passed".
+_PARITY_MAXIMA = pytest.StashKey[dict]()
+
+
+@pytest.fixture
+def parity_record(request: pytest.FixtureRequest):
+    """`parity_record(family, max_abs_diff, tolerance)`: keep the family's maximum for the summary."""
+    maxima = request.config.stash.setdefault(_PARITY_MAXIMA, {})
+
+    def record(family: str, diff: float, tolerance: float) -> None:
+        worst, _, count = maxima.get(family, (0.0, tolerance, 0))
+        maxima[family] = (max(worst, diff), tolerance, count + 1)
+        request.node.user_properties.append(("max_abs_diff", diff))
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    maxima = config.stash.get(_PARITY_MAXIMA, {})
+    if maxima:
+        terminalreporter.section("parity: max |diffusers - reference| (float32)")
+        for family, (worst, tolerance, count) in sorted(maxima.items()):
+            terminalreporter.write_line(f"{family:<58} {worst:9.2e}  (tol {tolerance:.0e}, {count} cases)")

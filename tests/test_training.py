@@ -1,0 +1,266 @@
+"""The Accelerate loop (`training/train.py`) and its helpers (`punkdiff.training`), on a slice of MNIST.
+
+Runs use a tiny UNet (8/16 channels) on the first 64 images of the MNIST mirror, so an optimizer step
+takes tens of milliseconds on CPU; 8 batches of 8 per epoch make 100 steps cross many epoch boundaries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from safetensors.torch import load_file
+
+from punkdiff.scripts.train import main as train_main
+from punkdiff.training import (
+    build_train_parser,
+    diffusion_loss,
+    find_checkpoint,
+    list_checkpoints,
+    resolve_training_config,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "--preset", "mnist-baseline-16", "--max-train-samples", "64", "--batch-size", "8", "--report-to", "none",
+    "--sample-every", "1000", "--set", "model.block_out_channels=[8,16]", "--set", "model.norm_num_groups=4",
+    "--set", "train.num_sample_images=4", "--set", "train.sample_inference_steps=3",
+]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; each in-process run starts from a clean slate."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("image-cache")
+
+
+def run(mnist_dir: Path, cache_dir: Path, out: Path, *extra: str) -> int:
+    return train_main([*TINY, "--dataset", str(mnist_dir), "--cache-dir", str(cache_dir), "--output-dir", str(out),
+                       *extra])
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path)
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+# --- resume ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("accumulation", [1, 2], ids=["no-accumulation", "accumulation-2"])
+def test_resume_matches_uninterrupted_run(mnist_dir, cache_dir, tmp_path, accumulation):
+    """Stopped at step 50 and resumed to 100 == 100 steps straight: weights, EMA, LR, step counts."""
+    args = ["--max-steps", "100", "--checkpoint-every", "50", "--gradient-accumulation-steps", str(accumulation),
+            "--lr-warmup-steps", "10"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run(mnist_dir, cache_dir, straight, *args) == 0
+    # what a run killed right after step 50 leaves behind: its checkpoint-50 and nothing else
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / "checkpoint-50", resumed / "checkpoints" / "checkpoint-50")
+    assert run(mnist_dir, cache_dir, resumed, *args, "--resume-from-checkpoint", "latest") == 0
+
+    a, b = straight / "checkpoints" / "checkpoint-100", resumed / "checkpoints" / "checkpoint-100"
+    assert max_diff(weights(a / "model.safetensors"), weights(b / "model.safetensors")) <= 1e-6
+    ema = "unet_ema/diffusion_pytorch_model.safetensors"
+    assert max_diff(weights(a / ema), weights(b / ema)) <= 1e-6
+    assert max_diff(weights(a / "model.safetensors"), weights(a / ema)) > 0  # EMA is a different average
+
+    history_a = json.loads((a / "training_state.json").read_text())["history"]
+    history_b = json.loads((b / "training_state.json").read_text())["history"]
+    assert [h[0] for h in history_a] == list(range(1, 101)) == [h[0] for h in history_b]
+    assert [h[2] for h in history_a] == pytest.approx([h[2] for h in history_b], rel=1e-12)  # LR per step
+    assert [h[1] for h in history_a] == pytest.approx([h[1] for h in history_b], rel=1e-5)  # loss per step
+
+    sa = json.loads((straight / "training_summary.json").read_text())
+    sb = json.loads((resumed / "training_summary.json").read_text())
+    assert sa["steps"] == sb["steps"] == 100
+    assert sa["ema_optimization_step"] == sb["ema_optimization_step"] == 100
+    assert sa["global_batch_size"] == 8 * accumulation
+    assert sb["resumed_from"].endswith("checkpoint-50")
+    # cosine schedule over 100 optimizer steps: it reaches zero exactly at the end, not before
+    assert history_a[-1][2] == pytest.approx(0.0, abs=1e-12) and history_a[-2][2] > 0
+
+
+def test_checkpoints_total_limit_keeps_the_last_k(mnist_dir, cache_dir, tmp_path):
+    assert run(mnist_dir, cache_dir, tmp_path, "--max-steps", "12", "--checkpoint-every", "3",
+               "--checkpoints-total-limit", "2") == 0
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-9", "checkpoint-12"]
+    # a half-written checkpoint (a crash during save) is never picked for resume
+    (tmp_path / "checkpoints" / ".tmp-checkpoint-15").mkdir()
+    (tmp_path / "checkpoints" / "checkpoint-15").mkdir()  # no state file: incomplete
+    assert find_checkpoint(tmp_path, "latest").name == "checkpoint-12"
+
+
+# --- outputs and visibility ------------------------------------------------------------------
+
+
+def test_run_writes_pipeline_grid_curve_summary_and_logs(mnist_dir, cache_dir, tmp_path):
+    out = tmp_path / "run"
+    code = train_main([*TINY, "--dataset", str(mnist_dir), "--cache-dir", str(cache_dir), "--output-dir", str(out),
+                       "--max-steps", "6", "--sample-every", "3", "--checkpoint-every", "3", "--report-to",
+                       "tensorboard"])
+    assert code == 0
+    from diffusers import DDPMPipeline
+    from PIL import Image
+
+    pipe = DDPMPipeline.from_pretrained(out / "pipeline")
+    assert pipe.unet.config.block_out_channels == [8, 16]
+    assert not list((out / "pipeline").rglob("*.bin"))
+    # exported weights are the EMA weights of the final step
+    ema = weights(out / "checkpoints" / "checkpoint-6" / "unet_ema" / "diffusion_pytorch_model.safetensors")
+    exported = weights(out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert max_diff(ema, exported) == 0
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-0000003.png", "step-0000006.png"]
+    assert Image.open(out / "samples.png").size == Image.open(out / "samples" / "step-0000006.png").size
+    assert Image.open(out / "loss_curve.png").size[0] > 300
+
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["preset"] == "mnist-baseline-16"
+    assert summary["config"]["model"]["block_out_channels"] == [8, 16]
+    assert summary["steps"] == 6 and summary["images_seen"] == 48 and summary["num_processes"] == 1
+    assert summary["wall_time_s"] > 0 and summary["final_loss"] > 0
+    assert summary["versions"]["diffusers"] and summary["versions"]["torch"]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "logs" / "punkdiff"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    for tag in ["loss", "grad_norm", "lr", "ema_decay", "images_per_sec", "peak_memory_mb"]:
+        assert tag in tags["scalars"], tag
+        assert [e.step for e in events.Scalars(tag)] == list(range(1, 7))
+    assert "samples" in tags["images"]
+    assert [e.step for e in events.Images("samples")] == [3, 6]
+
+
+# --- failure ------------------------------------------------------------------------------------
+
+
+def test_bad_flag_fails_before_any_data_is_loaded(tmp_path, capsys):
+    # the dataset path does not exist: reaching the data stage would fail differently
+    code = train_main([*TINY, "--dataset", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "o"),
+                       "--set", "model.sample_size=15", "--set", "data.resolution=15"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "not divisible by the UNet's downsampling factor 2" in err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit):
+        build_train_parser().parse_args(["--preset", "no-such-preset"])
+
+
+def test_resume_path_must_exist_before_training(tmp_path, capsys):
+    code = train_main([*TINY, "--dataset", str(tmp_path), "--output-dir", str(tmp_path / "o"),
+                       "--resume-from-checkpoint", str(tmp_path / "nope")])
+    assert code == 2 and "no such checkpoint folder" in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(mnist_dir, cache_dir, tmp_path, capsys):
+    # AdamW moves every weight by ~lr on step 1, so lr=1e30 overflows the next forward pass
+    code = run(mnist_dir, cache_dir, tmp_path, "--max-steps", "20", "--checkpoint-every", "1",
+               "--learning-rate", "1e30", "--lr-warmup-steps", "0")
+    assert code == 1
+    assert "non-finite loss" in capsys.readouterr().out
+    checkpoints = list_checkpoints(tmp_path)
+    assert [p.name for p in checkpoints] == ["checkpoint-1"]
+    kept = weights(checkpoints[0] / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in kept.values())
+    assert not (tmp_path / "pipeline").exists() and not (tmp_path / "training_summary.json").exists()
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+# --- several processes ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_processes_on_cpu(mnist_dir, cache_dir, tmp_path):
+    """`--multi_gpu --num_processes 2` on a machine without GPU: one gloo job, not two independent runs."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+        str(REPO / "training" / "train.py"), *TINY, "--dataset", str(mnist_dir), "--cache-dir", str(cache_dir),
+        "--output-dir", str(out), "--max-steps", "12", "--checkpoint-every", "6", "--lr-warmup-steps", "0",
+        "--set", "train.lr_scheduler=linear", "--report-to", "tensorboard",
+    ]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["num_processes"] == 2
+    assert summary["global_batch_size"] == 16
+    assert summary["images_seen"] == 12 * 16
+    assert summary["ema_optimization_step"] == 12  # once per optimizer step, not per process
+    assert summary["ema_in_sync_across_processes"] is True
+    # the LR schedule counts optimizer steps: linear decay reaches 0 at step 12, not at step 6
+    history = json.loads((out / "checkpoints" / "checkpoint-12" / "training_state.json").read_text())["history"]
+    lr0 = summary["config"]["train"]["learning_rate"]
+    assert [h[2] for h in history] == pytest.approx([lr0 * (1 - k / 12) for k in range(1, 13)], rel=1e-9)
+    # per-process state in each checkpoint, files written once
+    names = sorted(p.name for p in (out / "checkpoints" / "checkpoint-12").iterdir())
+    assert {"noise_rng_0.pt", "noise_rng_1.pt", "random_states_0.pkl", "random_states_1.pkl"} <= set(names)
+    assert len(list((out / "logs").rglob("events.out.tfevents.*"))) == 2  # scalars + hparams, one writer
+
+
+# --- loss ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("snr_gamma", [None, 5.0])
+def test_diffusion_loss_matches_its_definition(prediction_type, snr_gamma):
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       norm_num_groups=4, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
+    sched = DDPMScheduler(prediction_type=prediction_type)
+    x0, noise = torch.rand(4, 1, 8, 8) * 2 - 1, torch.randn(4, 1, 8, 8)
+    t = torch.tensor([0, 10, 500, 999])
+    loss = diffusion_loss(unet, sched, x0, noise, t, snr_gamma)
+
+    ab = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+    target = {"epsilon": noise, "v_prediction": ab.sqrt() * noise - (1 - ab).sqrt() * x0, "sample": x0}[prediction_type]
+    per_image = ((unet(x_t, t).sample - target) ** 2).mean(dim=(1, 2, 3))
+    if snr_gamma is None:
+        expected = per_image.mean()
+    else:
+        snr = (ab / (1 - ab)).flatten()
+        # min-SNR-gamma: weight min(snr, gamma) on the x_0 error, expressed for each target
+        to_x0 = {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}[prediction_type]
+        expected = (per_image * torch.minimum(snr, torch.tensor(snr_gamma)) / to_x0).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_flags_override_preset_fields():
+    args = build_train_parser().parse_args([
+        "--preset", "mnist-fast-16", "--dataset", "x", "--batch-size", "3", "--learning-rate", "0.01",
+        "--gradient-accumulation-steps", "4", "--prediction-type", "v_prediction", "--snr-gamma", "5", "--no-ema",
+        "--max-train-samples", "10", "--mixed-precision", "bf16",
+    ])
+    preset = resolve_training_config(args)
+    assert preset.scheduler.num_train_timesteps == 300
+    train = preset.train
+    assert (train.batch_size, train.learning_rate, train.gradient_accumulation_steps) == (3, 0.01, 4)
+    assert preset.scheduler.prediction_type == "v_prediction" and preset.train.snr_gamma == 5.0
+    assert preset.train.use_ema is False and preset.data.max_samples == 10 and preset.data.dataset == "x"
+    assert preset.train.mixed_precision == "bf16"
