@@ -160,6 +160,25 @@ def _run_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_parity(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "parity",
+        help="check this install's diffusers sampling against punkdiff's from-scratch reference "
+        "(a small random UNet, well under a minute on CPU); exits 1 on a mismatch",
+    )
+    p.set_defaults(func=_run_parity)
+
+
+def _run_parity(args: argparse.Namespace) -> int:
+    from punkdiff.parity import format_table, run_parity
+
+    rows = run_parity()
+    print(format_table(rows))
+    failed = [r for r in rows if not r.passed]
+    print(f"\n{len(rows) - len(failed)}/{len(rows)} within tolerance")
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="punkdiff", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -168,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_sample(sub)
     _add_push(sub)
+    _add_parity(sub)
     return parser
 
 

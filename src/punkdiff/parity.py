@@ -204,22 +204,20 @@ def _step_rows() -> list[ParityRow]:
     return rows
 
 
-def _sample_rows(unet: UNet2DModel) -> list[ParityRow]:
+def _sample_rows(unet: UNet2DModel, T: int) -> list[ParityRow]:
     model = unet_model(unet)
     shape = (2, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    trailing_v = DDPMScheduler(
+        num_train_timesteps=T,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type="v_prediction",
+        timestep_spacing="trailing",
+    )
     cases: list[tuple[str, DDPMScheduler | DDIMScheduler, str, int, float]] = [
-        ("DDPM 1000 steps linear", DDPMScheduler(), "ddpm", 1000, 0.0),
-        (
-            "DDPM 7 steps trailing cosine v",
-            DDPMScheduler(
-                beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", timestep_spacing="trailing"
-            ),
-            "ddpm",
-            7,
-            0.0,
-        ),
-        ("DDIM 50 steps eta=0", DDIMScheduler(), "ddim", 50, 0.0),
-        ("DDIM 50 steps eta=1", DDIMScheduler(), "ddim", 50, 1.0),
+        (f"DDPM {T} steps linear", DDPMScheduler(num_train_timesteps=T), "ddpm", T, 0.0),
+        ("DDPM 7 steps trailing cosine v", trailing_v, "ddpm", 7, 0.0),
+        ("DDIM 50 steps eta=0", DDIMScheduler(num_train_timesteps=T), "ddim", 50, 0.0),
+        ("DDIM 50 steps eta=1", DDIMScheduler(num_train_timesteps=T), "ddim", 50, 1.0),
     ]
     rows = []
     for name, sched, sampler, steps, eta in cases:
@@ -256,12 +254,13 @@ def _pipeline_rows(unet: UNet2DModel) -> list[ParityRow]:
     return rows
 
 
-def run_parity() -> list[ParityRow]:
-    """A compact parity sweep (a few seconds on a CPU): add_noise, single steps, full sampling runs with a small
-    random UNet, and PunkDiffPipeline's DDIM for every timestep spacing."""
+def run_parity(num_train_timesteps: int = 1000) -> list[ParityRow]:
+    """A compact parity sweep (10-20 s on a CPU): add_noise, single steps, full sampling runs with a
+    small random UNet (DDPM over all `num_train_timesteps` steps), and PunkDiffPipeline's DDIM for every
+    timestep spacing."""
     with single_thread(), torch.no_grad():
         unet = tiny_unet()
-        return _add_noise_rows() + _step_rows() + _sample_rows(unet) + _pipeline_rows(unet)
+        return _add_noise_rows() + _step_rows() + _sample_rows(unet, num_train_timesteps) + _pipeline_rows(unet)
 
 
 def format_table(rows: Sequence[ParityRow]) -> str:
