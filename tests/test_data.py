@@ -1,0 +1,428 @@
+"""Data: the three offline mirrors -> cached uint8 tensors, per preset, with clear errors. Runs offline."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from punkdiff.data import DataError, ImageTensorDataset, load_image_dataset, load_training_images, to_model_input
+from punkdiff.presets import DataSpec, get_preset
+
+PUNK_BLUE = (0x63, 0x85, 0x96)
+
+
+def spec(preset: str, **changes) -> DataSpec:
+    return dataclasses.replace(get_preset(preset).data, **changes)
+
+
+def load(source, data_spec: DataSpec, cache_dir: Path, **kwargs):
+    return load_training_images(source, data_spec, cache_dir=cache_dir, progress=False, **kwargs)
+
+
+def write_pngs(folder: Path, images, names=None) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        path = folder / (names[i] if names else f"img_{i:03d}.png")
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("punkdiff-cache")
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """Plain image folders made in tmp_path get their Arrow cache there too, not in ~/.cache."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
+
+
+@pytest.fixture(scope="module")
+def mnist_train(mnist_dir):
+    return datasets.load_dataset(str(mnist_dir), split="train")
+
+
+@pytest.fixture(scope="module")
+def punks_train(punks_dir):
+    return datasets.load_dataset(str(punks_dir), split="train")
+
+
+@pytest.fixture(scope="module")
+def celeba_train(celeba_dir):
+    return datasets.load_dataset(str(celeba_dir), split="train")
+
+
+@pytest.fixture(scope="module")
+def punks24(punks_dir, cache_root):
+    """The whole CryptoPunks mirror through the entry point, by path, at the native 24 px."""
+    return load(punks_dir, spec("punks-24"), cache_root)
+
+
+@pytest.fixture(scope="module")
+def celeba64(celeba_dir, cache_root):
+    return load(celeba_dir, spec("celeba-64"), cache_root)
+
+
+# --- the three mirrors, per preset ---------------------------------------------------------------------
+
+
+def test_mnist_mirror_by_path_is_one_channel_at_native_size(mnist_dir, mnist_train, cache_root):
+    data_spec = spec("mnist-28")
+    assert data_spec.channels == 1 and not data_spec.random_flip  # digits are never flipped
+    images = load(mnist_dir, data_spec, cache_root)
+    assert images.images.shape == (len(mnist_train), 1, 28, 28) == (5000, 1, 28, 28)
+    assert images.images.dtype == torch.uint8
+    for i in (0, 1, 2500, 4999):  # same order as the dataset, pixels untouched at native size
+        np.testing.assert_array_equal(images[i][0].numpy(), np.asarray(mnist_train[i]["image"]))
+    assert images.images.max() == 255 and images.images.min() == 0
+
+
+@pytest.mark.parametrize("preset", ["mnist-baseline-16", "mnist-fast-16", "mnist-hp-16"])
+def test_mnist_16_is_an_antialiased_downscale(preset, mnist_train, cache_root):
+    subset = mnist_train.select(range(64))
+    data_spec = spec(preset)
+    images = load(subset, data_spec, cache_root).images
+    assert images.shape == (64, 1, 16, 16)
+    for i in (0, 31, 63):
+        source = subset[i]["image"]
+        expected = np.asarray(source.resize((16, 16), Image.Resampling.BILINEAR))
+        np.testing.assert_array_equal(images[i][0].numpy(), expected)
+        # antialiasing keeps the ink: the mean brightness survives the 28 -> 16 downscale
+        assert abs(float(images[i].float().mean()) - float(np.asarray(source).mean())) < 4
+
+
+def test_punks_24_transparent_background_becomes_the_stated_colour(punks24, punks_train):
+    assert get_preset("punks-24").data.background.lower() == "#638596"
+    assert punks24.images.shape == (10000, 3, 24, 24)
+    counts = {"clear": 0, "opaque": 0, "partial": 0}
+    for i in range(0, 10000, 97):
+        rgba = np.asarray(punks_train[i]["image"].convert("RGBA")).astype(int)
+        out = punks24[i].numpy().transpose(1, 2, 0).astype(int)
+        alpha = rgba[..., 3]
+        clear, opaque = alpha == 0, alpha == 255
+        partial = ~clear & ~opaque
+        np.testing.assert_array_equal(out[clear], np.broadcast_to(PUNK_BLUE, out[clear].shape))
+        np.testing.assert_array_equal(out[opaque], rgba[opaque][:, :3])
+        a = alpha[partial][:, None] / 255
+        blended = rgba[partial][:, :3] * a + np.array(PUNK_BLUE) * (1 - a)
+        assert np.all(np.abs(out[partial] - blended) <= 1)
+        counts["clear"] += clear.sum()
+        counts["opaque"] += opaque.sum()
+        counts["partial"] += partial.sum()
+    assert all(counts.values()), counts  # every kind of pixel was actually checked
+
+
+def test_rgba_background_is_a_choice(punks_train, cache_root):
+    subset = punks_train.select(range(8))
+    white = load(subset, spec("punks-24", background="#ffffff"), cache_root).images
+    blue = load(subset, spec("punks-24"), cache_root).images
+    for i in range(8):
+        clear = np.asarray(subset[i]["image"].convert("RGBA"))[..., 3] == 0
+        assert clear.any()
+        assert (white[i].numpy()[:, clear] == 255).all()
+        np.testing.assert_array_equal(blue[i].numpy()[:, clear], np.array(PUNK_BLUE)[:, None].repeat(clear.sum(), 1))
+
+
+def test_punks_32_is_nearest_upscale_without_blended_colours(punks24, punks_train, cache_root):
+    data_spec = spec("punks-32")
+    assert data_spec.resize_filter == "nearest"
+    images = load(punks_train.select(range(40)), data_spec, cache_root).images
+    assert images.shape == (40, 3, 32, 32)
+    for i in range(40):
+        source_colours = {tuple(c) for c in punks24[i].reshape(3, -1).T.tolist()}
+        colours = {tuple(c) for c in images[i].reshape(3, -1).T.tolist()}
+        assert colours == source_colours  # no new (blended) colour, none lost when upscaling 24 -> 32
+
+
+def test_celeba_64_is_centre_cropped_and_flippable(celeba64, celeba_train):
+    data_spec = spec("celeba-64")
+    assert data_spec.center_crop and data_spec.random_flip and data_spec.channels == 3
+    assert celeba64.images.shape == (5000, 3, 64, 64)
+    for i in (0, 1234, 4999):
+        image = celeba_train[i]["image"]
+        w, h = image.size
+        side = min(w, h)
+        box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+        expected = np.asarray(image.crop(box).resize((64, 64), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+        np.testing.assert_array_equal(celeba64[i].numpy(), expected)
+        squashed = np.asarray(image.resize((64, 64), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+        assert np.abs(squashed.astype(int) - expected).mean() > 5  # the crop really changed the framing
+
+
+def test_celeba_128_preset(celeba_train, cache_root):
+    images = load(celeba_train.select(range(6)), spec("celeba-128"), cache_root).images
+    assert images.shape == (6, 3, 128, 128)
+    image = celeba_train[5]["image"]
+    w, h = image.size
+    top = (h - w) // 2
+    expected = np.asarray(image.crop((0, top, w, top + w)).resize((128, 128), Image.Resampling.BICUBIC))
+    np.testing.assert_array_equal(images[5].numpy().transpose(1, 2, 0), expected)
+
+
+def test_channel_handling(mnist_train, punks24, punks_train, cache_root):
+    digits = mnist_train.select(range(16))
+    gray = load(digits, spec("mnist-28"), cache_root).images
+    rgb = load(digits, spec("mnist-28", channels=3), cache_root).images
+    assert rgb.shape == (16, 3, 28, 28)
+    for c in range(3):  # grayscale -> RGB copies the one channel
+        assert torch.equal(rgb[:, c], gray[:, 0])
+    punks = load(punks_train.select(range(16)), spec("punks-24", channels=1), cache_root).images
+    assert punks.shape == (16, 1, 24, 24)
+    for i in range(16):  # RGBA -> L goes through the composited colour, not the raw (black) transparent pixels
+        expected = np.asarray(Image.fromarray(punks24[i].numpy().transpose(1, 2, 0)).convert("L"))
+        np.testing.assert_array_equal(punks[i][0].numpy(), expected)
+
+
+def test_split_selection(mnist_train, mnist_dir, cache_root):
+    test_split = datasets.load_dataset(str(mnist_dir), split="test")
+    both = datasets.DatasetDict({"train": mnist_train.select(range(8)), "test": test_split.select(range(8))})
+    images = load(both, spec("mnist-28", split="test"), cache_root).images
+    for i in range(8):
+        np.testing.assert_array_equal(images[i][0].numpy(), np.asarray(test_split[i]["image"]))
+    dataset, column = load_image_dataset(str(mnist_dir), split="test")
+    assert len(dataset) == 10000 and column == "image"
+
+
+def test_plain_image_folder(tmp_path, hf_cache, celeba_train, celeba64, cache_root):
+    """Real CelebA pixels written out losslessly as PNGs: the folder loads to exactly the mirror's tensors."""
+    folder = tmp_path / "faces"
+    write_pngs(folder, [celeba_train[i]["image"] for i in range(10)])
+    images = load(folder, spec("celeba-64"), cache_root)
+    assert len(images) == 10
+    assert torch.equal(images.images, celeba64.images[:10])
+    assert load(str(folder), spec("celeba-64"), cache_root).images.shape == (10, 3, 64, 64)
+
+
+# --- scaling, flips, order ----------------------------------------------------------------------------
+
+
+def test_to_model_input_maps_uint8_onto_minus_one_one():
+    values = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
+    x = to_model_input(values)
+    assert x.dtype == torch.float32
+    assert x.min() == -1.0 and x.max() == 1.0
+    assert x.flatten()[0] == -1.0 and x.flatten()[255] == 1.0  # exactly, not approximately
+    assert torch.all(x.flatten().diff() > 0)
+    torch.testing.assert_close(x.flatten(), torch.linspace(-1, 1, 256), atol=1e-6, rtol=0)
+    assert values.flatten()[255] == 255  # the uint8 batch itself is left alone
+
+
+def flip_pattern(batch: torch.Tensor, out: torch.Tensor) -> list[bool]:
+    plain = to_model_input(batch)
+    pattern = []
+    for o, p in zip(out, plain, strict=True):
+        flipped = torch.equal(o, p.flip(-1))
+        assert flipped or torch.equal(o, p)  # each image is either untouched or mirrored, never changed otherwise
+        pattern.append(flipped)
+    return pattern
+
+
+def test_random_flip_is_per_image_and_reproducible(celeba64):
+    batch = celeba64.images[:64]
+    assert all(not torch.equal(img, img.flip(-1)) for img in batch)  # so a flip is visible
+    a = flip_pattern(batch, to_model_input(batch, True, torch.Generator().manual_seed(0)))
+    again = flip_pattern(batch, to_model_input(batch, True, torch.Generator().manual_seed(0)))
+    other = flip_pattern(batch, to_model_input(batch, True, torch.Generator().manual_seed(1)))
+    assert a == again
+    assert a != other
+    assert 0 < sum(a) < 64  # decided per image, not per batch
+    assert not any(flip_pattern(batch, to_model_input(batch, False)))
+
+
+def test_dataloader_order_is_seeded(punks24):
+    dataset = ImageTensorDataset(punks24.images[:96].clone())
+
+    def epoch(seed):
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(seed)
+        )
+        return torch.cat(list(loader))
+
+    first, again, other = epoch(0), epoch(0), epoch(1)
+    assert first.shape == (96, 3, 24, 24)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    assert not torch.equal(first, dataset.images)  # actually shuffled
+
+    def as_set(t):
+        return sorted(bytes(row.numpy()) for row in t.reshape(len(t), -1))
+
+    assert as_set(first) == as_set(dataset.images)  # a permutation: every image exactly once
+
+
+def test_image_tensor_dataset_moves_whole_and_checks_its_input(punks24):
+    small = ImageTensorDataset(punks24.images[:32].clone())
+    moved = small.to("cpu")
+    assert isinstance(moved, ImageTensorDataset) and len(moved) == 32
+    assert torch.equal(moved.images, punks24.images[:32])
+    assert torch.equal(moved[7], punks24[7])
+    with pytest.raises(DataError, match="uint8"):
+        ImageTensorDataset(punks24.images[:4].float())
+    with pytest.raises(DataError, match=r"\[N, C, H, W\]"):
+        ImageTensorDataset(punks24.images[0])
+
+
+# --- the decode-once cache ----------------------------------------------------------------------------
+
+
+def mapped_files() -> dict[str, list[tuple[int, int]]]:
+    ranges: dict[str, list[tuple[int, int]]] = {}
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6:
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            ranges.setdefault(parts[5], []).append((lo, hi))
+    return ranges
+
+
+def test_cache_is_written_once_reused_and_memory_mapped(tmp_path, punks_train):
+    subset = punks_train.select(range(48))
+    first = load(subset, spec("punks-24"), tmp_path)
+    files = sorted(tmp_path.iterdir())
+    assert len(files) == 1 and files[0].suffix == ".npy"  # one complete file, no temporary left behind
+    cache = files[0]
+    stamp = cache.stat().st_mtime_ns
+    np.testing.assert_array_equal(np.load(cache), first.images.numpy())
+
+    second = load(subset, spec("punks-24"), tmp_path)
+    assert torch.equal(first.images, second.images)
+    assert cache.stat().st_mtime_ns == stamp and sorted(tmp_path.iterdir()) == files
+
+    if Path("/proc/self/maps").exists():  # the tensor's memory *is* the file, not a copy of it
+        ptr = second.images.data_ptr()
+        assert any(lo <= ptr < hi for lo, hi in mapped_files().get(str(cache.resolve()), []))
+
+    # Swap the file for different (valid) content: the next load returns it, so nothing was decoded.
+    replacement = tmp_path / "replacement.npy"
+    np.save(replacement, np.zeros_like(first.images.numpy()))
+    os.replace(replacement, cache)
+    assert load(subset, spec("punks-24"), tmp_path).images.sum() == 0
+    # use_cache=False decodes again (and leaves the cache alone)
+    assert torch.equal(load(subset, spec("punks-24"), tmp_path, use_cache=False).images, first.images)
+    assert np.load(cache).sum() == 0
+    # another transform or another slice is another cache entry
+    assert load(subset, spec("punks-32"), tmp_path).images.shape == (48, 3, 32, 32)
+    assert torch.equal(load(punks_train.select(range(8)), spec("punks-24"), tmp_path).images, first.images[:8])
+    assert len(list(tmp_path.glob("*.npy"))) == 3
+
+
+def test_in_memory_dataset_is_not_cached(tmp_path, punks_train):
+    subset = punks_train.select(range(6))
+    in_memory = datasets.Dataset.from_dict({"image": [subset[i]["image"] for i in range(6)]},
+                                           features=datasets.Features({"image": datasets.Image()}))
+    images = load(in_memory, spec("punks-24"), tmp_path)
+    assert torch.equal(images.images, load(subset, spec("punks-24"), tmp_path / "other").images)
+    assert not list(tmp_path.glob("*.npy"))
+
+
+INTERRUPTED_WRITE = textwrap.dedent("""
+    import resource, signal, sys
+    import datasets
+    from punkdiff.data import load_training_images
+    from punkdiff.presets import get_preset
+    subset = datasets.load_dataset(sys.argv[1], split="train").select(range(200))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, like a full disk
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+    try:
+        load_training_images(subset, get_preset("punks-24").data, cache_dir=sys.argv[2], progress=False)
+    except OSError as err:
+        print("interrupted:", err)
+        sys.exit(3)
+""")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="uses RLIMIT_FSIZE to cut a write short")
+def test_interrupted_cache_write_leaves_no_truncated_cache(tmp_path, punks_dir, punks_train):
+    """A real write cut short at 100 kB (the cache is 345 kB): no cache file may claim to be complete."""
+    cache = tmp_path / "cache"
+    run = subprocess.run([sys.executable, "-c", INTERRUPTED_WRITE, str(punks_dir), str(cache)],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert run.returncode == 3, run.stdout + run.stderr
+    assert "interrupted" in run.stdout
+    assert cache.is_dir() and not list(cache.iterdir())  # no truncated cache, no stray temporary file
+    # the next run decodes and writes a complete cache
+    subset = punks_train.select(range(200))
+    images = load(subset, spec("punks-24"), cache)
+    (complete,) = cache.iterdir()
+    np.testing.assert_array_equal(np.load(complete), images.images.numpy())
+    np.testing.assert_array_equal(np.load(complete), load(subset, spec("punks-24"), cache, use_cache=False).images)
+
+
+# --- errors name the item and the fix; nothing is silently dropped ------------------------------------
+
+
+def test_corrupt_image_in_folder_names_the_file_and_writes_no_cache(tmp_path, hf_cache, punks_train):
+    folder = tmp_path / "punks"
+    paths = write_pngs(folder, [punks_train[i]["image"] for i in range(6)])
+    paths[3].write_bytes(paths[3].read_bytes()[:60])  # truncated PNG
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError, match=r"item 3 \(.*img_003\.png\).*not a readable image"):
+        load(folder, spec("punks-24"), cache)
+    assert not cache.exists() or not list(cache.iterdir())
+
+
+def test_corrupt_bytes_in_dataset_names_the_index(tmp_path, punks_train):
+    good = []
+    for i in range(3):
+        buf = io.BytesIO()
+        punks_train[i]["image"].save(buf, format="PNG")
+        good.append({"bytes": buf.getvalue(), "path": None})
+    rows = good[:2] + [{"bytes": b"\x89PNG\r\n\x1a\nnot really", "path": None}] + good[2:]
+    dataset = datasets.Dataset.from_dict({"picture": rows}, features=datasets.Features({"picture": datasets.Image()}))
+    with pytest.raises(DataError, match=r"item 2 of column 'picture' is not a readable image"):
+        load(dataset, spec("punks-24"), tmp_path)
+    fine = load(dataset.select([0, 1, 3]), spec("punks-24"), tmp_path)
+    assert len(fine) == 3
+
+
+def test_empty_inputs(tmp_path, hf_cache, punks_train):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty"):
+        load(tmp_path / "empty", spec("punks-24"), tmp_path)
+    with pytest.raises(DataError, match=r"is empty: nothing to train on"):
+        load(punks_train.select([]), spec("punks-24"), tmp_path)
+
+
+def test_missing_or_wrong_image_column(mnist_train, tmp_path):
+    digits = mnist_train.select(range(4))
+    with pytest.raises(DataError, match=r"no image column \(columns: label.*pass data.image_column"):
+        load(digits.remove_columns("image"), spec("mnist-28"), tmp_path)
+    with pytest.raises(DataError, match=r"no column 'img'; columns: image, label"):
+        load(digits, spec("mnist-28", image_column="img"), tmp_path)
+    with pytest.raises(DataError, match=r"'label'.*not images.*image columns: image"):
+        load(digits, spec("mnist-28", image_column="label"), tmp_path)
+    renamed = digits.rename_column("image", "digit")  # found by type, not by name
+    assert load(renamed, spec("mnist-28"), tmp_path).images.shape == (4, 1, 28, 28)
+
+
+def test_wrong_split_lists_the_available_ones(mnist_dir, punks_dir, tmp_path):
+    with pytest.raises(DataError, match=r"no split 'validation'; available splits: train, test"):
+        load(mnist_dir, spec("mnist-28", split="validation"), tmp_path)
+    with pytest.raises(DataError, match=r"no split 'test'; available splits: train$"):
+        load(punks_dir, spec("punks-24", split="test"), tmp_path)
+
+
+def test_bad_paths(mnist_dir, tmp_path, monkeypatch):
+    parquet = next((mnist_dir / "data").glob("train-*.parquet"))
+    with pytest.raises(DataError, match="is a file"):
+        load(parquet, spec("mnist-28"), tmp_path)
+    with pytest.raises(DataError, match="could not find dataset"):
+        load(tmp_path / "missing", spec("mnist-28"), tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"could not find dataset './typo'"):
+        load("./typo", spec("mnist-28"), tmp_path)
