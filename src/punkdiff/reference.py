@@ -117,7 +117,7 @@ def spaced_timesteps(
 ) -> list[int]:
     """The decreasing timesteps a sampler visits (Lin et al. 2024, Table 2), in exact integer arithmetic.
 
-    - "leading": t_i = i * floor(T / n) + steps_offset (the DDIM paper's uniform stride, Song et al. 2021, C.2).
+    - "leading": t_i = i * floor(T / n) + steps_offset (the DDIM paper's uniform stride).
     - "trailing": t_i = round(T * (n - i) / n) - 1, so the first step is always T - 1.
     - "linspace": t_i = round(i * (T - 1) / (n - 1)), so the chain starts at T - 1 and ends at 0.
     Rounding is half-to-even on the exact rational value, and exactly n timesteps are returned.
@@ -253,8 +253,8 @@ def ddpm_variance(
 
     - "fixed_small": sigma^2 = beta_tilde, the posterior variance (Ho et al. 2020, sec. 3.2, eq. 7).
     - "fixed_large": sigma^2 = beta (Ho et al. 2020, sec. 3.2; both "had similar results").
-    - "learned": the model outputs log sigma^2 directly (Nichol & Dhariwal 2021, sec. 3.1, the baseline before
-      eq. 15; `model_var_values` are those extra output channels).
+    - "learned": the model outputs log sigma^2 directly (the LEARNED type of Nichol & Dhariwal's code, which
+      eq. 15 refines; `model_var_values` are those extra output channels).
     - "learned_range": log sigma^2 = v log beta + (1 - v) log beta_tilde with v = (model_var_values + 1) / 2
       (Nichol & Dhariwal 2021, eq. 15).
     """
