@@ -284,6 +284,7 @@ def run(args: argparse.Namespace) -> int:
                 dataset=str(preset.data.dataset),
                 training_steps=global_step,
                 resolution=preset.data.resolution,
+                license=preset.data.license,
             ),
             sample_grid=last_grid,
         )

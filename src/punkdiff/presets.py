@@ -102,6 +102,9 @@ class DataSpec:
     resize_filter: str = "bicubic"  # "nearest" for pixel art, an antialiased filter for photos
     center_crop: bool = False
     random_flip: bool = False
+    # Hub license id for the model card of a model trained on this data ("other" where the data's
+    # own terms restrict use, e.g. CelebA is for non-commercial research only)
+    license: str = "other"
 
 
 @dataclass
@@ -158,7 +161,7 @@ def _mnist16(name: str, description: str, T: int, beta_end: float, lr: float) ->
         description=description,
         model=ModelSpec(16, 1, 1, (32, 64, 64), layers_per_block=1, mid_attention=False, norm_num_groups=8),
         scheduler=SchedulerSpec(num_train_timesteps=T, beta_start=1e-4, beta_end=beta_end),
-        data=DataSpec(dataset="ylecun/mnist", resolution=16, channels=1, resize_filter="bilinear"),
+        data=DataSpec(dataset="ylecun/mnist", license="mit", resolution=16, channels=1, resize_filter="bilinear"),
         train=TrainSpec(learning_rate=lr, batch_size=128, lr_warmup_steps=100),
     )
 
@@ -181,7 +184,7 @@ PRESETS: dict[str, Preset] = {
             description="MNIST at native 28 px: residual UNet with attention at 7 px, cosine schedule",
             model=ModelSpec(28, 1, 1, (64, 128, 128), attention_resolutions=(7,)),
             scheduler=SchedulerSpec(beta_schedule="cosine"),
-            data=DataSpec(dataset="ylecun/mnist", resolution=28, channels=1, resize_filter="bilinear"),
+            data=DataSpec(dataset="ylecun/mnist", license="mit", resolution=28, channels=1, resize_filter="bilinear"),
             train=TrainSpec(learning_rate=2e-4, batch_size=128),
         ),
         Preset(

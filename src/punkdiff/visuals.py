@@ -72,7 +72,7 @@ def plot_loss_curve(steps: Sequence[int], losses: Sequence[float], path: str | P
 
 
 def denoising_gif(
-    pipe, path: str | Path, num_images: int = 16, seed: int = 0, num_inference_steps: int = 50
+    pipe, path: str | Path, num_images: int = 16, seed: int = 0, num_inference_steps: int = 50, max_frames: int = 25
 ) -> Path:
     """Animate DDIM sampling: each frame is the grid of x_t beside the predicted x_0 at that step."""
     generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)]
@@ -83,10 +83,11 @@ def denoising_gif(
         num_inference_steps=num_inference_steps,
         return_trajectory=True,
     )
-    scale = display_scale(pipe.unet.config.sample_size)
+    scale = display_scale(pipe.unet.config.sample_size, target=64)
+    keep = np.unique(np.linspace(0, len(out.trajectory) - 1, min(max_frames, len(out.trajectory))).round().astype(int))
     frames = []
-    for x_t, x_0 in zip(out.trajectory, out.pred_original_samples, strict=True):
-        left, right = image_grid(x_t, scale=scale), image_grid(x_0, scale=scale)
+    for i in keep:
+        left, right = image_grid(out.trajectory[i], scale=scale), image_grid(out.pred_original_samples[i], scale=scale)
         frame = Image.new(left.mode, (left.width * 2 + 8, left.height), 255 if left.mode == "L" else (255,) * 3)
         frame.paste(left, (0, 0))
         frame.paste(right, (left.width + 8, 0))
