@@ -162,8 +162,8 @@ def test_trailing_linspace_timesteps_deviations(spacing, T):
     1. "trailing" uses np.arange(T, 0, -T/n), which for some n yields n + 1 values, the last being t = -1
        (e.g. T = 1000, n = 61: ..., 32, 15, -1). The extra step evaluates the model at t = -1 and indexes
        alphas_cumprod[-1], the noisiest level, as if it were clean.
-    2. Where the exact value is a .5 tie, float error picks the side (e.g. T = 50, n = 12 trailing: 12.5
-       rounds to 13, half-to-even gives 12), so a timestep can differ by 1.
+    2. Where the exact value is a .5 tie, float error picks the side (e.g. T = 50, n = 12 trailing: 12.5,
+       before the -1, becomes 13 where half-to-even gives 12), so a timestep can differ by 1.
     Everything else matches the exact formula."""
     extra, ties = [], []
     for n in range(1, T + 1):
@@ -321,7 +321,7 @@ def test_ddpm_last_step_noise_deviation(variance_type, parity_record):
     """Deviation: DDPMScheduler.step adds noise whenever t > 0, not whenever a step remains, so when the last
     scheduled timestep is above 0 ("trailing", or steps_offset > 0) the final sample gets noise too.
     Ho et al.'s Algorithm 2 sets z = 0 at the last step. With fixed_small the added std is 1e-10 (the variance
-    is clamped to 1e-20: harmless); with fixed_large it is sqrt(1 - alpha_bar_t), here 0.14 for t = 142."""
+    is clamped to 1e-20: harmless); with fixed_large it is sqrt(1 - alpha_bar_t), here 0.44 for t = 142."""
     x, out = _inputs()
     sched = DDPMScheduler(timestep_spacing="trailing", variance_type=variance_type)
     sched.set_timesteps(7)
