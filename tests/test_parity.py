@@ -161,7 +161,7 @@ def test_trailing_linspace_timesteps_deviations(spacing, T):
     """Deviations, pinned for every n in 1..T. diffusers builds these spacings in floating point:
     1. "trailing" uses np.arange(T, 0, -T/n), which for some n yields n + 1 values, the last being t = -1
        (e.g. T = 1000, n = 61: ..., 32, 15, -1). The extra step evaluates the model at t = -1 and indexes
-       alphas_cumprod[-1], the noisiest level, as if it were clean.
+       alphas_cumprod[-1]: the almost clean sample is treated as if it were at the noisiest level.
     2. Where the exact value is a .5 tie, float error picks the side (e.g. T = 50, n = 12 trailing: 12.5,
        before the -1, becomes 13 where half-to-even gives 12), so a timestep can differ by 1.
     Everything else matches the exact formula."""
