@@ -8,6 +8,7 @@ diffusion loss, crash-safe checkpoints, and the run summary.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -15,7 +16,6 @@ import platform
 import re
 import resource
 import shutil
-import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -105,6 +105,8 @@ def resolve_training_config(args: argparse.Namespace) -> Preset:
         value = getattr(preset.train, name)
         if value is not None and value <= 0:
             raise PresetError(f"--{name.replace('_', '-')} must be positive (got {value})")
+    if args.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise PresetError("--report-to wandb needs wandb: pip install 'punkdiff[wandb]' (or use tensorboard)")
     if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
         raise PresetError(f"--resume-from-checkpoint {args.resume_from_checkpoint}: no such checkpoint folder")
     return preset
@@ -293,7 +295,3 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
     os.replace(tmp, path)
-
-
-def command_line() -> str:
-    return " ".join(sys.argv)
