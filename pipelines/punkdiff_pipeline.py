@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -32,15 +33,46 @@ Generator = torch.Generator | list[torch.Generator] | None
 StepCallback = Callable[[DiffusionPipeline, int, torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
-class ExactDDIMScheduler(DDIMScheduler):
-    """`DDIMScheduler` whose step lands on the next entry of `timesteps`, for every `timestep_spacing`.
+class _ExactTimesteps:
+    """`set_timesteps` with exactly `num_inference_steps` timesteps, computed in exact arithmetic.
 
-    Upstream `DDIMScheduler.step` takes the previous timestep as `t - num_train_timesteps // num_inference_steps`,
-    which is only the next scheduled timestep for "leading" spacing; with "trailing" or "linspace" it steps to a
-    timestep that is not in the schedule (diffusers issues #11347 and #12633). Here the previous timestep is the
-    next entry of `timesteps` (or -1, i.e. `final_alpha_cumprod`, after the last), as
-    `DDPMScheduler.previous_timestep` does. Only that lookup changes: the update itself, the noise draw and the
-    config are upstream's, so a saved config stays a stock `DDIMScheduler`/`DDPMScheduler` one.
+    Upstream builds "trailing" and "linspace" timesteps in floating point. "trailing" takes
+    `np.round(np.arange(T, 0, -T / n)) - 1`, which for some n (62 of 1..1000 with T = 1000, e.g. n = 61) has n + 1
+    values, the last t = -1: the model is then called at t = -1 and `alphas_cumprod[-1]`, the noisiest level, is
+    used for an almost clean sample. And where the exact value is a .5 tie, float error picks the side, so a
+    timestep can be off by one. Here, as in Lin et al. 2024, Table 2, with T = `num_train_timesteps`:
+    "leading" t_i = i * (T // n) + steps_offset, "trailing" t_k = round(T * k / n) - 1, "linspace"
+    t_i = round(i * (T - 1) / (n - 1)), for i < n and 1 <= k <= n, each rounded half to even from the exact
+    fraction. Custom `timesteps` (DDPM) are kept as given.
+    """
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device = None, **kwargs):
+        super().set_timesteps(num_inference_steps, device, **kwargs)  # validates, sets num_inference_steps
+        if num_inference_steps is None:
+            return
+        T, n, spacing = self.config.num_train_timesteps, num_inference_steps, self.config.timestep_spacing
+        if spacing == "leading":
+            steps = [i * (T // n) + self.config.steps_offset for i in range(n)]
+        elif spacing == "trailing":
+            steps = [round(Fraction(T * k, n)) - 1 for k in range(1, n + 1)]
+        else:  # "linspace": upstream has rejected any other spacing
+            steps = [round(Fraction(i * (T - 1), max(n - 1, 1))) for i in range(n)]
+        if steps[-1] >= T:
+            raise ValueError(f"steps_offset={self.config.steps_offset} puts timestep {steps[-1]} outside [0, {T}).")
+        self.timesteps = torch.tensor(steps[::-1], device=device)
+
+
+class ExactDDIMScheduler(_ExactTimesteps, DDIMScheduler):
+    """`DDIMScheduler` with exact timesteps, whose step lands on the next of them, for every `timestep_spacing`.
+
+    Two deviations of upstream are fixed. `set_timesteps` is `_ExactTimesteps`'s (no extra t = -1 step with
+    "trailing", exact rounding). And upstream `DDIMScheduler.step` takes the previous timestep as
+    `t - num_train_timesteps // num_inference_steps`, which is only the next scheduled timestep for "leading"
+    spacing; with "trailing" or "linspace" it steps to a timestep that is not in the schedule (diffusers issues
+    #11347 and #12633). Here the previous timestep is the next entry of `timesteps` (or -1, i.e.
+    `final_alpha_cumprod`, after the last), as `DDPMScheduler.previous_timestep` does. Only that lookup changes:
+    the update itself, the noise draw and the config are upstream's, so a saved config stays a stock
+    `DDIMScheduler`/`DDPMScheduler` one.
     """
 
     def previous_timestep(self, timestep: int | torch.Tensor) -> int:
@@ -62,11 +94,40 @@ class ExactDDIMScheduler(DDIMScheduler):
             self.alphas_cumprod, self.num_inference_steps = alphas_cumprod, num_inference_steps
 
 
+class ExactDDPMScheduler(_ExactTimesteps, DDPMScheduler):
+    """`DDPMScheduler` with exact timesteps and no noise on its last step, for every `timestep_spacing`.
+
+    Two deviations of upstream are fixed. `set_timesteps` is `_ExactTimesteps`'s (no extra t = -1 step with
+    "trailing", exact rounding). And upstream `DDPMScheduler.step` adds noise whenever `t > 0` rather than
+    whenever a step remains, so when the last scheduled timestep is above 0 ("trailing", or `steps_offset` > 0)
+    the final sample gets noise too: std sqrt(1 - alpha_bar_t) with "fixed_large". Ho et al. 2020, Algorithm 2,
+    sets z = 0 at the last step. Here the step whose previous timestep is -1 returns the posterior mean, which
+    with alpha_bar_prev = 1 is exactly upstream's `pred_original_sample` (coefficients 1 and 0, as upstream
+    computes them). Upstream still draws that step's noise, which is discarded, so a generator ends one draw
+    further on than the reference's; the images are the same. The config stays a stock `DDPMScheduler` one.
+    """
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+    ):
+        output = super().step(model_output, timestep, sample, generator=generator)
+        if self.previous_timestep(timestep) < 0:
+            output.prev_sample = output.pred_original_sample
+        return output if return_dict else output.to_tuple()
+
+
 SCHEDULERS: dict[str, type[SchedulerMixin]] = {
-    "ddpm": DDPMScheduler,
+    "ddpm": ExactDDPMScheduler,
     "ddim": ExactDDIMScheduler,
     "dpm++": DPMSolverMultistepScheduler,  # its default algorithm_type is "dpmsolver++"
 }
+# What `scheduler=None` runs for a saved stock scheduler: the exact version of its class.
+_EXACT = {DDPMScheduler: ExactDDPMScheduler, DDIMScheduler: ExactDDIMScheduler}
 
 
 @dataclass
@@ -87,8 +148,9 @@ class PunkDiffPipeline(DiffusionPipeline):
     r"""Pipeline for unconditional image generation, reconstruction and inpainting with one DDPM-trained UNet.
 
     The scheduler is chosen per call (`"ddpm"`, `"ddim"`, `"dpm++"` or a scheduler instance) and built with
-    `from_config` from the saved one, so a call never changes `self.scheduler` or its config. DDIM uses
-    [`ExactDDIMScheduler`], which is correct for every `timestep_spacing`.
+    `from_config` from the saved one, so a call never changes `self.scheduler` or its config. DDPM and DDIM use
+    [`ExactDDPMScheduler`] and [`ExactDDIMScheduler`], which give the reference result for every
+    `timestep_spacing`; a saved stock `DDPMScheduler`/`DDIMScheduler` runs as its exact version too.
 
     Args:
         unet ([`UNet2DModel`]): The denoiser, trained in [-1, 1] pixel space with 1 (grayscale) or 3 channels.
@@ -327,7 +389,7 @@ class PunkDiffPipeline(DiffusionPipeline):
         if isinstance(scheduler, SchedulerMixin):
             return scheduler
         if scheduler is None:
-            cls = ExactDDIMScheduler if isinstance(self.scheduler, DDIMScheduler) else type(self.scheduler)
+            cls = _EXACT.get(type(self.scheduler), type(self.scheduler))
         elif scheduler.lower() in SCHEDULERS:
             cls = SCHEDULERS[scheduler.lower()]
         else:

@@ -164,7 +164,8 @@ def test_trailing_linspace_timesteps_deviations(spacing, T):
        alphas_cumprod[-1]: the almost clean sample is treated as if it were at the noisiest level.
     2. Where the exact value is a .5 tie, float error picks the side (e.g. T = 50, n = 12 trailing: 12.5,
        before the -1, becomes 13 where half-to-even gives 12), so a timestep can differ by 1.
-    Everything else matches the exact formula."""
+    Everything else matches the exact formula. PunkDiffPipeline's schedulers compute them exactly (see
+    test_pipeline_schedulers_exact_timesteps)."""
     extra, ties = [], []
     for n in range(1, T + 1):
         sched = DDIMScheduler(num_train_timesteps=T, timestep_spacing=spacing)
@@ -321,7 +322,8 @@ def test_ddpm_last_step_noise_deviation(variance_type, parity_record):
     """Deviation: DDPMScheduler.step adds noise whenever t > 0, not whenever a step remains, so when the last
     scheduled timestep is above 0 ("trailing", or steps_offset > 0) the final sample gets noise too.
     Ho et al.'s Algorithm 2 sets z = 0 at the last step. With fixed_small the added std is 1e-10 (the variance
-    is clamped to 1e-20: harmless); with fixed_large it is sqrt(1 - alpha_bar_t), here 0.44 for t = 142."""
+    is clamped to 1e-20: harmless); with fixed_large it is sqrt(1 - alpha_bar_t), here 0.44 for t = 142.
+    PunkDiffPipeline's DDPM does not have this deviation (test_pipeline_ddpm_trailing_fixed_large)."""
     x, out = _inputs()
     sched = DDPMScheduler(timestep_spacing="trailing", variance_type=variance_type)
     sched.set_timesteps(7)
@@ -576,16 +578,48 @@ def test_pipeline_ddpm(unet, config, n, parity_record):
     assert diff <= SAMPLE_TOL
 
 
-@pytest.mark.xfail(strict=True, reason="PunkDiffPipeline keeps upstream set_timesteps: trailing n=61 adds t=-1")
-def test_pipeline_trailing_extra_step(unet):
-    diff = _pipeline_vs_reference(_pipeline(unet, timestep_spacing="trailing"), unet, "ddim", 61, 0.0)
+@pytest.mark.parametrize("cls_name", ["ExactDDPMScheduler", "ExactDDIMScheduler"])
+@pytest.mark.parametrize("spacing", SPACINGS)
+def test_pipeline_schedulers_exact_timesteps(cls_name, spacing):
+    """PunkDiffPipeline's DDPM and DDIM schedulers visit exactly the reference timesteps for every n in 1..T: no
+    extra t = -1 step and no off-by-one at .5 ties (test_trailing_linspace_timesteps_deviations pins upstream)."""
+    from punkdiff.pipelines import punkdiff_pipeline
+
+    for T in (1000, 999, 50):
+        sched = getattr(punkdiff_pipeline, cls_name)(num_train_timesteps=T, timestep_spacing=spacing)
+        for n in range(1, T + 1):
+            sched.set_timesteps(n)
+            assert sched.timesteps.tolist() == R.spaced_timesteps(T, n, spacing), (T, n)
+    if spacing == "leading":
+        with pytest.raises(ValueError, match="outside"):
+            getattr(punkdiff_pipeline, cls_name)(steps_offset=1).set_timesteps(1000)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize(
+    ("T", "n", "spacing"),
+    [(1000, 61, "trailing"), (50, 12, "trailing"), (1000, 27, "linspace")],
+    ids=["trailing-extra-step", "trailing-tie", "linspace-tie"],
+)
+def test_pipeline_extra_step_and_ties(unet, sampler, T, n, spacing, parity_record):
+    """Where upstream set_timesteps adds a t = -1 step (trailing, T = 1000, n = 61) or rounds a .5 tie the other
+    way (T = 50, n = 12 trailing; T = 1000, n = 27 linspace), PunkDiffPipeline still gives the reference result."""
+    pipe = _pipeline(unet, num_train_timesteps=T, timestep_spacing=spacing)
+    diff = _pipeline_vs_reference(pipe, unet, sampler, n, 0.0)
+    parity_record("PunkDiffPipeline, upstream's extra t=-1 / tie cases", diff, SAMPLE_TOL)
     assert diff <= SAMPLE_TOL
 
 
-@pytest.mark.xfail(strict=True, reason="PunkDiffPipeline uses stock DDPMScheduler: noise on the last trailing step")
-def test_pipeline_ddpm_trailing_fixed_large(unet):
-    pipe = _pipeline(unet, timestep_spacing="trailing", variance_type="fixed_large")
-    assert _pipeline_vs_reference(pipe, unet, "ddpm", 7, 0.0) <= SAMPLE_TOL
+@pytest.mark.parametrize(
+    "config", [{"timestep_spacing": "trailing"}, {"steps_offset": 1}], ids=["trailing", "steps_offset"]
+)
+def test_pipeline_ddpm_trailing_fixed_large(unet, config, parity_record):
+    """No noise on the last DDPM step although its timestep is > 0 (test_ddpm_last_step_noise_deviation pins
+    upstream's noise there), so fixed_large gives the reference result."""
+    pipe = _pipeline(unet, variance_type="fixed_large", **config)
+    diff = _pipeline_vs_reference(pipe, unet, "ddpm", 7, 0.0)
+    parity_record("PunkDiffPipeline DDPM, last step t > 0", diff, SAMPLE_TOL)
+    assert diff <= SAMPLE_TOL
 
 
 def test_exported_pipeline_reproduced(unet, tmp_path, parity_record):
