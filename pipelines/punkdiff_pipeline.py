@@ -7,9 +7,13 @@ can load it with `DiffusionPipeline.from_pretrained(repo, custom_pipeline=repo, 
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +31,9 @@ from diffusers import (
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
+
+# diffusers' `custom_pipeline=<folder or repo id>` loads the pipeline class from this file name.
+CUSTOM_PIPELINE_FILE = "pipeline.py"
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | list[PIL.Image.Image] | list[np.ndarray]
 Generator = torch.Generator | list[torch.Generator] | None
@@ -171,6 +178,21 @@ class PunkDiffPipeline(DiffusionPipeline):
         self.mask_processor = VaeImageProcessor(
             vae_scale_factor=1, do_resize=False, do_normalize=False, do_binarize=True, do_convert_grayscale=True
         )
+
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, **kwargs: Any):
+        """Save like any diffusers pipeline (safetensors by default), loadable by stock diffusers.
+
+        `model_index.json` names the stock `DDPMPipeline`, so `DiffusionPipeline.from_pretrained(folder)` works
+        without running code shipped with the model, and this file is saved beside it as `pipeline.py`, so
+        `DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder, trust_remote_code=True)` gives a
+        `PunkDiffPipeline` to a user without punkdiff installed.
+        """
+        super().save_pretrained(save_directory, safe_serialization=safe_serialization, **kwargs)
+        index = Path(save_directory) / "model_index.json"
+        config = json.loads(index.read_text())
+        config["_class_name"] = "DDPMPipeline"
+        index.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        shutil.copyfile(__file__, Path(save_directory) / CUSTOM_PIPELINE_FILE)
 
     @torch.no_grad()
     def __call__(

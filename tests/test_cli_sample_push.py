@@ -9,16 +9,10 @@ import PIL.Image
 import pytest
 from diffusers import DDPMScheduler
 from fake_hub import fake_hub
-from tiny_models import one_torch_thread, tiny_unet
+from tiny_models import tiny_unet
 
 from punkdiff.cli import main
 from punkdiff.hub import export_pipeline
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_torch_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from diffusers import DDIMPipeline, DDPMPipeline, DiffusionPipeline
 from fake_hub import fake_hub
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
-from tiny_models import one_torch_thread, tiny_unet
+from tiny_models import tiny_unet
 
 from punkdiff import PunkDiffPipeline
 from punkdiff.hub import (
@@ -44,12 +44,6 @@ EXPORTED_FILES = {
 CARD = ModelCardInfo(
     preset="mnist", dataset="ylecun/mnist", training_steps=1234, license="cc-by-sa-3.0", metrics={"FID": 12.3456}
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_torch_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

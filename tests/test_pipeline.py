@@ -11,18 +11,12 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
-from tiny_models import one_torch_thread, tiny_pipeline
+from tiny_models import tiny_pipeline
 
 from punkdiff import PunkDiffPipeline
 from punkdiff.pipelines.punkdiff_pipeline import ExactDDIMScheduler
 
 PIPELINE_FILE = Path(__file__).resolve().parents[1] / "pipelines" / "punkdiff_pipeline.py"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_torch_thread():
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -208,3 +202,21 @@ def test_pipeline_file_imports_only_torch_diffusers_numpy_pil_and_stdlib():
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert {name.split(".")[0] for name in imported} <= allowed
     assert PunkDiffPipeline.__module__ == "punkdiff.pipelines.punkdiff_pipeline"
+
+
+def test_save_pretrained_is_loadable_by_stock_diffusers(pipe, tmp_path):
+    """A plain `save_pretrained` (not only punkdiff's export) names DDPMPipeline and ships pipeline.py."""
+    import json
+
+    from diffusers import DDPMPipeline, DiffusionPipeline
+
+    pipe.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
+    assert (tmp_path / "pipeline.py").read_bytes() == PIPELINE_FILE.read_bytes()
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert not [p for p in tmp_path.rglob("*") if p.suffix in (".bin", ".pt", ".pkl")]
+    stock = DiffusionPipeline.from_pretrained(tmp_path)
+    assert type(stock) is DDPMPipeline
+    ours = PunkDiffPipeline.from_pretrained(tmp_path)
+    for name, tensor in pipe.unet.state_dict().items():
+        assert torch.equal(ours.unet.state_dict()[name], tensor), name

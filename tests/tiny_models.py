@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
@@ -29,14 +26,3 @@ def tiny_pipeline(channels: int = 3, sample_size: int = 8) -> PunkDiffPipeline:
     pipe = PunkDiffPipeline(tiny_unet(channels, sample_size), DDPMScheduler(num_train_timesteps=1000))
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-@contextlib.contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread; two threads on a busy 2-core machine are many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)

@@ -25,17 +25,14 @@ from typing import Any
 
 import PIL.Image
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from safetensors import safe_open
 
-from punkdiff.pipelines import punkdiff_pipeline
 from punkdiff.pipelines.punkdiff_pipeline import PunkDiffPipeline
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-# diffusers' `custom_pipeline=<folder or repo id>` looks for this file name.
-CUSTOM_PIPELINE_FILE = "pipeline.py"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
@@ -131,9 +128,8 @@ def export_pipeline(
     staging = output_dir.with_name(f".{output_dir.name}.staging-{uuid.uuid4().hex[:8]}")
     staging.mkdir()  # a sibling, so the final rename stays on one filesystem
     try:
-        pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(scheduler.config))
+        pipe = PunkDiffPipeline(unet=unet, scheduler=DDPMScheduler.from_config(scheduler.config))
         pipe.save_pretrained(staging, safe_serialization=True)
-        shutil.copyfile(punkdiff_pipeline.__file__, staging / CUSTOM_PIPELINE_FILE)
         if sample_grid is not None:
             sample_grid.save(staging / "samples.png")
         readme = render_model_card(info, has_samples=sample_grid is not None)
