@@ -1,4 +1,4 @@
-"""`punkdiff sample` and `punkdiff push` on a tiny exported model."""
+"""The `punkdiff` command line: `sample` and `push` on a tiny exported model, and the `demo` main job."""
 
 from __future__ import annotations
 
@@ -71,3 +71,26 @@ def test_push_needs_a_repo_id_and_a_valid_folder(model_dir, tmp_path, capsys):
     with fake_hub() as hub:
         assert main(["push", str(tmp_path), "--repo-id", "someone/tiny"]) == 2
     assert "punkdiff push: Missing" in capsys.readouterr().err and hub.requests == []
+
+
+@pytest.mark.slow
+def test_demo_trains_exports_and_animates(tmp_path, capsys):
+    """`punkdiff demo` (the README's main command) on its embedded default data, shortened to a few steps."""
+    import json
+
+    from diffusers import DDPMPipeline
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--output-dir", str(out), "--max-steps", "6", "--batch-size", "16"]) == 0
+    printed = capsys.readouterr().out
+    for name in ["pipeline", "samples.png", "denoising.gif", "loss_curve.png", "training_summary.json"]:
+        assert str((out / name).resolve()) in printed, name
+        assert (out / name).exists(), name
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["preset"] == "mnist-baseline-16" and summary["steps"] == 6
+    assert summary["config"]["data"]["dataset"] == "sklearn-digits"
+    images = DDPMPipeline.from_pretrained(out / "pipeline")(batch_size=1, num_inference_steps=2).images
+    assert images[0].size == (16, 16)
+    gif = PIL.Image.open(out / "denoising.gif")
+    assert gif.n_frames == 25  # 50 DDIM steps, subsampled; x_t beside the predicted x_0
+    assert gif.size[0] > 2 * gif.size[1]
