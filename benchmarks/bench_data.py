@@ -1,0 +1,366 @@
+"""Data-path benchmark: punkdiff's cached uint8 tensors vs the diffusers `train_unconditional.py` data path.
+
+For each preset (mnist-baseline-16, punks-32, celeba-64) on the offline mirrors in `../shared/datasets`:
+
+- punkdiff's one-time preparation (decode + transform + `.npy` cache write into a fresh temporary cache dir)
+  and its cached reload (fingerprint lookup + memory map);
+- steady-state images/s of batches delivered as model-ready float tensors in [-1, 1]:
+  punkdiff = `DataLoader` over the `ImageTensorDataset` + `to_model_input` (exactly as `training/train.py`);
+  peer = the diffusers example: `load_dataset`, torchvision `Resize/Crop/Flip/ToTensor/Normalize` through
+  `dataset.set_transform`, `DataLoader(shuffle=True, num_workers=0)`, so PIL decodes every image every step;
+- the bytes of the decoded tensor (and how much of its memory map is resident after one full pass).
+
+Timed repeats are interleaved (punkdiff and peer alternate, order swapped every repeat) and medians are reported;
+the ratio is the median of the per-repeat punkdiff/peer ratios. Run: `.venv/bin/python benchmarks/bench_data.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+import torchvision
+from torchvision import transforms
+
+from punkdiff.data import ImageTensorDataset, find_image_column, load_training_images, to_model_input
+from punkdiff.presets import DataSpec, get_preset
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATASETS = Path(os.environ.get("PUNKDIFF_SHARED_DATASETS", REPO.parent / "shared" / "datasets"))
+# preset -> folder of its offline mirror under the datasets root
+PRESET_MIRRORS = {"mnist-baseline-16": "mnist", "punks-32": "cryptopunks", "celeba-64": "celeba-faces"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one run measures; `--quick` shrinks every count."""
+
+    batch_size: int
+    batches: int  # timed batches per repeat, the same count for both paths ...
+    min_seconds: float  # ... pulled again (whole multiples) until a sample lasts this long, so fast paths aren't noise
+    warmup_batches: int
+    repeats: int
+    max_samples: int | None  # None: the whole mirror
+    seed: int = 0
+
+
+FULL = Settings(batch_size=64, batches=50, min_seconds=0.5, warmup_batches=5, repeats=3, max_samples=None)
+QUICK = Settings(batch_size=16, batches=5, min_seconds=0.05, warmup_batches=1, repeats=3, max_samples=500)
+
+
+# ---- the two data paths ---------------------------------------------------------------------------------
+
+
+def peer_loader(path: Path, spec: DataSpec, settings: Settings, shuffle: bool = True, flip: bool | None = None):
+    """The diffusers `train_unconditional.py` data path, matched to the preset's resolution and channels.
+
+    Returns `(loader, arrow_bytes)`; each batch is `{"input": float [B, C, H, W] in [-1, 1]}`.
+    """
+    dataset = datasets.load_dataset(str(path), split="train")
+    if settings.max_samples is not None:
+        dataset = dataset.select(range(min(settings.max_samples, len(dataset))))
+    arrow_bytes = sum(os.path.getsize(f["filename"]) for f in dataset.cache_files)
+    column = find_image_column(dataset.features)
+    mode = "L" if spec.channels == 1 else "RGB"
+    flip = spec.random_flip if flip is None else flip
+    res = spec.resolution
+    augmentations = transforms.Compose(
+        [
+            transforms.Resize(res, interpolation=transforms.InterpolationMode.BILINEAR),
+            transforms.CenterCrop(res) if spec.center_crop else transforms.RandomCrop(res),
+            transforms.RandomHorizontalFlip() if flip else transforms.Lambda(lambda x: x),
+            transforms.ToTensor(),
+            transforms.Normalize([0.5], [0.5]),
+        ]
+    )
+
+    def transform_images(examples: dict[str, list]) -> dict[str, list[torch.Tensor]]:
+        return {"input": [augmentations(image.convert(mode)) for image in examples[column]]}
+
+    dataset.set_transform(transform_images)
+    generator = torch.Generator().manual_seed(settings.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=settings.batch_size, shuffle=shuffle, num_workers=0, generator=generator
+    )
+    return loader, arrow_bytes
+
+
+def peer_batches(loader) -> Iterator[torch.Tensor]:
+    """Model-ready batches from the peer, epoch after epoch."""
+    while True:
+        for batch in loader:
+            yield batch["input"]
+
+
+def punkdiff_batches(
+    dataset: ImageTensorDataset, spec: DataSpec, settings: Settings, shuffle: bool = True, flip: bool | None = None
+) -> Iterator[torch.Tensor]:
+    """Model-ready batches the way `training/train.py` makes them, epoch after epoch."""
+    flip = spec.random_flip if flip is None else flip
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=settings.batch_size,
+        shuffle=shuffle,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(settings.seed),
+    )
+    noise_rng = torch.Generator().manual_seed(settings.seed)
+    while True:
+        for batch in loader:
+            yield to_model_input(batch, flip, noise_rng)
+
+
+# ---- measuring ------------------------------------------------------------------------------------------
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """`(seconds, result)` of one call."""
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def images_per_second(batches: Iterator[torch.Tensor], count: int, min_seconds: float = 0.0) -> tuple[float, int]:
+    """`(images/s, batches pulled)`: pull `count` batches, again until `min_seconds` have passed (timeit-style).
+
+    Images are counted as delivered, so a short last batch counts right.
+    """
+    images = pulled = 0
+    start = time.perf_counter()
+    while True:
+        for _ in range(count):
+            images += next(batches).shape[0]
+        pulled += count
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            return images / elapsed, pulled
+
+
+def summary(values: list[float]) -> dict[str, Any]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+
+
+def mapped_resident_bytes(path: Path) -> int | None:
+    """Resident bytes of this process's memory maps of `path` (Linux `/proc/self/smaps`; None elsewhere)."""
+    smaps = Path("/proc/self/smaps")
+    if not smaps.exists():
+        return None
+    total, inside = 0, False
+    target = str(path.resolve())
+    for line in smaps.read_text().splitlines():
+        first = line.split(maxsplit=1)[0]
+        if "-" in first and not first.endswith(":"):  # a mapping header: "start-end perms offset dev inode path"
+            inside = line.rstrip().endswith(target)
+        elif inside and first == "Rss:":
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+def require(condition: bool, message: str) -> None:
+    """An assertion that `python -O` keeps."""
+    if not condition:
+        raise AssertionError(message)
+
+
+def check_batches(ours: torch.Tensor, theirs: torch.Tensor, spec: DataSpec, batch_size: int) -> dict[str, Any]:
+    """Both paths must hand the model the same thing: float32 `[B, C, res, res]` in [-1, 1], not constant."""
+    expected = (batch_size, spec.channels, spec.resolution, spec.resolution)
+    for name, x in (("punkdiff", ours), ("peer", theirs)):
+        require(tuple(x.shape) == expected, f"{name} batch has shape {tuple(x.shape)}, expected {expected}")
+        require(x.dtype == torch.float32, f"{name} batch is {x.dtype}, expected float32")
+        require(x.min() >= -1.0 and x.max() <= 1.0, f"{name} batch spans [{x.min()}, {x.max()}], not [-1, 1]")
+        require(x.std() > 0.05, f"{name} batch is (nearly) constant")
+    return {
+        "shape": list(expected),
+        "dtype": "float32",
+        "punkdiff_range": [float(ours.min()), float(ours.max())],
+        "peer_range": [float(theirs.min()), float(theirs.max())],
+        # same first images, no shuffle, no flip: ~0 where both pipelines agree (MNIST: bilinear both), larger where
+        # they differ on purpose (punks: composited background + nearest; CelebA: crop-then-bicubic)
+        "first_batch_mean_abs_diff": float((ours - theirs).abs().mean()),
+    }
+
+
+def bench_preset(name: str, root: Path, settings: Settings, log: Callable[[str], None]) -> dict[str, Any]:
+    """Every measurement for one preset."""
+    spec = replace(get_preset(name).data, max_samples=settings.max_samples)
+    path = root / PRESET_MIRRORS[name]
+    if not path.is_dir():
+        raise SystemExit(f"dataset mirror {path} is missing (pass --datasets-root or set PUNKDIFF_SHARED_DATASETS)")
+    datasets.load_dataset(str(path), split="train")  # build/warm the Arrow cache both paths read; not timed
+
+    # punkdiff: one-time preparation into a fresh cache, then the cached (memory-mapped) reload
+    prep, reload, keep = [], [], []
+    for _ in range(settings.repeats):
+        cache = tempfile.TemporaryDirectory(prefix="punkdiff-bench-")
+        seconds, _ = timed(lambda c=cache.name: load_training_images(str(path), spec, cache_dir=c, progress=False))
+        prep.append(seconds)
+        seconds, ours = timed(lambda c=cache.name: load_training_images(str(path), spec, cache_dir=c, progress=False))
+        reload.append(seconds)
+        keep.append(cache)
+    cache_file = next(Path(keep[-1].name).glob("images-*.npy"))
+    log(f"  {name}: prep {statistics.median(prep):.2f} s, reload {1e3 * statistics.median(reload):.1f} ms")
+
+    # peer: what it pays before its first batch (load_dataset on the warm Arrow cache + set_transform)
+    peer_setup = [timed(lambda: peer_loader(path, spec, settings))[0] for _ in range(settings.repeats)]
+    loader, arrow_bytes = peer_loader(path, spec, settings)
+
+    # same shapes and range on both paths (and the same first images, for a sense of pixel agreement)
+    first_ours = next(punkdiff_batches(ours, spec, settings, shuffle=False, flip=False))
+    first_theirs = next(peer_batches(peer_loader(path, spec, settings, shuffle=False, flip=False)[0]))
+    check = check_batches(first_ours, first_theirs, spec, settings.batch_size)
+
+    # steady state: warm up, then interleaved repeats
+    paths = {"punkdiff": punkdiff_batches(ours, spec, settings), "peer": peer_batches(loader)}
+    for batches in paths.values():
+        images_per_second(batches, settings.warmup_batches)  # also pages the memory map in
+    rates: dict[str, list[float]] = {"punkdiff": [], "peer": []}
+    timed_batches: dict[str, list[int]] = {"punkdiff": [], "peer": []}
+    for rep in range(settings.repeats):
+        for key in ("punkdiff", "peer") if rep % 2 == 0 else ("peer", "punkdiff"):
+            rate, pulled = images_per_second(paths[key], settings.batches, settings.min_seconds)
+            rates[key].append(rate)
+            timed_batches[key].append(pulled)
+    ratios = [a / b for a, b in zip(rates["punkdiff"], rates["peer"], strict=True)]
+    log(f"  {name}: punkdiff {statistics.median(rates['punkdiff']):,.0f} img/s, "
+        f"peer {statistics.median(rates['peer']):,.0f} img/s")
+
+    # memory: the decoded tensor, and how much of its map is resident once every page has been read
+    int(ours.images.reshape(-1)[::4096].sum())  # touch every page
+    resident = mapped_resident_bytes(cache_file)
+    result = {
+        "preset": name,
+        "dataset": str(path),
+        "images": len(ours),
+        "tensor_shape": list(ours.images.shape),
+        "data_spec": {k: getattr(spec, k) for k in ("resolution", "channels", "resize_filter", "center_crop",
+                                                     "random_flip", "background", "max_samples")},
+        "punkdiff_prep_s": summary(prep),
+        "punkdiff_reload_s": summary(reload),
+        "peer_setup_s": summary(peer_setup),
+        "punkdiff_images_per_s": summary(rates["punkdiff"]),
+        "peer_images_per_s": summary(rates["peer"]),
+        "ratio_punkdiff_over_peer": summary(ratios),
+        "timed_batches": timed_batches,
+        # the one-time preparation, in epochs of the peer's per-step decoding: below 1, it pays off in the first epoch
+        "prep_in_peer_epochs": statistics.median(prep) * statistics.median(rates["peer"]) / len(ours),
+        "tensor_bytes": ours.images.nbytes,
+        "cache_file_bytes": cache_file.stat().st_size,
+        "mapped_resident_bytes": resident,
+        "peer_arrow_bytes": arrow_bytes,
+        "check": check,
+    }
+    del ours, paths, loader
+    for cache in keep:
+        cache.cleanup()
+    return result
+
+
+# ---- report ---------------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": sys.version.split()[0],
+        "cpu_count": os.cpu_count(),
+        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "versions": {
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "datasets": datasets.__version__,
+            "numpy": np.__version__,
+        },
+    }
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """The printed summary: one row per preset, medians."""
+    header = (f"{'preset':<18} {'images':>7} {'shape':>10} {'prep s':>7} {'reload ms':>9} {'tensor MiB':>10} "
+              f"{'resident MiB':>12} {'punkdiff img/s':>14} {'peer img/s':>10} {'ratio':>6} {'prep/peer epoch':>15}")
+    rows = [header, "-" * len(header)]
+    for r in results:
+        _, c, h, w = r["tensor_shape"]
+        resident = r["mapped_resident_bytes"]
+        rows.append(
+            f"{r['preset']:<18} {r['images']:>7} {f'{c}x{h}x{w}':>10} {r['punkdiff_prep_s']['median']:>7.2f} "
+            f"{1e3 * r['punkdiff_reload_s']['median']:>9.1f} {r['tensor_bytes'] / 2**20:>10.2f} "
+            f"{'n/a' if resident is None else f'{resident / 2**20:.2f}':>12} "
+            f"{r['punkdiff_images_per_s']['median']:>14,.0f} {r['peer_images_per_s']['median']:>10,.0f} "
+            f"{r['ratio_punkdiff_over_peer']['median']:>5.1f}x {r['prep_in_peer_epochs']:>15.2f}"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small run (first 500 images, 5 batches of 16)")
+    parser.add_argument("--out", type=Path, help="JSON output (default benchmarks/results/data.json, "
+                                                  "data-quick.json with --quick)")
+    parser.add_argument("--datasets-root", type=Path, default=DEFAULT_DATASETS, help="folder holding the mirrors")
+    parser.add_argument("--presets", nargs="+", default=list(PRESET_MIRRORS), choices=list(PRESET_MIRRORS))
+    parser.add_argument("--batches", type=int, help="timed batches per repeat (overrides the mode's default)")
+    parser.add_argument("--repeats", type=int, help="interleaved repeats (overrides the mode's default)")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads; 0 keeps torch's default "
+                        "(default 1: on a busy 2-core box, 2 OpenMP threads stall ~7 ms per op on a 64x3x32x32 batch)")
+    args = parser.parse_args(argv)
+
+    settings = QUICK if args.quick else FULL
+    settings = replace(settings, batches=args.batches or settings.batches, repeats=args.repeats or settings.repeats)
+    out = args.out or REPO / "benchmarks" / "results" / ("data-quick.json" if args.quick else "data.json")
+    torch_default_threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    datasets.logging.set_verbosity_error()  # the mirrors' cards trip a harmless dataset_info warning
+    datasets.disable_progress_bars()
+    torch.manual_seed(settings.seed)  # the peer's RandomHorizontalFlip draws from the global generator
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    info = machine()
+    info["torch_default_threads"] = torch_default_threads
+    load_start = os.getloadavg()
+    log(f"bench_data: {info['platform']}, {info['cpu_count']} CPUs, torch threads {info['torch_threads']}, "
+        f"load {load_start[0]:.2f}; {'quick' if args.quick else 'full'} run")
+    wall = time.perf_counter()
+    results = [bench_preset(name, args.datasets_root, settings, log) for name in args.presets]
+    info["loadavg_start"] = list(load_start)
+    info["loadavg_end"] = list(os.getloadavg())
+
+    report = {
+        "benchmark": "data path: punkdiff cached uint8 tensors vs diffusers train_unconditional.py",
+        "mode": "quick" if args.quick else "full",
+        "settings": settings.__dict__,
+        "machine": info,
+        "wall_s": time.perf_counter() - wall,
+        "results": results,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(table(results))
+    print(f"\nbatch {settings.batch_size}; each sample {settings.batches} batches (multiples, until >= "
+          f"{settings.min_seconds} s); {settings.repeats} interleaved repeats, medians (ratio = median of per-repeat "
+          f"punkdiff/peer); torch threads {info['torch_threads']}, "
+          f"load {info['loadavg_start'][0]:.2f} -> {info['loadavg_end'][0]:.2f}; wall {report['wall_s']:.0f} s; "
+          f"JSON: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
