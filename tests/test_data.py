@@ -426,3 +426,18 @@ def test_bad_paths(mnist_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError, match=r"could not find dataset './typo'"):
         load("./typo", spec("mnist-28"), tmp_path)
+
+
+def test_sklearn_digits_builtin_is_the_real_digits_framed_like_mnist():
+    from sklearn.datasets import load_digits
+
+    from punkdiff.data import load_image_dataset
+
+    dataset, column = load_image_dataset("sklearn-digits")
+    digits = load_digits()
+    assert column == "image" and len(dataset) == len(digits.images) == 1797
+    first = np.asarray(dataset[0]["image"])
+    assert first.shape == (12, 12)
+    assert first[:2].max() == first[-2:].max() == first[:, :2].max() == first[:, -2:].max() == 0  # black frame
+    np.testing.assert_array_equal(first[2:-2, 2:-2], np.round(digits.images[0] * 255 / 16).astype(np.uint8))
+    assert dataset[5]["label"] == digits.target[5]

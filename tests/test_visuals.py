@@ -51,9 +51,10 @@ def test_noising_gif_goes_from_the_image_to_noise(tmp_path):
     image = torch.ones(1, 1, 8, 8) * 0.8
     gif = PIL.Image.open(noising_gif(image, DDPMScheduler(), tmp_path / "n.gif", num_frames=5))
     assert gif.n_frames == 5
-    first = np.asarray(gif.convert("L"), dtype=float)
+    tile = slice(1, 1 + 8 * display_scale(8))  # inside the first tile's 1-pixel border
+    first = np.asarray(gif.convert("L"), dtype=float)[tile, tile]
     gif.seek(4)
-    last = np.asarray(gif.convert("L"), dtype=float)
+    last = np.asarray(gif.convert("L"), dtype=float)[tile, tile]
     assert first.std() < 5 and last.std() > 30  # t=0 is the flat image; t=T-1 is noise
 
 
@@ -61,7 +62,7 @@ def test_denoising_gif_has_x_t_beside_predicted_x0(tmp_path):
     pipe = tiny_pipeline(channels=1, sample_size=8)
     gif = PIL.Image.open(denoising_gif(pipe, tmp_path / "d.gif", num_images=4, num_inference_steps=10))
     assert gif.n_frames == 10
-    tile = 8 * display_scale(8, target=64)
+    tile = 8 * display_scale(8, target=64) + 2  # a 1-pixel grey border around each tile
     assert gif.size == (2 * 2 * tile + 8, 2 * tile)
 
 
@@ -71,3 +72,11 @@ def test_loss_curve_is_a_png(tmp_path):
     image = PIL.Image.open(path)
     assert image.format == "PNG" and image.size == (700, 400)
     assert len(np.unique(np.asarray(image.convert("L")))) > 10  # drawn, not blank
+
+
+def test_grid_gap_separates_tiles_with_grey():
+    tiles = [PIL.Image.new("L", (4, 4), 255) for _ in range(4)]
+    grid = np.asarray(image_grid(tiles, scale=2, gap=1).convert("L"))
+    assert grid.shape == (2 * (8 + 2), 2 * (8 + 2))
+    assert grid[0, 0] == 128 and grid[9, 5] == 128 and grid[10, 5] == 128  # borders between rows
+    assert grid[1, 1] == 255 and grid[11, 11] == 255

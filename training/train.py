@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         if ema is not None:
             ema.restore(unet.parameters())
         unet.train()
-        grid = image_grid(images, scale=display_scale(preset.data.resolution))
+        grid = image_grid(images, scale=display_scale(preset.data.resolution), gap=1)
         (output_dir / "samples").mkdir(parents=True, exist_ok=True)
         grid.save(output_dir / "samples" / f"step-{step:07d}.png")
         for tracker in accelerator.trackers:

@@ -263,13 +263,15 @@ def to_model_input(
 def sklearn_digits():
     """Real handwritten digits that scikit-learn ships (1,797 images, 8x8, 17 grey levels).
 
-    The embedded default for `punkdiff demo`, so the main job needs no download.
+    The embedded default for `punkdiff demo`, so the main job needs no download. Each digit fills
+    its 8x8 frame, so it gets a 2-pixel black border (12x12), framed like MNIST's 20-in-28.
     """
     import datasets
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     pixels = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
+    pixels = np.pad(pixels, ((0, 0), (2, 2), (2, 2)))
     return datasets.Dataset.from_dict(
         {"image": [Image.fromarray(p, mode="L") for p in pixels], "label": digits.target.tolist()},
         features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -18,17 +18,25 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a[..., 0], "L") if a.shape[-1] == 1 else Image.fromarray(a, "RGB") for a in arr]
 
 
-def image_grid(images: Sequence[Image.Image], cols: int | None = None, scale: int = 1) -> Image.Image:
-    """A grid (diffusers' `make_image_grid`), upscaled with nearest so small pixel art stays crisp."""
+def image_grid(
+    images: Sequence[Image.Image], cols: int | None = None, scale: int = 1, gap: int = 0
+) -> Image.Image:
+    """A grid (diffusers' `make_image_grid`), each tile upscaled with nearest so pixel art stays crisp.
+
+    `gap` puts a grey line of that many pixels between tiles, so images that fill their frame
+    (digits, punks) stay apart.
+    """
     from diffusers.utils import make_image_grid
 
     cols = cols or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
     images = list(images) + [Image.new(images[0].mode, images[0].size)] * (rows * cols - len(images))
-    grid = make_image_grid(images, rows=rows, cols=cols)
-    if scale > 1:
-        grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
-    return grid
+    tiles = []
+    for image in images:
+        if scale > 1:
+            image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+        tiles.append(ImageOps.expand(image.convert("RGB"), border=gap, fill=(128, 128, 128)) if gap else image)
+    return make_image_grid(tiles, rows=rows, cols=cols)
 
 
 def display_scale(resolution: int, target: int = 96) -> int:
@@ -87,7 +95,8 @@ def denoising_gif(
     keep = np.unique(np.linspace(0, len(out.trajectory) - 1, min(max_frames, len(out.trajectory))).round().astype(int))
     frames = []
     for i in keep:
-        left, right = image_grid(out.trajectory[i], scale=scale), image_grid(out.pred_original_samples[i], scale=scale)
+        left = image_grid(out.trajectory[i], scale=scale, gap=1)
+        right = image_grid(out.pred_original_samples[i], scale=scale, gap=1)
         frame = Image.new(left.mode, (left.width * 2 + 8, left.height), 255 if left.mode == "L" else (255,) * 3)
         frame.paste(left, (0, 0))
         frame.paste(right, (left.width + 8, 0))
@@ -103,5 +112,5 @@ def noising_gif(images: torch.Tensor, scheduler, path: str | Path, num_frames: i
     frames = []
     for t in np.linspace(0, T - 1, num_frames).round().astype(int):
         noisy = scheduler.add_noise(images, noise, torch.full((images.shape[0],), int(t)))
-        frames.append(image_grid(to_pil(noisy), scale=scale))
+        frames.append(image_grid(to_pil(noisy), scale=scale, gap=1))
     return save_gif(frames, path)
