@@ -264,3 +264,12 @@ def test_flags_override_preset_fields():
     assert preset.scheduler.prediction_type == "v_prediction" and preset.train.snr_gamma == 5.0
     assert preset.train.use_ema is False and preset.data.max_samples == 10 and preset.data.dataset == "x"
     assert preset.train.mixed_precision == "bf16"
+
+
+def test_bf16_mixed_precision_trains_and_exports_float32_weights(mnist_dir, cache_dir, tmp_path):
+    assert run(mnist_dir, cache_dir, tmp_path, "--max-steps", "3", "--checkpoint-every", "3",
+               "--mixed-precision", "bf16") == 0
+    summary = json.loads((tmp_path / "training_summary.json").read_text())
+    assert summary["mixed_precision"] == "bf16" and 0 < summary["final_loss"] < 10
+    exported = weights(tmp_path / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {t.dtype for t in exported.values()} == {torch.float32}  # autocast computes in bf16, weights stay fp32
