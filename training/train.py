@@ -17,7 +17,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
@@ -28,16 +27,18 @@ from tqdm.auto import tqdm
 
 from punkdiff.data import load_training_images, to_model_input
 from punkdiff.hub import ModelCardInfo, export_pipeline
-from punkdiff.pipelines import PunkDiffPipeline
 from punkdiff.presets import PresetError
 from punkdiff.training import (
     TrainingError,
     build_train_parser,
     diffusion_loss,
     distributed_cpu_fallback,
+    ema_sample_grid,
+    ema_weights_in_sync,
     find_checkpoint,
     flat_config,
     load_checkpoint,
+    log_image,
     package_versions,
     peak_memory_mb,
     register_ema_hooks,
@@ -46,7 +47,7 @@ from punkdiff.training import (
     steps_per_epoch,
     write_json,
 )
-from punkdiff.visuals import display_scale, image_grid, plot_loss_curve
+from punkdiff.visuals import plot_loss_curve
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -146,34 +147,12 @@ def run(args: argparse.Namespace) -> int:
         f"{max_steps} optimizer steps ({num_epochs} epochs)"
     )
 
-    def sample_grid(step: int):
-        """A DDIM grid from the EMA weights with a fixed seed, so grids are comparable over time."""
-        unet = accelerator.unwrap_model(model)
-        if ema is not None:
-            ema.store(unet.parameters())
-            ema.copy_to(unet.parameters())
-        pipe = PunkDiffPipeline(unet=unet, scheduler=noise_scheduler)
-        pipe.set_progress_bar_config(disable=True)
-        generators = [torch.Generator("cpu").manual_seed(args.seed + i) for i in range(cfg.num_sample_images)]
-        images = pipe(
-            batch_size=cfg.num_sample_images,
-            generator=generators,
-            scheduler="ddim",
-            num_inference_steps=cfg.sample_inference_steps,
-        ).images
-        if ema is not None:
-            ema.restore(unet.parameters())
-        unet.train()
-        grid = image_grid(images, scale=display_scale(preset.data.resolution), gap=1)
+    def save_samples(step: int):
+        """A DDIM grid from the EMA weights with a fixed seed, saved and logged, comparable over time."""
+        grid = ema_sample_grid(accelerator.unwrap_model(model), ema, noise_scheduler, cfg, args.seed)
         (output_dir / "samples").mkdir(parents=True, exist_ok=True)
         grid.save(output_dir / "samples" / f"step-{step:07d}.png")
-        for tracker in accelerator.trackers:
-            if tracker.name == "tensorboard":
-                tracker.writer.add_image("samples", np.asarray(grid.convert("RGB")), step, dataformats="HWC")
-            elif tracker.name == "wandb":  # wandb is optional: imported only when asked for
-                import wandb
-
-                tracker.log({"samples": wandb.Image(grid)}, step=step)
+        log_image(accelerator, "samples", grid, step)
         return grid
 
     # ---- the loop ---------------------------------------------------------------------------------
@@ -248,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
                         state.update(epoch=epoch + 1, batches_in_epoch=0)
                     save_checkpoint(accelerator, output_dir, state, noise_rng, cfg.checkpoints_total_limit)
                 if accelerator.is_main_process and (global_step % cfg.sample_every == 0 or global_step == max_steps):
-                    last_grid = sample_grid(global_step)
+                    last_grid = save_samples(global_step)
                 if global_step >= max_steps:
                     break
             if global_step >= max_steps:
@@ -258,10 +237,7 @@ def run(args: argparse.Namespace) -> int:
         exit_code = 1
     progress.close()
     # every process must hold the same EMA weights (each updates its own copy after the all-reduce)
-    ema_in_sync = None
-    if ema is not None:
-        checksum = torch.stack([p.double().sum() for p in ema.shadow_params]).sum()[None]
-        ema_in_sync = bool((accelerator.gather(checksum) == checksum).all())
+    ema_in_sync = ema_weights_in_sync(accelerator, ema) if ema is not None else None
 
     # ---- export: EMA weights by default, the last grid, the loss curve, a summary ---------------
     if exit_code == 0 and accelerator.is_main_process:
@@ -269,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
         if ema is not None:
             ema.copy_to(unet.parameters())
         if last_grid is None:  # resumed at the final step: nothing sampled in this process yet
-            last_grid = sample_grid(global_step)
+            last_grid = save_samples(global_step)
         last_grid.save(output_dir / "samples.png")
         plot_loss_curve(
             [h[0] for h in history], [h[1] for h in history], output_dir / "loss_curve.png",

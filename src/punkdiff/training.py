@@ -20,10 +20,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from punkdiff.presets import PRESETS, Preset, PresetError, parse_set_flags, resolve_preset
+from punkdiff.presets import PRESETS, Preset, PresetError, TrainSpec, parse_set_flags, resolve_preset
+from punkdiff.visuals import display_scale, image_grid
 
 
 class TrainingError(RuntimeError):
@@ -248,6 +251,47 @@ def register_ema_hooks(accelerator, ema) -> None:
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+# --- samples and reporting ---
+
+
+def ema_sample_grid(unet, ema, noise_scheduler, cfg: TrainSpec, seed: int) -> Image.Image:
+    """A DDIM grid from the EMA weights (swapped in, then back), one fixed generator per image."""
+    from punkdiff.pipelines import PunkDiffPipeline  # diffusers: imported when used, so the CLI starts fast
+
+    if ema is not None:
+        ema.store(unet.parameters())
+        ema.copy_to(unet.parameters())
+    pipe = PunkDiffPipeline(unet=unet, scheduler=noise_scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(
+        batch_size=cfg.num_sample_images,
+        generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(cfg.num_sample_images)],
+        scheduler="ddim",
+        num_inference_steps=cfg.sample_inference_steps,
+    ).images
+    if ema is not None:
+        ema.restore(unet.parameters())
+    unet.train()
+    return image_grid(images, scale=display_scale(unet.config.sample_size), gap=1)
+
+
+def log_image(accelerator, name: str, image: Image.Image, step: int) -> None:
+    """Send an image to every active tracker (TensorBoard, or wandb when installed and asked for)."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image(name, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({name: wandb.Image(image)}, step=step)
+
+
+def ema_weights_in_sync(accelerator, ema) -> bool:
+    """Whether every process holds the same EMA weights (each updates its own copy after the all-reduce)."""
+    checksum = torch.stack([p.double().sum() for p in ema.shadow_params]).sum()[None]
+    return bool((accelerator.gather(checksum) == checksum).all())
 
 
 # --- reporting ---------------------------------------------------------------------------------
