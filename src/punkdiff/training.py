@@ -236,17 +236,22 @@ def save_generator_state(generator: torch.Generator, path: Path) -> None:
 
 
 def register_ema_hooks(accelerator, ema) -> None:
-    """Save/restore EMA weights with every Accelerate checkpoint, as `unet_ema/` (safetensors)."""
+    """Save/restore EMA weights with every Accelerate checkpoint, as `unet_ema/` (safetensors).
+
+    `EMAModel.save_pretrained` stores the EMA counters in the UNet config; loading reads them back
+    with the weights, from safetensors only.
+    """
     from diffusers import UNet2DModel
-    from diffusers.training_utils import EMAModel
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
 
     def load_hook(models, input_dir):
-        loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DModel)
-        ema.load_state_dict(loaded.state_dict())
+        path = os.path.join(input_dir, "unet_ema")
+        saved = UNet2DModel.from_pretrained(path, use_safetensors=True)
+        state = {k: v for k, v in UNet2DModel.load_config(path).items() if k in ema.state_dict()}
+        ema.load_state_dict({**state, "shadow_params": [p.detach() for p in saved.parameters()]})
         ema.to(accelerator.device)
 
     accelerator.register_save_state_pre_hook(save_hook)
