@@ -360,3 +360,31 @@ def test_cli_presets_lists_every_preset_with_resolution_channels_and_parameters(
         params = re.fullmatch(r"([\d.]+)M", cells[7])
         assert params, cells
         assert abs(float(params.group(1)) * 1e6 - count_parameters(preset)) <= 5_000
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"train": {"lr_scheduler": "foo"}}, "train.lr_scheduler"),
+        ({"train": {"sample_inference_steps": 500}, "scheduler": {"num_train_timesteps": 300}}, "sample_inference_steps"),
+        ({"data": {"background": "notacolor"}}, "data.background"),
+        ({"train": {"checkpoints_total_limit": 0}}, "checkpoints_total_limit"),
+        ({"train": {"checkpoints_total_limit": -1}}, "checkpoints_total_limit"),
+        ({"train": {"num_sample_images": 0}}, "num_sample_images"),
+        ({"train": {"lr_warmup_steps": -5}}, "lr_warmup_steps"),
+        ({"train": {"max_steps": 0}}, "max_steps"),
+        ({"train": {"checkpoint_every": 0}}, "checkpoint_every"),
+        ({"data": {"max_samples": 0}}, "max_samples"),
+    ],
+)
+def test_training_settings_that_would_fail_later_fail_at_validation(overrides, named):
+    with pytest.raises(PresetError, match=named):
+        apply_overrides(get_preset("mnist-fast-16"), overrides).validate()
+
+
+def test_lr_scheduler_names_follow_diffusers():
+    from diffusers.optimization import SchedulerType
+
+    from punkdiff.presets import LR_SCHEDULERS
+
+    assert set(LR_SCHEDULERS) == {s.value for s in SchedulerType}

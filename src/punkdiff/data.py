@@ -15,12 +15,16 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image, ImageColor
 
 from punkdiff.presets import DataSpec
+
+if TYPE_CHECKING:
+    import datasets
 
 _FILTERS = {
     "nearest": Image.Resampling.NEAREST,
@@ -80,7 +84,11 @@ def composite_on_background(image: Image.Image, background: str) -> Image.Image:
     return Image.alpha_composite(base, rgba).convert("RGB")
 
 
-def load_image_dataset(source, split: str = "train", image_column: str | None = None):
+def load_image_dataset(
+    source: str | os.PathLike | datasets.Dataset | datasets.DatasetDict,
+    split: str = "train",
+    image_column: str | None = None,
+) -> tuple[datasets.Dataset, str]:
     """Load `source` with `datasets` and return `(dataset, image_column)`.
 
     `source` is a Hub id, `"sklearn-digits"` (real digits scikit-learn ships, for offline demos),
@@ -95,8 +103,15 @@ def load_image_dataset(source, split: str = "train", image_column: str | None = 
         path = Path(source).expanduser()
         if path.exists() and not path.is_dir():
             raise DataError(f"dataset path {path} is a file; give a folder (Hub layout or images) or a Hub id")
+        target = str(path) if path.is_dir() else str(source)
         try:
-            loaded = datasets.load_dataset(str(path) if path.is_dir() else str(source))
+            # only the requested split is prepared (a Hub dataset's other splits are not downloaded)
+            loaded = datasets.load_dataset(target, split=split)
+        except ValueError as err:
+            if "split" not in str(err).lower():
+                raise
+            available = ", ".join(datasets.get_dataset_split_names(target))
+            raise DataError(f"dataset {_name(source)} has no split {split!r}; available splits: {available}") from err
         except (FileNotFoundError, ConnectionError) as err:  # offline, a missing folder is a Hub miss
             if path.is_dir():
                 raise DataError(f"dataset folder {str(path)!r} is empty (no images or data files): {err}") from err
@@ -189,7 +204,7 @@ def default_cache_dir() -> Path:
 
 
 def load_training_images(
-    source,
+    source: str | os.PathLike | datasets.Dataset | datasets.DatasetDict,
     spec: DataSpec,
     *,
     cache_dir: str | Path | None = None,

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from PIL import ImageColor
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "quadratic", "cosine")
 # diffusers has no "quadratic": its `scaled_linear` (linspace(sqrt(b0), sqrt(b1))**2) *is* the
 # original DDPM codebase's "quad" schedule, so the name maps onto it exactly. "cosine" is the
@@ -20,6 +22,10 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "quadratic", "
 _SCHEDULE_ALIASES = {"quadratic": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
+# diffusers.optimization.SchedulerType values (a test keeps the two in step)
+LR_SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "piecewise_constant"
+)
 RESIZE_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos", "box")
 
 
@@ -151,7 +157,9 @@ class Preset:
 
     def validate(self) -> Preset:
         """Fail early, with the fix in the message, for combinations that cannot train."""
-        validate_preset(self)
+        problems = _problems(self)
+        if problems:
+            raise PresetError(f"invalid configuration for preset {self.name!r}:\n  - " + "\n  - ".join(problems))
         return self
 
 
@@ -232,7 +240,8 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def validate_preset(preset: Preset) -> None:
+def _problems(preset: Preset) -> list[str]:
+    """Everything that would make this preset fail later, each with what to change."""
     m, s, d, t = preset.model, preset.scheduler, preset.data, preset.train
     problems: list[str] = []
     if s.beta_schedule not in BETA_SCHEDULES:
@@ -280,8 +289,26 @@ def validate_preset(preset: Preset) -> None:
             problems.append(f"train.{name} must be positive (got {getattr(t, name)})")
     if not 0 < t.ema_decay < 1:
         problems.append(f"train.ema_decay must be in (0, 1) (got {t.ema_decay})")
-    if problems:
-        raise PresetError(f"invalid configuration for preset {preset.name!r}:\n  - " + "\n  - ".join(problems))
+    for name in ("num_sample_images", "checkpoint_every", "sample_every", "max_grad_norm"):
+        if getattr(t, name) <= 0:
+            problems.append(f"train.{name} must be positive (got {getattr(t, name)})")
+    for name, value in (("train.max_steps", t.max_steps), ("train.checkpoints_total_limit", t.checkpoints_total_limit),
+                        ("train.snr_gamma", t.snr_gamma), ("data.max_samples", d.max_samples)):
+        if value is not None and value <= 0:
+            problems.append(f"{name} must be positive or null (got {value})")
+    if t.lr_warmup_steps < 0:
+        problems.append(f"train.lr_warmup_steps must be >= 0 (got {t.lr_warmup_steps})")
+    if t.lr_scheduler not in LR_SCHEDULERS:
+        problems.append(f"unknown train.lr_scheduler {t.lr_scheduler!r}: use one of {', '.join(LR_SCHEDULERS)}")
+    if not 1 <= t.sample_inference_steps <= s.num_train_timesteps:
+        problems.append(
+            f"train.sample_inference_steps must be in [1, {s.num_train_timesteps}] (got {t.sample_inference_steps})"
+        )
+    try:
+        ImageColor.getrgb(d.background)
+    except ValueError:
+        problems.append(f"data.background {d.background!r} is not a colour: use e.g. '#638596' or 'white'")
+    return problems
 
 
 def get_preset(name: str) -> Preset:
