@@ -366,7 +366,8 @@ def test_cli_presets_lists_every_preset_with_resolution_channels_and_parameters(
     ("overrides", "named"),
     [
         ({"train": {"lr_scheduler": "foo"}}, "train.lr_scheduler"),
-        ({"train": {"sample_inference_steps": 500}, "scheduler": {"num_train_timesteps": 300}}, "sample_inference_steps"),
+        ({"train": {"sample_inference_steps": 500}, "scheduler": {"num_train_timesteps": 300}},
+         "sample_inference_steps"),
         ({"data": {"background": "notacolor"}}, "data.background"),
         ({"train": {"checkpoints_total_limit": 0}}, "checkpoints_total_limit"),
         ({"train": {"checkpoints_total_limit": -1}}, "checkpoints_total_limit"),
