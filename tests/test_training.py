@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
@@ -69,11 +70,13 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 # --- resume ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("accumulation", [1, 2], ids=["no-accumulation", "accumulation-2"])
-def test_resume_matches_uninterrupted_run(mnist_dir, cache_dir, tmp_path, accumulation):
+@pytest.mark.parametrize(
+    ("accumulation", "dropout"), [(1, 0.0), (2, 0.0), (1, 0.1)], ids=["plain", "accumulation-2", "dropout"]
+)
+def test_resume_matches_uninterrupted_run(mnist_dir, cache_dir, tmp_path, accumulation, dropout):
     """Stopped at step 50 and resumed to 100 == 100 steps straight: weights, EMA, LR, step counts."""
     args = ["--max-steps", "100", "--checkpoint-every", "50", "--gradient-accumulation-steps", str(accumulation),
-            "--lr-warmup-steps", "10"]
+            "--lr-warmup-steps", "10", "--set", f"model.dropout={dropout}"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert run(mnist_dir, cache_dir, straight, *args) == 0
     # what a run killed right after step 50 leaves behind: its checkpoint-50 and nothing else
@@ -98,6 +101,7 @@ def test_resume_matches_uninterrupted_run(mnist_dir, cache_dir, tmp_path, accumu
     assert sa["steps"] == sb["steps"] == 100
     assert sa["ema_optimization_step"] == sb["ema_optimization_step"] == 100
     assert sa["global_batch_size"] == 8 * accumulation
+    assert sa["images_seen"] == sb["images_seen"] == 100 * 8 * accumulation
     assert sb["resumed_from"].endswith("checkpoint-50")
     # cosine schedule over 100 optimizer steps: it reaches zero exactly at the end, not before
     assert history_a[-1][2] == pytest.approx(0.0, abs=1e-12) and history_a[-2][2] > 0
@@ -170,6 +174,76 @@ def test_bad_flag_fails_before_any_data_is_loaded(tmp_path, capsys):
         build_train_parser().parse_args(["--preset", "no-such-preset"])
 
 
+def test_a_second_run_never_mixes_with_an_earlier_one(mnist_dir, cache_dir, tmp_path, capsys):
+    assert run(mnist_dir, cache_dir, tmp_path, "--max-steps", "4", "--checkpoint-every", "2") == 0
+    before = sorted(p.name for p in list_checkpoints(tmp_path))
+    # same folder, no resume: refused before any data is loaded, nothing touched
+    assert run(mnist_dir, cache_dir, tmp_path, "--max-steps", "3", "--checkpoint-every", "3") == 2
+    assert "already holds checkpoints" in capsys.readouterr().out
+    assert sorted(p.name for p in list_checkpoints(tmp_path)) == before
+    # resuming with another model or batch size is refused too, naming what changed
+    code = run(mnist_dir, cache_dir, tmp_path, "--max-steps", "8", "--resume-from-checkpoint", "latest",
+               "--batch-size", "4", "--set", "model.block_out_channels=[8,8]")
+    out = capsys.readouterr().out
+    assert code == 2 and "model: " in out and "train.batch_size: 8 -> 4" in out
+    # and so is resuming a checkpoint that is already at --max-steps
+    code = run(mnist_dir, cache_dir, tmp_path, "--max-steps", "4", "--resume-from-checkpoint", "latest")
+    assert code == 2 and "already >= --max-steps 4" in capsys.readouterr().out
+    # --overwrite-output-dir starts over: only the new run's checkpoints remain
+    assert run(mnist_dir, cache_dir, tmp_path, "--max-steps", "3", "--checkpoint-every", "3",
+               "--overwrite-output-dir") == 0
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-3"]
+    assert json.loads((tmp_path / "training_summary.json").read_text())["steps"] == 3
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--split", "validation"], "has no split 'validation'; available splits: train, test"),
+        (["--image-column", "label"], "label"),
+        (["--max-train-samples", "4"], "fewer images than one global batch"),
+    ],
+)
+def test_data_problems_end_with_a_message_not_a_traceback(mnist_dir, cache_dir, tmp_path, capsys, extra, message):
+    assert run(mnist_dir, cache_dir, tmp_path, "--max-steps", "2", *extra) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("error: ") or "\nerror: " in out
+    assert message in out and "Traceback" not in out
+
+
+def test_epochs_no_ema_v_prediction_and_partial_accumulation(mnist_dir, cache_dir, tmp_path):
+    """--epochs sets the length; the raw weights are exported without EMA; images are counted as used."""
+    code = run(mnist_dir, cache_dir, tmp_path, "--epochs", "2", "--gradient-accumulation-steps", "3", "--no-ema",
+               "--prediction-type", "v_prediction", "--snr-gamma", "5", "--checkpoint-every", "100")
+    assert code == 0
+    summary = json.loads((tmp_path / "training_summary.json").read_text())
+    # 8 batches of 8 per epoch, accumulated 3 + 3 + 2: 3 optimizer steps per epoch, every image used once
+    assert summary["steps_per_epoch"] == 3 and summary["steps"] == 6
+    assert summary["images_seen"] == 2 * 64
+    assert summary["ema_optimization_step"] is None
+    exported = weights(tmp_path / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert max_diff(exported, weights(tmp_path / "checkpoints" / "checkpoint-6" / "model.safetensors")) == 0
+    scheduler = json.loads((tmp_path / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction"
+
+
+def test_sample_grid_uses_eval_mode_and_restores_training_mode():
+    from diffusers.training_utils import EMAModel
+
+    from punkdiff.presets import TrainSpec
+    from punkdiff.training import ema_sample_grid
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       norm_num_groups=4, dropout=0.5, down_block_types=("DownBlock2D",) * 2,
+                       up_block_types=("UpBlock2D",) * 2).train()
+    ema = EMAModel(unet.parameters())
+    cfg = TrainSpec(num_sample_images=4, sample_inference_steps=5)
+    first, second = (ema_sample_grid(unet, ema, DDPMScheduler(), cfg, seed=3) for _ in range(2))
+    assert np.array_equal(np.asarray(first), np.asarray(second))  # dropout would make these differ
+    assert unet.training
+
+
 def test_resume_path_must_exist_before_training(tmp_path, capsys):
     code = train_main([*TINY, "--dataset", str(tmp_path), "--output-dir", str(tmp_path / "o"),
                        "--resume-from-checkpoint", str(tmp_path / "nope")])
@@ -211,6 +285,7 @@ def test_two_processes_on_cpu(mnist_dir, cache_dir, tmp_path):
     assert summary["num_processes"] == 2
     assert summary["global_batch_size"] == 16
     assert summary["images_seen"] == 12 * 16
+    assert summary["steps_per_epoch"] == 4  # 64 images / (8 per process x 2): each process gets half
     assert summary["ema_optimization_step"] == 12  # once per optimizer step, not per process
     assert summary["ema_in_sync_across_processes"] is True
     # the LR schedule counts optimizer steps: linear decay reaches 0 at step 12, not at step 6

@@ -25,23 +25,24 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from punkdiff.data import load_training_images, to_model_input
+from punkdiff.data import DataError, load_training_images, to_model_input
 from punkdiff.hub import ModelCardInfo, export_pipeline
 from punkdiff.presets import PresetError
 from punkdiff.training import (
     TrainingError,
     build_train_parser,
+    check_resume,
     diffusion_loss,
     distributed_cpu_fallback,
     ema_sample_grid,
     ema_weights_in_sync,
-    find_checkpoint,
     flat_config,
     load_checkpoint,
     log_image,
     package_versions,
     peak_memory_mb,
     register_ema_hooks,
+    remove_previous_run,
     resolve_training_config,
     save_checkpoint,
     steps_per_epoch,
@@ -56,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Train as `args` (from `build_train_parser`) says; 0 on success, 1 on a failed run, 2 on bad input."""
-    # ---- configuration: every bad flag or preset fails here, before any data is loaded ----------
+    # ---- configuration: every bad flag, preset or resume mismatch fails here, before any data ------
     try:
         preset = resolve_training_config(args)
     except PresetError as err:
@@ -73,23 +74,38 @@ def run(args: argparse.Namespace) -> int:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
-    set_seed(args.seed, device_specific=True)  # dropout etc. differ per process, reproducibly
-    # timesteps, noise and flips come from our own generator, saved with each checkpoint, so a
-    # resumed run draws exactly what the uninterrupted one would have
-    noise_rng = torch.Generator(accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
-
-    # ---- data: decoded once (main process first, so the cache is built once) -------------------
-    with accelerator.main_process_first():
-        dataset = load_training_images(
-            preset.data.dataset, preset.data, cache_dir=args.cache_dir, progress=accelerator.is_main_process
+    try:
+        resume = check_resume(
+            output_dir, args.resume_from_checkpoint, preset, accelerator.num_processes, args.overwrite_output_dir
         )
-    on_device = args.data_on_device == "yes" or (
-        args.data_on_device == "auto" and accelerator.device.type == "cuda" and dataset.images.nbytes < 2**31
-    )
-    if on_device:
-        dataset = dataset.to(accelerator.device)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True)
-    loader = accelerator.prepare(loader)  # sharded: each process sees its own slice of every batch
+        if args.overwrite_output_dir and resume is None and accelerator.is_main_process:
+            remove_previous_run(output_dir)
+        accelerator.wait_for_everyone()
+        set_seed(args.seed, device_specific=True)  # dropout etc. differ per process, reproducibly
+        # timesteps, noise and flips come from our own generator, saved with each checkpoint, so a
+        # resumed run draws exactly what the uninterrupted one would have
+        noise_rng = torch.Generator(accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
+
+        # ---- data: decoded once (main process first, so the cache is built once) ---------------
+        with accelerator.main_process_first():
+            dataset = load_training_images(
+                preset.data.dataset, preset.data, cache_dir=args.cache_dir, progress=accelerator.is_main_process
+            )
+        on_device = args.data_on_device == "yes" or (
+            args.data_on_device == "auto" and accelerator.device.type == "cuda" and dataset.images.nbytes < 2**31
+        )
+        if on_device:
+            dataset = dataset.to(accelerator.device)
+        # the loader's own generator (not the global RNG, which dropout uses) seeds each new iterator
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+            generator=torch.Generator().manual_seed(args.seed),
+        )
+        loader = accelerator.prepare(loader)  # sharded: each process sees its own slice of every batch
+        updates_per_epoch = steps_per_epoch(len(loader), cfg.gradient_accumulation_steps)
+    except (DataError, TrainingError) as err:
+        accelerator.print(f"error: {err}")
+        return 2
 
     # ---- model, noise schedule, optimizer, LR schedule, EMA -----------------------------------
     model = UNet2DModel(**preset.model.unet_config())
@@ -101,7 +117,6 @@ def run(args: argparse.Namespace) -> int:
         weight_decay=cfg.adam_weight_decay,
         eps=cfg.adam_epsilon,
     )
-    updates_per_epoch = steps_per_epoch(len(loader), cfg.gradient_accumulation_steps)
     max_steps = cfg.max_steps or cfg.epochs * updates_per_epoch
     num_epochs = math.ceil(max_steps / updates_per_epoch)
     # the prepared scheduler advances once per process per optimizer step, so its length is in
@@ -128,16 +143,19 @@ def run(args: argparse.Namespace) -> int:
         register_ema_hooks(accelerator, ema)
 
     # ---- resume ---------------------------------------------------------------------------------
-    global_step, first_epoch, skip_batches, history, resumed_from = 0, 0, 0, [], None
-    if args.resume_from_checkpoint:
-        checkpoint = find_checkpoint(output_dir, args.resume_from_checkpoint)
-        if checkpoint is None:
-            accelerator.print(f"no checkpoint in {output_dir / 'checkpoints'}: starting from scratch")
-        else:
-            state = load_checkpoint(accelerator, checkpoint, noise_rng)
-            global_step, first_epoch, skip_batches = state["global_step"], state["epoch"], state["batches_in_epoch"]
-            history, resumed_from = state["history"], str(checkpoint)
-            accelerator.print(f"resumed from {checkpoint} at step {global_step}")
+    global_step, first_epoch, skip_batches, images_seen, history, resumed_from = 0, 0, 0, 0, [], None
+    if resume is not None:
+        checkpoint, state = resume
+        load_checkpoint(accelerator, checkpoint, noise_rng)
+        global_step, first_epoch, skip_batches = state["global_step"], state["epoch"], state["batches_in_epoch"]
+        images_seen, history, resumed_from = state["images_seen"], state["history"], str(checkpoint)
+        accelerator.print(f"resumed from {checkpoint} at step {global_step}")
+    elif args.resume_from_checkpoint:
+        accelerator.print(f"no checkpoint in {output_dir / 'checkpoints'}: starting from scratch")
+    if global_step >= max_steps:
+        accelerator.print(f"error: {resumed_from} is at step {global_step}, already >= {max_steps} steps: "
+                          "pass a larger --max-steps or --epochs to train further")
+        return 2
 
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
     if accelerator.is_main_process:
@@ -195,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
                     optimizer.zero_grad(set_to_none=True)
                 loss_sum += all_losses.mean()
                 micro_batches += 1
+                images_seen += clean.shape[0] * accelerator.num_processes
                 if not accelerator.sync_gradients:
                     continue
 
@@ -215,19 +234,21 @@ def run(args: argparse.Namespace) -> int:
                     logs["ema_decay"] = ema.cur_decay_value
                 history.append([global_step, step_loss, logs["lr"]])
                 loss_sum.zero_()
-                micro_batches, step_start = 0, now
+                micro_batches = 0
                 accelerator.log(logs, step=global_step)
                 progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{logs['lr']:.2e}")
                 progress.update(1)
 
                 if global_step % cfg.checkpoint_every == 0 or global_step == max_steps:
                     state = {"global_step": global_step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
-                             "history": history}
+                             "images_seen": images_seen, "history": history, "config": preset.to_dict(),
+                             "num_processes": accelerator.num_processes}
                     if batches_in_epoch == len(loader):  # epoch finished: resume at the next one
                         state.update(epoch=epoch + 1, batches_in_epoch=0)
                     save_checkpoint(accelerator, output_dir, state, noise_rng, cfg.checkpoints_total_limit)
                 if accelerator.is_main_process and (global_step % cfg.sample_every == 0 or global_step == max_steps):
                     last_grid = save_samples(global_step)
+                step_start = time.time()  # images/s measures training, not checkpoints or grids
                 if global_step >= max_steps:
                     break
             if global_step >= max_steps:
@@ -271,7 +292,8 @@ def run(args: argparse.Namespace) -> int:
             "epochs": num_epochs,
             "num_processes": accelerator.num_processes,
             "global_batch_size": global_batch,
-            "images_seen": global_step * global_batch,
+            "images_seen": images_seen,
+            "steps_per_epoch": updates_per_epoch,
             "wall_time_s": time.time() - start,
             "final_loss": history[-1][1] if history else None,
             "final_lr": lr_scheduler.get_last_lr()[0],

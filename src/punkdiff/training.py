@@ -18,7 +18,7 @@ import resource
 import shutil
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,6 +27,11 @@ from PIL import Image
 
 from punkdiff.presets import PRESETS, Preset, PresetError, TrainSpec, parse_set_flags, resolve_preset
 from punkdiff.visuals import display_scale, image_grid
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers.training_utils import EMAModel
 
 
 class TrainingError(RuntimeError):
@@ -41,6 +46,7 @@ def build_train_parser(prog: str = "train.py") -> argparse.ArgumentParser:
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the training flags to `p` (the `punkdiff train` subparser or the script's own parser)."""
     p.add_argument("--preset", choices=sorted(PRESETS), help="named preset (see `punkdiff presets`)")
     p.add_argument("--config", help="YAML/JSON file of overrides: {preset: NAME, model: {...}, train: {...}}")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -50,6 +56,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-column", help="column holding the images (default: the first Image column)")
     p.add_argument("--max-train-samples", type=int, help="use only the first N images of the split")
     p.add_argument("--output-dir", default="outputs/run", help="where checkpoints, logs and the export go")
+    p.add_argument("--overwrite-output-dir", action="store_true",
+                   help="delete the checkpoints, samples and logs of an earlier run in --output-dir first")
     p.add_argument("--max-steps", type=int, help="optimizer steps to train for (overrides --epochs)")
     p.add_argument("--epochs", type=int, help="passes over the dataset")
     p.add_argument("--batch-size", type=int, help="images per process per micro-batch")
@@ -104,10 +112,10 @@ def resolve_training_config(args: argparse.Namespace) -> Preset:
     preset = resolve_preset(args.preset, args.config, overrides)
     if preset.data.dataset is None:
         raise PresetError(f"preset {preset.name!r} has no default dataset: pass --dataset (Hub id or local folder)")
-    for name in ("max_steps", "checkpoint_every", "sample_every"):
-        value = getattr(preset.train, name)
-        if value is not None and value <= 0:
-            raise PresetError(f"--{name.replace('_', '-')} must be positive (got {value})")
+    default = PRESETS.get(preset.name)
+    if default and preset.data.dataset != default.data.dataset and preset.data.license == default.data.license:
+        # the preset's license describes its own dataset's terms, not whatever data replaced it
+        preset.data.license = "other"
     if args.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
         raise PresetError("--report-to wandb needs wandb: pip install 'punkdiff[wandb]' (or use tensorboard)")
     if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
@@ -115,9 +123,57 @@ def resolve_training_config(args: argparse.Namespace) -> Preset:
     return preset
 
 
+# what must not change between a checkpoint and the run resuming it: the model, the noise
+# process, the data and how it is batched (the saved data position counts batches)
+_RESUME_INVARIANTS = ("model", "scheduler", "data", "train.batch_size", "train.gradient_accumulation_steps")
+
+
+def check_resume(
+    output_dir: str | Path, which: str | None, preset: Preset, num_processes: int, overwrite: bool = False
+) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint to resume from and its saved loop state, after checking it fits this run.
+
+    Without `--resume-from-checkpoint`, an output folder that already holds checkpoints is refused
+    (unless `overwrite`): a second run there would mix its checkpoints with the first one's.
+    """
+    if which is None:
+        if list_checkpoints(output_dir) and not overwrite:
+            raise TrainingError(
+                f"{Path(output_dir) / 'checkpoints'} already holds checkpoints of another run: pass "
+                "--resume-from-checkpoint latest to continue it, --overwrite-output-dir to start over, "
+                "or choose a new --output-dir"
+            )
+        return None
+    checkpoint = find_checkpoint(output_dir, which)
+    if checkpoint is None:
+        return None
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    saved, current = state["config"], preset.to_dict()
+    changed = []
+    for key in _RESUME_INVARIANTS:
+        section, _, field = key.partition(".")
+        before = saved[section] if not field else saved[section][field]
+        after = current[section] if not field else current[section][field]
+        if json.dumps(before, sort_keys=True) != json.dumps(after, sort_keys=True):
+            changed.append(f"{key}: {before} -> {after}")
+    if state["num_processes"] != num_processes:
+        changed.append(f"processes: {state['num_processes']} -> {num_processes}")
+    if changed:
+        raise TrainingError(
+            f"{checkpoint} was saved by a run with other settings ({'; '.join(changed)}); resume with the same "
+            "settings or start a new --output-dir"
+        )
+    if preset.train.max_steps is not None and state["global_step"] >= preset.train.max_steps:
+        raise TrainingError(
+            f"{checkpoint} is at step {state['global_step']}, already >= --max-steps {preset.train.max_steps}: "
+            "pass a larger --max-steps to train further"
+        )
+    return checkpoint, state
+
+
 def diffusion_loss(
     model: torch.nn.Module,
-    noise_scheduler,
+    noise_scheduler: DDPMScheduler,
     clean: torch.Tensor,
     noise: torch.Tensor,
     timesteps: torch.Tensor,
@@ -188,7 +244,11 @@ def find_checkpoint(output_dir: str | Path, which: str) -> Path | None:
 
 
 def save_checkpoint(
-    accelerator, output_dir: str | Path, state: dict[str, Any], generator: torch.Generator, total_limit: int | None
+    accelerator: Accelerator,
+    output_dir: str | Path,
+    state: dict[str, Any],
+    generator: torch.Generator,
+    total_limit: int | None,
 ) -> Path:
     """`accelerator.save_state` into a temporary folder, then an atomic rename.
 
@@ -218,16 +278,10 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator, path: Path, generator: torch.Generator) -> dict[str, Any]:
-    """Restore model, optimizer, LR schedule, EMA (via hooks), RNG states; return the loop state."""
+def load_checkpoint(accelerator: Accelerator, path: Path, generator: torch.Generator) -> None:
+    """Restore model, optimizer, LR schedule, EMA (via hooks), RNG states and our noise generator."""
     accelerator.load_state(str(path))
-    rng_file = path / f"noise_rng_{accelerator.process_index}.pt"
-    if not rng_file.is_file():
-        raise TrainingError(
-            f"{path} was saved by a run with fewer processes (no {rng_file.name}); resume with the same process count"
-        )
-    generator.set_state(torch.load(rng_file, weights_only=True))
-    return json.loads((path / STATE_FILE).read_text())
+    generator.set_state(torch.load(path / f"noise_rng_{accelerator.process_index}.pt", weights_only=True))
 
 
 def save_generator_state(generator: torch.Generator, path: Path) -> None:
@@ -235,7 +289,7 @@ def save_generator_state(generator: torch.Generator, path: Path) -> None:
     torch.save(generator.get_state(), path)
 
 
-def register_ema_hooks(accelerator, ema) -> None:
+def register_ema_hooks(accelerator: Accelerator, ema: EMAModel) -> None:
     """Save/restore EMA weights with every Accelerate checkpoint, as `unet_ema/` (safetensors).
 
     `EMAModel.save_pretrained` stores the EMA counters in the UNet config; loading reads them back
@@ -261,10 +315,14 @@ def register_ema_hooks(accelerator, ema) -> None:
 # --- samples and reporting ---
 
 
-def ema_sample_grid(unet, ema, noise_scheduler, cfg: TrainSpec, seed: int) -> Image.Image:
-    """A DDIM grid from the EMA weights (swapped in, then back), one fixed generator per image."""
+def ema_sample_grid(
+    unet: UNet2DModel, ema: EMAModel | None, noise_scheduler: DDPMScheduler, cfg: TrainSpec, seed: int
+) -> Image.Image:
+    """A DDIM grid from the EMA weights (swapped in, then back) in eval mode, one fixed generator per image."""
     from punkdiff.pipelines import PunkDiffPipeline  # diffusers: imported when used, so the CLI starts fast
 
+    was_training = unet.training
+    unet.eval()  # no dropout: the grid shows what the exported model generates
     if ema is not None:
         ema.store(unet.parameters())
         ema.copy_to(unet.parameters())
@@ -278,11 +336,11 @@ def ema_sample_grid(unet, ema, noise_scheduler, cfg: TrainSpec, seed: int) -> Im
     ).images
     if ema is not None:
         ema.restore(unet.parameters())
-    unet.train()
+    unet.train(was_training)
     return image_grid(images, scale=display_scale(unet.config.sample_size), gap=1)
 
 
-def log_image(accelerator, name: str, image: Image.Image, step: int) -> None:
+def log_image(accelerator: Accelerator, name: str, image: Image.Image, step: int) -> None:
     """Send an image to every active tracker (TensorBoard, or wandb when installed and asked for)."""
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
@@ -293,7 +351,7 @@ def log_image(accelerator, name: str, image: Image.Image, step: int) -> None:
             tracker.log({name: wandb.Image(image)}, step=step)
 
 
-def ema_weights_in_sync(accelerator, ema) -> bool:
+def ema_weights_in_sync(accelerator: Accelerator, ema: EMAModel) -> bool:
     """Whether every process holds the same EMA weights (each updates its own copy after the all-reduce)."""
     checksum = torch.stack([p.double().sum() for p in ema.shadow_params]).sum()[None]
     return bool((accelerator.gather(checksum) == checksum).all())
@@ -319,7 +377,14 @@ def flat_config(preset: Preset) -> dict[str, Any]:
     return out
 
 
+def remove_previous_run(output_dir: str | Path) -> None:
+    """For --overwrite-output-dir: delete an earlier run's checkpoints, sample grids and logs."""
+    for name in ("checkpoints", "samples", "logs"):
+        shutil.rmtree(Path(output_dir) / name, ignore_errors=True)
+
+
 def package_versions() -> dict[str, str]:
+    """Versions recorded in training_summary.json, so a result can be reproduced."""
     names = ["punkdiff", "torch", "diffusers", "accelerate", "datasets", "safetensors", "huggingface_hub"]
     versions = {"python": platform.python_version()}
     for name in names:
