@@ -64,6 +64,14 @@ def test_denoising_gif_has_x_t_beside_predicted_x0(tmp_path):
     assert gif.n_frames == 10
     tile = 8 * display_scale(8, target=64) + 2  # a 1-pixel grey border around each tile
     assert gif.size == (2 * 2 * tile + 8, 2 * tile)
+    gif.seek(gif.n_frames - 1)
+    last = np.asarray(gif.convert("L"), dtype=float)
+    left, right = last[:, : 2 * tile], last[:, 2 * tile + 8 :]
+    # DDIM's last step lands on alpha_bar = 1: the final x_t *is* the predicted x_0 (GIF palette aside)
+    assert np.abs(left - right).mean() < 3
+    gif.seek(0)
+    first = np.asarray(gif.convert("L"), dtype=float)
+    assert np.abs(first[:, : 2 * tile] - first[:, 2 * tile + 8 :]).mean() > 20  # noise beside a prediction
 
 
 def test_loss_curve_is_a_png(tmp_path):
