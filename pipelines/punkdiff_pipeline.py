@@ -1,8 +1,9 @@
 """`PunkDiffPipeline`: unconditional DDPM sampling, reconstruction and RePaint inpainting.
 
 This file is the one source of the class. It imports only torch, diffusers, numpy, PIL and the standard
-library, so punkdiff's export copies it next to a model as `pipeline.py` and a Hub user without punkdiff
-can load it with `DiffusionPipeline.from_pretrained(repo, custom_pipeline=repo, trust_remote_code=True)`.
+library (and, only to push to the Hub, huggingface_hub, which diffusers requires), so punkdiff's export copies
+it next to a model as `pipeline.py` and a Hub user without punkdiff can load it with
+`DiffusionPipeline.from_pretrained(repo, custom_pipeline=repo, trust_remote_code=True)`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 # diffusers' `custom_pipeline=<folder or repo id>` loads the pipeline class from this file name.
 CUSTOM_PIPELINE_FILE = "pipeline.py"
+# The `save_pretrained(push_to_hub=True, ...)` arguments diffusers takes from its kwargs.
+_PUSH_KWARGS = ("repo_id", "private", "token", "commit_message", "create_pr")
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | list[PIL.Image.Image] | list[np.ndarray]
 Generator = torch.Generator | list[torch.Generator] | None
@@ -93,6 +96,12 @@ class ExactDDIMScheduler(_ExactTimesteps, DDIMScheduler):
         alpha_prod_prev = alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
         # Upstream `step` reads `timestep` only as `alphas_cumprod[t]` and `alphas_cumprod[t - T // n]`. Hand it
         # the pair (prev, t) at indices (0, 1) with T // n == 1, and its unchanged math uses the right pair.
+        # This relies on upstream `DDIMScheduler.step` internals (which attributes it reads, and how), and the
+        # swap mutates this instance, so concurrent `step` calls on ONE scheduler instance are not thread-safe.
+        # Pipeline use is safe: every pipeline call builds its own scheduler with `from_config`. If upstream
+        # changes, tests/test_parity.py fails (test_pipeline_ddim_every_spacing, test_pipeline_extra_step_and_ties,
+        # test_exported_pipeline_reproduced), as do test_exact_ddim_steps_to_the_next_scheduled_timestep and
+        # test_exact_ddim_keeps_upstream_noise_draws in tests/test_pipeline.py.
         self.alphas_cumprod = torch.stack([alpha_prod_prev, alphas_cumprod[int(timestep)]])
         self.num_inference_steps = self.config.num_train_timesteps
         try:
@@ -179,20 +188,52 @@ class PunkDiffPipeline(DiffusionPipeline):
             vae_scale_factor=1, do_resize=False, do_normalize=False, do_binarize=True, do_convert_grayscale=True
         )
 
-    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, **kwargs: Any):
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike[str],
+        safe_serialization: bool = True,
+        push_to_hub: bool = False,
+        **kwargs: Any,
+    ) -> None:
         """Save like any diffusers pipeline (safetensors by default), loadable by stock diffusers.
 
         `model_index.json` names the stock `DDPMPipeline`, so `DiffusionPipeline.from_pretrained(folder)` works
         without running code shipped with the model, and this file is saved beside it as `pipeline.py`, so
         `DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder, trust_remote_code=True)` gives a
-        `PunkDiffPipeline` to a user without punkdiff installed.
+        `PunkDiffPipeline` to a user without punkdiff installed. With `push_to_hub=True` (and diffusers' `repo_id`,
+        `private`, `token`, `commit_message`, `create_pr`), the finished folder is uploaded as diffusers would.
         """
+        hub_kwargs = {k: kwargs.pop(k) for k in _PUSH_KWARGS if k in kwargs}
+        # Never let diffusers push: it would upload before the two fixes below.
         super().save_pretrained(save_directory, safe_serialization=safe_serialization, **kwargs)
         index = Path(save_directory) / "model_index.json"
         config = json.loads(index.read_text())
         config["_class_name"] = "DDPMPipeline"
         index.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         shutil.copyfile(__file__, Path(save_directory) / CUSTOM_PIPELINE_FILE)
+        if push_to_hub:
+            self._push_saved_folder(save_directory, **hub_kwargs)
+
+    def _push_saved_folder(
+        self,
+        save_directory: str | os.PathLike[str],
+        repo_id: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str | None = None,
+        create_pr: bool = False,
+    ) -> None:
+        """What `DiffusionPipeline.save_pretrained(push_to_hub=True)` does after saving: create the repo, write
+        diffusers' model card, upload the folder with `PushToHubMixin._upload_folder`."""
+        from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+
+        # huggingface_hub is a dependency of diffusers; diffusers itself calls this create_repo here.
+        from huggingface_hub import create_repo
+
+        repo_id = create_repo(repo_id or Path(save_directory).name, exist_ok=True, private=private, token=token).repo_id
+        model_card = populate_model_card(load_or_create_model_card(repo_id, token=token, is_pipeline=True))
+        model_card.save(os.path.join(save_directory, "README.md"))
+        self._upload_folder(save_directory, repo_id, token=token, commit_message=commit_message, create_pr=create_pr)
 
     @torch.no_grad()
     def __call__(

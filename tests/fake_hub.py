@@ -8,6 +8,7 @@ import contextlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from urllib.parse import unquote
 
 import httpx2
 import huggingface_hub
@@ -19,6 +20,8 @@ class FakeHub:
     requests: list[httpx2.Request] = field(default_factory=list)
     created: list[dict] = field(default_factory=list)
     uploaded: dict[str, bytes] = field(default_factory=dict)
+    commits: list[dict] = field(default_factory=list)  # each commit's header (summary, ...) and its revision
+    pull_requests: list[dict] = field(default_factory=list)
 
     def handle(self, request: httpx2.Request) -> httpx2.Response:
         self.requests.append(request)
@@ -33,9 +36,29 @@ class FakeHub:
             files = json.loads(request.content)["files"]
             modes = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
             return httpx2.Response(200, json={"files": modes})
+        if path.endswith("/discussions") and request.method == "POST":  # a pull request, for create_pr=True
+            self.pull_requests.append(json.loads(request.content))
+            return httpx2.Response(200, json={"num": len(self.pull_requests)})
+        if "/discussions/" in path:
+            num = int(path.rsplit("/", 1)[1])
+            pr = {"title": self.pull_requests[num - 1]["title"], "num": num, "status": "draft", "events": []}
+            repo = {"name": path.split("/")[3] + "/" + path.split("/")[4], "type": "model"}
+            return httpx2.Response(
+                200,
+                json={
+                    **pr,
+                    "createdAt": "2024-01-01T00:00:00.000Z",
+                    "repo": repo,
+                    "isPullRequest": True,
+                    "changes": {"base": "refs/heads/main"},
+                    "filesWithConflicts": [],
+                },
+            )
         if "/commit/" in path:
             for line in request.read().decode().splitlines():
                 item = json.loads(line)
+                if item["key"] == "header":
+                    self.commits.append({**item["value"], "revision": unquote(path.split("/commit/")[1])})
                 if item["key"] == "file":
                     self.uploaded[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
             return httpx2.Response(200, json={"commitUrl": "https://huggingface.co/x/y/commit/0", "commitOid": "0"})

@@ -49,6 +49,28 @@ def test_sample_reports_a_bad_folder_without_a_traceback(tmp_path, capsys):
     assert not (tmp_path / "grid.png").exists()
 
 
+def test_sample_points_a_training_output_folder_to_its_pipeline(model_dir, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(model_dir, run / "pipeline")
+    assert sample(run, tmp_path / "grid.png") == 2
+    assert f"did you mean {run / 'pipeline'}?" in capsys.readouterr().err
+    assert not (tmp_path / "grid.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--num-images", "0"), ("--num-images", "-3"), ("--steps", "0"), ("--steps", "x")]
+)
+def test_sample_rejects_non_positive_counts(model_dir, tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as exit_info:
+        sample(model_dir, tmp_path / "grid.png", flag, value)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"argument {flag}" in err
+    assert ("must be at least 1" if value != "x" else "expected a positive integer") in err
+    assert not (tmp_path / "grid.png").exists()
+
+
 def test_push_uploads_the_folder(model_dir, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with fake_hub() as hub:
@@ -83,7 +105,7 @@ def test_demo_trains_exports_and_animates(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--output-dir", str(out), "--max-steps", "6", "--batch-size", "16"]) == 0
     printed = capsys.readouterr().out
-    for name in ["pipeline", "samples.png", "denoising.gif", "loss_curve.png", "training_summary.json"]:
+    for name in ["pipeline", "samples.png", "denoising.gif", "noising.gif", "loss_curve.png", "training_summary.json"]:
         assert str((out / name).resolve()) in printed, name
         assert (out / name).exists(), name
     summary = json.loads((out / "training_summary.json").read_text())

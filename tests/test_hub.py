@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from tiny_models import tiny_unet
 
 from punkdiff import PunkDiffPipeline
 from punkdiff.hub import (
+    LOCAL_MODEL_REF,
     ModelCardInfo,
     ModelFolderError,
     export_pipeline,
@@ -277,6 +279,36 @@ def test_push_uploads_exactly_the_export_with_the_login_token(exported, tmp_path
     }
     written = [p for p in [*tmp_path.rglob("*"), *exported.rglob("*")] if p.is_file()]
     assert not any(b"hf_punkdiff_test_token" in p.read_bytes() for p in written)
+
+
+def test_pushed_card_names_the_repo_in_one_commit_and_the_local_card_is_unchanged(exported, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    local_readme = (exported / "README.md").read_bytes()
+    assert local_readme.count(f'"{LOCAL_MODEL_REF}"'.encode()) == 3  # the export is for a local folder
+    with fake_hub() as hub:
+        push_to_hub(exported, "someone/mnist-ddpm")
+    assert set(hub.uploaded) == files_in(exported) == EXPORTED_FILES
+    assert [c["summary"] for c in hub.commits] == ["Upload punkdiff model"]  # weights and card together
+    readme = hub.uploaded["README.md"].decode()
+    assert LOCAL_MODEL_REF not in readme
+    assert 'DDPMPipeline.from_pretrained("someone/mnist-ddpm")' in readme
+    assert '"someone/mnist-ddpm", custom_pipeline="someone/mnist-ddpm", trust_remote_code=True' in readme
+    assert readme == local_readme.decode().replace(LOCAL_MODEL_REF, "someone/mnist-ddpm")  # nothing else changed
+    card = ModelCard(readme)
+    assert card.data.library_name == "diffusers" and card.data.license == "cc-by-sa-3.0"
+    assert (exported / "README.md").read_bytes() == local_readme
+    for name in EXPORTED_FILES - {"README.md"}:
+        assert hub.uploaded[name] == (exported / name).read_bytes(), name
+
+
+def test_training_output_folder_points_to_its_pipeline(exported, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(exported, run / "pipeline")
+    with pytest.raises(ModelFolderError, match=f"did you mean {re.escape(str(run / 'pipeline'))}\\?"):
+        load_pipeline(run)
+    with fake_hub() as hub, pytest.raises(ModelFolderError, match="did you mean"):
+        push_to_hub(run, "user/model")
+    assert hub.requests == []
 
 
 def test_push_refuses_folders_with_pickles(folder):

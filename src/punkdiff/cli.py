@@ -1,4 +1,6 @@
-"""The `punkdiff` command line: a thin face over the library (no training or sampling logic here)."""
+"""punkdiff: train, sample, check and ship unconditional diffusion models (Diffusers + Accelerate)."""
+
+# A thin face over the library: parse, call, print. No training or sampling logic lives here.
 
 from __future__ import annotations
 
@@ -39,8 +41,8 @@ DEMO_STEPS = 1500
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="the main job: train mnist-baseline-16 on real digits for a few minutes on CPU, "
-        "export the pipeline, a sample grid and GIFs",
+        help="the main job: train mnist-baseline-16 on real digits for a few minutes on CPU, then export the "
+        "pipeline, a sample grid, a denoising and a noising GIF (replaces an earlier demo in --output-dir)",
     )
     p.add_argument("--dataset", default="sklearn-digits",
                    help="default: the 1,797 real 8x8 digits scikit-learn ships (no download); "
@@ -55,10 +57,12 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from punkdiff.data import load_training_images, to_model_input
     from punkdiff.pipelines import PunkDiffPipeline
+    from punkdiff.presets import get_preset
     from punkdiff.scripts.train import run
     from punkdiff.training import build_train_parser
-    from punkdiff.visuals import denoising_gif
+    from punkdiff.visuals import denoising_gif, noising_gif
 
     out = Path(args.output_dir)
     train_args = build_train_parser().parse_args([
@@ -66,18 +70,21 @@ def _run_demo(args: argparse.Namespace) -> int:
         "--max-steps", str(args.max_steps), "--batch-size", str(args.batch_size), "--seed", str(args.seed),
         "--lr-warmup-steps", "100", "--checkpoint-every", str(max(args.max_steps // 3, 1)),
         "--checkpoints-total-limit", "1", "--sample-every", str(max(args.max_steps // 3, 1)),
-        "--set", "train.ema_decay=0.999",
+        "--set", "train.ema_decay=0.999", "--overwrite-output-dir",
     ])
     code = run(train_args)
     if code:
         return code
     pipe = PunkDiffPipeline.from_pretrained(out / "pipeline")
     gif = denoising_gif(pipe, out / "denoising.gif", num_images=16, seed=args.seed)
+    real = load_training_images(args.dataset, get_preset("mnist-baseline-16").data, progress=False).images[:16]
+    noise_gif = noising_gif(to_model_input(real), pipe.scheduler, out / "noising.gif", seed=args.seed)
     print("\npunkdiff demo finished:")
     for name, path in [
         ("exported pipeline (load with DDPMPipeline.from_pretrained)", out / "pipeline"),
         ("sample grid", out / "samples.png"),
-        ("denoising GIF", gif),
+        ("denoising GIF (x_t | predicted x_0)", gif),
+        ("noising GIF (forward process on real digits)", noise_gif),
         ("loss curve", out / "loss_curve.png"),
         ("training summary", out / "training_summary.json"),
     ]:
@@ -85,12 +92,24 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _add_sample(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="sample images from an exported model folder into a grid (and single PNGs)")
     p.add_argument("model_dir", help="folder written by the export (or by save_pretrained with safetensors)")
     p.add_argument("--scheduler", choices=["ddpm", "ddim", "dpm++"], default="ddim")
-    p.add_argument("--steps", type=int, default=None, help="default: every training step for ddpm, 50 otherwise")
-    p.add_argument("--num-images", type=int, default=16)
+    p.add_argument(
+        "--steps", type=_positive_int, default=None, help="default: every training step for ddpm, 50 otherwise"
+    )
+    p.add_argument("--num-images", type=_positive_int, default=16)
     p.add_argument("--seed", type=int, default=0, help="image i uses seed+i, so it does not depend on --num-images")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise weight: 0 deterministic, 1 DDPM-like")
     p.add_argument("--out", default="grid.png", help="grid image path")

@@ -27,13 +27,16 @@ import PIL.Image
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
+from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 from safetensors import safe_open
 
 from punkdiff.pipelines.punkdiff_pipeline import PunkDiffPipeline
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# What a card rendered without `repo_id` loads from; `push_to_hub` replaces the quoted token with the repo id.
+LOCAL_MODEL_REF = "path/to/this/folder"
 
 
 class ModelFolderError(ValueError):
@@ -55,7 +58,8 @@ class ModelCardInfo:
         license: Hub license id; set it to respect the training data's terms.
         metrics: e.g. `{"FID": 12.3}`; the card says "not measured" when `None`.
         model_name: Card title (default: `punkdiff <preset>`).
-        repo_id: Where the model will live, used in the card's loading snippets.
+        repo_id: Where the model will live, used in the card's loading snippets (default: `LOCAL_MODEL_REF`,
+            which `push_to_hub` replaces with the repo id it pushes to).
         tags: Extra Hub tags.
     """
 
@@ -86,7 +90,7 @@ def render_model_card(info: ModelCardInfo, *, has_samples: bool = False) -> str:
         card_data,
         template_str=template,
         model_name=info.model_name or f"punkdiff {info.preset}",
-        model_ref=info.repo_id or "path/to/this/folder",
+        model_ref=info.repo_id or LOCAL_MODEL_REF,
         preset=info.preset,
         dataset=info.dataset,
         training_steps=info.training_steps,
@@ -102,7 +106,7 @@ def render_model_card(info: ModelCardInfo, *, has_samples: bool = False) -> str:
 def export_pipeline(
     unet: UNet2DModel,
     scheduler: SchedulerMixin,
-    output_dir: str | os.PathLike,
+    output_dir: str | os.PathLike[str],
     *,
     card: ModelCardInfo | Mapping[str, Any] | None = None,
     sample_grid: PIL.Image.Image | None = None,
@@ -142,7 +146,7 @@ def export_pipeline(
     return output_dir
 
 
-def validate_model_folder(folder: str | os.PathLike) -> Path:
+def validate_model_folder(folder: str | os.PathLike[str]) -> Path:
     """Check a model folder without executing anything from it; raise `ModelFolderError` saying what to fix.
 
     Reads only JSON files and the safetensors header, and checks the UNet config against the weights'
@@ -151,6 +155,11 @@ def validate_model_folder(folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelFolderError(f"{folder} is not a folder; pass a folder written by punkdiff's export.")
+    if not (folder / "model_index.json").is_file() and (folder / "pipeline" / "model_index.json").is_file():
+        raise ModelFolderError(
+            f"{folder} has no model_index.json but looks like a training output folder: "
+            f"did you mean {folder / 'pipeline'}?"
+        )
     index = _read_json(folder / "model_index.json")
     if index.get("unet", [None])[-1] != "UNet2DModel" or "scheduler" not in index:
         raise ModelFolderError(
@@ -197,7 +206,7 @@ def validate_model_folder(folder: str | os.PathLike) -> Path:
     return folder
 
 
-def load_pipeline(path: str | os.PathLike, **kwargs: Any) -> PunkDiffPipeline:
+def load_pipeline(path: str | os.PathLike[str], **kwargs: Any) -> PunkDiffPipeline:
     """Validate a model folder, then load it as a `PunkDiffPipeline` from safetensors only.
 
     `kwargs` go to `from_pretrained` (e.g. `torch_dtype`).
@@ -206,11 +215,13 @@ def load_pipeline(path: str | os.PathLike, **kwargs: Any) -> PunkDiffPipeline:
     return PunkDiffPipeline.from_pretrained(folder, use_safetensors=True, **kwargs)
 
 
-def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None) -> str:
-    """Upload a validated export to `repo_id` (created if needed) and return the repo URL.
+def push_to_hub(folder: str | os.PathLike[str], repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Upload a validated export to `repo_id` (created if needed) in one commit and return the repo URL.
 
-    The token defaults to the usual Hugging Face login (`hf auth login` or `HF_TOKEN`); punkdiff never
-    stores it. Folders with pickle files are refused so that nothing unsafe to load is published.
+    The uploaded README.md names the repo in its loading snippets (the local one says `LOCAL_MODEL_REF`, and is
+    left unchanged); every other file is uploaded as it is, without a copy. The token defaults to the usual
+    Hugging Face login (`hf auth login` or `HF_TOKEN`); punkdiff never stores it. Folders with pickle files are
+    refused so that nothing unsafe to load is published.
     """
     folder = validate_model_folder(folder)
     pickles = sorted(str(p.relative_to(folder)) for p in _pickle_files(folder))
@@ -219,7 +230,17 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False, 
     api = HfApi(token=token)
     # `private=None` rather than False leaves a new repo's visibility to the account's or organisation's default.
     repo_url = api.create_repo(repo_id, private=private or None, exist_ok=True, repo_type="model")
-    api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", commit_message="Upload punkdiff model")
+    files = filter_repo_objects(
+        sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()),
+        ignore_patterns=DEFAULT_IGNORE_PATTERNS,  # as upload_folder: no .git/ or .cache/huggingface/
+    )
+    operations = [CommitOperationAdd(path, str(folder / path)) for path in files if path != "README.md"]
+    if (folder / "README.md").is_file():
+        # The Hub's id (a bare name gets the user's namespace), which create_repo has validated: safe to quote.
+        readme = (folder / "README.md").read_bytes()
+        readme = readme.replace(f'"{LOCAL_MODEL_REF}"'.encode(), f'"{repo_url.repo_id}"'.encode())
+        operations.append(CommitOperationAdd("README.md", readme))
+    api.create_commit(repo_url.repo_id, operations, commit_message="Upload punkdiff model", repo_type="model")
     return str(repo_url)
 
 
