@@ -53,6 +53,7 @@ class ModelSpec:
         return [self.sample_size // 2**i for i in range(len(self.block_out_channels))]
 
     def unet_config(self) -> dict[str, Any]:
+        """`UNet2DModel` kwargs: attention blocks exactly at the levels whose size is listed."""
         levels = self.resolutions()
         attn = [res in self.attention_resolutions for res in levels]
         return {
@@ -83,6 +84,7 @@ class SchedulerSpec:
     clip_sample: bool = True
 
     def ddpm_config(self) -> dict[str, Any]:
+        """`DDPMScheduler` kwargs, with the schedule aliases resolved to diffusers' names."""
         return {
             "num_train_timesteps": self.num_train_timesteps,
             "beta_schedule": _SCHEDULE_ALIASES.get(self.beta_schedule, self.beta_schedule),
@@ -153,6 +155,7 @@ class Preset:
     train: TrainSpec = field(default_factory=TrainSpec)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data: what training_summary.json and checkpoints record."""
         return dataclasses.asdict(self)
 
     def validate(self) -> Preset:
@@ -442,6 +445,7 @@ def count_parameters(preset: Preset) -> int:
 
 
 def format_presets_table() -> str:
+    """The `punkdiff presets` table: resolution, channels, attention, schedule and parameter count."""
     rows = [("preset", "res", "ch", "channels", "attn", "T", "schedule", "params", "description")]
     for p in PRESETS.values():
         rows.append((
