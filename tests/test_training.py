@@ -276,8 +276,8 @@ def test_two_processes_on_cpu(mnist_dir, cache_dir, tmp_path):
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
         str(REPO / "training" / "train.py"), *TINY, "--dataset", str(mnist_dir), "--cache-dir", str(cache_dir),
-        "--output-dir", str(out), "--max-steps", "12", "--checkpoint-every", "6", "--lr-warmup-steps", "0",
-        "--set", "train.lr_scheduler=linear", "--report-to", "tensorboard",
+        "--output-dir", str(out), "--max-steps", "12", "--checkpoint-every", "1", "--checkpoints-total-limit", "12",
+        "--lr-warmup-steps", "0", "--set", "train.lr_scheduler=linear", "--report-to", "tensorboard",
     ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -296,6 +296,18 @@ def test_two_processes_on_cpu(mnist_dir, cache_dir, tmp_path):
     names = sorted(p.name for p in (out / "checkpoints" / "checkpoint-12").iterdir())
     assert {"noise_rng_0.pt", "noise_rng_1.pt", "random_states_0.pkl", "random_states_1.pkl"} <= set(names)
     assert len(list((out / "logs").rglob("events.out.tfevents.*"))) == 2  # scalars + hparams, one writer
+    # EMA, step by step from the saved weights: ema_k = d_k * ema_(k-1) + (1 - d_k) * w_k, with EMAModel's
+    # warmup decay d_k = 1 - (1 + k - 1) ** -0.75 (d_1 = 0): one update per optimizer step, all-reduced weights
+    ema_file = "unet_ema/diffusion_pytorch_model.safetensors"
+    ema_prev = weights(out / "checkpoints" / "checkpoint-1" / ema_file)
+    assert max_diff(ema_prev, weights(out / "checkpoints" / "checkpoint-1" / "model.safetensors")) <= 1e-7
+    for k in range(2, 13):
+        decay = 1 - (1 + (k - 1)) ** -0.75
+        w_k = weights(out / "checkpoints" / f"checkpoint-{k}" / "model.safetensors")
+        ema_k = weights(out / "checkpoints" / f"checkpoint-{k}" / ema_file)
+        expected = {name: decay * ema_prev[name] + (1 - decay) * w_k[name] for name in w_k}
+        assert max_diff(ema_k, expected) <= 1e-6, k
+        ema_prev = ema_k
 
 
 # --- loss ---------------------------------------------------------------------------------------
