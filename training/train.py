@@ -265,8 +265,6 @@ def run(args: argparse.Namespace) -> int:
         unet = copy.deepcopy(accelerator.unwrap_model(model)).eval()
         if ema is not None:
             ema.copy_to(unet.parameters())
-        if last_grid is None:  # resumed at the final step: nothing sampled in this process yet
-            last_grid = save_samples(global_step)
         last_grid.save(output_dir / "samples.png")
         plot_loss_curve(
             [h[0] for h in history], [h[1] for h in history], output_dir / "loss_curve.png",
