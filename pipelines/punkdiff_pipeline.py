@@ -1,9 +1,9 @@
 """`PunkDiffPipeline`: unconditional DDPM sampling, reconstruction and RePaint inpainting.
 
 This file is the one source of the class. It imports only torch, diffusers, numpy, PIL and the standard
-library (and, only to push to the Hub, huggingface_hub, which diffusers requires), so punkdiff's export copies
-it next to a model as `pipeline.py` and a Hub user without punkdiff can load it with
-`DiffusionPipeline.from_pretrained(repo, custom_pipeline=repo, trust_remote_code=True)`.
+library, so punkdiff's export copies it next to a model as `pipeline.py` and a Hub user without punkdiff can
+load it with `DiffusionPipeline.from_pretrained(repo, custom_pipeline=repo, trust_remote_code=True)`. Only
+writing the model card and pushing to the Hub reach for `punkdiff.hub`, and only where punkdiff is installed.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from diffusers import (
     UNet2DModel,
 )
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -57,6 +58,16 @@ class _ExactTimesteps:
     """
 
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device = None, **kwargs):
+        """Upstream's checks and state, then the exact timesteps (see the class docstring).
+
+        Examples:
+            ```py
+            >>> sched = ExactDDIMScheduler(num_train_timesteps=1000, timestep_spacing="trailing")
+            >>> sched.set_timesteps(61)
+            >>> len(sched.timesteps), int(sched.timesteps[-1])  # upstream: 62 timesteps, the last -1
+            (61, 15)
+            ```
+        """
         super().set_timesteps(num_inference_steps, device, **kwargs)  # validates, sets num_inference_steps
         if num_inference_steps is None:
             return
@@ -73,41 +84,118 @@ class _ExactTimesteps:
 
 
 class ExactDDIMScheduler(_ExactTimesteps, DDIMScheduler):
-    """`DDIMScheduler` with exact timesteps, whose step lands on the next of them, for every `timestep_spacing`.
+    r"""`DDIMScheduler` with exact timesteps, whose step lands on the next of them, for every `timestep_spacing`.
 
     Two deviations of upstream are fixed. `set_timesteps` is `_ExactTimesteps`'s (no extra t = -1 step with
     "trailing", exact rounding). And upstream `DDIMScheduler.step` takes the previous timestep as
     `t - num_train_timesteps // num_inference_steps`, which is only the next scheduled timestep for "leading"
     spacing; with "trailing" or "linspace" it steps to a timestep that is not in the schedule (diffusers issues
     #11347 and #12633). Here the previous timestep is the next entry of `timesteps` (or -1, i.e.
-    `final_alpha_cumprod`, after the last), as `DDPMScheduler.previous_timestep` does. Only that lookup changes:
-    the update itself, the noise draw and the config are upstream's, so a saved config stays a stock
-    `DDIMScheduler`/`DDPMScheduler` one.
+    `final_alpha_cumprod`, after the last), as `DDPMScheduler.previous_timestep` does. The update is upstream's
+    equation for equation, the noise is drawn as upstream draws it, and the config stays a stock `DDIMScheduler`
+    one. `step` reads the scheduler and never writes to it, so one instance may serve concurrent calls.
     """
 
     def previous_timestep(self, timestep: int | torch.Tensor) -> int:
+        """The scheduled timestep after `timestep`, or -1 after the last (alpha_bar is then `final_alpha_cumprod`)."""
         timesteps = self.timesteps.tolist()
         index = timesteps.index(int(timestep))
         return timesteps[index + 1] if index + 1 < len(timesteps) else -1
 
-    def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor, *args, **kwargs):
-        prev_t = self.previous_timestep(timestep)
-        alphas_cumprod, num_inference_steps = self.alphas_cumprod, self.num_inference_steps
-        alpha_prod_prev = alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
-        # Upstream `step` reads `timestep` only as `alphas_cumprod[t]` and `alphas_cumprod[t - T // n]`. Hand it
-        # the pair (prev, t) at indices (0, 1) with T // n == 1, and its unchanged math uses the right pair.
-        # This relies on upstream `DDIMScheduler.step` internals (which attributes it reads, and how), and the
-        # swap mutates this instance, so concurrent `step` calls on ONE scheduler instance are not thread-safe.
-        # Pipeline use is safe: every pipeline call builds its own scheduler with `from_config`. If upstream
-        # changes, tests/test_parity.py fails (test_pipeline_ddim_every_spacing, test_pipeline_extra_step_and_ties,
-        # test_exported_pipeline_reproduced), as do test_exact_ddim_steps_to_the_next_scheduled_timestep and
-        # test_exact_ddim_keeps_upstream_noise_draws in tests/test_pipeline.py.
-        self.alphas_cumprod = torch.stack([alpha_prod_prev, alphas_cumprod[int(timestep)]])
-        self.num_inference_steps = self.config.num_train_timesteps
-        try:
-            return super().step(model_output, 1, sample, *args, **kwargs)
-        finally:
-            self.alphas_cumprod, self.num_inference_steps = alphas_cumprod, num_inference_steps
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        eta: float = 0.0,
+        use_clipped_model_output: bool = False,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        variance_noise: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> DDIMSchedulerOutput | tuple:
+        r"""One reverse step x_t -> x_{t'} from `timestep` t to the next scheduled timestep t' (Song et al. 2021).
+
+        Eq. (12) with sigma_t(eta) from Eq. (16), in the paper's notation (variable -> symbol):
+        - `alpha_prod_t`, `alpha_prod_t_prev` -> alpha_t, alpha_{t'} (the paper's alphas are diffusers' alphas_cumprod)
+        - `pred_epsilon` -> epsilon_theta(x_t, t)
+        - `pred_original_sample` -> f_theta(x_t, t), the "predicted x_0"
+        - `std_dev_t` -> sigma_t(eta) = eta * sqrt((1 - alpha_{t'}) / (1 - alpha_t)) * sqrt(1 - alpha_t / alpha_{t'})
+        - `pred_sample_direction` -> sqrt(1 - alpha_{t'} - sigma_t^2) * epsilon_theta, "direction pointing to x_t"
+        - `prev_sample` -> x_{t'} = sqrt(alpha_{t'}) * f_theta + direction + sigma_t * z, z ~ N(0, I)
+
+        Args:
+            model_output: The UNet's output at (x_t, t): epsilon, v or x_0 as `prediction_type` says.
+            timestep: t, one of `self.timesteps`.
+            sample: x_t.
+            eta: Noise weight; 0 is deterministic DDIM, 1 gives DDPM's posterior variance.
+            use_clipped_model_output: Re-derive epsilon from the clipped x_0 (as GLIDE does).
+            generator: For z (drawn only when eta > 0, exactly as upstream draws it).
+            variance_noise: z itself, instead of drawing it.
+            return_dict: Return a `DDIMSchedulerOutput` rather than a tuple.
+
+        Examples:
+            ```py
+            >>> scheduler = ExactDDIMScheduler(num_train_timesteps=1000, timestep_spacing="trailing")
+            >>> scheduler.set_timesteps(61)
+            >>> x_t = torch.randn(1, 3, 8, 8)
+            >>> out = scheduler.step(torch.zeros_like(x_t), scheduler.timesteps[0], x_t)
+            >>> out.prev_sample.shape
+            torch.Size([1, 3, 8, 8])
+            ```
+        """
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None'; run 'set_timesteps' before 'step'.")
+        # 1. t and the next scheduled timestep t'
+        t = int(timestep)
+        prev_t = self.previous_timestep(t)
+
+        # 2. alpha_t, alpha_{t'} and 1 - alpha_t
+        alpha_prod_t = self.alphas_cumprod[t]
+        alpha_prod_t_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
+        beta_prod_t = 1 - alpha_prod_t
+
+        # 3. f_theta(x_t, t) and epsilon_theta(x_t, t) from the model output
+        if self.config.prediction_type == "epsilon":
+            pred_original_sample = (sample - beta_prod_t**0.5 * model_output) / alpha_prod_t**0.5
+            pred_epsilon = model_output
+        elif self.config.prediction_type == "sample":
+            pred_original_sample = model_output
+            pred_epsilon = (sample - alpha_prod_t**0.5 * pred_original_sample) / beta_prod_t**0.5
+        elif self.config.prediction_type == "v_prediction":
+            pred_original_sample = alpha_prod_t**0.5 * sample - beta_prod_t**0.5 * model_output
+            pred_epsilon = alpha_prod_t**0.5 * model_output + beta_prod_t**0.5 * sample
+        else:
+            raise ValueError(f"prediction_type {self.config.prediction_type!r} must be epsilon, sample or v_prediction")
+
+        # 4. clip or threshold f_theta
+        if self.config.thresholding:
+            pred_original_sample = self._threshold_sample(pred_original_sample)
+        elif self.config.clip_sample:
+            clip = self.config.clip_sample_range
+            pred_original_sample = pred_original_sample.clamp(-clip, clip)
+
+        # 5. sigma_t(eta), Eq. (16)
+        std_dev_t = eta * self._get_variance(t, prev_t) ** 0.5
+        if use_clipped_model_output:
+            pred_epsilon = (sample - alpha_prod_t**0.5 * pred_original_sample) / beta_prod_t**0.5
+
+        # 6. the direction pointing to x_t, and x_{t'} without noise, Eq. (12)
+        pred_sample_direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** 0.5 * pred_epsilon
+        prev_sample = alpha_prod_t_prev**0.5 * pred_original_sample + pred_sample_direction
+
+        # 7. + sigma_t * z
+        if eta > 0:
+            if variance_noise is not None and generator is not None:
+                raise ValueError("Pass either `generator` or `variance_noise`, not both.")
+            if variance_noise is None:
+                variance_noise = randn_tensor(
+                    model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
+                )
+            prev_sample = prev_sample + std_dev_t * variance_noise
+
+        if not return_dict:
+            return prev_sample, pred_original_sample
+        return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
 
 
 class ExactDDPMScheduler(_ExactTimesteps, DDPMScheduler):
@@ -131,18 +219,30 @@ class ExactDDPMScheduler(_ExactTimesteps, DDPMScheduler):
         generator: torch.Generator | None = None,
         return_dict: bool = True,
     ):
+        """Upstream's DDPM step (Ho et al. 2020, Algorithm 2), returning the posterior mean at the last step.
+
+        Examples:
+            ```py
+            >>> sched = ExactDDPMScheduler(timestep_spacing="trailing")
+            >>> sched.set_timesteps(10)
+            >>> x_t = torch.randn(1, 1, 8, 8)
+            >>> last = sched.step(torch.zeros_like(x_t), sched.timesteps[-1], x_t)
+            >>> torch.equal(last.prev_sample, last.pred_original_sample)  # z = 0 at the last step
+            True
+            ```
+        """
         output = super().step(model_output, timestep, sample, generator=generator)
         if self.previous_timestep(timestep) < 0:
             output.prev_sample = output.pred_original_sample
         return output if return_dict else output.to_tuple()
 
 
-SCHEDULERS: dict[str, type[SchedulerMixin]] = {
+SAMPLERS: dict[str, type[SchedulerMixin]] = {
     "ddpm": ExactDDPMScheduler,
     "ddim": ExactDDIMScheduler,
     "dpm++": DPMSolverMultistepScheduler,  # its default algorithm_type is "dpmsolver++"
 }
-# What `scheduler=None` runs for a saved stock scheduler: the exact version of its class.
+# What `sampler=None` runs for a saved stock scheduler: the exact version of its class.
 _EXACT = {DDPMScheduler: ExactDDPMScheduler, DDIMScheduler: ExactDDIMScheduler}
 
 
@@ -163,14 +263,25 @@ class PunkDiffPipelineOutput(ImagePipelineOutput):
 class PunkDiffPipeline(DiffusionPipeline):
     r"""Pipeline for unconditional image generation, reconstruction and inpainting with one DDPM-trained UNet.
 
-    The scheduler is chosen per call (`"ddpm"`, `"ddim"`, `"dpm++"` or a scheduler instance) and built with
-    `from_config` from the saved one, so a call never changes `self.scheduler` or its config. DDPM and DDIM use
-    [`ExactDDPMScheduler`] and [`ExactDDIMScheduler`], which give the reference result for every
+    The sampler is chosen per call (`"ddpm"`, `"ddim"`, `"dpm++"` or a scheduler instance) and built with
+    `from_config` from the saved scheduler, so a call never changes `self.scheduler` or its config. DDPM and DDIM
+    use [`ExactDDPMScheduler`] and [`ExactDDIMScheduler`], which give the reference result for every
     `timestep_spacing`; a saved stock `DDPMScheduler`/`DDIMScheduler` runs as its exact version too.
 
     Args:
         unet ([`UNet2DModel`]): The denoiser, trained in [-1, 1] pixel space with 1 (grayscale) or 3 channels.
         scheduler ([`SchedulerMixin`]): The training noise schedule, usually a [`DDPMScheduler`].
+
+    Examples:
+        ```py
+        >>> from diffusers import DDPMScheduler, UNet2DModel
+        >>> unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+        ...                    norm_num_groups=4, down_block_types=("DownBlock2D",) * 2,
+        ...                    up_block_types=("UpBlock2D",) * 2)
+        >>> pipe = PunkDiffPipeline(unet=unet, scheduler=DDPMScheduler())
+        >>> pipe(batch_size=2, sampler="ddim", num_inference_steps=5).images[0].size
+        (8, 8)
+        ```
     """
 
     model_cpu_offload_seq = "unet"
@@ -193,47 +304,69 @@ class PunkDiffPipeline(DiffusionPipeline):
         save_directory: str | os.PathLike[str],
         safe_serialization: bool = True,
         push_to_hub: bool = False,
+        model_card: Any = None,
         **kwargs: Any,
     ) -> None:
-        """Save like any diffusers pipeline (safetensors by default), loadable by stock diffusers.
+        """Save like any diffusers pipeline (safetensors by default), loadable by stock diffusers, with a model card.
 
         `model_index.json` names the stock `DDPMPipeline`, so `DiffusionPipeline.from_pretrained(folder)` works
         without running code shipped with the model, and this file is saved beside it as `pipeline.py`, so
         `DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder, trust_remote_code=True)` gives a
-        `PunkDiffPipeline` to a user without punkdiff installed. With `push_to_hub=True` (and diffusers' `repo_id`,
-        `private`, `token`, `commit_message`, `create_pr`), the finished folder is uploaded as diffusers would.
+        `PunkDiffPipeline` to a user without punkdiff installed. Where punkdiff is installed, its model card
+        (`model_card`: a `punkdiff.hub.ModelCardInfo` or a dict of its fields) is written as `README.md`, and
+        `push_to_hub=True` (with diffusers' `repo_id`, `private`, `token`, `commit_message`, `create_pr`) uploads the
+        finished folder through `punkdiff.hub.push_to_hub`, the one way punkdiff publishes a model.
+
+        Examples:
+            ```py
+            >>> pipe.save_pretrained("my-model", model_card={"preset": "mnist-baseline-16", "dataset": "ylecun/mnist"})
+            >>> DDPMPipeline.from_pretrained("my-model")  # stock diffusers, no remote code
+            ```
         """
-        hub_kwargs = {k: kwargs.pop(k) for k in _PUSH_KWARGS if k in kwargs}
-        # Never let diffusers push: it would upload before the two fixes below.
+        push_kwargs = {k: kwargs.pop(k) for k in _PUSH_KWARGS if k in kwargs}
+        # 1. diffusers' own save; never its push, which would upload before steps 2 to 4
         super().save_pretrained(save_directory, safe_serialization=safe_serialization, **kwargs)
+        # 2. stock metadata: any diffusers install loads the folder as a DDPMPipeline
         index = Path(save_directory) / "model_index.json"
         config = json.loads(index.read_text())
         config["_class_name"] = "DDPMPipeline"
         index.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        # 3. this file, for the opt-in custom-pipeline route
         shutil.copyfile(__file__, Path(save_directory) / CUSTOM_PIPELINE_FILE)
+        # 4. the model card and the push, where punkdiff is installed
+        hub = _punkdiff_hub()
+        if hub is not None:
+            hub.write_model_card(save_directory, model_card)
         if push_to_hub:
-            self._push_saved_folder(save_directory, **hub_kwargs)
+            self._require_punkdiff(hub).push_to_hub(save_directory, **push_kwargs)
 
-    def _push_saved_folder(
+    def push_to_hub(
         self,
-        save_directory: str | os.PathLike[str],
-        repo_id: str | None = None,
+        repo_id: str,
+        commit_message: str | None = None,
         private: bool | None = None,
         token: str | None = None,
-        commit_message: str | None = None,
         create_pr: bool = False,
-    ) -> None:
-        """What `DiffusionPipeline.save_pretrained(push_to_hub=True)` does after saving: create the repo, write
-        diffusers' model card, upload the folder with `PushToHubMixin._upload_folder`."""
-        from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+        model_card: Any = None,
+        **kwargs: Any,
+    ) -> str:
+        """Save to a temporary folder and upload it with `punkdiff.hub.push_to_hub`; returns the repo (or PR) URL.
 
-        # huggingface_hub is a dependency of diffusers; diffusers itself calls this create_repo here.
-        from huggingface_hub import create_repo
+        The token defaults to your Hugging Face login (`hf auth login` or `HF_TOKEN`) and is never written anywhere.
 
-        repo_id = create_repo(repo_id or Path(save_directory).name, exist_ok=True, private=private, token=token).repo_id
-        model_card = populate_model_card(load_or_create_model_card(repo_id, token=token, is_pipeline=True))
-        model_card.save(os.path.join(save_directory, "README.md"))
-        self._upload_folder(save_directory, repo_id, token=token, commit_message=commit_message, create_pr=create_pr)
+        Examples:
+            ```py
+            >>> pipe.push_to_hub("your-name/punkdiff-mnist", private=True)
+            ```
+        """
+        import tempfile
+
+        hub = self._require_punkdiff(_punkdiff_hub())
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, model_card=model_card, **kwargs)
+            return hub.push_to_hub(
+                folder, repo_id, private=private, token=token, commit_message=commit_message, create_pr=create_pr
+            )
 
     @torch.no_grad()
     def __call__(
@@ -242,7 +375,7 @@ class PunkDiffPipeline(DiffusionPipeline):
         generator: Generator = None,
         num_inference_steps: int | None = None,
         eta: float = 0.0,
-        scheduler: str | SchedulerMixin | None = None,
+        sampler: str | SchedulerMixin | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         return_trajectory: bool = False,
@@ -256,8 +389,9 @@ class PunkDiffPipeline(DiffusionPipeline):
             generator: One `torch.Generator`, or a list with one per image; with a list, image i depends only on
                 `generator[i]`, so it is the same whatever the batch size.
             num_inference_steps: Denoising steps; `None` means every training step for DDPM and 50 otherwise.
-            eta: DDIM noise weight (0 is deterministic DDIM, 1 is DDPM-like); ignored by other schedulers.
-            scheduler: `"ddpm"`, `"ddim"`, `"dpm++"`, a scheduler instance, or `None` for the saved one.
+            eta: DDIM noise weight (0 is deterministic DDIM, 1 is DDPM-like); ignored by other samplers.
+            sampler: `"ddpm"`, `"ddim"`, `"dpm++"`, a scheduler instance, or `None` for the saved scheduler's
+                class. It is built from the saved scheduler's config for this call only.
             output_type: `"pil"`, `"np"` or `"pt"`; arrays and tensors are in [0, 1].
             return_dict: Return a [`PunkDiffPipelineOutput`] rather than a tuple.
             return_trajectory: Also return x_t and the predicted x_0 after each step.
@@ -270,16 +404,19 @@ class PunkDiffPipeline(DiffusionPipeline):
             ```py
             >>> pipe = PunkDiffPipeline.from_pretrained("path/to/export")
             >>> generator = [torch.Generator().manual_seed(i) for i in range(4)]
-            >>> images = pipe(batch_size=4, generator=generator, scheduler="ddim", num_inference_steps=50).images
+            >>> images = pipe(batch_size=4, generator=generator, sampler="ddim", num_inference_steps=50).images
             ```
         """
+        # 1. check the inputs, and build this call's sampler from the saved config
         self._check_generator(generator, batch_size)
-        sched = self._make_scheduler(scheduler)
+        sched = self._make_sampler(sampler)
         sched.set_timesteps(self._default_steps(sched, num_inference_steps))
+        # 2. x_T ~ N(0, I), scaled as the sampler expects
         latents = randn_tensor(
             self._image_shape(batch_size), generator=generator, device=self._execution_device, dtype=self.unet.dtype
         )
         latents = latents * sched.init_noise_sigma
+        # 3. denoise from x_T to x_0
         return self._denoise(
             sched,
             sched.timesteps,
@@ -301,7 +438,7 @@ class PunkDiffPipeline(DiffusionPipeline):
         generator: Generator = None,
         num_inference_steps: int | None = None,
         eta: float = 0.0,
-        scheduler: str | SchedulerMixin | None = None,
+        sampler: str | SchedulerMixin | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         return_trajectory: bool = False,
@@ -317,15 +454,23 @@ class PunkDiffPipeline(DiffusionPipeline):
         Args:
             image: Images in [0, 1] at the model's resolution (PIL, `(B, H, W, C)` array or `(B, C, H, W)` tensor).
             t_start: Training timestep to noise to, in `[0, num_train_timesteps)`.
-            generator: As in `__call__`; draws the forward noise first, then the scheduler's noise.
+            generator: As in `__call__`; draws the forward noise first, then the sampler's noise.
             Other arguments: As in `__call__`.
+
+        Examples:
+            ```py
+            >>> digit = PIL.Image.open("digit.png")  # at the model's resolution
+            >>> pipe.reconstruct(digit, t_start=300, sampler="ddim", num_inference_steps=50).images[0]
+            ```
         """
+        # 1. check the inputs
         original = self._preprocess(image)
         self._check_generator(generator, original.shape[0])
         num_train_timesteps = self.scheduler.config.num_train_timesteps
         if not 0 <= t_start < num_train_timesteps:
             raise ValueError(f"`t_start` must be in [0, {num_train_timesteps}), got {t_start}.")
-        sched = self._make_scheduler(scheduler)
+        # 2. the sampler's timesteps from the largest one <= t_start
+        sched = self._make_sampler(sampler)
         sched.set_timesteps(self._default_steps(sched, num_inference_steps))
         begin = int((sched.timesteps > t_start).sum())
         if begin == len(sched.timesteps):
@@ -333,8 +478,10 @@ class PunkDiffPipeline(DiffusionPipeline):
         if hasattr(sched, "set_begin_index"):
             sched.set_begin_index(begin)
         timesteps = sched.timesteps[begin:]
+        # 3. x_t ~ q(x_t | x_0), the forward process
         noise = randn_tensor(original.shape, generator=generator, device=original.device, dtype=original.dtype)
         latents = sched.add_noise(original, noise, timesteps[:1])
+        # 4. denoise from x_t to x_0
         return self._denoise(
             sched,
             timesteps,
@@ -377,15 +524,28 @@ class PunkDiffPipeline(DiffusionPipeline):
             jump_n_sample: How many times each jump is repeated ("r" in the paper).
             eta: DDIM-style noise weight of the RePaint step (0 deterministic, 1 DDPM-like).
             generator, output_type, return_dict: As in `__call__`.
+
+        Examples:
+            ```py
+            >>> punk = PIL.Image.open("punk.png")  # 24x24, composited on the training background
+            >>> hat = PIL.Image.new("L", punk.size, 0)
+            >>> hat.paste(255, (4, 0, 20, 8))  # white: regenerate the top rows
+            >>> pipe.inpaint(punk, hat, num_inference_steps=100, generator=torch.Generator().manual_seed(0)).images[0]
+            ```
         """
+        # 1. check the inputs; the mask becomes "known" = 1 where the original is kept
         if self.scheduler.config.get("prediction_type", "epsilon") != "epsilon":
             raise ValueError("RePaint inpainting needs an epsilon-prediction model.")
         original = self._preprocess(image)
         self._check_generator(generator, original.shape[0])
         known = 1.0 - self.mask_processor.preprocess(mask).to(original.device, original.dtype)
+        # 2. the RePaint schedule, with its jumps back in time
         sched = RePaintScheduler.from_config(self.scheduler.config, eta=eta)
         sched.set_timesteps(num_inference_steps, jump_length, jump_n_sample)
+        # 3. x_T ~ N(0, I)
         latents = randn_tensor(original.shape, generator=generator, device=original.device, dtype=original.dtype)
+        # 4. walk the schedule: a lower t denoises (known region re-noised from the original), a higher t
+        #    re-noises the sample (a jump back)
         t_last = sched.timesteps[0] + 1
         for t in self.progress_bar(sched.timesteps):
             if t < t_last:
@@ -394,6 +554,7 @@ class PunkDiffPipeline(DiffusionPipeline):
             else:
                 latents = sched.undo_step(latents, t_last, generator)
             t_last = t
+        # 5. to images
         images = self.image_processor.postprocess(latents, output_type)
         self.maybe_free_model_hooks()
         return PunkDiffPipelineOutput(images=images) if return_dict else (images,)
@@ -422,15 +583,19 @@ class PunkDiffPipeline(DiffusionPipeline):
         need_x0 = return_trajectory or "pred_original_sample" in tensor_inputs
         trajectory, pred_x0s = [], []
         for i, t in enumerate(self.progress_bar(timesteps)):
+            # 1. the model's output at (x_t, t)
             model_input = sched.scale_model_input(latents, t)
             model_output = self.unet(model_input, t).sample
+            # 2. x_t -> x_{t'}: one sampler step
             out = sched.step(model_output, t, latents, **step_kwargs)
             latents = out.prev_sample
+            # 3. the predicted x_0, where someone looks at it
             pred_original_sample = None
             if need_x0:
                 pred_original_sample = getattr(out, "pred_original_sample", None)
                 if pred_original_sample is None:  # e.g. DPM-Solver does not report x_0
                     pred_original_sample = _predict_x0(sched, model_output, t, model_input)
+            # 4. the step callback, which may replace x_{t'}
             if callback_on_step_end is not None:
                 local = {"latents": latents, "pred_original_sample": pred_original_sample}
                 callback_outputs = callback_on_step_end(self, i, t, {k: local[k] for k in tensor_inputs})
@@ -447,16 +612,16 @@ class PunkDiffPipeline(DiffusionPipeline):
         )
         return output if return_dict else output.to_tuple()
 
-    def _make_scheduler(self, scheduler: str | SchedulerMixin | None) -> SchedulerMixin:
+    def _make_sampler(self, sampler: str | SchedulerMixin | None) -> SchedulerMixin:
         """A fresh scheduler for one call, so `self.scheduler` (what gets saved) is never mutated."""
-        if isinstance(scheduler, SchedulerMixin):
-            return scheduler
-        if scheduler is None:
+        if isinstance(sampler, SchedulerMixin):
+            return sampler
+        if sampler is None:
             cls = _EXACT.get(type(self.scheduler), type(self.scheduler))
-        elif scheduler.lower() in SCHEDULERS:
-            cls = SCHEDULERS[scheduler.lower()]
+        elif sampler.lower() in SAMPLERS:
+            cls = SAMPLERS[sampler.lower()]
         else:
-            raise ValueError(f"Unknown scheduler {scheduler!r}; choose one of {sorted(SCHEDULERS)}.")
+            raise ValueError(f"Unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}.")
         return cls.from_config(self.scheduler.config)
 
     @staticmethod
@@ -482,6 +647,21 @@ class PunkDiffPipeline(DiffusionPipeline):
     def _check_generator(generator: Generator, batch_size: int) -> None:
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"Got {len(generator)} generators for a batch of {batch_size}; pass one per image.")
+
+    @staticmethod
+    def _require_punkdiff(hub: Any) -> Any:
+        if hub is None:
+            raise ImportError("Publishing a PunkDiffPipeline uses punkdiff's Hub code: `pip install punkdiff`.")
+        return hub
+
+
+def _punkdiff_hub() -> Any:
+    """punkdiff's export module (model card, Hub push), or None where this file runs without punkdiff installed."""
+    try:
+        from punkdiff import hub
+    except ImportError:
+        return None
+    return hub
 
 
 def _predict_x0(sched: SchedulerMixin, model_output: torch.Tensor, t: torch.Tensor, sample: torch.Tensor):

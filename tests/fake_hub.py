@@ -36,32 +36,21 @@ class FakeHub:
             files = json.loads(request.content)["files"]
             modes = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
             return httpx2.Response(200, json={"files": modes})
-        if path.endswith("/discussions") and request.method == "POST":  # a pull request, for create_pr=True
-            self.pull_requests.append(json.loads(request.content))
-            return httpx2.Response(200, json={"num": len(self.pull_requests)})
-        if "/discussions/" in path:
-            num = int(path.rsplit("/", 1)[1])
-            pr = {"title": self.pull_requests[num - 1]["title"], "num": num, "status": "draft", "events": []}
-            repo = {"name": path.split("/")[3] + "/" + path.split("/")[4], "type": "model"}
-            return httpx2.Response(
-                200,
-                json={
-                    **pr,
-                    "createdAt": "2024-01-01T00:00:00.000Z",
-                    "repo": repo,
-                    "isPullRequest": True,
-                    "changes": {"base": "refs/heads/main"},
-                    "filesWithConflicts": [],
-                },
-            )
         if "/commit/" in path:
+            create_pr = request.url.params.get("create_pr") == "1"
             for line in request.read().decode().splitlines():
                 item = json.loads(line)
                 if item["key"] == "header":
-                    self.commits.append({**item["value"], "revision": unquote(path.split("/commit/")[1])})
+                    revision = unquote(path.split("/commit/")[1])
+                    self.commits.append({**item["value"], "revision": revision, "create_pr": create_pr})
+                    if create_pr:  # the Hub opens a pull request with the commit's summary as its title
+                        self.pull_requests.append({"title": item["value"]["summary"]})
                 if item["key"] == "file":
                     self.uploaded[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
-            return httpx2.Response(200, json={"commitUrl": "https://huggingface.co/x/y/commit/0", "commitOid": "0"})
+            response = {"commitUrl": "https://huggingface.co/x/y/commit/0", "commitOid": "0"}
+            if create_pr:
+                response["pullRequestUrl"] = f"https://huggingface.co/x/y/discussions/{len(self.pull_requests)}"
+            return httpx2.Response(200, json=response)
         return httpx2.Response(404, json={"error": f"not faked: {request.method} {path}"})
 
 

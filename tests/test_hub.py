@@ -146,8 +146,8 @@ def test_custom_pipeline_route_works_without_punkdiff(exported, tmp_path):
 
         pipe = DiffusionPipeline.from_pretrained(sys.argv[1], custom_pipeline=sys.argv[1], trust_remote_code=True)
         pipe.set_progress_bar_config(disable=True)
-        images = pipe(batch_size=2, num_inference_steps=3, scheduler="ddim", output_type="np").images
-        recon = pipe.reconstruct(images, 5, num_inference_steps=3, scheduler="ddim", output_type="np").images
+        images = pipe(batch_size=2, num_inference_steps=3, sampler="ddim", output_type="np").images
+        recon = pipe.reconstruct(images, 5, num_inference_steps=3, sampler="ddim", output_type="np").images
         print(type(pipe).__name__, type(pipe).__module__, images.shape, recon.shape)
         """
     )
@@ -321,5 +321,5 @@ def test_push_refuses_folders_with_pickles(folder):
 def test_grayscale_export_round_trips_images(exported):
     pipe = load_pipeline(exported)
     pipe.set_progress_bar_config(disable=True)
-    image = pipe(generator=torch.Generator().manual_seed(0), scheduler="ddim", num_inference_steps=3).images[0]
+    image = pipe(generator=torch.Generator().manual_seed(0), sampler="ddim", num_inference_steps=3).images[0]
     assert image.mode == "L" and np.asarray(image).shape == (8, 8)

@@ -536,7 +536,7 @@ def _pipeline_vs_reference(pipe, unet, sampler, n, eta, seeds=(0, 1)) -> float:
         generator=[_gen(s) for s in seeds],
         num_inference_steps=n,
         eta=eta,
-        scheduler=sampler,
+        sampler=sampler,
         output_type="pt",
     ).images
     ref = parity.reference_sample(
@@ -571,7 +571,7 @@ def test_pipeline_ddim_every_spacing(unet, spacing, n, eta, parity_record):
 def test_pipeline_ddpm(unet, config, n, parity_record):
     pipe = _pipeline(unet, **config)
     steps = n or pipe.scheduler.config.num_train_timesteps  # None: every training step
-    got = pipe(batch_size=2, generator=_gen(0), num_inference_steps=n, scheduler="ddpm", output_type="pt").images
+    got = pipe(batch_size=2, generator=_gen(0), num_inference_steps=n, sampler="ddpm", output_type="pt").images
     ref = parity.reference_sample(parity.unet_model(unet), pipe.scheduler.config, "ddpm", SHAPE, _gen(0), steps)
     diff = parity.max_abs_diff(got, (ref / 2 + 0.5).clamp(0, 1))
     parity_record("PunkDiffPipeline DDPM", diff, SAMPLE_TOL)
@@ -632,7 +632,7 @@ def test_exported_pipeline_reproduced(unet, tmp_path, parity_record):
     pipe = hub.load_pipeline(folder)
     pipe.set_progress_bar_config(disable=True)
     for sampler, n, eta in (("ddpm", None, 0.0), ("ddim", 7, 0.0), ("ddim", 7, 1.0)):
-        got = pipe(batch_size=2, generator=_gen(0), num_inference_steps=n, eta=eta, scheduler=sampler, output_type="pt")
+        got = pipe(batch_size=2, generator=_gen(0), num_inference_steps=n, eta=eta, sampler=sampler, output_type="pt")
         ref = parity.reference_sample(
             parity.unet_model(pipe.unet), pipe.scheduler.config, sampler, SHAPE, _gen(0), n or 100, eta
         )

@@ -36,7 +36,7 @@ def generators(*seeds: int) -> list[torch.Generator]:
 
 @pytest.mark.parametrize("scheduler", ["ddpm", "ddim", "dpm++"])
 def test_image_i_depends_only_on_its_generator(pipe, scheduler):
-    kwargs = {"num_inference_steps": 8, "scheduler": scheduler, "eta": 1.0, "output_type": "pt"}
+    kwargs = {"num_inference_steps": 8, "sampler": scheduler, "eta": 1.0, "output_type": "pt"}
     batch = pipe(batch_size=3, generator=generators(10, 11, 12), **kwargs).images
     single = pipe(batch_size=1, generator=generators(12), **kwargs).images
     other = pipe(batch_size=1, generator=generators(13), **kwargs).images
@@ -46,7 +46,7 @@ def test_image_i_depends_only_on_its_generator(pipe, scheduler):
 
 
 def test_output_types_shapes_and_ranges(pipe, gray_pipe):
-    kwargs = {"batch_size": 2, "num_inference_steps": 3, "scheduler": "ddim"}
+    kwargs = {"batch_size": 2, "num_inference_steps": 3, "sampler": "ddim"}
     pil = pipe(**kwargs, generator=generators(0, 1)).images
     assert len(pil) == 2 and pil[0].mode == "RGB" and pil[0].size == (8, 8)
     arr = pipe(**kwargs, generator=generators(0, 1), output_type="np").images
@@ -66,19 +66,19 @@ def test_output_types_shapes_and_ranges(pipe, gray_pipe):
 def test_scheduler_choice_never_touches_the_saved_scheduler(pipe):
     saved = dict(pipe.scheduler.config)
     for name in ("ddim", "dpm++", "ddpm"):
-        pipe(num_inference_steps=4, scheduler=name, output_type="np")
+        pipe(num_inference_steps=4, sampler=name, output_type="np")
     assert type(pipe.scheduler) is DDPMScheduler
     assert dict(pipe.scheduler.config) == saved
     assert pipe.scheduler.num_inference_steps is None  # not even its timesteps were set
-    with pytest.raises(ValueError, match="Unknown scheduler"):
-        pipe(scheduler="euler-ancestral-typo")
+    with pytest.raises(ValueError, match="Unknown sampler"):
+        pipe(sampler="euler-ancestral-typo")
 
 
 def test_ddim_eta_zero_is_deterministic_and_eta_is_used(pipe):
     def run(seed: int, eta: float) -> torch.Tensor:
         return pipe(
             generator=torch.Generator().manual_seed(seed),
-            scheduler="ddim",
+            sampler="ddim",
             num_inference_steps=6,
             eta=eta,
             output_type="pt",
@@ -120,9 +120,30 @@ def test_exact_ddim_keeps_upstream_noise_draws():
         assert torch.equal(ours, theirs)
 
 
+def test_exact_ddim_step_only_reads_the_scheduler_so_threads_can_share_it():
+    from concurrent.futures import ThreadPoolExecutor
+
+    sched = ExactDDIMScheduler(timestep_spacing="trailing")
+    sched.set_timesteps(7)
+    x, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    alone = {int(t): sched.step(eps, t, x).prev_sample for t in sched.timesteps}
+    writes = []
+
+    def record(self, name, value):
+        writes.append(name)
+        object.__setattr__(self, name, value)
+
+    sched.__class__ = type("WatchedDDIM", (ExactDDIMScheduler,), {"__setattr__": record})
+    order = [int(t) for t in sched.timesteps] * 20
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda t: (t, sched.step(eps, t, x).prev_sample), order))
+    assert writes == []
+    assert all(torch.equal(out, alone[t]) for t, out in together)
+
+
 @pytest.mark.parametrize("scheduler", ["ddpm", "dpm++"])
 def test_trajectory_has_one_x_t_and_x0_per_step(pipe, scheduler):
-    out = pipe(batch_size=2, num_inference_steps=5, scheduler=scheduler, output_type="np", return_trajectory=True)
+    out = pipe(batch_size=2, num_inference_steps=5, sampler=scheduler, output_type="np", return_trajectory=True)
     assert len(out.trajectory) == len(out.pred_original_samples) == 5
     assert all(frame.shape == (2, 8, 8, 3) for frame in out.trajectory + out.pred_original_samples)
     np.testing.assert_array_equal(out.trajectory[-1], out.images)
@@ -138,7 +159,7 @@ def test_callback_sees_each_step_and_can_replace_latents(pipe):
 
     out = pipe(
         num_inference_steps=4,
-        scheduler="ddim",
+        sampler="ddim",
         output_type="np",
         callback_on_step_end=callback,
         callback_on_step_end_tensor_inputs=["latents", "pred_original_sample"],
@@ -158,7 +179,7 @@ def test_reconstruction_recovers_lightly_noised_images_only(pipe, scheduler):
 
     def mse(t_start: int) -> float:
         out = pipe.reconstruct(
-            image, t_start, generator=generators(0, 1), scheduler=scheduler, num_inference_steps=steps, output_type="pt"
+            image, t_start, generator=generators(0, 1), sampler=scheduler, num_inference_steps=steps, output_type="pt"
         ).images
         return float(((out - image) ** 2).mean())
 
@@ -197,11 +218,18 @@ def test_inpainting_keeps_the_known_region_and_fills_the_mask(pipe):
 
 
 def test_pipeline_file_imports_only_torch_diffusers_numpy_pil_and_stdlib():
-    # huggingface_hub is a dependency of diffusers, imported only to push (as diffusers does).
-    allowed = {"torch", "diffusers", "numpy", "PIL", "huggingface_hub"} | set(sys.stdlib_module_names)
+    """The file travels with models: punkdiff itself is reached only by `_punkdiff_hub`, which tolerates its absence."""
+    allowed = {"torch", "diffusers", "numpy", "PIL"} | set(sys.stdlib_module_names)
     tree = ast.parse(PIPELINE_FILE.read_text())
-    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    optional = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_punkdiff_hub")
+    [guarded] = [n for n in ast.walk(optional) if isinstance(n, ast.Try)]
+    assert [h.type.id for h in guarded.handlers] == ["ImportError"]
+    optional_imports = {id(n) for n in ast.walk(guarded) if isinstance(n, (ast.Import, ast.ImportFrom))}
+    imports = [
+        n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in optional_imports
+    ]
+    imported = {alias.name for node in imports if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in imports if isinstance(node, ast.ImportFrom)}
     assert {name.split(".")[0] for name in imported} <= allowed
     assert PunkDiffPipeline.__module__ == "punkdiff.pipelines.punkdiff_pipeline"
 
@@ -245,7 +273,7 @@ def test_save_pretrained_push_to_hub_uploads_the_finished_folder(pipe, tmp_path,
     assert created.get("visibility") == "private" or created.get("private") is True
     [pr] = hub.pull_requests
     [commit] = hub.commits
-    assert pr["title"] == "first" and commit["summary"] == "first" and commit["revision"] == "refs/pr/1"
+    assert pr["title"] == "first" and commit["summary"] == "first" and commit["create_pr"]
     assert json.loads(hub.uploaded["model_index.json"])["_class_name"] == "DDPMPipeline"
     assert hub.uploaded["pipeline.py"] == PIPELINE_FILE.read_bytes()
     assert {"README.md", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"} <= set(
@@ -255,3 +283,33 @@ def test_save_pretrained_push_to_hub_uploads_the_finished_folder(pipe, tmp_path,
     assert {r.headers.get("authorization") for r in hub.requests if r.url.path.startswith("/api/repos")} == {
         "Bearer hf_test_token"
     }
+    # the card is punkdiff's (the one `punkdiff push` uploads), naming the repo it was pushed to
+    assert 'DDPMPipeline.from_pretrained("someone/tiny")' in hub.uploaded["README.md"].decode()
+
+
+def test_save_pretrained_writes_the_punkdiff_model_card(pipe, tmp_path):
+    from huggingface_hub import ModelCard
+
+    pipe.save_pretrained(tmp_path / "plain")
+    card = ModelCard.load(tmp_path / "plain" / "README.md")
+    assert card.data.library_name == "diffusers" and "punkdiff" in card.data.tags
+    assert "8x8 RGB images" in card.text and "`DDPMScheduler`, 1000 steps" in card.text  # read from the configs
+    pipe.save_pretrained(tmp_path / "named", model_card={"preset": "punks-24", "dataset": "huggingnft/cryptopunks"})
+    named = ModelCard.load(tmp_path / "named" / "README.md")
+    assert named.data.datasets == ["huggingnft/cryptopunks"] and "`punks-24`" in named.text
+
+
+def test_push_to_hub_method_is_the_same_single_commit_as_punkdiff_push(pipe, tmp_path, monkeypatch):
+    from punkdiff.hub import push_to_hub
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    with fake_hub() as by_method:
+        url = pipe.push_to_hub("someone/tiny", model_card={"preset": "mnist-baseline-16"})
+    pipe.save_pretrained(tmp_path / "saved", model_card={"preset": "mnist-baseline-16"})
+    with fake_hub() as by_function:
+        push_to_hub(tmp_path / "saved", "someone/tiny")
+    assert url == "https://huggingface.co/someone/tiny"
+    assert len(by_method.commits) == len(by_function.commits) == 1
+    assert by_method.uploaded.keys() == by_function.uploaded.keys()
+    for name in by_method.uploaded:
+        assert by_method.uploaded[name] == by_function.uploaded[name], name

@@ -139,7 +139,7 @@ def _run_sample(args: argparse.Namespace) -> int:
         generator=generators,
         num_inference_steps=args.steps,
         eta=args.eta,
-        scheduler=args.scheduler,
+        sampler=args.scheduler,
     ).images
     rows = max(r for r in range(1, int(args.num_images**0.5) + 1) if args.num_images % r == 0)
     out = Path(args.out)

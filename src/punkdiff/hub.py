@@ -103,6 +103,34 @@ def render_model_card(info: ModelCardInfo, *, has_samples: bool = False) -> str:
     return str(card)
 
 
+def write_model_card(folder: str | os.PathLike[str], info: ModelCardInfo | Mapping[str, Any] | None = None) -> Path:
+    """Write the model card `README.md` into a saved pipeline folder; `PunkDiffPipeline.save_pretrained` calls it.
+
+    Fields `info` leaves empty (resolution, channels, schedule length) are read from the folder's configs, and the
+    card shows `samples.png` when the folder has one. This is punkdiff's one model card, for every way a model is
+    saved or pushed.
+
+    Examples:
+        ```py
+        >>> write_model_card("outputs/mnist16/pipeline", {"preset": "mnist-baseline-16", "dataset": "ylecun/mnist"})
+        PosixPath('outputs/mnist16/pipeline/README.md')
+        ```
+    """
+    folder = Path(folder)
+    info = ModelCardInfo(**info) if isinstance(info, Mapping) else info or ModelCardInfo()
+    unet_config = _read_json(folder / "unet" / "config.json")
+    scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json")
+    info = dataclasses.replace(
+        info,
+        resolution=info.resolution or _side(unet_config["sample_size"]),
+        channels=info.channels or unet_config["in_channels"],
+        num_train_timesteps=info.num_train_timesteps or scheduler_config["num_train_timesteps"],
+    )
+    readme = folder / "README.md"
+    readme.write_text(render_model_card(info, has_samples=(folder / "samples.png").is_file()), encoding="utf-8")
+    return readme
+
+
 def export_pipeline(
     unet: UNet2DModel,
     scheduler: SchedulerMixin,
@@ -117,27 +145,23 @@ def export_pipeline(
     `DDIMPipeline` load the folder; samplers are picked at call time. Pass an unwrapped UNet (e.g. the EMA
     copy, not a DDP or compiled wrapper). An existing `output_dir` is replaced only if it is empty or is
     itself an export, so a mistyped path never deletes a training run.
+
+    Examples:
+        ```py
+        >>> export_pipeline(unet, DDPMScheduler(), "outputs/mnist16/pipeline", card={"preset": "mnist-baseline-16"})
+        ```
     """
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not (output_dir / "model_index.json").is_file():
         raise FileExistsError(f"{output_dir} exists and is not a model export; choose another output folder.")
-    info = ModelCardInfo(**card) if isinstance(card, Mapping) else card or ModelCardInfo()
-    info = dataclasses.replace(
-        info,
-        resolution=info.resolution or _side(unet.config.sample_size),
-        channels=info.channels or unet.config.in_channels,
-        num_train_timesteps=info.num_train_timesteps or scheduler.config.num_train_timesteps,
-    )
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = output_dir.with_name(f".{output_dir.name}.staging-{uuid.uuid4().hex[:8]}")
     staging.mkdir()  # a sibling, so the final rename stays on one filesystem
     try:
-        pipe = PunkDiffPipeline(unet=unet, scheduler=DDPMScheduler.from_config(scheduler.config))
-        pipe.save_pretrained(staging, safe_serialization=True)
         if sample_grid is not None:
             sample_grid.save(staging / "samples.png")
-        readme = render_model_card(info, has_samples=sample_grid is not None)
-        (staging / "README.md").write_text(readme, encoding="utf-8")
+        pipe = PunkDiffPipeline(unet=unet, scheduler=DDPMScheduler.from_config(scheduler.config))
+        pipe.save_pretrained(staging, safe_serialization=True, model_card=card)
         validate_model_folder(staging)
         _move_into_place(staging, output_dir)
     except BaseException:
@@ -215,20 +239,36 @@ def load_pipeline(path: str | os.PathLike[str], **kwargs: Any) -> PunkDiffPipeli
     return PunkDiffPipeline.from_pretrained(folder, use_safetensors=True, **kwargs)
 
 
-def push_to_hub(folder: str | os.PathLike[str], repo_id: str, private: bool = False, token: str | None = None) -> str:
-    """Upload a validated export to `repo_id` (created if needed) in one commit and return the repo URL.
+def push_to_hub(
+    folder: str | os.PathLike[str],
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str | None = None,
+    create_pr: bool = False,
+) -> str:
+    """Upload a validated model folder to `repo_id` (created if needed) in one commit; returns its URL (or the PR's).
 
-    The uploaded README.md names the repo in its loading snippets (the local one says `LOCAL_MODEL_REF`, and is
-    left unchanged); every other file is uploaded as it is, without a copy. The token defaults to the usual
-    Hugging Face login (`hf auth login` or `HF_TOKEN`); punkdiff never stores it. Folders with pickle files are
-    refused so that nothing unsafe to load is published.
+    The one way punkdiff publishes a model: `punkdiff push`, `train --push-to-hub`, `PunkDiffPipeline.push_to_hub`
+    and `save_pretrained(push_to_hub=True)` all end here, with public `huggingface_hub` APIs only. The uploaded
+    README.md names the repo in its loading snippets (the local one says `LOCAL_MODEL_REF`, and is left unchanged);
+    every other file is uploaded as it is, without a copy. The token defaults to the usual Hugging Face login
+    (`hf auth login` or `HF_TOKEN`); punkdiff never stores it. Folders with pickle files are refused so that
+    nothing unsafe to load is published.
+
+    Examples:
+        ```py
+        >>> push_to_hub("outputs/mnist16/pipeline", "your-name/punkdiff-mnist", private=True)
+        'https://huggingface.co/your-name/punkdiff-mnist'
+        ```
     """
     folder = validate_model_folder(folder)
     pickles = sorted(str(p.relative_to(folder)) for p in _pickle_files(folder))
     if pickles:
         raise ModelFolderError(f"{folder} contains pickle files ({', '.join(pickles)}); remove them before pushing.")
     api = HfApi(token=token)
-    # `private=None` rather than False leaves a new repo's visibility to the account's or organisation's default.
+    # `private=None` leaves a new repo's visibility to the account's or organisation's default.
     repo_url = api.create_repo(repo_id, private=private or None, exist_ok=True, repo_type="model")
     files = filter_repo_objects(
         sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()),
@@ -240,8 +280,14 @@ def push_to_hub(folder: str | os.PathLike[str], repo_id: str, private: bool = Fa
         readme = (folder / "README.md").read_bytes()
         readme = readme.replace(f'"{LOCAL_MODEL_REF}"'.encode(), f'"{repo_url.repo_id}"'.encode())
         operations.append(CommitOperationAdd("README.md", readme))
-    api.create_commit(repo_url.repo_id, operations, commit_message="Upload punkdiff model", repo_type="model")
-    return str(repo_url)
+    commit = api.create_commit(
+        repo_url.repo_id,
+        operations,
+        commit_message=commit_message or "Upload punkdiff model",
+        repo_type="model",
+        create_pr=create_pr,
+    )
+    return commit.pr_url or str(repo_url)
 
 
 def _is_hub_dataset(dataset: str | None) -> bool:

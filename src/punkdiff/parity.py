@@ -242,7 +242,7 @@ def _pipeline_rows(unet: UNet2DModel) -> list[ParityRow]:
             generator=torch.Generator().manual_seed(0),
             num_inference_steps=7,
             eta=1.0,
-            scheduler="ddim",
+            sampler="ddim",
             output_type="pt",
         ).images
         ref = reference_sample(model, pipe.scheduler.config, "ddim", shape, torch.Generator().manual_seed(0), 7, 1.0)

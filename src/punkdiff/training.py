@@ -331,7 +331,7 @@ def ema_sample_grid(
     images = pipe(
         batch_size=cfg.num_sample_images,
         generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(cfg.num_sample_images)],
-        scheduler="ddim",
+        sampler="ddim",
         num_inference_steps=cfg.sample_inference_steps,
     ).images
     if ema is not None:

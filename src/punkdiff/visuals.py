@@ -87,7 +87,7 @@ def denoising_gif(
     out = pipe(
         batch_size=num_images,
         generator=generators,
-        scheduler="ddim",
+        sampler="ddim",
         num_inference_steps=num_inference_steps,
         return_trajectory=True,
     )
