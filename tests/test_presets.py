@@ -12,6 +12,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.models.attention_processor import Attention
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from punkdiff.cli import main as cli_main
 from punkdiff.presets import (
@@ -105,12 +107,36 @@ def test_small_presets_forward_pass_on_cpu(name):
         out = unet(x, torch.tensor([0, 999 % preset.scheduler.num_train_timesteps])).sample
     assert out.shape == x.shape
     assert torch.isfinite(out).all()
-    assert sum(p.numel() for p in unet.parameters()) == count_parameters(preset)
+    assert sum(p.numel() for p in unet.parameters()) == count_parameters(preset.model)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    levels=st.integers(1, 4),
+    base=st.sampled_from([8, 16, 24]),
+    layers=st.integers(1, 3),
+    attention_levels=st.sets(st.integers(0, 3)),
+    mid_attention=st.booleans(),
+    head_dim=st.sampled_from([4, 8, 12]),
+    channels=st.sampled_from([1, 3]),
+)
+def test_parameter_count_is_the_real_unets(levels, base, layers, attention_levels, mid_attention, head_dim, channels):
+    """`punkdiff presets` counts without torch; the count must be what diffusers builds, for any configuration."""
+    from punkdiff.presets import ModelSpec
+
+    widths = tuple(base * (1 + i // 2) for i in range(levels))
+    size = 2 ** (levels + 1)
+    model = ModelSpec(size, channels, channels, widths, layers_per_block=layers, mid_attention=mid_attention,
+                      attention_resolutions=tuple(size // 2**i for i in attention_levels if i < levels),
+                      norm_num_groups=4, attention_head_dim=head_dim)
+    with torch.device("meta"):
+        unet = UNet2DModel(**model.unet_config())
+    assert count_parameters(model) == sum(p.numel() for p in unet.parameters())
 
 
 def test_mnist_16_presets_are_light():
-    light = [count_parameters(get_preset(n)) for n in ("mnist-baseline-16", "mnist-fast-16", "mnist-hp-16")]
-    assert max(light) < count_parameters(get_preset("mnist-28")) / 2
+    light = [count_parameters(get_preset(n).model) for n in ("mnist-baseline-16", "mnist-fast-16", "mnist-hp-16")]
+    assert max(light) < count_parameters(get_preset("mnist-28").model) / 2
     assert all(not get_preset(n).model.attention_resolutions for n in ("mnist-baseline-16", "mnist-fast-16"))
 
 
@@ -359,7 +385,7 @@ def test_cli_presets_lists_every_preset_with_resolution_channels_and_parameters(
         assert cells[5] == str(preset.scheduler.num_train_timesteps)
         params = re.fullmatch(r"([\d.]+)M", cells[7])
         assert params, cells
-        assert abs(float(params.group(1)) * 1e6 - count_parameters(preset)) <= 5_000
+        assert abs(float(params.group(1)) * 1e6 - count_parameters(preset.model)) <= 5_000
 
 
 @pytest.mark.parametrize(

@@ -20,13 +20,9 @@ from diffusers import DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file
 
 from punkdiff.scripts.train import main as train_main
-from punkdiff.training import (
-    build_train_parser,
-    diffusion_loss,
-    find_checkpoint,
-    list_checkpoints,
-    resolve_training_config,
-)
+from punkdiff.training.arguments import build_train_parser, resolve_training_config
+from punkdiff.training.checkpoints import find_checkpoint, list_checkpoints
+from punkdiff.training.loss import diffusion_loss
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -230,16 +226,14 @@ def test_epochs_no_ema_v_prediction_and_partial_accumulation(mnist_dir, cache_di
 def test_sample_grid_uses_eval_mode_and_restores_training_mode():
     from diffusers.training_utils import EMAModel
 
-    from punkdiff.presets import TrainSpec
-    from punkdiff.training import ema_sample_grid
+    from punkdiff.training.previews import ema_sample_grid
 
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
                        norm_num_groups=4, dropout=0.5, down_block_types=("DownBlock2D",) * 2,
                        up_block_types=("UpBlock2D",) * 2).train()
     ema = EMAModel(unet.parameters())
-    cfg = TrainSpec(num_sample_images=4, sample_inference_steps=5)
-    first, second = (ema_sample_grid(unet, ema, DDPMScheduler(), cfg, seed=3) for _ in range(2))
+    first, second = (ema_sample_grid(unet, ema, DDPMScheduler(), 4, 5, seed=3) for _ in range(2))
     assert np.array_equal(np.asarray(first), np.asarray(second))  # dropout would make these differ
     assert unet.training
 
@@ -294,7 +288,8 @@ def test_two_processes_on_cpu(mnist_dir, cache_dir, tmp_path):
     assert [h[2] for h in history] == pytest.approx([lr0 * (1 - k / 12) for k in range(1, 13)], rel=1e-9)
     # per-process state in each checkpoint, files written once
     names = sorted(p.name for p in (out / "checkpoints" / "checkpoint-12").iterdir())
-    assert {"noise_rng_0.pt", "noise_rng_1.pt", "random_states_0.pkl", "random_states_1.pkl"} <= set(names)
+    per_process = {"noise_rng_0.safetensors", "noise_rng_1.safetensors", "random_states_0.pkl", "random_states_1.pkl"}
+    assert per_process <= set(names)
     assert len(list((out / "logs").rglob("events.out.tfevents.*"))) == 2  # scalars + hparams, one writer
     # EMA, step by step from the saved weights: ema_k = d_k * ema_(k-1) + (1 - d_k) * w_k, with EMAModel's
     # warmup decay d_k = 1 - (1 + k - 1) ** -0.75 (d_1 = 0): one update per optimizer step, all-reduced weights

@@ -4,7 +4,8 @@
     accelerate launch --multi_gpu --num_processes 2 training/train.py --preset punks-32 ...
     punkdiff train ...            (same parser, same loop, one process)
 
-Helpers (argument parsing, loss, checkpoints, reporting) live in `punkdiff.training`.
+What the loop calls lives in `punkdiff.training`, one module per concern (arguments, resume, checkpoints, loss,
+progress, previews, reporting).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -26,28 +28,18 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from punkdiff.data import DataError, load_training_images, to_model_input
-from punkdiff.hub import ModelCardInfo, export_pipeline
+from punkdiff.hub import ModelCardInfo, ModelFolderError, export_pipeline, push_to_hub
 from punkdiff.presets import PresetError
-from punkdiff.training import (
-    TrainingError,
-    build_train_parser,
-    check_resume,
-    diffusion_loss,
-    distributed_cpu_fallback,
-    ema_sample_grid,
-    ema_weights_in_sync,
-    flat_config,
-    load_checkpoint,
-    log_image,
-    package_versions,
-    peak_memory_mb,
-    register_ema_hooks,
-    remove_previous_run,
-    resolve_training_config,
-    save_checkpoint,
-    steps_per_epoch,
-    write_json,
-)
+from punkdiff.training import TrainingError
+from punkdiff.training.arguments import build_train_parser, hub_model_id, resolve_training_config
+from punkdiff.training.checkpoints import load_checkpoint, register_ema_hooks, save_checkpoint
+from punkdiff.training.ema import ema_weights_in_sync
+from punkdiff.training.loss import diffusion_loss
+from punkdiff.training.pretrained import load_initial_unet
+from punkdiff.training.previews import ema_sample_grid
+from punkdiff.training.progress import LoopProgress, steps_per_epoch
+from punkdiff.training.reporting import flat_config, log_image, package_versions, peak_memory_mb, write_json
+from punkdiff.training.resume import check_resume, remove_previous_run
 from punkdiff.visuals import plot_loss_curve
 
 
@@ -57,19 +49,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Train as `args` (from `build_train_parser`) says; 0 on success, 1 on a failed run, 2 on bad input."""
-    # ---- configuration: every bad flag, preset or resume mismatch fails here, before any data ------
+    # ---- 1. configuration: every bad flag, preset or resume mismatch fails here, before any data -------------
     try:
         preset = resolve_training_config(args)
     except PresetError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    cfg = preset.train
+    train_spec = preset.train
     output_dir = Path(args.output_dir)
 
+    # `--multi_gpu` on a machine without a GPU: one run over gloo, not N independent runs writing over each other
+    several_cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(
-        cpu=distributed_cpu_fallback(),
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        mixed_precision=cfg.mixed_precision,
+        cpu=several_cpu_processes,
+        gradient_accumulation_steps=train_spec.gradient_accumulation_steps,
+        mixed_precision=train_spec.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
@@ -78,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         resume = check_resume(
             output_dir, args.resume_from_checkpoint, preset, accelerator.num_processes, args.overwrite_output_dir
         )
+        initial_unet = load_initial_unet(args.init_from, preset) if args.init_from and resume is None else None
         if args.overwrite_output_dir and resume is None and accelerator.is_main_process:
             remove_previous_run(output_dir)
         accelerator.wait_for_everyone()
@@ -86,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         # resumed run draws exactly what the uninterrupted one would have
         noise_rng = torch.Generator(accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
 
-        # ---- data: decoded once (main process first, so the cache is built once) ---------------
+        # ---- 2. data: decoded once (main process first, so the cache is built once) -------------------------
         with accelerator.main_process_first():
             dataset = load_training_images(
                 preset.data.dataset, preset.data, cache_dir=args.cache_dir, progress=accelerator.is_main_process
@@ -98,66 +93,65 @@ def run(args: argparse.Namespace) -> int:
             dataset = dataset.to(accelerator.device)
         # the loader's own generator (not the global RNG, which dropout uses) seeds each new iterator
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+            dataset, batch_size=train_spec.batch_size, shuffle=True, drop_last=True,
             generator=torch.Generator().manual_seed(args.seed),
         )
         loader = accelerator.prepare(loader)  # sharded: each process sees its own slice of every batch
-        updates_per_epoch = steps_per_epoch(len(loader), cfg.gradient_accumulation_steps)
-    except (DataError, TrainingError) as err:
+        updates_per_epoch = steps_per_epoch(len(loader), train_spec.gradient_accumulation_steps)
+    except (DataError, TrainingError, ModelFolderError) as err:
         accelerator.print(f"error: {err}")
         return 2
 
-    # ---- model, noise schedule, optimizer, LR schedule, EMA -----------------------------------
-    model = UNet2DModel(**preset.model.unet_config())
+    # ---- 3. model, noise schedule, optimizer, LR schedule, EMA ----------------------------------------------
+    model = initial_unet or UNet2DModel(**preset.model.unet_config())
     noise_scheduler = DDPMScheduler(**preset.scheduler.ddpm_config())
     optimizer = torch.optim.AdamW(
         model.parameters(),
-        lr=cfg.learning_rate,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        weight_decay=cfg.adam_weight_decay,
-        eps=cfg.adam_epsilon,
+        lr=train_spec.learning_rate,
+        betas=(train_spec.adam_beta1, train_spec.adam_beta2),
+        weight_decay=train_spec.adam_weight_decay,
+        eps=train_spec.adam_epsilon,
     )
-    max_steps = cfg.max_steps or cfg.epochs * updates_per_epoch
+    max_steps = train_spec.max_steps or train_spec.epochs * updates_per_epoch
     num_epochs = math.ceil(max_steps / updates_per_epoch)
     # the prepared scheduler advances once per process per optimizer step, so its length is in
     # optimizer steps x processes (never in data-loader batches)
     lr_scheduler = get_scheduler(
-        cfg.lr_scheduler,
+        train_spec.lr_scheduler,
         optimizer=optimizer,
-        num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
+        num_warmup_steps=train_spec.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=max_steps * accelerator.num_processes,
     )
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     ema = None
-    if cfg.use_ema:
+    if train_spec.use_ema:
         ema = EMAModel(
             accelerator.unwrap_model(model).parameters(),
-            decay=cfg.ema_decay,
-            use_ema_warmup=cfg.ema_warmup,
-            inv_gamma=cfg.ema_inv_gamma,
-            power=cfg.ema_power,
+            decay=train_spec.ema_decay,
+            use_ema_warmup=train_spec.ema_warmup,
+            inv_gamma=train_spec.ema_inv_gamma,
+            power=train_spec.ema_power,
             model_cls=UNet2DModel,
             model_config=accelerator.unwrap_model(model).config,
         )
         ema.to(accelerator.device)
         register_ema_hooks(accelerator, ema)
 
-    # ---- resume ---------------------------------------------------------------------------------
-    global_step, first_epoch, skip_batches, images_seen, history, resumed_from = 0, 0, 0, 0, [], None
+    # ---- 4. resume ---------------------------------------------------------------------------------------------
+    progress, resumed_from = LoopProgress(), None
     if resume is not None:
         checkpoint, state = resume
         load_checkpoint(accelerator, checkpoint, noise_rng)
-        global_step, first_epoch, skip_batches = state["global_step"], state["epoch"], state["batches_in_epoch"]
-        images_seen, history, resumed_from = state["images_seen"], state["history"], str(checkpoint)
-        accelerator.print(f"resumed from {checkpoint} at step {global_step}")
+        progress, resumed_from = LoopProgress.from_state(state), str(checkpoint)
+        accelerator.print(f"resumed from {checkpoint} at step {progress.global_step}")
     elif args.resume_from_checkpoint:
         accelerator.print(f"no checkpoint in {output_dir / 'checkpoints'}: starting from scratch")
-    if global_step >= max_steps:
-        accelerator.print(f"error: {resumed_from} is at step {global_step}, already >= {max_steps} steps: "
+    if progress.global_step >= max_steps:
+        accelerator.print(f"error: {resumed_from} is at step {progress.global_step}, already >= {max_steps} steps: "
                           "pass a larger --max-steps or --epochs to train further")
         return 2
 
-    global_batch = cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
+    global_batch = train_spec.batch_size * accelerator.num_processes * train_spec.gradient_accumulation_steps
     if accelerator.is_main_process:
         accelerator.init_trackers("punkdiff", config=flat_config(preset))
     accelerator.print(
@@ -167,60 +161,64 @@ def run(args: argparse.Namespace) -> int:
 
     def save_samples(step: int):
         """A DDIM grid from the EMA weights with a fixed seed, saved and logged, comparable over time."""
-        grid = ema_sample_grid(accelerator.unwrap_model(model), ema, noise_scheduler, cfg, args.seed)
+        grid = ema_sample_grid(
+            accelerator.unwrap_model(model), ema, noise_scheduler, train_spec.num_sample_images,
+            train_spec.sample_inference_steps, args.seed,
+        )
         (output_dir / "samples").mkdir(parents=True, exist_ok=True)
         grid.save(output_dir / "samples" / f"step-{step:07d}.png")
         log_image(accelerator, "samples", grid, step)
         return grid
 
-    # ---- the loop ---------------------------------------------------------------------------------
-    progress = tqdm(
-        total=max_steps, initial=global_step, desc="training", disable=not accelerator.is_local_main_process
+    # ---- 5. the loop -------------------------------------------------------------------------------------------
+    progress_bar = tqdm(
+        total=max_steps, initial=progress.global_step, desc="training", disable=not accelerator.is_local_main_process
     )
-    start, step_start, loss_sum, micro_batches = time.time(), time.time(), torch.zeros((), device=accelerator.device), 0
+    start, step_start = time.time(), time.time()
+    loss_sum, micro_batches = torch.zeros((), device=accelerator.device), 0
     last_grid, exit_code = None, 0
     try:
-        for epoch in range(first_epoch, num_epochs):
+        for epoch in range(progress.epoch, num_epochs):
             model.train()
             loader.set_epoch(epoch)  # the seeded shuffle of epoch e is the same in every run
-            batches = loader
-            batches_in_epoch = 0
-            if epoch == first_epoch and skip_batches:
-                batches = accelerator.skip_first_batches(loader, skip_batches)
-                batches_in_epoch = skip_batches
+            skip = progress.batches_in_epoch if epoch == progress.epoch else 0  # > 0: resumed mid-epoch
+            progress.epoch, progress.batches_in_epoch = epoch, skip
+            batches = accelerator.skip_first_batches(loader, skip) if skip else loader
             for batch in batches:
-                batches_in_epoch += 1
+                progress.batches_in_epoch += 1
+                # 5.1 x_0 in [-1, 1] (flipped per image), noise and timesteps from the saved generator
                 clean = to_model_input(batch, preset.data.random_flip, noise_rng)
                 noise = torch.randn(clean.shape, generator=noise_rng, device=clean.device)
                 timesteps = torch.randint(
                     0, noise_scheduler.config.num_train_timesteps, (clean.shape[0],), generator=noise_rng,
                     device=clean.device,
                 )
+                # 5.2 loss, backward, clip, step (the optimizer steps once per accumulated batch)
                 with accelerator.accumulate(model):
-                    loss = diffusion_loss(model, noise_scheduler, clean, noise, timesteps, cfg.snr_gamma)
+                    loss = diffusion_loss(model, noise_scheduler, clean, noise, timesteps, train_spec.snr_gamma)
                     all_losses = accelerator.gather(loss.detach()[None])
                     if not torch.isfinite(all_losses).all():
                         raise TrainingError(
-                            f"non-finite loss {all_losses.tolist()} at step {global_step + 1}: stopping. "
+                            f"non-finite loss {all_losses.tolist()} at step {progress.global_step + 1}: stopping. "
                             "The last good checkpoint is kept; lower --learning-rate, keep gradient clipping "
                             "or use --mixed-precision no, then --resume-from-checkpoint latest"
                         )
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), train_spec.max_grad_norm)
                     optimizer.step()
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 loss_sum += all_losses.mean()
                 micro_batches += 1
-                images_seen += clean.shape[0] * accelerator.num_processes
+                progress.images_seen += clean.shape[0] * accelerator.num_processes
                 if not accelerator.sync_gradients:
                     continue
 
-                # one optimizer step done
+                # 5.3 one optimizer step done: EMA, logs
                 if ema is not None:
                     ema.step(accelerator.unwrap_model(model).parameters())
-                global_step += 1
+                progress.global_step += 1
                 step_loss = (loss_sum / micro_batches).item()
                 now = time.time()
                 logs = {
@@ -232,44 +230,41 @@ def run(args: argparse.Namespace) -> int:
                 }
                 if ema is not None:
                     logs["ema_decay"] = ema.cur_decay_value
-                history.append([global_step, step_loss, logs["lr"]])
+                progress.history.append([progress.global_step, step_loss, logs["lr"]])
                 loss_sum.zero_()
                 micro_batches = 0
-                accelerator.log(logs, step=global_step)
-                progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{logs['lr']:.2e}")
-                progress.update(1)
+                accelerator.log(logs, step=progress.global_step)
+                progress_bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{logs['lr']:.2e}")
+                progress_bar.update(1)
 
-                if global_step % cfg.checkpoint_every == 0 or global_step == max_steps:
-                    state = {"global_step": global_step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
-                             "images_seen": images_seen, "history": history, "config": preset.to_dict(),
-                             "num_processes": accelerator.num_processes}
-                    if batches_in_epoch == len(loader):  # epoch finished: resume at the next one
-                        state.update(epoch=epoch + 1, batches_in_epoch=0)
-                    save_checkpoint(accelerator, output_dir, state, noise_rng, cfg.checkpoints_total_limit)
-                if accelerator.is_main_process and (global_step % cfg.sample_every == 0 or global_step == max_steps):
-                    last_grid = save_samples(global_step)
+                # 5.4 checkpoints and sample grids
+                if progress.global_step % train_spec.checkpoint_every == 0 or progress.global_step == max_steps:
+                    state = progress.to_state(preset, accelerator.num_processes, len(loader))
+                    save_checkpoint(accelerator, output_dir, state, noise_rng, train_spec.checkpoints_total_limit)
+                if accelerator.is_main_process and (
+                    progress.global_step % train_spec.sample_every == 0 or progress.global_step == max_steps
+                ):
+                    last_grid = save_samples(progress.global_step)
                 step_start = time.time()  # images/s measures training, not checkpoints or grids
-                if global_step >= max_steps:
+                if progress.global_step >= max_steps:
                     break
-            if global_step >= max_steps:
+            if progress.global_step >= max_steps:
                 break
     except TrainingError as err:
         accelerator.print(f"error: {err}")
         exit_code = 1
-    progress.close()
+    progress_bar.close()
     # every process must hold the same EMA weights (each updates its own copy after the all-reduce)
     ema_in_sync = ema_weights_in_sync(accelerator, ema) if ema is not None else None
 
-    # ---- export: EMA weights by default, the last grid, the loss curve, a summary ---------------
+    # ---- 6. export: EMA weights by default, the last grid, the loss curve, a summary, the Hub -----------------
     if exit_code == 0 and accelerator.is_main_process:
         unet = copy.deepcopy(accelerator.unwrap_model(model)).eval()
         if ema is not None:
             ema.copy_to(unet.parameters())
         last_grid.save(output_dir / "samples.png")
-        plot_loss_curve(
-            [h[0] for h in history], [h[1] for h in history], output_dir / "loss_curve.png",
-            title=f"{preset.name} on {preset.data.dataset}",
-        )
+        steps, losses = [h[0] for h in progress.history], [h[1] for h in progress.history]
+        plot_loss_curve(steps, losses, output_dir / "loss_curve.png", title=f"{preset.name} on {preset.data.dataset}")
         export_pipeline(
             unet,
             noise_scheduler,
@@ -277,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
             card=ModelCardInfo(
                 preset=preset.name,
                 dataset=str(preset.data.dataset),
-                training_steps=global_step,
+                training_steps=progress.global_step,
                 resolution=preset.data.resolution,
                 license=preset.data.license,
             ),
@@ -286,24 +281,35 @@ def run(args: argparse.Namespace) -> int:
         summary = {
             "preset": preset.name,
             "config": preset.to_dict(),
-            "steps": global_step,
+            "steps": progress.global_step,
             "epochs": num_epochs,
             "num_processes": accelerator.num_processes,
             "global_batch_size": global_batch,
-            "images_seen": images_seen,
+            "images_seen": progress.images_seen,
             "steps_per_epoch": updates_per_epoch,
             "wall_time_s": time.time() - start,
-            "final_loss": history[-1][1] if history else None,
+            "final_loss": progress.history[-1][1] if progress.history else None,
             "final_lr": lr_scheduler.get_last_lr()[0],
             "ema_optimization_step": ema.optimization_step if ema is not None else None,
             "ema_in_sync_across_processes": ema_in_sync,
             "resumed_from": resumed_from,
-            "mixed_precision": cfg.mixed_precision,
+            "initialized_from": args.init_from,
+            "mixed_precision": train_spec.mixed_precision,
             "device": str(accelerator.device),
             "versions": package_versions(),
         }
         write_json(output_dir / "training_summary.json", summary)
         accelerator.print(f"done: pipeline in {output_dir / 'pipeline'}, samples in {output_dir / 'samples.png'}")
+        if args.push_to_hub:
+            try:
+                url = push_to_hub(output_dir / "pipeline", hub_model_id(args), private=args.private or None)
+            except Exception as err:  # the Hub's errors are many; the trained model is safe on disk either way
+                accelerator.print(f"error: the push failed ({type(err).__name__}: {err}); the export is kept in "
+                                  f"{output_dir / 'pipeline'}: retry with `punkdiff push {output_dir / 'pipeline'} "
+                                  f"--repo-id {hub_model_id(args)}`")
+                exit_code = 1
+            else:
+                accelerator.print(f"pushed to {url}")
     accelerator.end_training()
     return exit_code
 

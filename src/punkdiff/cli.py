@@ -1,12 +1,42 @@
-"""punkdiff: train, sample, check and ship unconditional diffusion models (Diffusers + Accelerate)."""
+"""punkdiff: train, sample, inpaint, check and ship unconditional diffusion models (Diffusers + Accelerate)."""
 
-# A thin face over the library: parse, call, print. No training or sampling logic lives here.
+# A thin face over the library: parse, check the input, call, print. No training or sampling logic lives here,
+# and nothing heavy is imported before a subcommand runs, so `punkdiff --help` and `punkdiff presets` start fast.
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+
+class UsageError(ValueError):
+    """Input a subcommand cannot use; printed as one line, exit code 2."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _unit_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+# ---- presets ---------------------------------------------------------------------------------------------------
 
 
 def _add_presets(sub: argparse._SubParsersAction) -> None:
@@ -21,8 +51,11 @@ def _run_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- train and demo --------------------------------------------------------------------------------------------
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from punkdiff.training import add_train_arguments
+    from punkdiff.training.arguments import add_train_arguments
 
     p = sub.add_parser("train", help="train a preset (same flags as `accelerate launch training/train.py`)")
     add_train_arguments(p)
@@ -48,20 +81,18 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                    help="default: the 1,797 real 8x8 digits scikit-learn ships (no download); "
                    "or the MNIST mirror / a Hub id")
     p.add_argument("--output-dir", default="punkdiff-demo")
-    p.add_argument("--max-steps", type=int, default=DEMO_STEPS)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-steps", type=_positive_int, default=DEMO_STEPS)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from punkdiff.data import load_training_images, to_model_input
     from punkdiff.pipelines import PunkDiffPipeline
     from punkdiff.presets import get_preset
     from punkdiff.scripts.train import run
-    from punkdiff.training import build_train_parser
+    from punkdiff.training.arguments import build_train_parser
     from punkdiff.visuals import denoising_gif, noising_gif
 
     out = Path(args.output_dir)
@@ -92,59 +123,80 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
+# ---- sample, reconstruct, inpaint: a model, then images ----------------------------------------------------------
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="exported model folder (or `save_pretrained` folder), or a Hub model id")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="weights and compute precision (float16/bfloat16 halve memory on a GPU)")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed+i, so it does not depend on the count")
+
+
+def _add_sampler_arguments(p: argparse.ArgumentParser, default_steps: str) -> None:
+    p.add_argument("--scheduler", choices=["ddpm", "ddim", "dpm++"], default="ddim", help="the sampler")
+    p.add_argument("--steps", type=_positive_int, default=None, help=default_steps)
+    p.add_argument("--eta", type=_unit_float, default=0.0, help="DDIM noise weight: 0 deterministic, 1 DDPM-like")
+
+
+def _image_path(text: str, what: str) -> Path:
+    """An output image path whose format PIL knows from its extension, checked before any work is done."""
+    import PIL.Image
+
+    path = Path(text)
+    if path.is_dir():
+        raise UsageError(f"{what} {path} is a folder; give a file name such as {path / 'grid.png'}")
+    if path.suffix.lower() not in PIL.Image.registered_extensions():
+        raise UsageError(f"{what} {path} has no image extension PIL can write; use .png, .jpg, .webp ...")
+    return path
+
+
+def _load_model(args: argparse.Namespace):
+    """The validated pipeline on the requested device and dtype, and the steps checked against its schedule."""
+    import torch
+
+    from punkdiff.hub import load_pipeline
+
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise UsageError(f"--device {args.device!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device} asked for, but this machine has no usable CUDA GPU; use cpu")
+    pipe = load_pipeline(args.model, torch_dtype=getattr(torch, args.dtype)).to(device)
+    num_train_timesteps = pipe.scheduler.config.num_train_timesteps
+    if getattr(args, "steps", None) is not None and args.steps > num_train_timesteps:
+        raise UsageError(f"--steps {args.steps} is more than the model's {num_train_timesteps} training timesteps")
+    return pipe
 
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sample", help="sample images from an exported model folder into a grid (and single PNGs)")
-    p.add_argument("model_dir", help="folder written by the export (or by save_pretrained with safetensors)")
-    p.add_argument("--scheduler", choices=["ddpm", "ddim", "dpm++"], default="ddim")
-    p.add_argument(
-        "--steps", type=_positive_int, default=None, help="default: every training step for ddpm, 50 otherwise"
-    )
+    p = sub.add_parser("sample", help="sample images from a model into a grid (and single PNGs, a GIF)")
+    _add_model_arguments(p)
+    _add_sampler_arguments(p, "default: every training step for ddpm, 50 otherwise")
     p.add_argument("--num-images", type=_positive_int, default=16)
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed+i, so it does not depend on --num-images")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise weight: 0 deterministic, 1 DDPM-like")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (bounds memory)")
     p.add_argument("--out", default="grid.png", help="grid image path")
     p.add_argument("--out-dir", default=None, help="also write each image here as NNNN.png")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--gif", default=None, help="also write the denoising animation (x_t | predicted x_0) here")
     p.set_defaults(func=_run_sample)
 
 
 def _run_sample(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from punkdiff.sampling import generate
+    from punkdiff.visuals import denoising_gif, image_grid
 
-    import torch
-    from diffusers.utils import make_image_grid
-
-    from punkdiff.hub import ModelFolderError, load_pipeline
-
-    try:
-        pipe = load_pipeline(args.model_dir)
-    except ModelFolderError as e:
-        print(f"punkdiff sample: {e}", file=sys.stderr)
-        return 2
-    pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # CPU generators: the same seed gives the same image on any device.
-    generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
-    images = pipe(
-        batch_size=args.num_images,
-        generator=generators,
-        num_inference_steps=args.steps,
-        eta=args.eta,
-        sampler=args.scheduler,
-    ).images
-    rows = max(r for r in range(1, int(args.num_images**0.5) + 1) if args.num_images % r == 0)
-    out = Path(args.out)
+    out = _image_path(args.out, "--out")
+    gif = _image_path(args.gif, "--gif") if args.gif else None
+    if args.out_dir and Path(args.out_dir).is_file():
+        raise UsageError(f"--out-dir {args.out_dir} is a file; give a folder (created if missing)")
+    pipe = _load_model(args)
+    images = generate(pipe, args.num_images, seed=args.seed, batch_size=args.batch_size, sampler=args.scheduler,
+                      num_inference_steps=args.steps, eta=args.eta)
+    rows = max(r for r in range(1, math.isqrt(args.num_images) + 1) if args.num_images % r == 0)
     out.parent.mkdir(parents=True, exist_ok=True)
-    make_image_grid(images, rows=rows, cols=args.num_images // rows).save(out)
+    image_grid(images, cols=args.num_images // rows).save(out)
     print(f"grid: {out.resolve()}")
     if args.out_dir:
         out_dir = Path(args.out_dir)
@@ -152,7 +204,115 @@ def _run_sample(args: argparse.Namespace) -> int:
         for i, image in enumerate(images):
             image.save(out_dir / f"{i:04d}.png")
         print(f"{len(images)} images: {out_dir.resolve()}")
+    if gif:
+        count = min(args.num_images, 16)
+        denoising_gif(pipe, gif, num_images=count, seed=args.seed, num_inference_steps=args.steps or 50)
+        print(f"denoising GIF of the first {count}: {gif.resolve()}")
     return 0
+
+
+def _add_image_input(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--background", default="#ffffff",
+                   help="colour transparent pixels are composited onto (CryptoPunks: '#638596')")
+    p.add_argument("--resize-filter", choices=["nearest", "bilinear", "bicubic", "lanczos", "box"], default="bicubic",
+                   help="how an image of another size is resized to the model's (nearest for pixel art)")
+
+
+def _read_images(paths: Sequence[str], pipe, args: argparse.Namespace):
+    """Image files -> a float batch in [0, 1] at the model's size and channels, prepared as for training."""
+    import numpy as np
+    import PIL.Image
+    import torch
+
+    from punkdiff.data import ImageTransform
+
+    config = pipe.unet.config
+    transform = ImageTransform(config.sample_size, config.in_channels, args.background, args.resize_filter)
+    arrays = []
+    for path in paths:
+        try:
+            with PIL.Image.open(path) as image:
+                arrays.append(transform(image))
+        except (OSError, ValueError) as err:
+            raise UsageError(f"{path} is not a readable image ({err})") from None
+    return torch.from_numpy(np.stack(arrays)).float().div(255)
+
+
+def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("reconstruct", help="noise images to step t with the forward process, then denoise them back")
+    _add_model_arguments(p)
+    p.add_argument("images", nargs="+", help="image files (resized to the model's size)")
+    p.add_argument("--t-start", type=int, required=True, help="training timestep to noise to, in [0, T)")
+    _add_sampler_arguments(p, "default: every training step from t_start for ddpm, 50 otherwise")
+    _add_image_input(p)
+    p.add_argument("--out", default="reconstruction.png", help="rows of original | reconstruction")
+    p.set_defaults(func=_run_reconstruct)
+
+
+def _run_reconstruct(args: argparse.Namespace) -> int:
+    import torch
+
+    from punkdiff.visuals import image_grid
+
+    out = _image_path(args.out, "--out")
+    pipe = _load_model(args)
+    num_train_timesteps = pipe.scheduler.config.num_train_timesteps
+    if not 0 <= args.t_start < num_train_timesteps:
+        raise UsageError(f"--t-start must be in [0, {num_train_timesteps}), got {args.t_start}")
+    originals = _read_images(args.images, pipe, args)
+    generators = [torch.Generator().manual_seed(args.seed + i) for i in range(len(originals))]
+    result = pipe.reconstruct(originals, args.t_start, generator=generators, num_inference_steps=args.steps,
+                              eta=args.eta, sampler=args.scheduler).images
+    originals = pipe.image_processor.postprocess(originals * 2 - 1, "pil")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image_grid([im for pair in zip(originals, result, strict=True) for im in pair], cols=2).save(out)
+    print(f"original | reconstructed from t={args.t_start}: {out.resolve()}")
+    return 0
+
+
+def _add_inpaint(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inpaint", help="fill the white part of a mask with the model (RePaint)")
+    _add_model_arguments(p)
+    p.add_argument("image", help="image file (resized to the model's size)")
+    p.add_argument("--mask", required=True, help="mask image: white = generate, black = keep")
+    p.add_argument("--steps", type=_positive_int, default=250, help="denoising steps before the resampling jumps")
+    p.add_argument("--jump-length", type=_positive_int, default=10, help="RePaint's j")
+    p.add_argument("--jump-n-sample", type=_positive_int, default=10, help="RePaint's r")
+    p.add_argument("--num-images", type=_positive_int, default=4, help="how many fillings, one seed each")
+    _add_image_input(p)
+    p.add_argument("--out", default="inpainted.png", help="grid: the masked input, then each filling")
+    p.set_defaults(func=_run_inpaint)
+
+
+def _run_inpaint(args: argparse.Namespace) -> int:
+    import numpy as np
+    import PIL.Image
+    import torch
+
+    from punkdiff.visuals import image_grid
+
+    out = _image_path(args.out, "--out")
+    pipe = _load_model(args)
+    image = _read_images([args.image], pipe, args)
+    size = pipe.unet.config.sample_size
+    try:
+        with PIL.Image.open(args.mask) as mask_file:
+            mask = mask_file.convert("L").resize((size, size), PIL.Image.Resampling.NEAREST)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--mask {args.mask} is not a readable image ({err})") from None
+    batch = image.repeat(args.num_images, 1, 1, 1)
+    generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
+    filled = pipe.inpaint(batch, mask, num_inference_steps=args.steps, jump_length=args.jump_length,
+                          jump_n_sample=args.jump_n_sample, generator=generators).images
+    keep = torch.from_numpy(np.asarray(mask) < 128)[None, None].float()
+    masked = pipe.image_processor.postprocess((image * keep + 0.5 * (1 - keep)) * 2 - 1, "pil")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(masked + filled).save(out)
+    print(f"masked input, then {args.num_images} fillings: {out.resolve()}")
+    return 0
+
+
+# ---- push, parity ------------------------------------------------------------------------------------------------
 
 
 def _add_push(sub: argparse._SubParsersAction) -> None:
@@ -168,13 +328,9 @@ def _add_push(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_push(args: argparse.Namespace) -> int:
-    from punkdiff.hub import ModelFolderError, push_to_hub
+    from punkdiff.hub import push_to_hub
 
-    try:
-        url = push_to_hub(args.model_dir, args.repo_id, private=args.private)
-    except ModelFolderError as e:
-        print(f"punkdiff push: {e}", file=sys.stderr)
-        return 2
+    url = push_to_hub(args.model_dir, args.repo_id, private=args.private)
     print(f"pushed {args.model_dir} to {url}")
     return 0
 
@@ -201,18 +357,27 @@ def _run_parity(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="punkdiff", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_presets(sub)
-    _add_train(sub)
-    _add_demo(sub)
-    _add_sample(sub)
-    _add_push(sub)
-    _add_parity(sub)
+    for add in (_add_presets, _add_train, _add_demo, _add_sample, _add_reconstruct, _add_inpaint, _add_push,
+                _add_parity):
+        add(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except Exception as err:
+        if not _is_user_error(err):
+            raise
+        print(f"punkdiff {args.command}: {err}", file=sys.stderr)
+        return 2
+
+
+def _is_user_error(err: Exception) -> bool:
+    """Input the user can fix: said in one line, without a traceback."""
+    hub = sys.modules.get("punkdiff.hub")  # imported by every subcommand that can raise its ModelFolderError
+    return isinstance(err, UsageError) or (hub is not None and isinstance(err, hub.ModelFolderError))
 
 
 if __name__ == "__main__":

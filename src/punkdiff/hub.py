@@ -230,13 +230,47 @@ def validate_model_folder(folder: str | os.PathLike[str]) -> Path:
     return folder
 
 
-def load_pipeline(path: str | os.PathLike[str], **kwargs: Any) -> PunkDiffPipeline:
-    """Validate a model folder, then load it as a `PunkDiffPipeline` from safetensors only.
+def model_folder(model: str | os.PathLike[str]) -> Path:
+    """A validated model folder: `model` itself if it is a local path, else a Hub model id, downloaded.
+
+    Only configs, safetensors weights, the model card and sample images are downloaded (never a pickle or code),
+    then checked like a local folder. Offline, or for an unknown id, the error says so and what to pass instead.
+
+    Examples:
+        ```py
+        >>> model_folder("outputs/mnist16/pipeline")
+        PosixPath('outputs/mnist16/pipeline')
+        >>> model_folder("your-name/punkdiff-mnist")  # from the Hub cache, downloaded if needed
+        PosixPath('/root/.cache/huggingface/hub/models--your-name--punkdiff-mnist/snapshots/...')
+        ```
+    """
+    path = Path(model).expanduser()
+    if path.exists() or not _is_repo_id(str(model)):
+        return validate_model_folder(path)
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = snapshot_download(str(model), allow_patterns=["*.json", "*.safetensors", "README.md", "*.png"])
+    except (OSError, ValueError) as e:  # offline, unknown repo, no access, bad id
+        raise ModelFolderError(
+            f"{model} is not a local folder, and the Hub model {model!r} could not be downloaded "
+            f"({type(e).__name__}: {str(e).splitlines()[0]}); check the id, your connection and login, or pass a "
+            "local folder"
+        ) from e
+    return validate_model_folder(local)
+
+
+def load_pipeline(model: str | os.PathLike[str], **kwargs: Any) -> PunkDiffPipeline:
+    """Validate a model folder (or download a Hub id), then load it as a `PunkDiffPipeline` from safetensors only.
 
     `kwargs` go to `from_pretrained` (e.g. `torch_dtype`).
+
+    Examples:
+        ```py
+        >>> pipe = load_pipeline("outputs/mnist16/pipeline", torch_dtype=torch.bfloat16)
+        ```
     """
-    folder = validate_model_folder(path)
-    return PunkDiffPipeline.from_pretrained(folder, use_safetensors=True, **kwargs)
+    return PunkDiffPipeline.from_pretrained(model_folder(model), use_safetensors=True, **kwargs)
 
 
 def push_to_hub(
@@ -290,9 +324,13 @@ def push_to_hub(
     return commit.pr_url or str(repo_url)
 
 
+def _is_repo_id(name: str) -> bool:
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
+
+
 def _is_hub_dataset(dataset: str | None) -> bool:
     """Only a `namespace/name` that is not a local path goes into the card's `datasets` metadata and links."""
-    return bool(dataset) and re.fullmatch(r"[\w.-]+/[\w.-]+", dataset) is not None and not Path(dataset).exists()
+    return bool(dataset) and _is_repo_id(dataset) and not Path(dataset).exists()
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -434,14 +434,53 @@ def resolve_preset(
     return preset.validate()
 
 
-def count_parameters(preset: Preset) -> int:
-    """Parameter count of the preset's UNet, built on the meta device (no memory, no init cost)."""
-    import torch
-    from diffusers import UNet2DModel
+def count_parameters(model: ModelSpec) -> int:
+    """Parameters of the `UNet2DModel` that `model.unet_config()` builds, counted without building it.
 
-    with torch.device("meta"):
-        unet = UNet2DModel(**preset.model.unet_config())
-    return sum(p.numel() for p in unet.parameters())
+    `punkdiff presets` prints these without importing torch; tests/test_presets.py checks the count against the
+    real diffusers model for every preset and for random configurations.
+
+    Examples:
+        ```py
+        >>> count_parameters(get_preset("mnist-baseline-16").model)
+        1045729
+        ```
+    """
+
+    def linear(n_in: int, n_out: int) -> int:
+        return n_in * n_out + n_out
+
+    def conv3x3(n_in: int, n_out: int) -> int:
+        return 9 * n_in * n_out + n_out
+
+    temb = 4 * model.block_out_channels[0]
+
+    def resnet(n_in: int, n_out: int) -> int:  # ResnetBlock2D: norm, conv, time projection, norm, conv, shortcut
+        shortcut = linear(n_in, n_out) if n_in != n_out else 0
+        return 2 * n_in + conv3x3(n_in, n_out) + linear(temb, n_out) + 2 * n_out + conv3x3(n_out, n_out) + shortcut
+
+    def attention(c: int) -> int:  # group norm, q, k, v, out; inner size = heads * head size
+        inner = (c // model.attention_head_dim) * model.attention_head_dim
+        return 2 * c + 3 * linear(c, inner) + linear(inner, c)
+
+    config = model.unet_config()
+    channels = list(model.block_out_channels)
+    total = conv3x3(model.in_channels, channels[0]) + linear(channels[0], temb) + linear(temb, temb)
+    for i, block in enumerate(config["down_block_types"]):
+        n_in, n_out = channels[max(i - 1, 0)], channels[i]
+        for j in range(model.layers_per_block):
+            total += resnet(n_in if j == 0 else n_out, n_out) + (attention(n_out) if block.startswith("Attn") else 0)
+        total += conv3x3(n_out, n_out) if i < len(channels) - 1 else 0  # downsampler
+    total += 2 * resnet(channels[-1], channels[-1]) + (attention(channels[-1]) if model.mid_attention else 0)
+    reversed_channels = channels[::-1]
+    for i, block in enumerate(config["up_block_types"]):
+        n_prev, n_out = reversed_channels[max(i - 1, 0)], reversed_channels[i]
+        n_skip_last = reversed_channels[min(i + 1, len(channels) - 1)]
+        for j in range(model.layers_per_block + 1):
+            n_in = (n_prev if j == 0 else n_out) + (n_skip_last if j == model.layers_per_block else n_out)
+            total += resnet(n_in, n_out) + (attention(n_out) if block.startswith("Attn") else 0)
+        total += conv3x3(n_out, n_out) if i < len(channels) - 1 else 0  # upsampler
+    return total + 2 * channels[0] + conv3x3(channels[0], model.out_channels)
 
 
 def format_presets_table() -> str:
@@ -456,7 +495,7 @@ def format_presets_table() -> str:
             ",".join(map(str, p.model.attention_resolutions)) or "-",
             str(p.scheduler.num_train_timesteps),
             p.scheduler.beta_schedule,
-            f"{count_parameters(p) / 1e6:.2f}M",
+            f"{count_parameters(p.model) / 1e6:.2f}M",
             p.description,
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]

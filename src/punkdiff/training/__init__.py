@@ -1,0 +1,17 @@
+"""What the Accelerate loop in `training/train.py` calls, one module per concern.
+
+- `arguments`: the one argument parser (`train.py` and `punkdiff train`) and flags -> a validated preset
+- `resume`: which checkpoint a run continues from, and whether its settings allow it
+- `checkpoints`: crash-safe Accelerate checkpoints, with the EMA weights and the noise generator
+- `loss`: the diffusion loss (epsilon, v or x_0 targets, min-SNR-gamma weighting)
+- `progress`: where the loop is (step, epoch, batch, images seen, loss history), saved with each checkpoint
+- `previews`: sample grids from the EMA weights during training
+- `reporting`: tracker logging, memory, the run summary and package versions
+
+The loop itself stays in `training/train.py`, so it reads top to bottom. This package imports no torch at
+import time (`punkdiff --help` stays fast); its modules do.
+"""
+
+
+class TrainingError(RuntimeError):
+    """The run cannot start or continue; the message says why, what is kept, and what to do."""
