@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import unquote
 
 import httpx2
@@ -22,10 +25,14 @@ class FakeHub:
     uploaded: dict[str, bytes] = field(default_factory=dict)
     commits: list[dict] = field(default_factory=list)  # each commit's header (summary, ...) and its revision
     pull_requests: list[dict] = field(default_factory=list)
+    models: dict[str, Path] = field(default_factory=dict)  # repo id -> local folder served as that model repo
 
     def handle(self, request: httpx2.Request) -> httpx2.Response:
         self.requests.append(request)
         path = request.url.path
+        served = self._serve_model(request, path)
+        if served is not None:
+            return served
         if path == "/api/repos/create":
             body = json.loads(request.content)
             self.created.append(body)
@@ -54,9 +61,40 @@ class FakeHub:
         return httpx2.Response(404, json={"error": f"not faked: {request.method} {path}"})
 
 
+    def _serve_model(self, request: httpx2.Request, path: str) -> httpx2.Response | None:
+        """What `snapshot_download` reads: the revision, the file tree, then each file."""
+        for repo_id, folder in self.models.items():
+            files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
+            sha = hashlib.sha1("".join(f + _sha1(p) for f, p in files.items()).encode()).hexdigest()  # the commit
+            if path == f"/api/models/{repo_id}/revision/main":
+                siblings = [{"rfilename": f} for f in files]
+                return httpx2.Response(200, json={"id": repo_id, "sha": sha, "siblings": siblings})
+            if path.startswith(f"/api/models/{repo_id}/tree/"):
+                tree = [
+                    {"type": "file", "path": f, "size": p.stat().st_size, "oid": _sha1(p)} for f, p in files.items()
+                ]
+                return httpx2.Response(200, json=tree)
+            prefix = f"/{repo_id}/resolve/{sha}/"
+            if path.startswith(prefix) and unquote(path[len(prefix) :]) in files:
+                file = files[unquote(path[len(prefix) :])]
+                headers = {"x-repo-commit": sha, "etag": f'"{_sha1(file)}"', "content-length": str(file.stat().st_size)}
+                body = b"" if request.method == "HEAD" else file.read_bytes()
+                return httpx2.Response(200, headers=headers, content=body)
+        return None
+
+
+def _sha1(path: Path) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest()
+
+
 @contextlib.contextmanager
-def fake_hub() -> Iterator[FakeHub]:
-    hub = FakeHub()
+def fake_hub(monkeypatch=None, models: dict[str, Path] | None = None) -> Iterator[FakeHub]:
+    """The fake Hub for the block. With `monkeypatch`, offline mode (the test suite's default) is lifted for it and
+    downloads go to a fresh cache, never the user's."""
+    hub = FakeHub(models=dict(models or {}))
+    if monkeypatch is not None:
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", tempfile.mkdtemp(prefix="fake-hub-cache-"))
     huggingface_hub.set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(hub.handle)))
     try:
         yield hub

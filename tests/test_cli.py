@@ -71,6 +71,130 @@ def test_sample_rejects_non_positive_counts(model_dir, tmp_path, capsys, flag, v
     assert not (tmp_path / "grid.png").exists()
 
 
+def test_sample_batches_bound_memory_without_changing_images(model_dir, tmp_path):
+    assert sample(model_dir, tmp_path / "one.png", "--num-images", "5", "--batch-size", "5",
+                  "--out-dir", str(tmp_path / "one")) == 0
+    assert sample(model_dir, tmp_path / "two.png", "--num-images", "5", "--batch-size", "2",
+                  "--out-dir", str(tmp_path / "two")) == 0
+    for name in [f"{i:04d}.png" for i in range(5)]:
+        a = np.asarray(PIL.Image.open(tmp_path / "one" / name), dtype=int)
+        b = np.asarray(PIL.Image.open(tmp_path / "two" / name), dtype=int)
+        assert np.abs(a - b).max() <= 1, name
+
+
+def test_sample_dtype_and_gif(model_dir, tmp_path):
+    assert sample(model_dir, tmp_path / "bf16.png", "--num-images", "4", "--dtype", "bfloat16",
+                  "--gif", str(tmp_path / "denoise.gif")) == 0
+    assert sample(model_dir, tmp_path / "fp32.png", "--num-images", "4") == 0
+    bf16 = np.asarray(PIL.Image.open(tmp_path / "bf16.png"), dtype=int)
+    fp32 = np.asarray(PIL.Image.open(tmp_path / "fp32.png"), dtype=int)
+    assert bf16.shape == fp32.shape and 0 < np.abs(bf16 - fp32).mean() < 20  # same images, coarser arithmetic
+    gif = PIL.Image.open(tmp_path / "denoise.gif")
+    assert gif.n_frames == 3 and gif.size[0] > 2 * gif.size[1]  # one frame per step: x_t | predicted x_0
+
+
+def test_sample_takes_a_hub_model_id(model_dir, tmp_path, monkeypatch):
+    with fake_hub(monkeypatch, models={"someone/tiny": model_dir}):
+        assert main(["sample", "someone/tiny", "--steps", "3", "--seed", "7", "--num-images", "4", "--device", "cpu",
+                     "--out", str(tmp_path / "hub.png")]) == 0
+    assert sample(model_dir, tmp_path / "local.png", "--num-images", "4") == 0
+    np.testing.assert_array_equal(np.asarray(PIL.Image.open(tmp_path / "hub.png")),
+                                  np.asarray(PIL.Image.open(tmp_path / "local.png")))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--device", "bogus"], "--device 'bogus' is not a device"),
+        (["--steps", "5000", "--scheduler", "ddpm"], "--steps 5000 is more than the model's 1000 training timesteps"),
+        (["--out-dir", "{file}"], "is a file; give a folder"),
+        (["--gif", "{tmp}/anim.txt"], "has no image extension"),
+    ],
+)
+def test_sample_checks_its_input_before_sampling(model_dir, tmp_path, capsys, extra, message):
+    (tmp_path / "file").write_text("x")
+    extra = [e.format(file=tmp_path / "file", tmp=tmp_path) for e in extra]
+    assert main(["sample", str(model_dir), "--out", str(tmp_path / "grid.png"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "grid.png").exists()
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--eta", "nan"), ("--eta", "1.5"), ("--eta", "-0.1")])
+def test_sample_eta_must_be_a_weight(model_dir, tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit):
+        sample(model_dir, tmp_path / "grid.png", flag, value)
+    assert "must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_reconstruct_returns_lightly_noised_images_and_checks_t(model_dir, tmp_path, capsys):
+    source = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    source.save(tmp_path / "in.png")
+    args = ["reconstruct", str(model_dir), str(tmp_path / "in.png"), str(tmp_path / "in.png"), "--device", "cpu",
+            "--steps", "5"]
+    assert main([*args, "--t-start", "0", "--out", str(tmp_path / "recon.png")]) == 0
+    grid = np.asarray(PIL.Image.open(tmp_path / "recon.png"), dtype=int)
+    assert grid.shape == (16, 16, 3)  # two rows of original | reconstruction
+    original, reconstructed = grid[:8, :8], grid[:8, 8:]
+    assert np.abs(original - np.asarray(source, dtype=int)).max() == 0
+    assert np.abs(reconstructed - original).mean() < 8  # t=0 barely noises: the image comes back
+    assert main([*args, "--t-start", "1000", "--out", str(tmp_path / "bad.png")]) == 2
+    assert "--t-start must be in [0, 1000)" in capsys.readouterr().err
+
+
+def test_inpaint_keeps_the_black_part_of_the_mask(model_dir, tmp_path):
+    source = PIL.Image.fromarray(np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    source.save(tmp_path / "in.png")  # twice the model's size: resized with nearest
+    mask = np.zeros((8, 8), dtype=np.uint8)
+    mask[:4] = 255  # regenerate the top half
+    PIL.Image.fromarray(mask).save(tmp_path / "mask.png")
+    assert main(["inpaint", str(model_dir), str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"),
+                 "--device", "cpu", "--steps", "10", "--jump-length", "2", "--jump-n-sample", "2",
+                 "--num-images", "2", "--resize-filter", "nearest", "--out", str(tmp_path / "filled.png")]) == 0
+    grid = np.asarray(PIL.Image.open(tmp_path / "filled.png"), dtype=int)
+    expected = np.asarray(source.resize((8, 8), PIL.Image.Resampling.NEAREST), dtype=int)
+    for tile in (grid[:8, 8:], grid[8:, :8]):  # the two fillings beside the masked input
+        assert np.abs(tile[4:] - expected[4:]).max() <= 1  # kept
+        assert np.abs(tile[:4] - expected[:4]).mean() > 10  # generated
+
+
+def test_help_and_presets_start_without_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, contextlib, io\n"
+        "from punkdiff.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    main(['presets'])\n"
+        "    try:\n"
+        "        main(['--help'])\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print(sorted(m for m in ('torch', 'diffusers', 'accelerate', 'datasets') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_no_module_imports_a_unix_only_module_at_import_time():
+    """punkdiff's own modules import on Windows: Unix-only modules only inside functions, where a fallback exists."""
+    import ast
+
+    unix_only = {"resource", "fcntl", "termios", "pwd", "grp", "posix", "tty", "pty", "syslog", "crypt"}
+    repo = Path(__file__).resolve().parents[1]
+    files = [*repo.glob("src/punkdiff/**/*.py"), *repo.glob("training/*.py"), *repo.glob("pipelines/*.py")]
+    assert len(files) >= 15
+    for file in files:
+        tree = ast.parse(file.read_text())
+        functions = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        inside = {id(n) for f in functions for n in ast.walk(f)}
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in inside:
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                assert not {n.split(".")[0] for n in names} & unix_only, f"{file.name}:{node.lineno}"
+
+
 def test_push_uploads_the_folder(model_dir, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with fake_hub() as hub:

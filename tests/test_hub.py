@@ -323,3 +323,31 @@ def test_grayscale_export_round_trips_images(exported):
     pipe.set_progress_bar_config(disable=True)
     image = pipe(generator=torch.Generator().manual_seed(0), sampler="ddim", num_inference_steps=3).images[0]
     assert image.mode == "L" and np.asarray(image).shape == (8, 8)
+
+
+def test_a_hub_id_downloads_only_configs_weights_card_and_samples(exported, tmp_path, monkeypatch):
+    from punkdiff.hub import model_folder
+
+    repo = Path(shutil.copytree(exported, tmp_path / "repo"))
+    marker = tmp_path / "unpickled"
+    (repo / "unet" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(WritesMarker(marker)))
+    with fake_hub(monkeypatch, models={"someone/tiny": repo}) as hub:
+        local = model_folder("someone/tiny")
+        pipe = load_pipeline("someone/tiny")
+    assert files_in(local) == EXPORTED_FILES - {"pipeline.py"}  # no pickle, no code
+    fetched = {r.url.path.rsplit("/", 1)[-1] for r in hub.requests if "/resolve/" in r.url.path}
+    assert "diffusion_pytorch_model.bin" not in fetched and "pipeline.py" not in fetched
+    assert isinstance(pipe, PunkDiffPipeline) and not marker.exists()
+    original = load_file(exported / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in original.items())
+
+
+def test_an_unreachable_hub_id_says_what_to_pass_instead(tmp_path, monkeypatch):
+    from punkdiff.hub import model_folder
+
+    monkeypatch.chdir(tmp_path)  # no local folder of that name
+    with pytest.raises(ModelFolderError, match="not a local folder, and the Hub model 'someone/absent' could not"):
+        model_folder("someone/absent")  # HF_HUB_OFFLINE=1 in the test suite
+    with pytest.raises(ModelFolderError, match="is not a folder"):
+        model_folder("not/a/repo/id/either")
+

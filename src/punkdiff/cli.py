@@ -164,7 +164,7 @@ def _load_model(args: argparse.Namespace):
         raise UsageError(f"--device {args.device!r} is not a device; use cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device} asked for, but this machine has no usable CUDA GPU; use cpu")
-    pipe = load_pipeline(args.model, torch_dtype=getattr(torch, args.dtype)).to(device)
+    pipe = load_pipeline(args.model, dtype=getattr(torch, args.dtype)).to(device)
     num_train_timesteps = pipe.scheduler.config.num_train_timesteps
     if getattr(args, "steps", None) is not None and args.steps > num_train_timesteps:
         raise UsageError(f"--steps {args.steps} is more than the model's {num_train_timesteps} training timesteps")

@@ -263,11 +263,11 @@ def model_folder(model: str | os.PathLike[str]) -> Path:
 def load_pipeline(model: str | os.PathLike[str], **kwargs: Any) -> PunkDiffPipeline:
     """Validate a model folder (or download a Hub id), then load it as a `PunkDiffPipeline` from safetensors only.
 
-    `kwargs` go to `from_pretrained` (e.g. `torch_dtype`).
+    `kwargs` go to `from_pretrained` (e.g. `dtype`).
 
     Examples:
         ```py
-        >>> pipe = load_pipeline("outputs/mnist16/pipeline", torch_dtype=torch.bfloat16)
+        >>> pipe = load_pipeline("outputs/mnist16/pipeline", dtype=torch.bfloat16)
         ```
     """
     return PunkDiffPipeline.from_pretrained(model_folder(model), use_safetensors=True, **kwargs)
