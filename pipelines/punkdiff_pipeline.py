@@ -417,18 +417,8 @@ class PunkDiffPipeline(DiffusionPipeline):
         )
         latents = latents * sched.init_noise_sigma
         # 3. denoise from x_T to x_0
-        return self._denoise(
-            sched,
-            sched.timesteps,
-            latents,
-            generator,
-            eta,
-            output_type,
-            return_dict,
-            return_trajectory,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-        )
+        return self._denoise(sched, sched.timesteps, latents, generator, eta, output_type, return_dict,
+                             return_trajectory, callback_on_step_end, callback_on_step_end_tensor_inputs)
 
     @torch.no_grad()
     def reconstruct(
@@ -482,18 +472,8 @@ class PunkDiffPipeline(DiffusionPipeline):
         noise = randn_tensor(original.shape, generator=generator, device=original.device, dtype=original.dtype)
         latents = sched.add_noise(original, noise, timesteps[:1])
         # 4. denoise from x_t to x_0
-        return self._denoise(
-            sched,
-            timesteps,
-            latents,
-            generator,
-            eta,
-            output_type,
-            return_dict,
-            return_trajectory,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-        )
+        return self._denoise(sched, timesteps, latents, generator, eta, output_type, return_dict,
+                             return_trajectory, callback_on_step_end, callback_on_step_end_tensor_inputs)
 
     @torch.no_grad()
     def inpaint(

@@ -217,6 +217,24 @@ def test_inpainting_keeps_the_known_region_and_fills_the_mask(pipe):
     assert ((out - image).abs() * mask).sum() / (mask.sum() * 6) > 0.05
 
 
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_inpainting_matches_diffusers_repaint_pipeline(pipe, eta):
+    """Same model, seed and schedule: the same images as diffusers' RePaintPipeline (which takes the known region
+    as its mask and images in [-1, 1])."""
+    from diffusers import RePaintPipeline, RePaintScheduler
+
+    image = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 1:5, 3:8] = 1.0
+    kwargs = {"num_inference_steps": 20, "jump_length": 4, "jump_n_sample": 2, "eta": eta, "output_type": "np"}
+    ours = pipe.inpaint(image, mask, generator=torch.Generator().manual_seed(7), **kwargs).images
+    stock = RePaintPipeline(pipe.unet, RePaintScheduler.from_config(pipe.scheduler.config))
+    stock.set_progress_bar_config(disable=True)
+    theirs = stock(image * 2 - 1, 1 - mask, generator=torch.Generator().manual_seed(7), **kwargs).images
+    np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
+    assert np.abs(ours - image.permute(0, 2, 3, 1).numpy()).max() > 0.05  # the masked region was generated
+
+
 def test_pipeline_file_imports_only_torch_diffusers_numpy_pil_and_stdlib():
     """The file travels with models: punkdiff itself is reached only by `_punkdiff_hub`, which tolerates its absence."""
     allowed = {"torch", "diffusers", "numpy", "PIL"} | set(sys.stdlib_module_names)

@@ -16,8 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler
+from fake_hub import fake_hub
 from safetensors.torch import load_file
+from tiny_models import tiny_unet
 
 from punkdiff.scripts.train import main as train_main
 from punkdiff.training.arguments import build_train_parser, resolve_training_config
@@ -32,16 +34,19 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
+def reset_accelerate_state() -> None:
     """Accelerate keeps process-wide singletons; each in-process run starts from a clean slate."""
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    reset_accelerate_state()
     yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
 
 
 @pytest.fixture(scope="module")
@@ -228,10 +233,7 @@ def test_sample_grid_uses_eval_mode_and_restores_training_mode():
 
     from punkdiff.training.previews import ema_sample_grid
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                       norm_num_groups=4, dropout=0.5, down_block_types=("DownBlock2D",) * 2,
-                       up_block_types=("UpBlock2D",) * 2).train()
+    unet = tiny_unet(channels=1, dropout=0.5).train()
     ema = EMAModel(unet.parameters())
     first, second = (ema_sample_grid(unet, ema, DDPMScheduler(), 4, 5, seed=3) for _ in range(2))
     assert np.array_equal(np.asarray(first), np.asarray(second))  # dropout would make these differ
@@ -311,9 +313,7 @@ def test_two_processes_on_cpu(mnist_dir, cache_dir, tmp_path):
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("snr_gamma", [None, 5.0])
 def test_diffusion_loss_matches_its_definition(prediction_type, snr_gamma):
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                       norm_num_groups=4, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
+    unet = tiny_unet(channels=1)
     sched = DDPMScheduler(prediction_type=prediction_type)
     x0, noise = torch.rand(4, 1, 8, 8) * 2 - 1, torch.randn(4, 1, 8, 8)
     t = torch.tensor([0, 10, 500, 999])
@@ -348,10 +348,134 @@ def test_flags_override_preset_fields():
     assert preset.train.mixed_precision == "bf16"
 
 
-def test_bf16_mixed_precision_trains_and_exports_float32_weights(mnist_dir, cache_dir, tmp_path):
-    assert run(mnist_dir, cache_dir, tmp_path, "--max-steps", "3", "--checkpoint-every", "3",
-               "--mixed-precision", "bf16") == 0
-    summary = json.loads((tmp_path / "training_summary.json").read_text())
-    assert summary["mixed_precision"] == "bf16" and 0 < summary["final_loss"] < 10
-    exported = weights(tmp_path / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
-    assert {t.dtype for t in exported.values()} == {torch.float32}  # autocast computes in bf16, weights stay fp32
+# --- what train.py feeds the model ----------------------------------------------------------------
+
+
+def record_loss_calls(monkeypatch) -> list[tuple[torch.Tensor, dict[str, torch.Tensor] | None]]:
+    """Each call of train.py's loss: the clean batch, and the model's weights at the first call (the start)."""
+    import punkdiff.scripts.train as train_script
+
+    calls: list[tuple[torch.Tensor, dict[str, torch.Tensor] | None]] = []
+    loss = train_script.diffusion_loss
+
+    def recording(model, scheduler, clean, *rest):
+        start = None if calls else {k: v.detach().clone() for k, v in model.state_dict().items()}
+        calls.append((clean.detach().clone(), start))
+        return loss(model, scheduler, clean, *rest)
+
+    monkeypatch.setattr(train_script, "diffusion_loss", recording)
+    return calls
+
+
+def test_data_order_is_seeded_and_each_epoch_is_a_permutation(mnist_dir, cache_dir, tmp_path, monkeypatch):
+    """The loader train.py builds (Accelerate's seedable sampler, set_epoch) decides the order, not global state."""
+
+    def epochs(seed: str, name: str) -> list[list[bytes]]:
+        calls = record_loss_calls(monkeypatch)
+        assert run(mnist_dir, cache_dir, tmp_path / name, "--max-steps", "16", "--seed", seed) == 0
+        images = [bytes(img.numpy()) for clean, _ in calls for img in clean]
+        return [images[:64], images[64:]]  # 8 batches of 8 per epoch
+
+    first, again, other = epochs("0", "a"), epochs("0", "b"), epochs("1", "c")
+    assert len(set(first[0])) == 64 and set(first[0]) == set(first[1])  # every image once per epoch
+    assert first[0] != first[1]  # reshuffled each epoch
+    assert first == again  # same seed, same order
+    assert other != first and set(other[0]) == set(first[0])
+
+
+def test_bf16_mixed_precision_tracks_the_fp32_run(mnist_dir, cache_dir, tmp_path):
+    """Same seed and data: bf16 autocast follows the fp32 losses closely and moves the weights the same way."""
+
+    def losses_and_delta(precision: str) -> tuple[list[float], torch.Tensor]:
+        out = tmp_path / precision
+        assert run(mnist_dir, cache_dir, out, "--max-steps", "4", "--checkpoint-every", "1",
+                   "--checkpoints-total-limit", "4", "--no-ema", "--lr-warmup-steps", "0", "--learning-rate", "1e-3",
+                   "--mixed-precision", precision) == 0
+        state = json.loads((out / "checkpoints" / "checkpoint-4" / "training_state.json").read_text())
+        first = weights(out / "checkpoints" / "checkpoint-1" / "model.safetensors")
+        last = weights(out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+        assert {t.dtype for t in last.values()} == {torch.float32}  # autocast computes in bf16, weights stay fp32
+        return [h[1] for h in state["history"]], torch.cat([(last[k] - first[k]).flatten() for k in last])
+
+    fp32_losses, fp32_delta = losses_and_delta("no")
+    reset_accelerate_state()
+    bf16_losses, bf16_delta = losses_and_delta("bf16")
+    assert bf16_losses == pytest.approx(fp32_losses, rel=0.03)
+    assert bf16_losses != fp32_losses  # bf16 really was used
+    assert torch.nn.functional.cosine_similarity(bf16_delta, fp32_delta, dim=0) > 0.9
+
+
+# --- fine-tuning and the Hub ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pretrained(mnist_dir, cache_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pretrained")
+    reset_accelerate_state()
+    assert run(mnist_dir, cache_dir, out, "--max-steps", "3", "--checkpoint-every", "3") == 0
+    reset_accelerate_state()
+    return out / "pipeline"
+
+
+@pytest.mark.parametrize("source", ["folder", "hub id"])
+def test_init_from_starts_from_the_exported_weights(mnist_dir, cache_dir, pretrained, tmp_path, monkeypatch, source):
+    calls = record_loss_calls(monkeypatch)
+    with fake_hub(monkeypatch, models={"someone/mnist-tiny": pretrained}) as hub:
+        model = str(pretrained) if source == "folder" else "someone/mnist-tiny"
+        assert run(mnist_dir, cache_dir, tmp_path, "--max-steps", "2", "--init-from", model) == 0
+    assert bool(hub.requests) == (source == "hub id")
+    exported = weights(pretrained / "unet" / "diffusion_pytorch_model.safetensors")
+    assert max_diff(calls[0][1], exported) == 0
+    assert json.loads((tmp_path / "training_summary.json").read_text())["initialized_from"] == model
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("model.block_out_channels=[8,8]", "unet block_out_channels: preset [8, 8], model [8, 16]"),
+        ("scheduler.num_train_timesteps=500", "scheduler num_train_timesteps: preset 500, model 1000"),
+    ],
+)
+def test_init_from_refuses_another_model_before_any_data(pretrained, tmp_path, capsys, change, message):
+    code = train_main([*TINY, "--dataset", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "o"),
+                       "--init-from", str(pretrained), "--set", change])
+    out = capsys.readouterr().out
+    assert code == 2 and "is not the preset's model" in out and message in out
+
+
+def test_push_to_hub_at_the_end_uploads_the_export_with_its_card(mnist_dir, cache_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    with fake_hub(monkeypatch) as hub:
+        assert run(mnist_dir, cache_dir, tmp_path / "run", "--max-steps", "2", "--push-to-hub",
+                   "--hub-model-id", "someone/mnist-tiny", "--private") == 0
+    [created] = hub.created
+    assert created["name"] == "mnist-tiny"
+    assert created.get("private") is True or created.get("visibility") == "private"
+    exported = {p.relative_to(tmp_path / "run" / "pipeline").as_posix()
+                for p in (tmp_path / "run" / "pipeline").rglob("*") if p.is_file()}
+    assert set(hub.uploaded) == exported and "README.md" in exported
+    assert 'DDPMPipeline.from_pretrained("someone/mnist-tiny")' in hub.uploaded["README.md"].decode()
+    assert {r.headers.get("authorization") for r in hub.requests} == {"Bearer hf_test_token"}
+    assert not any(b"hf_test_token" in p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+
+
+def test_push_to_hub_without_a_login_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    code = train_main([*TINY, "--dataset", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "o"),
+                       "--push-to-hub"])
+    assert code == 2 and "needs a Hugging Face login" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_data_on_device_trains_exactly_like_host_data(mnist_dir, cache_dir, tmp_path):
+    """`--data-on-device yes` (the GPU default for small sets) moves the whole set once; batches, and so the
+    weights, are unchanged. On this CPU-only machine it is the same device, so this checks the path, not speed."""
+    for where in ("yes", "no"):
+        reset_accelerate_state()
+        assert run(mnist_dir, cache_dir, tmp_path / where, "--max-steps", "3", "--data-on-device", where) == 0
+    on_device, on_host = (weights(tmp_path / w / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+                          for w in ("yes", "no"))
+    assert max_diff(on_device, on_host) == 0

@@ -8,7 +8,8 @@ from diffusers import DDPMScheduler, UNet2DModel
 from punkdiff import PunkDiffPipeline
 
 
-def tiny_unet(channels: int = 3, sample_size: int = 8, seed: int = 0) -> UNet2DModel:
+def tiny_unet(channels: int = 3, sample_size: int = 8, seed: int = 0, **overrides) -> UNet2DModel:
+    """An 8/16-channel UNet2DModel, seeded; `overrides` go to its config (e.g. `dropout=0.5`)."""
     torch.manual_seed(seed)
     return UNet2DModel(
         sample_size=sample_size,
@@ -19,6 +20,7 @@ def tiny_unet(channels: int = 3, sample_size: int = 8, seed: int = 0) -> UNet2DM
         norm_num_groups=4,
         down_block_types=("DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D"),
+        **overrides,
     )
 
 

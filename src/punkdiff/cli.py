@@ -185,7 +185,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
 
 def _run_sample(args: argparse.Namespace) -> int:
     from punkdiff.sampling import generate
-    from punkdiff.visuals import denoising_gif, image_grid
+    from punkdiff.visuals import denoising_gif
 
     out = _image_path(args.out, "--out")
     gif = _image_path(args.gif, "--gif") if args.gif else None
@@ -195,8 +195,7 @@ def _run_sample(args: argparse.Namespace) -> int:
     images = generate(pipe, args.num_images, seed=args.seed, batch_size=args.batch_size, sampler=args.scheduler,
                       num_inference_steps=args.steps, eta=args.eta)
     rows = max(r for r in range(1, math.isqrt(args.num_images) + 1) if args.num_images % r == 0)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images, cols=args.num_images // rows).save(out)
+    _save_grid(images, out, cols=args.num_images // rows)
     print(f"grid: {out.resolve()}")
     if args.out_dir:
         out_dir = Path(args.out_dir)
@@ -211,11 +210,20 @@ def _run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_image_input(p: argparse.ArgumentParser) -> None:
+def _add_image_input(p: argparse.ArgumentParser, out: str, out_help: str) -> None:
+    """Options of the commands that read image files and write a grid."""
+    p.add_argument("--out", default=out, help=out_help)
     p.add_argument("--background", default="#ffffff",
                    help="colour transparent pixels are composited onto (CryptoPunks: '#638596')")
     p.add_argument("--resize-filter", choices=["nearest", "bilinear", "bicubic", "lanczos", "box"], default="bicubic",
                    help="how an image of another size is resized to the model's (nearest for pixel art)")
+
+
+def _save_grid(images: list, out: Path, cols: int | None = None) -> None:
+    from punkdiff.visuals import image_grid
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(images, cols=cols).save(out)
 
 
 def _read_images(paths: Sequence[str], pipe, args: argparse.Namespace):
@@ -244,15 +252,12 @@ def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="+", help="image files (resized to the model's size)")
     p.add_argument("--t-start", type=int, required=True, help="training timestep to noise to, in [0, T)")
     _add_sampler_arguments(p, "default: every training step from t_start for ddpm, 50 otherwise")
-    _add_image_input(p)
-    p.add_argument("--out", default="reconstruction.png", help="rows of original | reconstruction")
+    _add_image_input(p, "reconstruction.png", "rows of original | reconstruction")
     p.set_defaults(func=_run_reconstruct)
 
 
 def _run_reconstruct(args: argparse.Namespace) -> int:
     import torch
-
-    from punkdiff.visuals import image_grid
 
     out = _image_path(args.out, "--out")
     pipe = _load_model(args)
@@ -264,8 +269,7 @@ def _run_reconstruct(args: argparse.Namespace) -> int:
     result = pipe.reconstruct(originals, args.t_start, generator=generators, num_inference_steps=args.steps,
                               eta=args.eta, sampler=args.scheduler).images
     originals = pipe.image_processor.postprocess(originals * 2 - 1, "pil")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image_grid([im for pair in zip(originals, result, strict=True) for im in pair], cols=2).save(out)
+    _save_grid([im for pair in zip(originals, result, strict=True) for im in pair], out, cols=2)
     print(f"original | reconstructed from t={args.t_start}: {out.resolve()}")
     return 0
 
@@ -279,8 +283,7 @@ def _add_inpaint(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jump-length", type=_positive_int, default=10, help="RePaint's j")
     p.add_argument("--jump-n-sample", type=_positive_int, default=10, help="RePaint's r")
     p.add_argument("--num-images", type=_positive_int, default=4, help="how many fillings, one seed each")
-    _add_image_input(p)
-    p.add_argument("--out", default="inpainted.png", help="grid: the masked input, then each filling")
+    _add_image_input(p, "inpainted.png", "grid: the masked input, then each filling")
     p.set_defaults(func=_run_inpaint)
 
 
@@ -288,8 +291,6 @@ def _run_inpaint(args: argparse.Namespace) -> int:
     import numpy as np
     import PIL.Image
     import torch
-
-    from punkdiff.visuals import image_grid
 
     out = _image_path(args.out, "--out")
     pipe = _load_model(args)
@@ -306,8 +307,7 @@ def _run_inpaint(args: argparse.Namespace) -> int:
                           jump_n_sample=args.jump_n_sample, generator=generators).images
     keep = torch.from_numpy(np.asarray(mask) < 128)[None, None].float()
     masked = pipe.image_processor.postprocess((image * keep + 0.5 * (1 - keep)) * 2 - 1, "pil")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(masked + filled).save(out)
+    _save_grid(masked + filled, out)
     print(f"masked input, then {args.num_images} fillings: {out.resolve()}")
     return 0
 
