@@ -31,6 +31,7 @@ from diffusers import (
 )
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+from diffusers.schedulers.scheduling_repaint import RePaintSchedulerOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -235,6 +236,126 @@ class ExactDDPMScheduler(_ExactTimesteps, DDPMScheduler):
         if self.previous_timestep(timestep) < 0:
             output.prev_sample = output.pred_original_sample
         return output if return_dict else output.to_tuple()
+
+
+class ExactRePaintScheduler(RePaintScheduler):
+    r"""`RePaintScheduler` whose walk starts at t = T - 1 for every step count, with steps of any length.
+
+    Upstream spaces its n steps by `T // n` from 0, so unless n divides T the walk never reaches the noisiest
+    level it starts from (250 steps on T = 300 start at t = 249, where x_t is not pure noise), and `step` and
+    `undo_step` assume that fixed stride. Here the n levels are spaced "trailing" (Lin et al. 2024), t_k =
+    round(T * k / n) - 1 for 1 <= k <= n, so the first is T - 1; the walk over them (jumps back of `jump_length`
+    levels, `jump_n_sample` times) is upstream's; each step goes to the next lower level and each jump back
+    re-noises to the next higher one. With n = T this is upstream step for step (same noise draws, same images).
+
+    Notation (Lugmayr et al. 2022, Algorithm 1, with the DDIM update of Song et al. 2021, Eq. (12)):
+    - `alpha_prod_t`, `alpha_prod_t_prev` -> alpha_bar_t, alpha_bar_{t'} (t' is the next lower level, or the clean
+      image after the last: alpha_bar = `final_alpha_cumprod`)
+    - `pred_original_sample` -> x_0 predicted from epsilon_theta(x_t, t)
+    - `std_dev_t` -> eta * sigma_t, with
+      sigma_t^2 = (1 - alpha_bar_{t'}) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_{t'})
+    - `prev_unknown_part` -> x_{t'}^unknown = sqrt(alpha_bar_{t'}) x_0 + sqrt(1 - alpha_bar_{t'} - std^2) eps + std z
+    - `prev_known_part` -> x_{t'}^known ~ q(x_{t'} | x_0 = original image)
+    - `prev_sample` -> x_{t'} = m * known + (1 - m) * unknown, m = 1 where the original is kept
+    """
+
+    def set_timesteps(
+        self, num_inference_steps: int, jump_length: int = 10, jump_n_sample: int = 10, device=None
+    ) -> None:
+        """The walk over the levels (upstream's, in level indices), each index mapped to its trailing timestep.
+
+        Examples:
+            ```py
+            >>> sched = ExactRePaintScheduler(num_train_timesteps=300)
+            >>> sched.set_timesteps(250, jump_length=10, jump_n_sample=10)
+            >>> int(sched.timesteps[0]), int(sched.levels[0])  # upstream starts at 249 and ends at 0
+            (299, 0)
+            ```
+        """
+        T = self.config.num_train_timesteps
+        n = min(T, num_inference_steps)
+        self.num_inference_steps = n
+        # the levels t_1 < ... < t_n, t_n = T - 1
+        self.levels = torch.tensor([round(Fraction(T * k, n)) - 1 for k in range(1, n + 1)])
+        jumps = {k: jump_n_sample - 1 for k in range(0, n - jump_length, jump_length)}
+        walk, k = [], n
+        while k >= 1:
+            k -= 1
+            walk.append(k)
+            if jumps.get(k, 0) > 0:
+                jumps[k] -= 1
+                for _ in range(jump_length):
+                    k += 1
+                    walk.append(k)
+        self.timesteps = self.levels[walk].to(device)
+
+    def _alpha_prod_prev(self, t: int) -> torch.Tensor:
+        """alpha_bar at the level below t (the clean image's `final_alpha_cumprod` below the lowest)."""
+        index = int(torch.searchsorted(self.levels, t))
+        return self.alphas_cumprod[self.levels[index - 1]] if index > 0 else self.final_alpha_cumprod
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        original_image: torch.Tensor,
+        mask: torch.Tensor,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+    ):
+        """One reverse step x_t -> x_{t'} to the next lower level, the known region taken from the original.
+
+        Examples:
+            ```py
+            >>> sched = ExactRePaintScheduler(num_train_timesteps=300)
+            >>> sched.set_timesteps(7, jump_length=2, jump_n_sample=2)
+            >>> x_t, image, keep = torch.randn(1, 1, 8, 8), torch.zeros(1, 1, 8, 8), torch.ones(1, 1, 8, 8)
+            >>> sched.step(torch.zeros_like(x_t), sched.timesteps[0], x_t, image, keep).prev_sample.shape
+            torch.Size([1, 1, 8, 8])
+            ```
+        """
+        # 1. alpha_bar_t, alpha_bar_{t'}
+        t = int(timestep)
+        alpha_prod_t, alpha_prod_t_prev = self.alphas_cumprod[t], self._alpha_prod_prev(t)
+        beta_prod_t = 1 - alpha_prod_t
+        # 2. the predicted x_0, clipped as configured
+        pred_original_sample = (sample - beta_prod_t**0.5 * model_output) / alpha_prod_t**0.5
+        if self.config.clip_sample:
+            pred_original_sample = pred_original_sample.clamp(-1, 1)
+        # 3. z ~ N(0, I), drawn as upstream draws it (also used for the known part)
+        noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                             dtype=model_output.dtype)
+        variance = (1 - alpha_prod_t_prev) / beta_prod_t * (1 - alpha_prod_t / alpha_prod_t_prev)
+        std_dev_t = self.eta * variance**0.5
+        # 4. the unknown region: the DDIM update (noise only where t > 0 and eta > 0, as upstream)
+        pred_sample_direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** 0.5 * model_output
+        prev_unknown_part = alpha_prod_t_prev**0.5 * pred_original_sample + pred_sample_direction
+        if t > 0 and self.eta > 0:
+            prev_unknown_part = prev_unknown_part + std_dev_t * noise
+        # 5. the known region: the original image noised to t'
+        prev_known_part = alpha_prod_t_prev**0.5 * original_image + (1 - alpha_prod_t_prev) ** 0.5 * noise
+        # 6. x_{t'}: known where the mask keeps the original
+        prev_sample = mask * prev_known_part + (1.0 - mask) * prev_unknown_part
+        if not return_dict:
+            return prev_sample, pred_original_sample
+        return RePaintSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+
+    def undo_step(self, sample: torch.Tensor, timestep: int | torch.Tensor, generator=None) -> torch.Tensor:
+        """A jump back: x_{t'} -> x_t ~ q(x_t | x_{t'}), from the level below `timestep` up to it, in one draw.
+
+        Examples:
+            ```py
+            >>> sched = ExactRePaintScheduler(num_train_timesteps=300)
+            >>> sched.set_timesteps(7)
+            >>> sched.undo_step(torch.zeros(1, 1, 8, 8), sched.levels[3]).std() > 0
+            tensor(True)
+            ```
+        """
+        t = int(timestep)
+        alpha = self.alphas_cumprod[t] / self._alpha_prod_prev(t)  # prod of (1 - beta) over the levels crossed
+        noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+        return alpha**0.5 * sample + (1 - alpha) ** 0.5 * noise
 
 
 SAMPLERS: dict[str, type[SchedulerMixin]] = {
@@ -490,10 +611,11 @@ class PunkDiffPipeline(DiffusionPipeline):
     ) -> PunkDiffPipelineOutput | tuple:
         r"""Fill the masked region of `image` with the unconditional model (RePaint, Lugmayr et al. 2022).
 
-        Uses diffusers' [`RePaintScheduler`]: at each step the known region is the forward-noised original and the
-        masked region comes from the model; jumping back `jump_length` steps `jump_n_sample` times lets the two
-        harmonise. At the last step the known region is the original image exactly. Unlike diffusers'
-        `RePaintPipeline`, a list of generators is used per image throughout, not just for the initial noise.
+        Uses [`ExactRePaintScheduler`] (diffusers' RePaint, starting at t = T - 1 for any step count): at each step
+        the known region is the forward-noised original and the masked region comes from the model; jumping back
+        `jump_length` steps `jump_n_sample` times lets the two harmonise. At the last step the known region is the
+        original image exactly. Unlike diffusers' `RePaintPipeline`, a list of generators is used per image
+        throughout, not just for the initial noise.
 
         Args:
             image: Images in [0, 1] at the model's resolution.
@@ -519,8 +641,8 @@ class PunkDiffPipeline(DiffusionPipeline):
         original = self._preprocess(image)
         self._check_generator(generator, original.shape[0])
         known = 1.0 - self.mask_processor.preprocess(mask).to(original.device, original.dtype)
-        # 2. the RePaint schedule, with its jumps back in time
-        sched = RePaintScheduler.from_config(self.scheduler.config, eta=eta)
+        # 2. the RePaint schedule from t = T - 1, with its jumps back in time
+        sched = ExactRePaintScheduler.from_config(self.scheduler.config, eta=eta)
         sched.set_timesteps(num_inference_steps, jump_length, jump_n_sample)
         # 3. x_T ~ N(0, I)
         latents = randn_tensor(original.shape, generator=generator, device=original.device, dtype=original.dtype)

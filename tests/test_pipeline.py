@@ -12,10 +12,10 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from fake_hub import fake_hub
-from tiny_models import tiny_pipeline
+from tiny_models import tiny_pipeline, tiny_unet
 
 from punkdiff import PunkDiffPipeline
-from punkdiff.pipelines.punkdiff_pipeline import ExactDDIMScheduler
+from punkdiff.pipelines.punkdiff_pipeline import ExactDDIMScheduler, ExactRePaintScheduler
 
 PIPELINE_FILE = Path(__file__).resolve().parents[1] / "pipelines" / "punkdiff_pipeline.py"
 
@@ -218,21 +218,48 @@ def test_inpainting_keeps_the_known_region_and_fills_the_mask(pipe):
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_inpainting_matches_diffusers_repaint_pipeline(pipe, eta):
-    """Same model, seed and schedule: the same images as diffusers' RePaintPipeline (which takes the known region
-    as its mask and images in [-1, 1])."""
+def test_inpainting_with_every_step_matches_diffusers_repaint_pipeline(eta):
+    """With n = T steps RePaint's schedule is the same in both: the same images as diffusers' RePaintPipeline (which
+    takes the known region as its mask and images in [-1, 1]) for the same model and seed."""
     from diffusers import RePaintPipeline, RePaintScheduler
 
+    pipe = PunkDiffPipeline(tiny_unet(), DDPMScheduler(num_train_timesteps=40))
     image = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     mask = torch.zeros(1, 1, 8, 8)
     mask[..., 1:5, 3:8] = 1.0
-    kwargs = {"num_inference_steps": 20, "jump_length": 4, "jump_n_sample": 2, "eta": eta, "output_type": "np"}
+    kwargs = {"num_inference_steps": 40, "jump_length": 4, "jump_n_sample": 2, "eta": eta, "output_type": "np"}
     ours = pipe.inpaint(image, mask, generator=torch.Generator().manual_seed(7), **kwargs).images
     stock = RePaintPipeline(pipe.unet, RePaintScheduler.from_config(pipe.scheduler.config))
-    stock.set_progress_bar_config(disable=True)
     theirs = stock(image * 2 - 1, 1 - mask, generator=torch.Generator().manual_seed(7), **kwargs).images
     np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
     assert np.abs(ours - image.permute(0, 2, 3, 1).numpy()).max() > 0.05  # the masked region was generated
+
+
+@pytest.mark.parametrize(("T", "n"), [(300, 250), (1000, 250), (1000, 7), (40, 40)])
+def test_repaint_walk_starts_at_t_minus_one_and_ends_at_zero(T, n):
+    from diffusers import RePaintScheduler
+
+    ours = ExactRePaintScheduler(num_train_timesteps=T)
+    ours.set_timesteps(n, jump_length=3, jump_n_sample=2)
+    assert int(ours.timesteps[0]) == T - 1 and int(ours.timesteps[-1]) == int(ours.levels[0])
+    assert ours._alpha_prod_prev(int(ours.levels[0])) == ours.final_alpha_cumprod  # the last step lands on x_0
+    assert len(ours.levels) == n and sorted(set(ours.timesteps.tolist())) == ours.levels.tolist()
+    upstream = RePaintScheduler(num_train_timesteps=T)
+    upstream.set_timesteps(n, jump_length=3, jump_n_sample=2)
+    # the same walk (jumps back included); upstream's levels reach T - 1 only when n = T
+    assert len(upstream.timesteps) == len(ours.timesteps)
+    assert (int(upstream.timesteps[0]) == T - 1) == (n == T)
+
+
+def test_repaint_jump_back_noises_to_the_level_above():
+    """q(x_t | x_{t'}) over several training steps in one draw: mean sqrt(prod alpha), variance 1 - prod alpha."""
+    sched = ExactRePaintScheduler(num_train_timesteps=1000)
+    sched.set_timesteps(10)
+    low, high = (int(t) for t in sched.levels[3:5])
+    alpha = sched.alphas_cumprod[high] / sched.alphas_cumprod[low]
+    x = torch.full((20000,), 0.5)
+    out = sched.undo_step(x, high, torch.Generator().manual_seed(0))
+    assert abs(out.mean() - 0.5 * alpha.sqrt()) < 0.02 and abs(out.var() - (1 - alpha)) < 0.03
 
 
 def test_pipeline_file_imports_only_torch_diffusers_numpy_pil_and_stdlib():
