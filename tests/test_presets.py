@@ -17,8 +17,11 @@ from hypothesis import strategies as st
 
 from punkdiff.cli import main as cli_main
 from punkdiff.presets import (
+    BETA_SCHEDULES,
     PRESETS,
     PresetError,
+    PresetWarning,
+    SchedulerSpec,
     apply_overrides,
     count_parameters,
     get_preset,
@@ -415,3 +418,57 @@ def test_lr_scheduler_names_follow_diffusers():
     from punkdiff.presets import LR_SCHEDULERS
 
     assert set(LR_SCHEDULERS) == {s.value for s in SchedulerType}
+
+
+# --- noise that reaches noise ------------------------------------------------------------------------
+
+
+@given(
+    T=st.integers(20, 1200),
+    schedule=st.sampled_from(BETA_SCHEDULES),
+    beta_end=st.floats(0.005, 0.04),
+    scaled=st.booleans(),
+)
+@settings(max_examples=40, deadline=None)
+def test_terminal_alpha_bar_is_diffusers_last_alphas_cumprod(T, schedule, beta_end, scaled):
+    spec = SchedulerSpec(num_train_timesteps=T, beta_schedule=schedule, beta_end=beta_end,
+                         scale_betas_by_timesteps=scaled)
+    if spec.betas_range()[1] >= 1:
+        return
+    expected = DDPMScheduler(**spec.ddpm_config()).alphas_cumprod[-1].item()
+    assert spec.terminal_alpha_bar() == pytest.approx(expected, rel=1e-3, abs=1e-12)
+
+
+@pytest.mark.parametrize(("name", "alpha_bar", "offers_scaling"), [("mnist-fast-16", 0.048, True),
+                                                                     ("mnist-hp-16", 0.0063, False)])
+def test_schedules_that_stop_short_of_noise_warn_with_the_remedies(name, alpha_bar, offers_scaling):
+    with pytest.warns(PresetWarning, match=f"alpha_bar\\(T-1\\) = {alpha_bar}") as caught:
+        get_preset(name).validate()
+    message = str(caught[0].message)
+    assert "rescale_betas_zero_snr=true" in message and "v_prediction" in message
+    assert ("scale_betas_by_timesteps=true" in message) == offers_scaling  # x 1000/T does nothing at T = 1000
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"scheduler": {"scale_betas_by_timesteps": True}},
+     {"scheduler": {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction"}}],
+    ids=["scaled-betas", "zero-snr-v"],
+)
+def test_the_remedies_silence_the_warning_and_reach_noise(overrides, recwarn):
+    preset = resolve_preset("mnist-fast-16", None, overrides)  # validates
+    assert not [w for w in recwarn if issubclass(w.category, PresetWarning)]
+    sched = DDPMScheduler(**preset.scheduler.ddpm_config())
+    assert sched.alphas_cumprod[-1] < 1e-3
+
+
+def test_zero_terminal_snr_with_epsilon_warns_to_use_v_prediction():
+    with pytest.warns(PresetWarning, match="use scheduler.prediction_type=v_prediction"):
+        resolve_preset("mnist-baseline-16", None, {"scheduler": {"rescale_betas_zero_snr": True}})
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if n not in ("mnist-fast-16", "mnist-hp-16")])
+def test_other_presets_reach_noise_without_warnings(name, recwarn):
+    get_preset(name).validate()
+    assert not [w for w in recwarn if issubclass(w.category, PresetWarning)]
+    assert get_preset(name).scheduler.terminal_alpha_bar() < 1e-3

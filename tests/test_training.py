@@ -108,6 +108,22 @@ def test_resume_matches_uninterrupted_run(mnist_dir, cache_dir, tmp_path, accumu
     assert history_a[-1][2] == pytest.approx(0.0, abs=1e-12) and history_a[-2][2] > 0
 
 
+def test_checkpoint_from_before_a_new_setting_resumes_with_its_default(mnist_dir, cache_dir, tmp_path):
+    """A setting punkdiff added later (here the noise-schedule remedies) is absent from older checkpoints; the old
+    run had its default, so resuming is allowed."""
+    assert run(mnist_dir, cache_dir, tmp_path, "--max-steps", "2", "--checkpoint-every", "2") == 0
+    state_file = tmp_path / "checkpoints" / "checkpoint-2" / "training_state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["scheduler"]["scale_betas_by_timesteps"], state["config"]["scheduler"]["rescale_betas_zero_snr"]
+    state_file.write_text(json.dumps(state))
+    reset_accelerate_state()
+    assert run(mnist_dir, cache_dir, tmp_path, "--max-steps", "3", "--resume-from-checkpoint", "latest") == 0
+    reset_accelerate_state()
+    code = run(mnist_dir, cache_dir, tmp_path, "--max-steps", "4", "--resume-from-checkpoint", "latest",
+               "--set", "scheduler.scale_betas_by_timesteps=true")
+    assert code == 2  # a real change of the noise process is still refused
+
+
 def test_checkpoints_total_limit_keeps_the_last_k(mnist_dir, cache_dir, tmp_path):
     assert run(mnist_dir, cache_dir, tmp_path, "--max-steps", "12", "--checkpoint-every", "3",
                "--checkpoints-total-limit", "2") == 0

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,10 @@ RESIZE_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos", "box")
 
 class PresetError(ValueError):
     """A preset, override or combination that cannot work; the message says what to change."""
+
+
+class PresetWarning(UserWarning):
+    """A preset that trains but is known to sample badly; the message says what to change."""
 
 
 @dataclass
@@ -82,18 +88,52 @@ class SchedulerSpec:
     prediction_type: str = "epsilon"
     variance_type: str = "fixed_small"
     clip_sample: bool = True
+    # remedies for a forward process that ends short of pure noise (see `terminal_alpha_bar`):
+    # improved-diffusion's betas scaled by 1000 / T, so a short schedule adds as much noise as T = 1000 does
+    scale_betas_by_timesteps: bool = False
+    # Lin et al. 2024: rescale the betas so alpha_bar(T - 1) = 0 (zero terminal SNR; pair it with v_prediction)
+    rescale_betas_zero_snr: bool = False
+
+    def betas_range(self) -> tuple[float, float]:
+        """(beta_start, beta_end) as the scheduler gets them, after `scale_betas_by_timesteps`."""
+        scale = 1000 / self.num_train_timesteps if self.scale_betas_by_timesteps else 1.0
+        return self.beta_start * scale, self.beta_end * scale
 
     def ddpm_config(self) -> dict[str, Any]:
         """`DDPMScheduler` kwargs, with the schedule aliases resolved to diffusers' names."""
+        beta_start, beta_end = self.betas_range()
         return {
             "num_train_timesteps": self.num_train_timesteps,
             "beta_schedule": _SCHEDULE_ALIASES.get(self.beta_schedule, self.beta_schedule),
-            "beta_start": self.beta_start,
-            "beta_end": self.beta_end,
+            "beta_start": beta_start,
+            "beta_end": beta_end,
             "prediction_type": self.prediction_type,
             "variance_type": self.variance_type,
             "clip_sample": self.clip_sample,
+            "rescale_betas_zero_snr": self.rescale_betas_zero_snr,
         }
+
+    def terminal_alpha_bar(self) -> float:
+        """alpha_bar at t = T - 1: the signal fraction left where sampling starts from pure N(0, I).
+
+        Above ~1e-3 the model never sees, in training, the pure noise it is started from at sampling time (the
+        original MNIST projects' T = 300 schedule ends at 0.048, a signal std of 0.22). Computed in plain Python
+        (no torch), as diffusers builds the schedule.
+        """
+        if self.rescale_betas_zero_snr:
+            return 0.0
+        T, (b0, b1) = self.num_train_timesteps, self.betas_range()
+        schedule = _SCHEDULE_ALIASES.get(self.beta_schedule, self.beta_schedule)
+        if schedule == "squaredcos_cap_v2":
+            def f(x: float) -> float:
+                return math.cos((x + 0.008) / 1.008 * math.pi / 2) ** 2
+
+            betas = [min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)]
+        elif schedule == "scaled_linear":
+            betas = [(b0**0.5 + (b1**0.5 - b0**0.5) * i / (T - 1)) ** 2 for i in range(T)]
+        else:
+            betas = [b0 + (b1 - b0) * i / (T - 1) for i in range(T)]
+        return math.prod(1 - b for b in betas)
 
 
 @dataclass
@@ -159,10 +199,13 @@ class Preset:
         return dataclasses.asdict(self)
 
     def validate(self) -> Preset:
-        """Fail early, with the fix in the message, for combinations that cannot train."""
+        """Fail early, with the fix in the message, for combinations that cannot train; warn (`PresetWarning`)
+        about those that train but sample badly."""
         problems = _problems(self)
         if problems:
             raise PresetError(f"invalid configuration for preset {self.name!r}:\n  - " + "\n  - ".join(problems))
+        for message in _noise_schedule_warnings(self.scheduler):
+            warnings.warn(f"preset {self.name!r}: {message}", PresetWarning, stacklevel=2)
         return self
 
 
@@ -243,6 +286,31 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+def _noise_schedule_warnings(s: SchedulerSpec) -> list[str]:
+    """A forward process that stops short of noise, and zero terminal SNR with an epsilon target."""
+    found = []
+    alpha_bar = s.terminal_alpha_bar()
+    if alpha_bar > 1e-3:
+        scaled = dataclasses.replace(s, scale_betas_by_timesteps=True)
+        remedy = (
+            f"scheduler.scale_betas_by_timesteps=true (betas x 1000/T, as improved-diffusion: alpha_bar "
+            f"{scaled.terminal_alpha_bar():.2g}) or "
+            if scaled.betas_range()[1] < 1 and not s.scale_betas_by_timesteps and s.num_train_timesteps != 1000
+            else ""
+        )
+        found.append(
+            f"the forward process ends at alpha_bar(T-1) = {alpha_bar:.2g} (signal std {alpha_bar**0.5:.2f}), but "
+            f"sampling starts from pure noise, which the model never sees in training; use {remedy}"
+            "scheduler.rescale_betas_zero_snr=true with scheduler.prediction_type=v_prediction (Lin et al. 2024)"
+        )
+    if s.rescale_betas_zero_snr and s.prediction_type == "epsilon":
+        found.append(
+            "zero terminal SNR with an epsilon target cannot predict x_0 at t = T-1 (Lin et al. 2024): "
+            "use scheduler.prediction_type=v_prediction"
+        )
+    return found
+
+
 def _problems(preset: Preset) -> list[str]:
     """Everything that would make this preset fail later, each with what to change."""
     m, s, d, t = preset.model, preset.scheduler, preset.data, preset.train
@@ -253,8 +321,8 @@ def _problems(preset: Preset) -> list[str]:
         problems.append(f"unknown prediction type {s.prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}")
     if s.variance_type not in VARIANCE_TYPES:
         problems.append(f"unknown variance type {s.variance_type!r}: use one of {', '.join(VARIANCE_TYPES)}")
-    if not 0 < s.beta_start < s.beta_end < 1:
-        problems.append(f"betas must satisfy 0 < beta_start < beta_end < 1 (got {s.beta_start}, {s.beta_end})")
+    if not 0 < s.betas_range()[0] < s.betas_range()[1] < 1:
+        problems.append(f"betas must satisfy 0 < beta_start < beta_end < 1 (got {s.betas_range()})")
     if s.num_train_timesteps < 2:
         problems.append(f"num_train_timesteps must be at least 2 (got {s.num_train_timesteps})")
     factor = 2 ** (len(m.block_out_channels) - 1)

@@ -7,12 +7,13 @@ with the differences listed. An output folder is never shared by two runs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
 from typing import Any
 
-from punkdiff.presets import Preset
+from punkdiff.presets import DataSpec, ModelSpec, Preset, SchedulerSpec
 from punkdiff.training import TrainingError
 from punkdiff.training.checkpoints import STATE_FILE, find_checkpoint, list_checkpoints
 
@@ -51,6 +52,8 @@ def check_resume(
     for key in _RESUME_INVARIANTS:
         section, _, field = key.partition(".")
         before = saved[section] if not field else saved[section][field]
+        if not field:  # a setting added to punkdiff after the checkpoint was saved: it had its default
+            before = {**_defaults(section), **before}
         after = current[section] if not field else current[section][field]
         if json.dumps(before, sort_keys=True) != json.dumps(after, sort_keys=True):
             changed.append(f"{key}: {before} -> {after}")
@@ -67,6 +70,11 @@ def check_resume(
             "pass a larger --max-steps to train further"
         )
     return checkpoint, state
+
+
+def _defaults(section: str) -> dict[str, Any]:
+    spec = {"model": ModelSpec, "scheduler": SchedulerSpec, "data": DataSpec}[section]
+    return {f.name: f.default for f in dataclasses.fields(spec) if f.default is not dataclasses.MISSING}
 
 
 def remove_previous_run(output_dir: str | Path) -> None:
