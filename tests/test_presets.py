@@ -472,3 +472,134 @@ def test_other_presets_reach_noise_without_warnings(name, recwarn):
     get_preset(name).validate()
     assert not [w for w in recwarn if issubclass(w.category, PresetWarning)]
     assert get_preset(name).scheduler.terminal_alpha_bar() < 1e-3
+
+
+# --- hostile values: every one refused by validation with the key named, before anything loads -----------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"train": {"learning_rate": float("nan")}}, "train.learning_rate must be a finite number"),
+        ({"train": {"learning_rate": float("inf")}}, "train.learning_rate must be a finite number"),
+        ({"train": {"max_grad_norm": float("nan")}}, "train.max_grad_norm must be a finite number"),
+        ({"train": {"ema_power": float("nan")}}, "train.ema_power must be a finite number"),
+        ({"train": {"adam_beta1": 1.0}}, "adam_beta1 and adam_beta2 must be in"),
+        ({"train": {"adam_beta2": -0.1}}, "adam_beta1 and adam_beta2 must be in"),
+        ({"train": {"adam_epsilon": 0.0}}, "train.adam_epsilon must be positive"),
+        ({"train": {"adam_weight_decay": -1.0}}, "train.adam_weight_decay must be >= 0"),
+        ({"model": {"dropout": 1.0}}, r"model.dropout must be in \[0, 1\)"),
+        ({"model": {"dropout": -0.5}}, r"model.dropout must be in \[0, 1\)"),
+        ({"model": {"block_out_channels": []}}, "block_out_channels must be a non-empty list"),
+        ({"model": {"block_out_channels": [-8, 16, 16]}}, "block_out_channels must be a non-empty list"),
+        ({"model": {"norm_num_groups": 0}}, "norm_num_groups must be at least 1"),
+        ({"model": {"norm_num_groups": -4}}, "norm_num_groups must be at least 1"),
+        ({"model": {"layers_per_block": 0}}, "layers_per_block must be at least 1"),
+        ({"model": {"attention_head_dim": 0}}, "attention_head_dim must be at least 1"),
+        ({"model": {"sample_size": 0}, "data": {"resolution": 0}}, "model.sample_size must be in"),
+        ({"model": {"sample_size": -16}, "data": {"resolution": -16}}, "data.resolution must be in"),
+        ({"model": {"sample_size": 2**20}, "data": {"resolution": 2**20}}, "model.sample_size must be in"),
+        ({"model": {"sample_size": 2}, "data": {"resolution": 2}}, "must be at least 2\\*\\*2"),
+        ({"scheduler": {"num_train_timesteps": 10**9}}, "num_train_timesteps must be at most"),
+        ({"train": {"ema_inv_gamma": 0.0}}, "train.ema_inv_gamma must be positive"),
+        ({"train": {"num_sample_images": 200000}}, "num_sample_images must be at most"),
+        ({"train": {"batch_size": 10**40}}, "absurdly large"),
+        ({"name": ["a", "list"]}, "name must be a string"),
+    ],
+)
+def test_hostile_values_are_refused_with_the_key_named(overrides, named):
+    with pytest.raises(PresetError, match=named):
+        apply_overrides(get_preset("mnist-fast-16"), overrides).validate()
+
+
+@pytest.mark.parametrize(
+    ("text", "suffix", "named"),
+    [
+        ("preset: [mnist-fast-16]\n", ".yaml", "preset must be a preset name"),
+        ("preset: {a: 1}\n", ".yaml", "preset must be a preset name"),
+        ('{"preset": "mnist-fast-16", "train": {"learning_rate": NaN}}', ".json", "must be a finite number"),
+        ('{"preset": "mnist-fast-16", "train": {"learning_rate": Infinity}}', ".json", "must be a finite number"),
+        ("preset: mnist-fast-16\ntrain: {learning_rate: .nan}\n", ".yaml", "must be a finite number"),
+        ("preset: mnist-fast-16\nname: {x: 1}\n", ".yaml", "name must be a string"),
+    ],
+)
+def test_hostile_config_files_are_refused(tmp_path, text, suffix, named):
+    path = tmp_path / f"config{suffix}"
+    path.write_text(text)
+    with pytest.raises(PresetError, match=named):
+        resolve_preset(config_file=path)
+
+
+def test_non_utf8_and_folder_configs_say_what_is_wrong(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("preset: mnist-fast-16\ndescription: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(PresetError, match="not UTF-8"):
+        resolve_preset(config_file=path)
+    with pytest.raises(PresetError, match="is a folder"):
+        resolve_preset(config_file=tmp_path)
+
+
+def test_yaml_tags_that_would_run_code_are_refused_and_never_run(tmp_path):
+    """`yaml.load` would call os.system here; the marker file proves nothing ran."""
+    marker = tmp_path / "pwned"
+    payload = f"!!python/object/apply:os.system ['touch {marker}']"
+    config = tmp_path / "evil.yaml"
+    config.write_text(f"preset: mnist-fast-16\ndescription: {payload}\n")
+    with pytest.raises(PresetError, match="could not be parsed"):
+        resolve_preset(config_file=config)
+    with pytest.raises(PresetError, match="not valid YAML"):
+        parse_set_flags([f"train.learning_rate={payload}"])
+    assert not marker.exists()
+
+
+_FIELDS = [(section, key) for section, spec in get_preset("mnist-fast-16").to_dict().items()
+           if isinstance(spec, dict) for key in spec]
+_HOSTILE = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.integers(min_value=-3, max_value=64),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(min_value=0, max_value=1),
+    st.text(max_size=12),
+    st.booleans(),
+    st.none(),
+    st.lists(st.integers(min_value=-8, max_value=128), max_size=5),
+    st.lists(st.one_of(st.text(max_size=3), st.floats(), st.none()), max_size=3),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+
+
+def _built(preset) -> None:
+    """What training builds first: a preset that validates must give a real UNet and noise schedule."""
+    with torch.device("meta"):
+        UNet2DModel(**preset.model.unet_config())
+    DDPMScheduler(**preset.scheduler.ddpm_config())
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    base=st.sampled_from(["mnist-fast-16", "punks-24"]),
+    changes=st.lists(st.tuples(st.sampled_from(_FIELDS), _HOSTILE), min_size=1, max_size=4),
+)
+def test_fuzzed_overrides_are_refused_or_build(base, changes):
+    """Any value in any field: a PresetError that names a problem, or a preset whose UNet and schedule build."""
+    overrides: dict = {}
+    for (section, key), value in changes:
+        overrides.setdefault(section, {})[key] = value
+    try:
+        preset = resolve_preset(base, overrides=overrides)
+    except PresetError as err:
+        assert str(err).strip()
+        return
+    _built(preset)
+
+
+@settings(max_examples=300, deadline=None)
+@given(field=st.sampled_from(_FIELDS), raw=st.one_of(st.text(max_size=20), st.from_regex(r"\[?[-0-9.e,na ]*\]?")))
+def test_fuzzed_set_flags_are_refused_or_build(field, raw):
+    """`--set section.key=<any text>`: YAML errors, type errors and range errors all end in a PresetError."""
+    try:
+        preset = resolve_preset("mnist-fast-16", overrides=parse_set_flags([f"{field[0]}.{field[1]}={raw}"]))
+    except PresetError as err:
+        assert str(err).strip()
+        return
+    _built(preset)

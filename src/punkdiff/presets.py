@@ -314,7 +314,9 @@ def _noise_schedule_warnings(s: SchedulerSpec) -> list[str]:
 def _problems(preset: Preset) -> list[str]:
     """Everything that would make this preset fail later, each with what to change."""
     m, s, d, t = preset.model, preset.scheduler, preset.data, preset.train
-    problems: list[str] = []
+    problems = _range_problems(preset)
+    if problems:  # the combination checks below divide and compare these numbers: only run them on sane ones
+        return problems
     if s.beta_schedule not in BETA_SCHEDULES:
         problems.append(f"unknown beta schedule {s.beta_schedule!r}: use one of {', '.join(BETA_SCHEDULES)}")
     if s.prediction_type not in PREDICTION_TYPES:
@@ -382,6 +384,65 @@ def _problems(preset: Preset) -> list[str]:
     return problems
 
 
+# Bounds beyond which a value is a typo, not an experiment: each would fail (or exhaust memory) long after the data
+# has loaded. Resolution 4096 and 100,000 timesteps are far beyond any published pixel-space DDPM.
+MAX_RESOLUTION = 4096
+MAX_TIMESTEPS = 100_000
+MAX_SAMPLE_IMAGES = 1024
+_MAX_INT = 2**31  # beyond this an integer setting overflows torch's int32 indexing or the memory of any machine
+
+
+def _as_tuple(value: object) -> tuple:
+    return value if isinstance(value, tuple) else (value,)
+
+
+def _range_problems(preset: Preset) -> list[str]:
+    """Numbers that are not finite or outside the range their field allows, each with the range."""
+    m, s, d, t = preset.model, preset.scheduler, preset.data, preset.train
+    problems: list[str] = []
+    for section, spec in (("model", m), ("scheduler", s), ("data", d), ("train", t)):
+        for f in dataclasses.fields(spec):
+            value = getattr(spec, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                problems.append(f"{section}.{f.name} must be a finite number (got {value})")
+            elif any(isinstance(v, int) and abs(v) >= _MAX_INT for v in _as_tuple(value)):
+                problems.append(f"{section}.{f.name} {value} is absurdly large: use a value below {_MAX_INT}")
+    if problems:
+        return problems
+
+    def require(ok: bool, what: str, value: object) -> None:
+        if not ok:
+            problems.append(f"{what} (got {value})")
+
+    require(1 <= m.sample_size <= MAX_RESOLUTION, f"model.sample_size must be in [1, {MAX_RESOLUTION}]", m.sample_size)
+    require(1 <= d.resolution <= MAX_RESOLUTION, f"data.resolution must be in [1, {MAX_RESOLUTION}]", d.resolution)
+    require(len(m.block_out_channels) > 0 and all(c > 0 for c in m.block_out_channels),
+            "model.block_out_channels must be a non-empty list of positive widths, e.g. [32, 64]", m.block_out_channels)
+    require(all(r > 0 for r in m.attention_resolutions), "model.attention_resolutions must be positive sizes",
+            m.attention_resolutions)
+    if m.block_out_channels and 1 <= m.sample_size <= MAX_RESOLUTION:
+        require(m.sample_size >= 2 ** (len(m.block_out_channels) - 1),
+                f"model.sample_size must be at least 2**{len(m.block_out_channels) - 1}, the UNet's downsampling "
+                f"factor with {len(m.block_out_channels)} levels: use a larger size or fewer levels", m.sample_size)
+    require(m.layers_per_block >= 1, "model.layers_per_block must be at least 1", m.layers_per_block)
+    require(m.norm_num_groups >= 1, "model.norm_num_groups must be at least 1", m.norm_num_groups)
+    require(m.attention_head_dim >= 1, "model.attention_head_dim must be at least 1", m.attention_head_dim)
+    require(0 <= m.dropout < 1, "model.dropout must be in [0, 1)", m.dropout)
+    require(m.in_channels >= 1 and m.out_channels >= 1, "model.in_channels and model.out_channels must be positive",
+            (m.in_channels, m.out_channels))
+    require(s.num_train_timesteps <= MAX_TIMESTEPS, f"scheduler.num_train_timesteps must be at most {MAX_TIMESTEPS}",
+            s.num_train_timesteps)
+    require(0 <= t.adam_beta1 < 1 and 0 <= t.adam_beta2 < 1, "train.adam_beta1 and adam_beta2 must be in [0, 1)",
+            (t.adam_beta1, t.adam_beta2))
+    require(t.adam_epsilon > 0, "train.adam_epsilon must be positive", t.adam_epsilon)
+    require(t.adam_weight_decay >= 0, "train.adam_weight_decay must be >= 0", t.adam_weight_decay)
+    require(t.ema_inv_gamma > 0, "train.ema_inv_gamma must be positive", t.ema_inv_gamma)
+    require(t.ema_power > 0, "train.ema_power must be positive", t.ema_power)
+    require(t.num_sample_images <= MAX_SAMPLE_IMAGES, f"train.num_sample_images must be at most {MAX_SAMPLE_IMAGES}",
+            t.num_sample_images)
+    return problems
+
+
 def get_preset(name: str) -> Preset:
     """A fresh copy of a named preset (safe to modify)."""
     if name not in PRESETS:
@@ -412,6 +473,8 @@ def apply_overrides(preset: Preset, overrides: dict[str, Any]) -> Preset:
     d = preset.to_dict()
     for section, values in overrides.items():
         if section in ("name", "description"):
+            if not isinstance(values, str):
+                raise PresetError(f"{section} must be a string, got {values!r}")
             d[section] = values
             continue
         if section not in _SECTIONS:
@@ -440,10 +503,10 @@ def _coerce(name: str, value: Any, annotation: str) -> Any:
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
             raise PresetError(f"{name} expects a list of integers (e.g. [16, 8]), got {value!r}")
         return tuple(items)
-    if kind == "float" and isinstance(value, str):
+    if kind == "float" and isinstance(value, (str, int)) and not isinstance(value, bool):
         try:
             return float(value)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise PresetError(f"{name} expects a number, got {value!r}") from None
     expected = {"float": (int, float), "int": (int,), "bool": (bool,), "str": (str,)}.get(kind)
     if expected and (not isinstance(value, expected) or (kind != "bool" and isinstance(value, bool))):
@@ -455,13 +518,18 @@ def _coerce(name: str, value: Any, annotation: str) -> Any:
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read overrides from YAML or JSON: `{preset: NAME?, model: {...}, train: {...}, ...}`."""
     path = Path(path)
+    if path.is_dir():
+        raise PresetError(f"config file {path} is a folder: give the path of a .yaml or .json file")
     if not path.is_file():
         raise PresetError(f"config file {path} does not exist")
     import yaml
 
     try:
-        data = json.loads(path.read_text()) if path.suffix.lower() == ".json" else yaml.safe_load(path.read_text())
-    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except UnicodeDecodeError as err:
+        raise PresetError(f"config file {path} is not UTF-8 text ({err}): save it as UTF-8") from err
+    except (json.JSONDecodeError, yaml.YAMLError) as err:  # safe_load refuses tags that would construct objects
         raise PresetError(f"config file {path} could not be parsed: {err}") from err
     if not isinstance(data, dict):
         raise PresetError(f"config file {path} must contain a mapping at the top level")
@@ -481,7 +549,10 @@ def parse_set_flags(items: list[str]) -> dict[str, Any]:
         if not sep or "." not in key:
             raise PresetError(f"--set expects SECTION.KEY=VALUE (e.g. train.learning_rate=1e-4), got {item!r}")
         section, _, name = key.partition(".")
-        out.setdefault(section, {})[name] = yaml.safe_load(raw)
+        try:
+            out.setdefault(section, {})[name] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:  # safe_load refuses tags that would construct objects
+            raise PresetError(f"--set {item!r}: the value is not valid YAML ({err})") from err
     return out
 
 
@@ -494,6 +565,8 @@ def resolve_preset(
     file_overrides = load_config_file(config_file) if config_file else {}
     name = name or file_overrides.pop("preset", None)
     file_overrides.pop("preset", None)
+    if name is not None and not isinstance(name, str):
+        raise PresetError(f"preset must be a preset name (see `punkdiff presets`), got {name!r}")
     if name is None:
         raise PresetError("no preset given: pass --preset NAME (see `punkdiff presets`) or `preset:` in --config")
     preset = apply_overrides(get_preset(name), file_overrides)

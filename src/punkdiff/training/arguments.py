@@ -56,6 +56,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, help="save an Accelerate checkpoint every N optimizer steps")
     p.add_argument("--checkpoints-total-limit", type=int, help="keep only the last K checkpoints")
     p.add_argument("--resume-from-checkpoint", metavar="latest|PATH", help="continue a run exactly where it stopped")
+    p.add_argument("--extend-schedule", action="store_true",
+                   help="with --resume-from-checkpoint and a larger --max-steps/--epochs: continue a run past its "
+                   "planned end, the LR schedule re-planned over the new length (the LR jumps; the jump is printed)")
     p.add_argument("--sample-every", type=int, help="save a DDIM sample grid from the EMA weights every N steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report-to", default="tensorboard", choices=["tensorboard", "wandb", "none"])
@@ -67,6 +70,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hub-model-id", help="repo to push to (default: the --output-dir folder's name)")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo as private")
 
+
+MAX_SEED = 2**32 - 1
 
 _FLAG_TO_FIELD = {
     "split": ("data", "split"),
@@ -89,6 +94,10 @@ _FLAG_TO_FIELD = {
 
 def resolve_training_config(args: argparse.Namespace) -> Preset:
     """Preset <- --config file <- --set flags <- dedicated flags; validated before any data loads."""
+    if not 0 <= args.seed <= MAX_SEED:
+        raise PresetError(f"--seed must be in [0, {MAX_SEED}] (NumPy's seed range), got {args.seed}")
+    if args.extend_schedule and not args.resume_from_checkpoint:
+        raise PresetError("--extend-schedule only applies with --resume-from-checkpoint")
     overrides = parse_set_flags(args.set)
     for flag, (section, key) in _FLAG_TO_FIELD.items():
         value = getattr(args, flag)
