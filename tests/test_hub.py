@@ -19,6 +19,8 @@ import torch
 from diffusers import DDIMPipeline, DDPMPipeline, DiffusionPipeline
 from fake_hub import fake_hub
 from huggingface_hub import ModelCard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 from tiny_models import tiny_unet
 
@@ -351,3 +353,114 @@ def test_an_unreachable_hub_id_says_what_to_pass_instead(tmp_path, monkeypatch):
     with pytest.raises(ModelFolderError, match="is not a folder"):
         model_folder("not/a/repo/id/either")
 
+
+# --- hostile model folders: refused by the folder check, nothing from them executed -----------------------------
+
+
+def _edit_json(relative: str, edit):
+    def damage(folder: Path) -> None:
+        path = folder / relative
+        data = json.loads(path.read_text())
+        path.write_text(json.dumps(edit(data)))
+
+    return damage
+
+
+def _set(key, value):
+    return lambda data: {**data, key: value}
+
+
+def _weights(transform):
+    from safetensors.torch import save_file
+
+    def damage(folder: Path) -> None:
+        path = folder / "unet" / "diffusion_pytorch_model.safetensors"
+        save_file({k: transform(v) for k, v in load_file(path).items()}, path)
+
+    return damage
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_edit_json("model_index.json", lambda d: [d]), "must hold a JSON object"),
+        (_edit_json("model_index.json", _set("unet", [])), "must list `unet`"),
+        (_edit_json("model_index.json", _set("unet", 5)), "must list `unet`"),
+        (_edit_json("model_index.json", _set("scheduler", None)), "must list `unet`"),
+        (_edit_json("model_index.json", _set("unet", ["evil_lib", "UNet2DModel"])), "must list `unet`"),
+        (_edit_json("model_index.json", _set("unet", ["../../tmp/evil", "UNet2DModel"])), "must list `unet`"),
+        (_edit_json("model_index.json", _set("scheduler", ["diffusers", "StableDiffusionPipeline"])), "must list"),
+        (_edit_json("model_index.json", _set("_class_name", "StableDiffusionPipeline")), "names the pipeline class"),
+        (_edit_json("model_index.json", _set("text_encoder", ["transformers", "CLIPTextModel"])), "text_encoder"),
+        (_edit_json("unet/config.json", _set("sample_size", 100000)), "sample_size must be an integer"),
+        (_edit_json("unet/config.json", _set("sample_size", -8)), "sample_size must be an integer"),
+        (_edit_json("unet/config.json", _set("sample_size", "8")), "sample_size must be an integer"),
+        (_edit_json("unet/config.json", _set("in_channels", None)), "in_channels must be an integer"),
+        (_edit_json("unet/config.json", _set("block_out_channels", "wide")), "block_out_channels must be"),
+        (_edit_json("scheduler/scheduler_config.json", _set("num_train_timesteps", 10**10)), "num_train_timesteps"),
+        (_edit_json("scheduler/scheduler_config.json", _set("num_train_timesteps", 0)), "num_train_timesteps"),
+        (_edit_json("scheduler/scheduler_config.json", _set("beta_schedule", "sigmoidal")), "beta_schedule"),
+        (_edit_json("scheduler/scheduler_config.json", _set("prediction_type", "noise")), "prediction_type"),
+        (_edit_json("scheduler/scheduler_config.json", _set("beta_end", "0.02")), "beta_end"),
+        (_edit_json("scheduler/scheduler_config.json", lambda d: None), "must hold a JSON object"),
+        (_weights(lambda v: torch.full_like(v, float("nan"))), "NaN or infinite"),
+        (_weights(lambda v: v.to(torch.int8)), "not floating point"),
+        (_weights(lambda v: v[..., :1].contiguous() if v.ndim else v), "does not match"),
+    ],
+)
+def test_hostile_model_folders_are_refused_by_the_folder_check(folder, damage, message):
+    damage(folder)
+    with pytest.raises(ModelFolderError, match=message):
+        load_pipeline(folder)
+
+
+def test_pickle_named_safetensors_and_pipeline_py_never_run(folder, tmp_path):
+    """A pickle disguised as safetensors, and a pipeline.py that writes a marker on import: neither ever runs."""
+    marker = tmp_path / "executed"
+    (folder / "pipeline.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    assert isinstance(load_pipeline(folder), PunkDiffPipeline)
+    assert isinstance(DiffusionPipeline.from_pretrained(folder), DDPMPipeline)  # the stock route ignores pipeline.py
+    assert not marker.exists()
+
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(pickle.dumps(WritesMarker(marker)))
+    with pytest.raises(ModelFolderError, match="not a readable safetensors file"):
+        load_pipeline(folder)
+    assert not marker.exists()
+
+
+@pytest.fixture(scope="module")
+def fuzz_folder(exported, tmp_path_factory) -> Path:
+    return Path(shutil.copytree(exported, tmp_path_factory.mktemp("fuzz") / "model"))
+
+
+_JSON_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**40), max_value=2**40), st.integers(-2, 40),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=10),
+    st.sampled_from(["UNet2DModel", "diffusers", "DDIMScheduler", "../x", "linear", "epsilon", "sample"]),
+    st.lists(st.one_of(st.integers(-2, 40), st.text(max_size=4)), max_size=4),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+_JSON_FILES = ["model_index.json", "unet/config.json", "scheduler/scheduler_config.json"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(edits=st.lists(st.tuples(st.sampled_from(_JSON_FILES), st.text(max_size=3) | st.sampled_from([
+    "_class_name", "unet", "scheduler", "sample_size", "in_channels", "block_out_channels", "layers_per_block",
+    "norm_num_groups", "num_train_timesteps", "beta_schedule", "prediction_type", "beta_start", "clip_sample",
+]), _JSON_VALUES), min_size=1, max_size=3))
+def test_fuzzed_model_configs_are_refused_or_sample_finite_images(exported, fuzz_folder, edits):
+    """Any field of any config set to anything: a ModelFolderError, or a pipeline that samples finite images."""
+    for name in _JSON_FILES:
+        shutil.copyfile(exported / name, fuzz_folder / name)
+    for name, key, value in edits:
+        path = fuzz_folder / name
+        path.write_text(json.dumps({**json.loads(path.read_text()), key: value}))
+    try:
+        pipe = load_pipeline(fuzz_folder)
+    except ModelFolderError as err:
+        assert str(err).strip()
+        return
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=1, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
+    assert np.isfinite(images.images).all()

@@ -27,18 +27,33 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from punkdiff.data import DataError, load_training_images, to_model_input
+from punkdiff.data import DataError, default_cache_dir, load_training_images, to_model_input
 from punkdiff.hub import ModelCardInfo, ModelFolderError, export_pipeline, push_to_hub
 from punkdiff.presets import PresetError
 from punkdiff.training import TrainingError
 from punkdiff.training.arguments import build_train_parser, hub_model_id, resolve_training_config
-from punkdiff.training.checkpoints import load_checkpoint, register_ema_hooks, save_checkpoint
+from punkdiff.training.checkpoints import (
+    load_checkpoint,
+    register_ema_hooks,
+    require_finite_weights,
+    resume_hint,
+    save_checkpoint,
+)
 from punkdiff.training.ema import ema_weights_in_sync
 from punkdiff.training.loss import diffusion_loss
+from punkdiff.training.outputs import check_run_outputs
+from punkdiff.training.preemption import StopRequest
 from punkdiff.training.pretrained import load_initial_unet
 from punkdiff.training.previews import ema_sample_grid
 from punkdiff.training.progress import LoopProgress, steps_per_epoch
-from punkdiff.training.reporting import flat_config, log_image, package_versions, peak_memory_mb, write_json
+from punkdiff.training.reporting import (
+    flat_config,
+    log_image,
+    package_versions,
+    peak_memory_mb,
+    precision_used,
+    write_json,
+)
 from punkdiff.training.resume import check_resume, remove_previous_run
 from punkdiff.visuals import plot_loss_curve
 
@@ -70,8 +85,11 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         resume = check_resume(
-            output_dir, args.resume_from_checkpoint, preset, accelerator.num_processes, args.overwrite_output_dir
+            output_dir, args.resume_from_checkpoint, preset, accelerator.num_processes, args.overwrite_output_dir,
+            seed=args.seed, extend_schedule=args.extend_schedule,
         )
+        if accelerator.is_main_process:  # an unwritable folder is found now, not at the first checkpoint
+            check_run_outputs(output_dir, args.cache_dir or default_cache_dir(), preset)
         initial_unet = load_initial_unet(args.init_from, preset) if args.init_from and resume is None else None
         if args.overwrite_output_dir and resume is None and accelerator.is_main_process:
             remove_previous_run(output_dir)
@@ -146,10 +164,18 @@ def run(args: argparse.Namespace) -> int:
         accelerator.print(f"resumed from {checkpoint} at step {progress.global_step}")
     elif args.resume_from_checkpoint:
         accelerator.print(f"no checkpoint in {output_dir / 'checkpoints'}: starting from scratch")
-    if progress.global_step >= max_steps:
-        accelerator.print(f"error: {resumed_from} is at step {progress.global_step}, already >= {max_steps} steps: "
-                          "pass a larger --max-steps or --epochs to train further")
+    if progress.global_step > max_steps:
+        accelerator.print(f"error: {resumed_from} is at step {progress.global_step}, beyond {max_steps} steps: "
+                          "resume with at least as many --max-steps or --epochs, or from an earlier checkpoint")
         return 2
+    if resume is not None and args.extend_schedule and progress.history:
+        accelerator.print(f"--extend-schedule: the LR schedule is re-planned over {max_steps} steps; the LR goes "
+                          f"from {progress.history[-1][2]:.3e} to {lr_scheduler.get_last_lr()[0]:.3e} at step "
+                          f"{progress.global_step}")
+    used_precision = precision_used(accelerator, train_spec.mixed_precision)
+    if used_precision != train_spec.mixed_precision:
+        accelerator.print(f"warning: --mixed-precision {train_spec.mixed_precision} is not available on "
+                          f"{accelerator.device.type}: training in {used_precision} (float32)")
 
     global_batch = train_spec.batch_size * accelerator.num_processes * train_spec.gradient_accumulation_steps
     if accelerator.is_main_process:
@@ -177,8 +203,9 @@ def run(args: argparse.Namespace) -> int:
     start, step_start = time.time(), time.time()
     loss_sum, micro_batches = torch.zeros((), device=accelerator.device), 0
     last_grid, exit_code = None, 0
+    stop = StopRequest().install()  # SIGTERM (preemption): checkpoint after the current step, then exit
     try:
-        for epoch in range(progress.epoch, num_epochs):
+        for epoch in range(progress.epoch if progress.global_step < max_steps else num_epochs, num_epochs):
             model.train()
             loader.set_epoch(epoch)  # the seeded shuffle of epoch e is the same in every run
             skip = progress.batches_in_epoch if epoch == progress.epoch else 0  # > 0: resumed mid-epoch
@@ -200,8 +227,8 @@ def run(args: argparse.Namespace) -> int:
                     if not torch.isfinite(all_losses).all():
                         raise TrainingError(
                             f"non-finite loss {all_losses.tolist()} at step {progress.global_step + 1}: stopping. "
-                            "The last good checkpoint is kept; lower --learning-rate, keep gradient clipping "
-                            "or use --mixed-precision no, then --resume-from-checkpoint latest"
+                            "Lower --learning-rate, keep gradient clipping or use --mixed-precision no; "
+                            f"{resume_hint(output_dir)}"
                         )
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
@@ -237,10 +264,16 @@ def run(args: argparse.Namespace) -> int:
                 progress_bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{logs['lr']:.2e}")
                 progress_bar.update(1)
 
-                # 5.4 checkpoints and sample grids
-                if progress.global_step % train_spec.checkpoint_every == 0 or progress.global_step == max_steps:
-                    state = progress.to_state(preset, accelerator.num_processes, len(loader))
+                # 5.4 checkpoints (never of non-finite weights) and sample grids; SIGTERM checkpoints and stops
+                stopping = stop.requested(accelerator)
+                if (progress.global_step % train_spec.checkpoint_every == 0 or progress.global_step == max_steps
+                        or stopping):
+                    require_finite_weights(accelerator.unwrap_model(model), ema, progress.global_step)
+                    state = {**progress.to_state(preset, accelerator.num_processes, len(loader)), "seed": args.seed}
                     save_checkpoint(accelerator, output_dir, state, noise_rng, train_spec.checkpoints_total_limit)
+                if stopping:
+                    raise TrainingError(f"stopped by {stop.received.name} at step {progress.global_step}; "
+                                        f"{resume_hint(output_dir)}")
                 if accelerator.is_main_process and (
                     progress.global_step % train_spec.sample_every == 0 or progress.global_step == max_steps
                 ):
@@ -253,6 +286,8 @@ def run(args: argparse.Namespace) -> int:
     except TrainingError as err:
         accelerator.print(f"error: {err}")
         exit_code = 1
+    finally:
+        stop.uninstall()
     progress_bar.close()
     # every process must hold the same EMA weights (each updates its own copy after the all-reduce)
     ema_in_sync = ema_weights_in_sync(accelerator, ema) if ema is not None else None
@@ -262,6 +297,8 @@ def run(args: argparse.Namespace) -> int:
         unet = copy.deepcopy(accelerator.unwrap_model(model)).eval()
         if ema is not None:
             ema.copy_to(unet.parameters())
+        if last_grid is None:  # resumed from the final checkpoint (killed during the grid or export): export only
+            last_grid = save_samples(progress.global_step)
         last_grid.save(output_dir / "samples.png")
         steps, losses = [h[0] for h in progress.history], [h[1] for h in progress.history]
         plot_loss_curve(steps, losses, output_dir / "loss_curve.png", title=f"{preset.name} on {preset.data.dataset}")
@@ -294,7 +331,7 @@ def run(args: argparse.Namespace) -> int:
             "ema_in_sync_across_processes": ema_in_sync,
             "resumed_from": resumed_from,
             "initialized_from": args.init_from,
-            "mixed_precision": train_spec.mixed_precision,
+            "mixed_precision": used_precision,
             "device": str(accelerator.device),
             "versions": package_versions(),
         }

@@ -155,6 +155,9 @@ def export_pipeline(
     if output_dir.exists() and any(output_dir.iterdir()) and not (output_dir / "model_index.json").is_file():
         raise FileExistsError(f"{output_dir} exists and is not a model export; choose another output folder.")
     output_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in output_dir.parent.glob(f".{output_dir.name}.staging-*"):  # left by an export that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    _recover_interrupted_move(output_dir)
     staging = output_dir.with_name(f".{output_dir.name}.staging-{uuid.uuid4().hex[:8]}")
     staging.mkdir()  # a sibling, so the final rename stays on one filesystem
     try:
@@ -184,13 +187,11 @@ def validate_model_folder(folder: str | os.PathLike[str]) -> Path:
             f"{folder} has no model_index.json but looks like a training output folder: "
             f"did you mean {folder / 'pipeline'}?"
         )
-    index = _read_json(folder / "model_index.json")
-    if index.get("unet", [None])[-1] != "UNet2DModel" or "scheduler" not in index:
-        raise ModelFolderError(
-            f"{folder / 'model_index.json'} must list a `unet` (UNet2DModel) and a `scheduler` component."
-        )
-    _read_json(folder / "scheduler" / "scheduler_config.json")
+    _check_model_index(folder / "model_index.json", _read_json(folder / "model_index.json"))
+    _check_scheduler_config(folder / "scheduler" / "scheduler_config.json",
+                            _read_json(folder / "scheduler" / "scheduler_config.json"))
     unet_config = _read_json(folder / "unet" / "config.json")
+    _check_unet_config(folder / "unet" / "config.json", unet_config)
     weights = folder / "unet" / WEIGHTS_NAME
     if not weights.is_file():
         pickles = sorted(str(p.relative_to(folder)) for p in _pickle_files(folder))
@@ -227,7 +228,115 @@ def validate_model_folder(folder: str | os.PathLike[str]) -> Path:
             f"{folder / 'unet' / 'config.json'} does not match {weights} ({shown}). "
             "The config and weights come from different models; re-export them together."
         )
+    _check_weight_values(weights)
     return folder
+
+
+# what a punkdiff model folder may name: the pipeline classes that load it, and its two components
+_PIPELINE_CLASSES = ("DDPMPipeline", "DDIMPipeline", "PunkDiffPipeline")
+_COMPONENTS = {"unet", "scheduler"}
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+# bounds shared with training presets: a sample size or schedule outside them is a broken or hostile file
+_MAX_SAMPLE_SIZE, _MAX_TIMESTEPS = 4096, 100_000
+
+
+def _check_model_index(path: Path, index: object) -> None:
+    """`model_index.json` names a pipeline class punkdiff loads, a diffusers UNet2DModel and a diffusers scheduler."""
+
+    def component(name: str) -> tuple[object, object]:
+        entry = index.get(name)
+        return tuple(entry) if isinstance(entry, list) and len(entry) == 2 else (None, None)
+
+    if not isinstance(index, dict):
+        raise ModelFolderError(f"{path} must hold a JSON object naming the pipeline and its components; re-export.")
+    if index.get("_class_name") not in _PIPELINE_CLASSES:
+        raise ModelFolderError(
+            f"{path} names the pipeline class {index.get('_class_name')!r}; punkdiff loads only "
+            f"{', '.join(_PIPELINE_CLASSES)} folders. Use a model folder written by punkdiff's export."
+        )
+    scheduler_library, scheduler_class = component("scheduler")
+    if component("unet") != ("diffusers", "UNet2DModel") or scheduler_library != "diffusers" or not (
+        isinstance(scheduler_class, str) and _is_diffusers_scheduler(scheduler_class)
+    ):
+        raise ModelFolderError(
+            f"{path} must list `unet` as [\"diffusers\", \"UNet2DModel\"] and `scheduler` as a diffusers scheduler "
+            f"(e.g. [\"diffusers\", \"DDPMScheduler\"]); it has unet={index.get('unet')!r}, "
+            f"scheduler={index.get('scheduler')!r}. Re-export the model."
+        )
+    extra = sorted(k for k, v in index.items() if isinstance(v, list) and k not in _COMPONENTS)
+    if extra:
+        raise ModelFolderError(f"{path} lists components punkdiff does not use ({', '.join(extra)}); remove them.")
+
+
+def _is_diffusers_scheduler(name: str) -> bool:
+    import diffusers
+
+    return isinstance(getattr(diffusers, name, None), type) and issubclass(getattr(diffusers, name), SchedulerMixin)
+
+
+def _check_scheduler_config(path: Path, config: object) -> None:
+    """The fields the samplers use, with the types and ranges they need (else they fail or sample garbage later)."""
+    if not isinstance(config, dict):
+        raise ModelFolderError(f"{path} must hold a JSON object; re-export the model.")
+    problems = []
+    if not (isinstance(config.get("_class_name"), str) and _is_diffusers_scheduler(config["_class_name"])):
+        problems.append(f"_class_name must name a diffusers scheduler, got {config.get('_class_name')!r}")
+    timesteps = config.get("num_train_timesteps", 1000)
+    if not (isinstance(timesteps, int) and not isinstance(timesteps, bool) and 2 <= timesteps <= _MAX_TIMESTEPS):
+        problems.append(f"num_train_timesteps must be an integer in [2, {_MAX_TIMESTEPS}], got {timesteps!r}")
+    schedule = config.get("beta_schedule", "linear")
+    if schedule not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
+        problems.append(f"beta_schedule must be linear, scaled_linear or squaredcos_cap_v2, got {schedule!r}")
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in ("epsilon", "v_prediction", "sample"):
+        problems.append(f"prediction_type must be epsilon, v_prediction or sample, got {prediction!r}")
+    for key in ("beta_start", "beta_end"):
+        value = config.get(key, 0.01)
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1):
+            problems.append(f"{key} must be a number in (0, 1), got {value!r}")
+    if problems:
+        raise ModelFolderError(f"{path} is not a usable noise schedule: {'; '.join(problems)}. Re-export the model.")
+
+
+def _check_unet_config(path: Path, config: object) -> None:
+    """Types and ranges of the UNet fields that decide shapes, before diffusers builds anything from them."""
+    if not isinstance(config, dict):
+        raise ModelFolderError(f"{path} must hold a JSON object; re-export the model.")
+
+    def positive_int(value: object, limit: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= limit
+
+    problems = [] if config.get("_class_name") == "UNet2DModel" else [
+        f"_class_name must be UNet2DModel, got {config.get('_class_name')!r}"
+    ]
+    size = config.get("sample_size")
+    sizes = size if isinstance(size, list) and len(size) == 2 else [size]
+    if not all(positive_int(s, _MAX_SAMPLE_SIZE) for s in sizes):
+        problems.append(f"sample_size must be an integer in [1, {_MAX_SAMPLE_SIZE}], got {size!r}")
+    for key in ("in_channels", "out_channels"):
+        if not positive_int(config.get(key), 64):
+            problems.append(f"{key} must be an integer in [1, 64], got {config.get(key)!r}")
+    channels = config.get("block_out_channels")
+    if not (isinstance(channels, list) and channels and all(positive_int(c, 2**16) for c in channels)):
+        problems.append(f"block_out_channels must be a list of positive integers, got {channels!r}")
+    if problems:
+        raise ModelFolderError(f"{path} does not describe a usable UNet2DModel: {'; '.join(problems)}. Re-export it.")
+
+
+def _check_weight_values(weights: Path) -> None:
+    """Floating-point tensors only, every value finite: NaN or integer weights would sample garbage without error."""
+    with safe_open(weights, framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118
+            dtype = f.get_slice(key).get_dtype()
+            if dtype not in _FLOAT_DTYPES:
+                raise ModelFolderError(
+                    f"{weights}: tensor {key} is {dtype}, not floating point; re-export the model from float weights."
+                )
+            if not torch.isfinite(f.get_tensor(key)).all():
+                raise ModelFolderError(
+                    f"{weights}: tensor {key} holds NaN or infinite values (training diverged); export an earlier, "
+                    "finite checkpoint instead."
+                )
 
 
 def model_folder(model: str | os.PathLike[str]) -> Path:
@@ -348,6 +457,15 @@ def _pickle_files(folder: Path) -> list[Path]:
 
 def _side(sample_size: int | list[int] | tuple[int, ...]) -> int:
     return sample_size if isinstance(sample_size, int) else sample_size[0]
+
+
+def _recover_interrupted_move(target: Path) -> None:
+    """A kill between the two renames of `_move_into_place` leaves only the old export, moved aside: put it back."""
+    aside = sorted(target.parent.glob(f".{target.name}.old-*"))
+    if aside and not target.exists():
+        aside.pop().rename(target)
+    for old in aside:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _move_into_place(staging: Path, target: Path) -> None:

@@ -2,15 +2,20 @@
 
 A checkpoint is written into a temporary folder and renamed into place, so a crash mid-save never leaves a
 half-written `checkpoint-N` where resume would pick it up. Everything punkdiff adds to Accelerate's state is
-safetensors or JSON.
+safetensors or JSON. Every file's SHA-256 goes into `checksums.json`, checked before a resume loads anything, so a
+truncated or bit-flipped file (a full disk, a bad copy, a failing drive) is found, named and never trusted: `latest`
+falls back to the previous good checkpoint, and an explicitly named damaged one is refused. The same check means
+Accelerate's pickled RNG and optimizer files are only ever read back exactly as punkdiff wrote them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +30,12 @@ if TYPE_CHECKING:
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "training_state.json"
+MANIFEST = "checksums.json"
 EMA_FOLDER = "unet_ema"
+
+
+class DamagedCheckpointWarning(UserWarning):
+    """`latest` skipped a damaged checkpoint; the message names the file."""
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -38,14 +48,76 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def find_checkpoint(output_dir: str | Path, which: str) -> Path | None:
-    """`latest` -> the newest complete checkpoint under output_dir (None if there is none); else the path."""
+    """`latest` -> the newest intact checkpoint under output_dir (None if there is none); else the path, checked.
+
+    A damaged checkpoint is skipped by `latest` with a `DamagedCheckpointWarning` naming the bad file, and refused
+    with a `TrainingError` when named explicitly.
+
+    Examples:
+        ```py
+        >>> find_checkpoint("outputs/mnist16", "latest")
+        PosixPath('outputs/mnist16/checkpoints/checkpoint-1500')
+        ```
+    """
     if which != "latest":
         path = Path(which)
         if not (path / STATE_FILE).is_file():
             raise TrainingError(f"{path} is not a complete punkdiff checkpoint (no {STATE_FILE})")
+        problem = checkpoint_problem(path)
+        if problem:
+            raise TrainingError(
+                f"{path} is damaged ({problem}): resume from an earlier checkpoint or with "
+                "--resume-from-checkpoint latest, which skips damaged ones"
+            )
         return path
+    for checkpoint in reversed(list_checkpoints(output_dir)):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            return checkpoint
+        warnings.warn(f"{checkpoint} is damaged ({problem}): skipped, trying the one before", DamagedCheckpointWarning,
+                      stacklevel=2)
+    return None
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """What is wrong with a checkpoint's files (missing, truncated, altered), or None if all match their checksums.
+
+    A checkpoint from before checksums existed is checked only for a readable state file.
+    """
+    try:
+        json.loads((checkpoint / STATE_FILE).read_text())
+        if not (checkpoint / MANIFEST).is_file():
+            return None
+        expected = json.loads((checkpoint / MANIFEST).read_text())
+    except (OSError, ValueError) as err:
+        return f"{STATE_FILE} or {MANIFEST} is unreadable: {err}"
+    for name, digest in expected.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _sha256(path) != digest:
+            return f"{name} does not match its checksum (truncated or altered)"
+    return None
+
+
+def resume_hint(output_dir: str | Path) -> str:
+    """What a stopped run keeps and how to continue it, true to what is on disk."""
     checkpoints = list_checkpoints(output_dir)
-    return checkpoints[-1] if checkpoints else None
+    if not checkpoints:
+        return "no checkpoint was saved yet, so the run must start again"
+    return f"the last good checkpoint {checkpoints[-1]} is kept: continue with --resume-from-checkpoint latest"
+
+
+def require_finite_weights(model: torch.nn.Module, ema: EMAModel | None, step: int) -> None:
+    """Refuse to save (or export) weights with NaN or infinity: a checkpoint of them would resume a dead run."""
+    tensors = [("weights", p) for p in model.parameters()]
+    tensors += [("EMA weights", p) for p in ema.shadow_params] if ema is not None else []
+    bad = sorted({name for name, p in tensors if not torch.isfinite(p).all()})
+    if bad:
+        raise TrainingError(
+            f"the {' and '.join(bad)} became non-finite (NaN or infinity) by step {step}: nothing was saved. Lower "
+            "--learning-rate, keep gradient clipping (train.max_grad_norm) or use --mixed-precision no"
+        )
 
 
 def save_checkpoint(
@@ -67,17 +139,23 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    save_file({"state": noise_rng.get_state()}, tmp / _noise_rng_file(accelerator.process_index))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(state))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if total_limit:
-            for old in list_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old)
+    try:
+        accelerator.save_state(str(tmp))
+        save_file({"state": noise_rng.get_state()}, tmp / _noise_rng_file(accelerator.process_index))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps(state))
+            files = sorted(p for p in tmp.rglob("*") if p.is_file())
+            (tmp / MANIFEST).write_text(json.dumps({p.relative_to(tmp).as_posix(): _sha256(p) for p in files}))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    except OSError as err:  # a full disk, a read-only or vanished folder: keep what was good, say so
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TrainingError(f"could not write {final.name} ({err}); {resume_hint(output_dir)}") from err
+    if accelerator.is_main_process and total_limit:
+        for old in list_checkpoints(output_dir)[:-total_limit]:
+            shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
 
@@ -112,6 +190,11 @@ def register_ema_hooks(accelerator: Accelerator, ema: EMAModel) -> None:
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _noise_rng_file(process_index: int) -> str:

@@ -43,6 +43,11 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def precision_used(accelerator: Accelerator, requested: str) -> str:
+    """The precision training really runs in: Accelerate turns fp16 autocast off on a CPU, which then trains fp32."""
+    return requested if requested == "no" or accelerator.native_amp else "no"
+
+
 def flat_config(preset: Preset) -> dict[str, Any]:
     """The preset as flat scalars, the form TensorBoard's hparams and wandb's config accept."""
     out: dict[str, Any] = {"preset": preset.name}

@@ -2,7 +2,8 @@
 
 A resumed run must be the run that was interrupted: the same model, noise process, data and batching (the saved
 data position counts batches) and the same number of processes. Anything else is refused before any data loads,
-with the differences listed. An output folder is never shared by two runs.
+with the differences listed; a run is made longer only on request (`--extend-schedule`). An output folder is never
+shared by two runs.
 """
 
 from __future__ import annotations
@@ -13,25 +14,38 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from punkdiff.presets import DataSpec, ModelSpec, Preset, SchedulerSpec
+from punkdiff.presets import DataSpec, ModelSpec, Preset, SchedulerSpec, TrainSpec
 from punkdiff.training import TrainingError
 from punkdiff.training.checkpoints import STATE_FILE, find_checkpoint, list_checkpoints
 
-# what must not change between a checkpoint and the run resuming it
-_RESUME_INVARIANTS = ("model", "scheduler", "data", "train.batch_size", "train.gradient_accumulation_steps")
+# what may differ between a checkpoint and the run resuming it: where and how often things are saved and previewed.
+# Everything else (model, noise process, data, batching, optimizer, LR, EMA, precision, seed) is the run itself.
+_RESUME_FREE = {"train.checkpoint_every", "train.checkpoints_total_limit", "train.sample_every",
+                "train.num_sample_images", "train.sample_inference_steps"}
+# the planned length: changing it re-plans the LR schedule, so it needs --extend-schedule
+_SCHEDULE_LENGTH = ("train.max_steps", "train.epochs")
 
 
 def check_resume(
-    output_dir: str | Path, which: str | None, preset: Preset, num_processes: int, overwrite: bool = False
+    output_dir: str | Path,
+    which: str | None,
+    preset: Preset,
+    num_processes: int,
+    overwrite: bool = False,
+    *,
+    seed: int | None = None,
+    extend_schedule: bool = False,
 ) -> tuple[Path, dict[str, Any]] | None:
     """The checkpoint to resume from and its saved state, after checking it fits this run; None to start fresh.
 
     Without `--resume-from-checkpoint` (`which=None`), an output folder that already holds checkpoints is refused
-    (unless `overwrite`): a second run there would mix its checkpoints with the first one's.
+    (unless `overwrite`): a second run there would mix its checkpoints with the first one's. A resumed run must be
+    the interrupted one: any changed setting is refused with the differences named, except where checkpoints and
+    previews go; a longer run needs `extend_schedule`, because it re-plans the LR schedule.
 
     Examples:
         ```py
-        >>> check_resume("outputs/mnist16", "latest", preset, num_processes=1)
+        >>> check_resume("outputs/mnist16", "latest", preset, num_processes=1, seed=0)
         (PosixPath('outputs/mnist16/checkpoints/checkpoint-1500'), {'global_step': 1500, ...})
         ```
     """
@@ -47,37 +61,72 @@ def check_resume(
     if checkpoint is None:
         return None
     state = json.loads((checkpoint / STATE_FILE).read_text())
-    saved, current = state["config"], preset.to_dict()
-    changed = []
-    for key in _RESUME_INVARIANTS:
-        section, _, field = key.partition(".")
-        before = saved[section] if not field else saved[section][field]
-        if not field:  # a setting added to punkdiff after the checkpoint was saved: it had its default
-            before = {**_defaults(section), **before}
-        after = current[section] if not field else current[section][field]
-        if json.dumps(before, sort_keys=True) != json.dumps(after, sort_keys=True):
-            changed.append(f"{key}: {before} -> {after}")
+    saved = _flat({**state["config"], **{section: {**_defaults(section), **values}
+                                         for section, values in state["config"].items() if section in _SPECS}})
+    current = _flat(preset.to_dict())
+    changed = [
+        f"{key}: {saved.get(key)} -> {current.get(key)}"
+        for key in sorted(saved.keys() | current.keys())
+        if key not in _RESUME_FREE and key not in _SCHEDULE_LENGTH and key not in ("name", "description")
+        and saved.get(key) != current.get(key)
+    ]
     if state["num_processes"] != num_processes:
         changed.append(f"processes: {state['num_processes']} -> {num_processes}")
+    if seed is not None and state.get("seed", seed) != seed:
+        changed.append(f"seed (the data order and noise): {state['seed']} -> {seed}")
     if changed:
         raise TrainingError(
             f"{checkpoint} was saved by a run with other settings ({'; '.join(changed)}); resume with the same "
             "settings or start a new --output-dir"
         )
-    if preset.train.max_steps is not None and state["global_step"] >= preset.train.max_steps:
+    longer = [f"{key}: {saved.get(key)} -> {current.get(key)}" for key in _SCHEDULE_LENGTH
+              if saved.get(key) != current.get(key)]
+    if longer and not extend_schedule:
         raise TrainingError(
-            f"{checkpoint} is at step {state['global_step']}, already >= --max-steps {preset.train.max_steps}: "
-            "pass a larger --max-steps to train further"
+            f"{checkpoint} belongs to a run planned as {' and '.join(f'{k} {saved.get(k)}' for k in _SCHEDULE_LENGTH)}"
+            f" ({'; '.join(longer)}): resume with the same length to finish it, or pass --extend-schedule to "
+            "continue past it with the LR schedule re-planned over the new length (the LR jumps where it resumes)"
+        )
+    if preset.train.max_steps is not None and state["global_step"] > preset.train.max_steps:
+        raise TrainingError(
+            f"{checkpoint} is at step {state['global_step']}, beyond --max-steps {preset.train.max_steps}: "
+            "resume with a --max-steps of at least that, or from an earlier checkpoint"
         )
     return checkpoint, state
 
 
+_SPECS = {"model": ModelSpec, "scheduler": SchedulerSpec, "data": DataSpec, "train": TrainSpec}
+
+
 def _defaults(section: str) -> dict[str, Any]:
-    spec = {"model": ModelSpec, "scheduler": SchedulerSpec, "data": DataSpec}[section]
-    return {f.name: f.default for f in dataclasses.fields(spec) if f.default is not dataclasses.MISSING}
+    """A section's defaults: a setting added to punkdiff after a checkpoint was saved had its default there."""
+    return {f.name: f.default for f in dataclasses.fields(_SPECS[section]) if f.default is not dataclasses.MISSING}
+
+
+def _flat(config: dict[str, Any]) -> dict[str, str]:
+    """`{"train.learning_rate": "0.0003", ...}`: each setting as JSON text, so tuples and lists compare equal."""
+    return {
+        f"{section}.{key}" if isinstance(values, dict) else section: json.dumps(value, sort_keys=True)
+        for section, values in config.items()
+        for key, value in (values.items() if isinstance(values, dict) else [(None, values)])
+    }
+
+
+# what an earlier run leaves in its output folder, all of it replaced by --overwrite-output-dir
+_RUN_FOLDERS = ("checkpoints", "samples", "logs")
+_RUN_FILES = ("training_summary.json", "samples.png", "loss_curve.png")
 
 
 def remove_previous_run(output_dir: str | Path) -> None:
-    """For --overwrite-output-dir: delete an earlier run's checkpoints, sample grids and logs."""
-    for name in ("checkpoints", "samples", "logs"):
-        shutil.rmtree(Path(output_dir) / name, ignore_errors=True)
+    """For --overwrite-output-dir: delete an earlier run's checkpoints, grids, logs, summary and exported pipeline.
+
+    The `pipeline/` folder is deleted only if it is an export (it has a `model_index.json`), so a mistyped
+    `--output-dir` never deletes someone's own `pipeline` folder.
+    """
+    output_dir = Path(output_dir)
+    for name in _RUN_FOLDERS:
+        shutil.rmtree(output_dir / name, ignore_errors=True)
+    for name in _RUN_FILES:
+        (output_dir / name).unlink(missing_ok=True)
+    if (output_dir / "pipeline" / "model_index.json").is_file():
+        shutil.rmtree(output_dir / "pipeline")

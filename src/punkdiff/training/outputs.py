@@ -1,0 +1,63 @@
+"""Where a run writes, checked before it trains: an unwritable folder is found in a second, not at the first
+checkpoint hours later.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from punkdiff.presets import Preset, count_parameters
+from punkdiff.training import TrainingError
+
+# bytes per parameter in one checkpoint: float32 weights, AdamW's two moments, float32 EMA weights
+_CHECKPOINT_BYTES_PER_PARAMETER = 4 + 8 + 4
+
+
+def check_writable(folder: str | os.PathLike[str], what: str) -> Path:
+    """Create `folder` if needed and prove a file can be written in it; a `TrainingError` says what is wrong.
+
+    Catches a path that is a file or lies under one, read-only and immutable folders, and pseudo file systems
+    such as /proc.
+
+    Examples:
+        ```py
+        >>> check_writable("outputs/mnist16", "--output-dir")
+        PosixPath('outputs/mnist16')
+        ```
+    """
+    folder = Path(folder).expanduser()
+    for parent in [folder, *folder.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise TrainingError(f"{what} {folder}: {parent} is a file, not a folder; choose another path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".punkdiff-write-check-"):
+            pass
+    except OSError as err:
+        raise TrainingError(
+            f"{what} {folder} is not writable ({err.strerror or err}): choose a folder you can write to"
+        ) from err
+    return folder
+
+
+def check_run_outputs(output_dir: str | os.PathLike[str], cache_dir: str | os.PathLike[str], preset: Preset) -> None:
+    """Before training: the output and cache folders are writable, and the disk holds the checkpoints kept.
+
+    The space needed is estimated from the parameter count: each checkpoint holds the weights, AdamW's moments and
+    the EMA weights in float32, `checkpoints_total_limit` of them plus the one being written, and the export.
+    """
+    output_dir = check_writable(output_dir, "--output-dir")
+    check_writable(cache_dir, "--cache-dir")
+    parameters = count_parameters(preset.model)
+    kept = (preset.train.checkpoints_total_limit or 1) + 1
+    needed = parameters * (_CHECKPOINT_BYTES_PER_PARAMETER * kept + 4)
+    free = shutil.disk_usage(output_dir).free
+    if free < needed:
+        raise TrainingError(
+            f"--output-dir {output_dir} has {free / 2**20:.0f} MB free, but {kept - 1} checkpoint(s) of this "
+            f"{parameters / 1e6:.1f}M-parameter model and the export need about {needed / 2**20:.0f} MB: free some "
+            "space, lower --checkpoints-total-limit, or choose another --output-dir"
+        )
