@@ -14,6 +14,8 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from punkdiff.data import DataError, ImageTensorDataset, load_image_dataset, load_training_images, to_model_input
@@ -441,3 +443,125 @@ def test_sklearn_digits_builtin_is_the_real_digits_framed_like_mnist():
     assert first[:2].max() == first[-2:].max() == first[:, :2].max() == first[:, -2:].max() == 0  # black frame
     np.testing.assert_array_equal(first[2:-2, 2:-2], np.round(digits.images[0] * 255 / 16).astype(np.uint8))
     assert dataset[5]["label"] == digits.target[5]
+
+
+# --- hostile images: rescaled correctly, or refused with the item named; never a raw traceback -------------------
+
+
+def _encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _decode_rows(rows: list[bytes], data_spec: DataSpec) -> torch.Tensor:
+    dataset = datasets.Dataset.from_dict({"image": [{"bytes": b, "path": None} for b in rows]},
+                                         features=datasets.Features({"image": datasets.Image()}))
+    return load_training_images(dataset, data_spec, progress=False).images
+
+
+GRADIENT = np.linspace(0, 1, 16 * 16).reshape(16, 16)
+
+
+@pytest.mark.parametrize(
+    ("image", "fmt"),
+    [
+        (Image.fromarray((GRADIENT * 65535).round().astype(np.uint16)), "PNG"),  # mode I;16
+        (Image.fromarray(GRADIENT.astype(np.float32)), "TIFF"),  # mode F, values in [0, 1]
+        (Image.fromarray((GRADIENT * 255).astype(np.float32)), "TIFF"),  # mode F, values in [0, 255]
+        (Image.fromarray((GRADIENT * 65535).round().astype(np.int32)), "TIFF"),  # mode I, 16-bit range
+    ],
+    ids=["png-16-bit", "tiff-float-unit", "tiff-float-255", "tiff-int32"],
+)
+def test_high_bit_depth_images_are_rescaled_not_clipped(image, fmt):
+    """16-bit and float grayscale keep their tones: PIL's own convert would clip them to white or black."""
+    decoded = _decode_rows([_encoded(image, fmt)], spec("mnist-28", resolution=16))
+    expected = torch.from_numpy((GRADIENT * 255).round().astype(np.uint8))
+    assert (decoded[0, 0].int() - expected.int()).abs().max() <= 1
+
+
+def test_out_of_range_float_images_are_refused():
+    hot = Image.fromarray((GRADIENT * 1000 - 50).astype(np.float32))
+    with pytest.raises(DataError, match=r"item 0 .*F image with values in \[-50, 950\]"):
+        _decode_rows([_encoded(hot, "TIFF")], spec("mnist-28", resolution=16))
+
+
+def _bomb_png(side: int = 100_000) -> bytes:
+    """A valid PNG header claiming side x side pixels: PIL refuses it as a decompression bomb before decoding."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    pixels = chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + pixels + chunk(b"IEND", b"")
+
+
+PHOTO = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8))
+HOSTILE_ROWS = {
+    "truncated-png": (_encoded(PHOTO)[:80], "not a readable image"),
+    "truncated-jpeg": (_encoded(PHOTO, "JPEG")[:200], "not a readable image"),
+    "text-named-png": (b"this is a text file, not a picture\n", "not a readable image"),
+    "decompression-bomb": (_bomb_png(), "not a readable image"),
+    "one-pixel": (_encoded(Image.new("RGB", (1, 1), (10, 200, 30))), None),
+    "huge-width": (_encoded(Image.new("L", (20_000, 1), 77)), None),
+    "cmyk-jpeg": (_encoded(PHOTO.convert("CMYK"), "JPEG"), None),
+    "palette": (_encoded(PHOTO.convert("P")), None),
+    "grey-alpha": (_encoded(PHOTO.convert("LA")), None),
+    "one-bit": (_encoded(PHOTO.convert("1")), None),
+    "16-bit": (_encoded(Image.fromarray((GRADIENT * 65535).astype(np.uint16))), None),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE_ROWS))
+@pytest.mark.parametrize("channels", [1, 3])
+def test_hostile_rows_decode_to_the_right_shape_or_name_the_item(kind, channels):
+    data, refused = HOSTILE_ROWS[kind]
+    data_spec = spec("punks-24", channels=channels)
+    rows = [_encoded(PHOTO), data]
+    if refused:
+        with pytest.raises(DataError, match=rf"item 1 of column 'image' is {refused}"):
+            _decode_rows(rows, data_spec)
+    else:
+        decoded = _decode_rows(rows, data_spec)
+        assert decoded.shape == (2, channels, 24, 24) and decoded.dtype == torch.uint8
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    fmt=st.sampled_from(["PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP"]),
+    cut=st.integers(min_value=0, max_value=400),
+    flips=st.lists(st.tuples(st.integers(min_value=0, max_value=10_000), st.integers(1, 255)), max_size=6),
+)
+def test_fuzzed_image_bytes_decode_or_name_the_item(fmt, cut, flips):
+    """Any truncation and bit flips of any format: a uint8 image of the right shape, or a DataError naming it."""
+    data = bytearray(_encoded(PHOTO, fmt))
+    data = data[: max(len(data) - cut, 0)]
+    for position, mask in flips:
+        if data:
+            data[position % len(data)] ^= mask
+    try:
+        decoded = _decode_rows([bytes(data)], spec("punks-24"))
+    except DataError as err:
+        assert "item 0 of column 'image'" in str(err)
+        return
+    assert decoded.shape == (1, 3, 24, 24)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header", "other-shape"])
+def test_damaged_cache_is_rebuilt_not_used(tmp_path, punks_train, damage):
+    subset = punks_train.select(range(8))
+    first = load(subset, spec("punks-24"), tmp_path).images.clone()  # a copy: the loaded tensor maps the file
+    (cache,) = tmp_path.glob("*.npy")
+    if damage == "truncated":
+        cache.write_bytes(cache.read_bytes()[:-500])
+    elif damage == "header":
+        cache.write_bytes(b"garbage" + cache.read_bytes()[7:])
+    else:
+        np.save(cache, np.zeros((8, 3, 12, 12), dtype=np.uint8))
+    with pytest.warns(UserWarning, match="rebuilding it"):
+        again = load(subset, spec("punks-24"), tmp_path)
+    assert torch.equal(again.images, first)
+    np.testing.assert_array_equal(np.load(cache), first.numpy())

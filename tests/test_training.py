@@ -202,10 +202,11 @@ def test_a_second_run_never_mixes_with_an_earlier_one(mnist_dir, cache_dir, tmp_
     code = run(mnist_dir, cache_dir, tmp_path, "--max-steps", "8", "--resume-from-checkpoint", "latest",
                "--batch-size", "4", "--set", "model.block_out_channels=[8,8]")
     out = capsys.readouterr().out
-    assert code == 2 and "model: " in out and "train.batch_size: 8 -> 4" in out
-    # and so is resuming a checkpoint that is already at --max-steps
-    code = run(mnist_dir, cache_dir, tmp_path, "--max-steps", "4", "--resume-from-checkpoint", "latest")
-    assert code == 2 and "already >= --max-steps 4" in capsys.readouterr().out
+    assert code == 2 and "model.block_out_channels: [8, 16] -> [8, 8]" in out and "train.batch_size: 8 -> 4" in out
+    # and so is resuming a checkpoint beyond --max-steps
+    code = run(mnist_dir, cache_dir, tmp_path, "--max-steps", "3", "--resume-from-checkpoint", "latest",
+               "--extend-schedule")
+    assert code == 2 and "beyond --max-steps 3" in capsys.readouterr().out
     # --overwrite-output-dir starts over: only the new run's checkpoints remain
     assert run(mnist_dir, cache_dir, tmp_path, "--max-steps", "3", "--checkpoint-every", "3",
                "--overwrite-output-dir") == 0

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -55,7 +56,7 @@ class ImageTransform:
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         """PIL image -> uint8 array `[C, H, W]` at the target resolution."""
-        image = composite_on_background(image, self.background)
+        image = composite_on_background(to_8_bit(image), self.background)
         image = image.convert("L" if self.channels == 1 else "RGB")
         if self.center_crop:
             w, h = image.size
@@ -67,6 +68,31 @@ class ImageTransform:
             image = image.resize(size, _FILTERS[self.resize_filter])
         array = np.asarray(image, dtype=np.uint8)
         return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def to_8_bit(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float grayscale rescaled to 8 bits by the range their mode implies.
+
+    PIL's own `convert("L")` clips instead: a 16-bit PNG becomes almost all white and a float image in [0, 1] all
+    black. Integer images are read as 16-bit (0..65535) unless every value fits in 8 bits; float images as [0, 1]
+    unless a value is above 1 (then [0, 255]); anything outside those ranges is refused, not guessed.
+    """
+    if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+        return image
+    values = np.asarray(image).astype(np.float64)
+    low, high = (values.min(), values.max()) if values.size else (0.0, 0.0)
+    if image.mode == "F" and low >= 0 and high <= 1:
+        scale = 255.0
+    elif image.mode.startswith("I;16") or (image.mode == "I" and high > 255):
+        scale = 255.0 / 65535.0
+    else:
+        scale = 1.0
+    if not (np.isfinite(low) and np.isfinite(high) and low >= 0 and high * scale <= 255.0 + 1e-6):
+        raise ValueError(
+            f"{image.mode} image with values in [{low:g}, {high:g}]: expected 0..65535 (16-bit), [0, 1] or [0, 255] "
+            "(float); save it as an 8-bit or 16-bit PNG"
+        )
+    return Image.fromarray(np.round(values * scale).astype(np.uint8), mode="L")
 
 
 def composite_on_background(image: Image.Image, background: str) -> Image.Image:
@@ -229,6 +255,9 @@ def load_training_images(
         json.dumps([dataset._fingerprint, column, asdict(transform)], sort_keys=True).encode()
     ).hexdigest()[:24]
     path = Path(cache_dir or default_cache_dir()) / f"images-{key}.npy"
+    expected = (len(dataset), transform.channels, transform.resolution, transform.resolution)
+    if path.exists() and not _usable_cache(path, expected):
+        path.unlink()
     if not path.exists():
         array = decode_images(dataset, column, transform, progress)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -241,6 +270,20 @@ def load_training_images(
             raise
     # copy-on-write memory map: pages are read lazily and the file is never modified
     return ImageTensorDataset(torch.from_numpy(np.load(path, mmap_mode="c")))
+
+
+def _usable_cache(path: Path, shape: tuple[int, ...]) -> bool:
+    """Whether a cache file is a complete uint8 array of the expected shape (truncated or damaged headers are not)."""
+    try:
+        cached = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as err:
+        warnings.warn(f"image cache {path} is damaged ({err}): rebuilding it", stacklevel=3)
+        return False
+    if cached.dtype != np.uint8 or cached.shape != shape:
+        warnings.warn(f"image cache {path} holds {cached.dtype} {cached.shape}, not uint8 {shape}: rebuilding it",
+                      stacklevel=3)
+        return False
+    return True
 
 
 class ImageTensorDataset(torch.utils.data.Dataset):
