@@ -22,6 +22,18 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; each in-process training run starts from a clean slate."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 def _mirror(name: str) -> Path:
     path = SHARED_DATASETS / name
     if not path.is_dir():

@@ -20,6 +20,7 @@ from diffusers import DDPMScheduler
 from fake_hub import fake_hub
 from safetensors.torch import load_file
 from tiny_models import tiny_unet
+from tiny_training import TINY, max_diff, tiny_args
 
 from punkdiff.scripts.train import main as train_main
 from punkdiff.training.arguments import build_train_parser, resolve_training_config
@@ -27,26 +28,7 @@ from punkdiff.training.checkpoints import find_checkpoint, list_checkpoints
 from punkdiff.training.loss import diffusion_loss
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "--preset", "mnist-baseline-16", "--max-train-samples", "64", "--batch-size", "8", "--report-to", "none",
-    "--sample-every", "1000", "--set", "model.block_out_channels=[8,16]", "--set", "model.norm_num_groups=4",
-    "--set", "train.num_sample_images=4", "--set", "train.sample_inference_steps=3",
-]
-
-
-def reset_accelerate_state() -> None:
-    """Accelerate keeps process-wide singletons; each in-process run starts from a clean slate."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    reset_accelerate_state()
-    yield
-    reset_accelerate_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
@@ -55,17 +37,11 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 def run(mnist_dir: Path, cache_dir: Path, out: Path, *extra: str) -> int:
-    return train_main([*TINY, "--dataset", str(mnist_dir), "--cache-dir", str(cache_dir), "--output-dir", str(out),
-                       *extra])
+    return train_main(tiny_args(mnist_dir, cache_dir, out, *extra))
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(path)
-
-
-def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 # --- resume ------------------------------------------------------------------------------------

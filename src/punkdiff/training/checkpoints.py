@@ -135,11 +135,11 @@ def save_checkpoint(
     root = Path(output_dir) / "checkpoints"
     final = root / f"checkpoint-{state['global_step']}"
     tmp = root / f".tmp-{final.name}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
     try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
         save_file({"state": noise_rng.get_state()}, tmp / _noise_rng_file(accelerator.process_index))
         accelerator.wait_for_everyone()
@@ -175,7 +175,10 @@ def register_ema_hooks(accelerator: Accelerator, ema: EMAModel) -> None:
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
-            ema.save_pretrained(os.path.join(output_dir, EMA_FOLDER))
+            # save_pretrained builds a UNet, whose initialisation draws from the global RNG that dropout uses: without
+            # the fork, how often a run checkpoints (or a SIGTERM) would change the rest of its training
+            with torch.random.fork_rng(devices=[]):
+                ema.save_pretrained(os.path.join(output_dir, EMA_FOLDER))
 
     def load_hook(models, input_dir):
         folder = Path(input_dir) / EMA_FOLDER
