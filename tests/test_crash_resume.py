@@ -70,7 +70,7 @@ def test_sigkill_at_random_moments_then_resume_matches_the_uninterrupted_run(str
         code = run.wait()
         if not killed:  # the run ended before the moment came: it must have succeeded
             assert code == 0, log.read_text()[-3000:]
-            if mode == "random":
+            if mode != "export":  # a finished run is re-exported on resume, so an export can always be caught
                 plan.pop(0)
             continue
         assert code == -signal.SIGKILL
