@@ -240,3 +240,45 @@ def test_demo_trains_exports_and_animates(tmp_path, capsys):
     gif = PIL.Image.open(out / "denoising.gif")
     assert gif.n_frames == 25  # 50 DDIM steps, subsampled; x_t beside the predicted x_0
     assert gif.size[0] > 2 * gif.size[1]
+
+
+# --- hostile flags: a one-line message before any sampling, never a traceback ------------------------------------
+
+
+def test_out_under_a_file_is_refused_before_sampling(model_dir, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert sample(model_dir, tmp_path / "afile" / "grid.png") == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a folder" in err and "sampling" not in err
+
+
+def _unreachable_hub(status: int | None):
+    """The Hub's HTTP boundary answering `status` to everything, or (None) unreachable, as offline."""
+    import httpx2
+    import huggingface_hub
+
+    def handle(request):
+        if status is None:
+            raise httpx2.ConnectError("Name or service not known", request=request)
+        return httpx2.Response(status, json={"error": "Invalid credentials in Authorization header"})
+
+    huggingface_hub.set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(handle)))
+
+
+@pytest.mark.parametrize("status", [None, 401, 403], ids=["offline", "rejected-token", "no-write-access"])
+def test_push_failures_say_what_to_check_and_never_show_the_token(model_dir, tmp_path, monkeypatch, capsys, status):
+    from huggingface_hub.utils._http import default_client_factory
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_TOKEN", "hf_secretsecretsecret")
+    _unreachable_hub(status)
+    try:
+        assert main(["push", str(model_dir), "--repo-id", "someone/tiny"]) == 2
+    finally:
+        import huggingface_hub
+
+        huggingface_hub.set_client_factory(default_client_factory)
+    err = capsys.readouterr().err
+    assert "the push to someone/tiny failed" in err and "hf auth login" in err and "Traceback" not in err
+    assert "hf_secret" not in err
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and b"hf_secret" in p.read_bytes()]

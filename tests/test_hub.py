@@ -464,3 +464,11 @@ def test_fuzzed_model_configs_are_refused_or_sample_finite_images(exported, fuzz
     pipe.set_progress_bar_config(disable=True)
     images = pipe(batch_size=1, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
     assert np.isfinite(images.images).all()
+
+
+def test_card_names_a_local_dataset_without_its_machine_path(tmp_path):
+    data = tmp_path / "secret-home" / "my-faces"
+    data.mkdir(parents=True)
+    card = render_model_card(ModelCardInfo(preset="celeba-64", dataset=str(data)))
+    assert "my-faces" in card and "secret-home" not in card and str(tmp_path) not in card
+    assert "huggingface.co/datasets/ylecun/mnist" in render_model_card(ModelCardInfo(dataset="ylecun/mnist"))

@@ -41,7 +41,6 @@ from punkdiff.training.checkpoints import (
 )
 from punkdiff.training.ema import ema_weights_in_sync
 from punkdiff.training.loss import diffusion_loss
-from punkdiff.training.outputs import check_run_outputs
 from punkdiff.training.preemption import StopRequest
 from punkdiff.training.pretrained import load_initial_unet
 from punkdiff.training.previews import ema_sample_grid
@@ -54,6 +53,7 @@ from punkdiff.training.reporting import (
     precision_used,
     write_json,
 )
+from punkdiff.training.resources import check_run_outputs, out_of_memory_message
 from punkdiff.training.resume import check_resume, remove_previous_run
 from punkdiff.visuals import plot_loss_curve
 
@@ -285,6 +285,10 @@ def run(args: argparse.Namespace) -> int:
                 break
     except TrainingError as err:
         accelerator.print(f"error: {err}")
+        exit_code = 1
+    except torch.OutOfMemoryError:
+        accelerator.print("error: " + out_of_memory_message(
+            str(accelerator.device), train_spec.batch_size, train_spec.gradient_accumulation_steps))
         exit_code = 1
     finally:
         stop.uninstall()

@@ -149,6 +149,9 @@ def _image_path(text: str, what: str) -> Path:
         raise UsageError(f"{what} {path} is a folder; give a file name such as {path / 'grid.png'}")
     if path.suffix.lower() not in PIL.Image.registered_extensions():
         raise UsageError(f"{what} {path} has no image extension PIL can write; use .png, .jpg, .webp ...")
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise UsageError(f"{what} {path} cannot be written: {blocking} is a file, not a folder")
     return path
 
 
@@ -377,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _is_user_error(err: Exception) -> bool:
     """Input the user can fix: said in one line, without a traceback."""
     hub = sys.modules.get("punkdiff.hub")  # imported by every subcommand that can raise its ModelFolderError
-    return isinstance(err, UsageError) or (hub is not None and isinstance(err, hub.ModelFolderError))
+    return isinstance(err, UsageError) or (hub is not None and isinstance(err, (hub.ModelFolderError, hub.PushError)))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,10 @@ class ModelFolderError(ValueError):
     """A model folder that punkdiff will not load or push; the message names the file and the fix."""
 
 
+class PushError(RuntimeError):
+    """The Hub refused or could not be reached; the message says why and what to check (never the token)."""
+
+
 @dataclasses.dataclass
 class ModelCardInfo:
     """What the model card says about a trained model; `None` fields are filled from the model or left out.
@@ -92,7 +96,7 @@ def render_model_card(info: ModelCardInfo, *, has_samples: bool = False) -> str:
         model_name=info.model_name or f"punkdiff {info.preset}",
         model_ref=info.repo_id or LOCAL_MODEL_REF,
         preset=info.preset,
-        dataset=info.dataset,
+        dataset=_dataset_name(info.dataset),
         training_steps=info.training_steps,
         resolution=info.resolution,
         channels=info.channels,
@@ -410,26 +414,33 @@ def push_to_hub(
     pickles = sorted(str(p.relative_to(folder)) for p in _pickle_files(folder))
     if pickles:
         raise ModelFolderError(f"{folder} contains pickle files ({', '.join(pickles)}); remove them before pushing.")
-    api = HfApi(token=token)
-    # `private=None` leaves a new repo's visibility to the account's or organisation's default.
-    repo_url = api.create_repo(repo_id, private=private or None, exist_ok=True, repo_type="model")
-    files = filter_repo_objects(
-        sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()),
-        ignore_patterns=DEFAULT_IGNORE_PATTERNS,  # as upload_folder: no .git/ or .cache/huggingface/
-    )
-    operations = [CommitOperationAdd(path, str(folder / path)) for path in files if path != "README.md"]
-    if (folder / "README.md").is_file():
-        # The Hub's id (a bare name gets the user's namespace), which create_repo has validated: safe to quote.
-        readme = (folder / "README.md").read_bytes()
-        readme = readme.replace(f'"{LOCAL_MODEL_REF}"'.encode(), f'"{repo_url.repo_id}"'.encode())
-        operations.append(CommitOperationAdd("README.md", readme))
-    commit = api.create_commit(
-        repo_url.repo_id,
-        operations,
-        commit_message=commit_message or "Upload punkdiff model",
-        repo_type="model",
-        create_pr=create_pr,
-    )
+    try:
+        api = HfApi(token=token)
+        # `private=None` leaves a new repo's visibility to the account's or organisation's default.
+        repo_url = api.create_repo(repo_id, private=private or None, exist_ok=True, repo_type="model")
+        files = filter_repo_objects(
+            sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()),
+            ignore_patterns=DEFAULT_IGNORE_PATTERNS,  # as upload_folder: no .git/ or .cache/huggingface/
+        )
+        operations = [CommitOperationAdd(path, str(folder / path)) for path in files if path != "README.md"]
+        if (folder / "README.md").is_file():
+            # The Hub's id (a bare name gets the user's namespace), which create_repo has validated: safe to quote.
+            readme = (folder / "README.md").read_bytes()
+            readme = readme.replace(f'"{LOCAL_MODEL_REF}"'.encode(), f'"{repo_url.repo_id}"'.encode())
+            operations.append(CommitOperationAdd("README.md", readme))
+        commit = api.create_commit(
+            repo_url.repo_id,
+            operations,
+            commit_message=commit_message or "Upload punkdiff model",
+            repo_type="model",
+            create_pr=create_pr,
+        )
+    except Exception as err:  # the Hub client raises many types (HTTP status, connection, timeout, validation)
+        raise PushError(
+            f"the push to {repo_id} failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            f"check your connection and login (`hf auth login` or HF_TOKEN, with write access to {repo_id}), "
+            f"then push again; {folder} is unchanged"
+        ) from err
     return commit.pr_url or str(repo_url)
 
 
@@ -440,6 +451,13 @@ def _is_repo_id(name: str) -> bool:
 def _is_hub_dataset(dataset: str | None) -> bool:
     """Only a `namespace/name` that is not a local path goes into the card's `datasets` metadata and links."""
     return bool(dataset) and _is_repo_id(dataset) and not Path(dataset).exists()
+
+
+def _dataset_name(dataset: str | None) -> str | None:
+    """A Hub id as it is; a local path by its folder name only, so a card never publishes a machine's file layout."""
+    if dataset is None or _is_hub_dataset(dataset) or not (Path(dataset).is_absolute() or Path(dataset).exists()):
+        return dataset
+    return Path(dataset).resolve().name
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""Where a run writes, checked before it trains: an unwritable folder is found in a second, not at the first
-checkpoint hours later.
+"""The resources a run needs, checked before it trains and explained when they run out: writable output folders,
+disk space for the checkpoints kept, and accelerator memory (which batch size to try instead).
 """
 
 from __future__ import annotations
@@ -61,3 +61,22 @@ def check_run_outputs(output_dir: str | os.PathLike[str], cache_dir: str | os.Pa
             f"{parameters / 1e6:.1f}M-parameter model and the export need about {needed / 2**20:.0f} MB: free some "
             "space, lower --checkpoints-total-limit, or choose another --output-dir"
         )
+
+
+def out_of_memory_message(device: str, batch_size: int, gradient_accumulation_steps: int) -> str:
+    """What to do when a batch does not fit: halve the batch, double accumulation, so the global batch is unchanged.
+
+    Examples:
+        ```py
+        >>> out_of_memory_message("cuda:0", 64, 1)
+        'out of memory on cuda:0 with --batch-size 64: try --batch-size 32 --gradient-accumulation-steps 2 ...'
+        ```
+    """
+    if batch_size == 1:
+        return (f"out of memory on {device} even with --batch-size 1: use a smaller model (fewer or narrower "
+                "model.block_out_channels), --mixed-precision bf16 or fp16, or a device with more memory")
+    smaller = batch_size // 2
+    accumulation = gradient_accumulation_steps * batch_size // smaller
+    return (f"out of memory on {device} with --batch-size {batch_size}: try --batch-size {smaller} "
+            f"--gradient-accumulation-steps {accumulation} (the same images per optimizer step), or "
+            "--mixed-precision bf16/fp16; resume from the last checkpoint with --resume-from-checkpoint latest")
