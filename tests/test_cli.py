@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,8 @@ import PIL.Image
 import pytest
 from diffusers import DDPMScheduler
 from fake_hub import fake_hub
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tiny_models import tiny_unet
 
 from punkdiff.cli import main
@@ -282,3 +286,31 @@ def test_push_failures_say_what_to_check_and_never_show_the_token(model_dir, tmp
     assert "the push to someone/tiny failed" in err and "hf auth login" in err and "Traceback" not in err
     assert "hf_secret" not in err
     assert not [p for p in tmp_path.rglob("*") if p.is_file() and b"hf_secret" in p.read_bytes()]
+
+
+_FLAG_VALUES = st.one_of(
+    st.integers(-3, 6).map(str), st.integers(-(2**70), 2**70).map(str),
+    st.sampled_from(["nan", "inf", "-0", "1e3", ""]),
+    st.text(max_size=8), st.sampled_from(["cpu", "cuda", "cuda:7", "mps", "bogus", "float16", "ddpm", "dpm++"]),
+)
+_SAMPLE_FLAGS = ["--steps", "--num-images", "--batch-size", "--eta", "--seed", "--device", "--dtype", "--scheduler",
+                 "--out", "--out-dir"]
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(flags=st.lists(st.tuples(st.sampled_from(_SAMPLE_FLAGS), _FLAG_VALUES), max_size=4))
+def test_fuzzed_sample_flags_sample_or_say_what_is_wrong(model_dir, tmp_path, flags):
+    """Any values for any `sample` flags: images (small runs only), or exit 2 with a message; never a traceback."""
+    argv = ["sample", str(model_dir), "--out", str(tmp_path / "grid.png"), "--steps", "2", "--num-images", "2"]
+    for flag, value in flags:
+        if flag in ("--steps", "--num-images") and value.lstrip("-").isdigit() and int(value) > 6:
+            value = "6"  # keep the runs that are valid short
+        argv += [flag, value if flag not in ("--out", "--out-dir") else str(tmp_path / value.replace("/", "_"))]
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = main(argv)
+    except SystemExit as exit_info:  # argparse: the usage line and the bad flag
+        assert exit_info.code == 2 and "error: argument" in err.getvalue()
+        return
+    assert code == 0 or (code == 2 and err.getvalue().startswith("punkdiff sample: ")), err.getvalue()
