@@ -22,6 +22,12 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One decoded-image cache for the tiny training runs of every test module (each slice is decoded once)."""
+    return tmp_path_factory.mktemp("image-cache")
+
+
 @pytest.fixture
 def fresh_accelerate_state():
     """Accelerate keeps process-wide singletons; each in-process training run starts from a clean slate."""

@@ -29,11 +29,6 @@ FILES = ["model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("image-cache")
-
-
-@pytest.fixture(scope="module")
 def finished(mnist_dir, cache_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("finished") / "run"
     assert train_tiny(mnist_dir, cache_dir, out, *RUN) == 0

@@ -27,11 +27,6 @@ RUN = ["--max-steps", str(STEPS), "--checkpoint-every", "2", "--checkpoints-tota
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("image-cache")
-
-
-@pytest.fixture(scope="module")
 def straight(mnist_dir, cache_dir, tmp_path_factory) -> Path:
     """The uninterrupted run every killed-and-resumed run must reproduce."""
     out = tmp_path_factory.mktemp("straight") / "run"
