@@ -31,13 +31,11 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def fresh_accelerate_state():
     """Accelerate keeps process-wide singletons; each in-process training run starts from a clean slate."""
-    from accelerate.state import AcceleratorState, GradientState
+    from tiny_training import reset_accelerate_state
 
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
 
 
 def _mirror(name: str) -> Path:

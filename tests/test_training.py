@@ -20,7 +20,7 @@ from diffusers import DDPMScheduler
 from fake_hub import fake_hub
 from safetensors.torch import load_file
 from tiny_models import tiny_unet
-from tiny_training import TINY, max_diff, tiny_args
+from tiny_training import TINY, max_diff, reset_accelerate_state, tiny_args
 
 from punkdiff.scripts.train import main as train_main
 from punkdiff.training.arguments import build_train_parser, resolve_training_config
@@ -29,11 +29,6 @@ from punkdiff.training.loss import diffusion_loss
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("image-cache")
 
 
 def run(mnist_dir: Path, cache_dir: Path, out: Path, *extra: str) -> int:
@@ -92,8 +87,10 @@ def test_checkpoint_from_before_a_new_setting_resumes_with_its_default(mnist_dir
     state = json.loads(state_file.read_text())
     del state["config"]["scheduler"]["scale_betas_by_timesteps"], state["config"]["scheduler"]["rescale_betas_zero_snr"]
     state_file.write_text(json.dumps(state))
+    (state_file.parent / "checksums.json").unlink()  # as old as that: from before checkpoint checksums too
     reset_accelerate_state()
-    assert run(mnist_dir, cache_dir, tmp_path, "--max-steps", "3", "--resume-from-checkpoint", "latest") == 0
+    assert run(mnist_dir, cache_dir, tmp_path, "--max-steps", "3", "--resume-from-checkpoint", "latest",
+               "--extend-schedule") == 0
     reset_accelerate_state()
     code = run(mnist_dir, cache_dir, tmp_path, "--max-steps", "4", "--resume-from-checkpoint", "latest",
                "--set", "scheduler.scale_betas_by_timesteps=true")

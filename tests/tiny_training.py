@@ -22,19 +22,23 @@ def tiny_args(mnist_dir: Path, cache_dir: Path, out: Path, *extra: str) -> list[
     return [*TINY, "--dataset", str(mnist_dir), "--cache-dir", str(cache_dir), "--output-dir", str(out), *extra]
 
 
-def train_tiny(mnist_dir: Path, cache_dir: Path, out: Path, *extra: str) -> int:
-    """A tiny run in this process, from a clean Accelerate state (for module-scoped fixtures)."""
+def reset_accelerate_state() -> None:
+    """Accelerate keeps process-wide singletons; each in-process run starts from a clean slate."""
     from accelerate.state import AcceleratorState, GradientState
-
-    from punkdiff.scripts.train import main
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+def train_tiny(mnist_dir: Path, cache_dir: Path, out: Path, *extra: str) -> int:
+    """A tiny run in this process, from a clean Accelerate state (for module-scoped fixtures)."""
+    from punkdiff.scripts.train import main
+
+    reset_accelerate_state()
     try:
         return main(tiny_args(mnist_dir, cache_dir, out, *extra))
     finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        reset_accelerate_state()
 
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
