@@ -7,6 +7,8 @@
 - `progress`: where the loop is (step, epoch, batch, images seen, loss history), saved with each checkpoint
 - `previews`: sample grids from the EMA weights during training
 - `reporting`: tracker logging, memory, the run summary and package versions
+- `resources`: writable output folders and disk space checked before training, out-of-memory advice
+- `preemption`: SIGTERM turned into a checkpoint after the current step, then a clean exit
 
 The loop itself stays in `training/train.py`, so it reads top to bottom. This package imports no torch at
 import time (`punkdiff --help` stays fast); its modules do.
