@@ -444,7 +444,7 @@ _JSON_VALUES = st.one_of(
 _JSON_FILES = ["model_index.json", "unet/config.json", "scheduler/scheduler_config.json"]
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(edits=st.lists(st.tuples(st.sampled_from(_JSON_FILES), st.text(max_size=3) | st.sampled_from([
     "_class_name", "unet", "scheduler", "sample_size", "in_channels", "block_out_channels", "layers_per_block",
     "norm_num_groups", "num_train_timesteps", "beta_schedule", "prediction_type", "beta_start", "clip_sample",
