@@ -357,11 +357,48 @@ def _run_parity(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+# ---- web app ---------------------------------------------------------------------------------------------------
+
+
+def _add_ui(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "ui",
+        help="the web app (Gradio): generate, inpaint, train and evaluate in the browser "
+        "(needs `pip install 'punkdiff[app]'`)",
+    )
+    p.add_argument("--model-root", action="append", default=[], metavar="FOLDER",
+                   help="folder searched for exported models (repeatable; the run root is always searched)")
+    p.add_argument("--data-root", action="append", default=[], metavar="FOLDER",
+                   help="folder holding datasets (repeatable); nothing outside the roots is read")
+    p.add_argument("--run-root", default="punkdiff-runs", metavar="FOLDER",
+                   help="where runs, generated images and evaluations are written (default: ./punkdiff-runs)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=None, help="default: the first free port from 7860")
+    p.add_argument("--share", action="store_true", help="also open a public Gradio share link")
+    p.add_argument("--max-runs", type=_positive_int, default=1, help="trainings allowed at once (default 1)")
+    p.set_defaults(func=_run_ui)
+
+
+def _run_ui(args: argparse.Namespace) -> int:
+    from punkdiff.roots import Roots
+
+    try:
+        roots = Roots(args.model_root, args.data_root, args.run_root)
+    except FileNotFoundError as err:
+        raise UsageError(str(err)) from None
+    try:
+        from punkdiff.app import build_app, launch
+    except ImportError as err:
+        raise UsageError(f"the web app needs Gradio ({err}): pip install 'punkdiff[app]'") from None
+    launch(build_app(roots, max_runs=args.max_runs), host=args.host, port=args.port, share=args.share)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="punkdiff", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_presets, _add_train, _add_demo, _add_sample, _add_reconstruct, _add_inpaint, _add_push,
-                _add_parity):
+                _add_parity, _add_ui):
         add(sub)
     return parser
 

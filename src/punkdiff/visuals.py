@@ -53,15 +53,15 @@ def save_gif(frames: Sequence[Image.Image], path: str | Path, duration_ms: int =
     return path
 
 
-def plot_loss_curve(steps: Sequence[int], losses: Sequence[float], path: str | Path, title: str = "") -> Path:
-    """Loss per optimizer step (faint) with a moving average, on a log scale."""
-    import matplotlib
+def loss_curve_figure(steps: Sequence[int], losses: Sequence[float], title: str = ""):
+    """Loss per optimizer step (faint) with a moving average, on a log scale, as a matplotlib `Figure`.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Built with the object API (no pyplot state), so a web server can draw curves from several threads.
+    """
+    from matplotlib.figure import Figure
 
-    path = Path(path)
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.add_subplot()
     ax.plot(steps, losses, alpha=0.3, linewidth=0.8, label="loss")
     window = max(1, len(losses) // 50)
     if window > 1:
@@ -74,8 +74,13 @@ def plot_loss_curve(steps: Sequence[int], losses: Sequence[float], path: str | P
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return fig
+
+
+def plot_loss_curve(steps: Sequence[int], losses: Sequence[float], path: str | Path, title: str = "") -> Path:
+    """`loss_curve_figure` saved as an image."""
+    path = Path(path)
+    loss_curve_figure(steps, losses, title).savefig(path)
     return path
 
 
@@ -92,16 +97,29 @@ def denoising_gif(
         return_trajectory=True,
     )
     scale = display_scale(pipe.unet.config.sample_size, target=64)
-    keep = np.unique(np.linspace(0, len(out.trajectory) - 1, min(max_frames, len(out.trajectory))).round().astype(int))
+    return save_gif(trajectory_frames(out.trajectory, out.pred_original_samples, scale, max_frames), path)
+
+
+def trajectory_frames(
+    trajectory: Sequence[Sequence[Image.Image]],
+    pred_original_samples: Sequence[Sequence[Image.Image]],
+    scale: int = 1,
+    max_frames: int = 25,
+) -> list[Image.Image]:
+    """Frames of a denoising animation: at each kept step, the grid of x_t beside the grid of predicted x_0.
+
+    `trajectory` and `pred_original_samples` are a pipeline's `return_trajectory=True` outputs (PIL).
+    """
+    keep = np.unique(np.linspace(0, len(trajectory) - 1, min(max_frames, len(trajectory))).round().astype(int))
     frames = []
     for i in keep:
-        left = image_grid(out.trajectory[i], scale=scale, gap=1)
-        right = image_grid(out.pred_original_samples[i], scale=scale, gap=1)
+        left = image_grid(trajectory[i], scale=scale, gap=1)
+        right = image_grid(pred_original_samples[i], scale=scale, gap=1)
         frame = Image.new(left.mode, (left.width * 2 + 8, left.height), 255 if left.mode == "L" else (255,) * 3)
         frame.paste(left, (0, 0))
         frame.paste(right, (left.width + 8, 0))
         frames.append(frame)
-    return save_gif(frames, path)
+    return frames
 
 
 def noising_gif(images: torch.Tensor, scheduler, path: str | Path, num_frames: int = 40, seed: int = 0) -> Path:

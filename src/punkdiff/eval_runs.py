@@ -1,0 +1,160 @@
+"""Evaluations for the web app: `punkdiff eval` in the background, its report read back for the page.
+
+The evaluation itself is `punkdiff eval MODEL_DIR --reference DATASET [--split SPLIT] --num-samples N
+--scheduler S --steps K --seed S --out DIR`, which writes `metrics.json`, `report.md` (figures referenced by
+relative names) and PNG figures into DIR. This module only starts it as a `Job` under
+`<run root>/evaluations/<name>/` and reads those files back; a punkdiff without the `eval` command is
+reported as such (`eval_available`), never faked.
+
+Example:
+    >>> manager = EvalManager(roots)
+    >>> evaluation = manager.start(EvalRequest("/abs/models/mnist16", "/abs/data/mnist", num_samples=500))
+    >>> evaluation.status(), evaluation.report_markdown()
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from punkdiff.jobs import Job
+from punkdiff.roots import Roots
+
+EVAL_LOG = "eval.log"
+_IMAGE_LINK = re.compile(r"(!\[[^\]]*\]\()([^)\s]+)(\))|(<img\b[^>]*?\bsrc=[\"'])([^\"']+)([\"'])")
+_MIME = {".png": "image/png", ".gif": "image/gif", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
+SCHEDULERS = ("ddim", "ddpm", "dpm++")
+
+
+def eval_available() -> bool:
+    """Whether this punkdiff has the `punkdiff eval` command (the evaluation work may not be installed)."""
+    from punkdiff.cli import build_parser
+
+    subcommands = next(a for a in build_parser()._subparsers._group_actions if a.dest == "command")
+    return "eval" in subcommands.choices
+
+
+@dataclass
+class EvalRequest:
+    """A model folder and reference dataset, already resolved inside the app's roots, and the sampling to score."""
+
+    model: str
+    reference: str
+    split: str | None = None
+    num_samples: int = 1000
+    scheduler: str = "ddim"
+    steps: int = 50
+    seed: int = 0
+
+    def check(self) -> EvalRequest:
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        for label, value, low in (("number of samples", self.num_samples, 2), ("steps", self.steps, 1)):
+            if not float(value).is_integer() or value < low:
+                raise ValueError(f"{label} must be a whole number of at least {low}, got {value}")
+        return self
+
+    def flags(self, out: Path) -> list[str]:
+        flags = [self.model, "--reference", self.reference]
+        if self.split:
+            flags += ["--split", self.split]
+        flags += ["--num-samples", str(int(self.num_samples)), "--scheduler", self.scheduler,
+                  "--steps", str(int(self.steps)), "--seed", str(int(self.seed)), "--out", str(out)]
+        return flags
+
+
+class Evaluation:
+    """One evaluation folder: its job, and the report once it is written."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.job = Job(folder)
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    def status(self) -> str:
+        return self.job.status() or ("finished" if (self.folder / "report.md").is_file() else "unknown")
+
+    def request(self) -> EvalRequest | None:
+        launch = self.job.latest()
+        return EvalRequest(**launch["meta"]["request"]) if launch and "request" in launch["meta"] else None
+
+    def metrics(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.folder / "metrics.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def figures(self) -> list[Path]:
+        """The PNG figures the evaluation wrote, by name."""
+        return sorted(self.folder.glob("*.png"))
+
+    def report_markdown(self) -> str | None:
+        """`report.md` with its figures embedded as data URIs, so the page shows them without serving files.
+
+        Only images inside this evaluation's folder are embedded; any other link is left as it is.
+        """
+        report = self.folder / "report.md"
+        if not report.is_file():
+            return None
+        root = self.folder.resolve()
+
+        def embed(match: re.Match) -> str:
+            before, target, after = (match.group(1), match.group(2), match.group(3)) if match.group(1) else (
+                match.group(4), match.group(5), match.group(6))
+            path = (self.folder / target).resolve()
+            if path.suffix.lower() not in _MIME or not path.is_file() or not path.is_relative_to(root):
+                return match.group(0)
+            data = base64.b64encode(path.read_bytes()).decode()
+            return f"{before}data:{_MIME[path.suffix.lower()]};base64,{data}{after}"
+
+        return _IMAGE_LINK.sub(embed, report.read_text(encoding="utf-8"))
+
+
+class EvalManager:
+    """Start and list evaluations under `<run root>/evaluations`; at most `max_active` at a time."""
+
+    def __init__(self, roots: Roots, max_active: int = 1, command: Sequence[str] | None = None) -> None:
+        self.folder = roots.runs / "evaluations"
+        self.max_active = max_active
+        self.command = list(command or [sys.executable, "-m", "punkdiff.cli"])
+        self._lock = threading.Lock()
+
+    def evaluations(self) -> list[Evaluation]:
+        if not self.folder.is_dir():
+            return []
+        folders = [p for p in self.folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        return [Evaluation(p) for p in sorted(folders, key=lambda p: p.stat().st_mtime, reverse=True)]
+
+    def get(self, name: str) -> Evaluation:
+        folder = (self.folder / name).resolve()
+        if folder.parent != self.folder.resolve() or not folder.is_dir():
+            raise FileNotFoundError(f"no evaluation named {name!r}")
+        return Evaluation(folder)
+
+    def start(self, request: EvalRequest) -> Evaluation:
+        """Run `punkdiff eval` for `request` in a new folder named after the model and the time."""
+        if not eval_available():
+            raise RuntimeError("evaluation is not available in this install: this punkdiff has no `punkdiff eval`")
+        request.check()
+        with self._lock:
+            active = [e for e in self.evaluations() if e.job.is_running()]
+            if len(active) >= self.max_active:
+                raise RuntimeError(f"an evaluation is already running ({active[0].name}); wait for it to finish")
+            model = Path(request.model)
+            label = model.parent.name if model.name == "pipeline" else model.name
+            folder = self.folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{label}"
+            folder.mkdir(parents=True)
+            argv = [*self.command, "eval", *request.flags(folder)]
+            Job.launch(folder, argv, EVAL_LOG, meta={"request": asdict(request)})
+            return Evaluation(folder)

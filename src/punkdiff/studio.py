@@ -1,0 +1,427 @@
+"""What the web app does with a trained model: find it, load it once, sample, inpaint and reconstruct.
+
+Every function takes plain values and returns pictures ready to show (upscaled with nearest, so pixel art
+stays crisp) and files ready to download, so the Gradio page only wires widgets to them. Paths come in
+through `punkdiff.roots.Roots`, so nothing outside the app's folders is opened or written.
+
+Example:
+    >>> roots = Roots(models=["outputs"], runs="punkdiff-runs")
+    >>> model = resolve_model("mnist16/pipeline", roots)
+    >>> pipe, info = load_model(model)
+    >>> result = sample(pipe, info, "ddim", steps=50, eta=0.0, seed=0, batch_size=16, out_dir=roots.runs / "generated")
+    >>> result.grid_path, result.animation_path
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from punkdiff.data import BUILTIN_DATASETS, ImageTransform, load_image_dataset
+from punkdiff.presets import PRESETS, DataSpec
+from punkdiff.roots import HUB_ID, PathOutsideRoots, Roots
+from punkdiff.visuals import display_scale, image_grid, save_gif, trajectory_frames
+
+SCHEDULERS = {"DDPM": "ddpm", "DDIM": "ddim", "DPM-Solver++": "dpm++"}
+MAX_BATCH = 64
+Progress = Callable[[int, int], None]
+
+
+class StudioError(ValueError):
+    """Input the app cannot use (a number out of range, an empty mask); the message says what to change."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the page needs to know about a loaded model, read from its folder without running it.
+
+    Attributes:
+        path: The model folder.
+        resolution: Image side in pixels.
+        channels: 1 (grayscale) or 3 (RGB).
+        num_train_timesteps: Length of the training noise schedule (the range of t).
+        data: How real images are prepared for this model (background, resize filter, crop), taken from the
+            run's `training_summary.json` or the preset the model card names, so an uploaded punk is
+            composited on the same blue-grey and resized with nearest, as in training.
+        trained_on: The dataset named by the run or the card, if any.
+    """
+
+    path: Path
+    resolution: int
+    channels: int
+    num_train_timesteps: int
+    data: DataSpec
+    trained_on: str | None = None
+
+    def describe(self) -> str:
+        kind = "grayscale" if self.channels == 1 else "RGB"
+        on = f", trained on {self.trained_on}" if self.trained_on else ""
+        return f"{self.resolution}x{self.resolution} {kind}, T = {self.num_train_timesteps}{on}"
+
+
+@dataclass
+class SampleResult:
+    images: list[Image.Image]
+    grid: Image.Image
+    grid_path: Path
+    animation_path: Path
+
+
+# --- finding and loading models -------------------------------------------------------------------------
+
+
+def find_models(roots: Roots, max_depth: int = 4) -> list[Path]:
+    """Model folders (holding `model_index.json`) under the model roots and the run root, sorted."""
+    return sorted({p for p in roots.walk("models", max_depth) if (p / "model_index.json").is_file()})
+
+
+def find_datasets(roots: Roots, max_depth: int = 2) -> list[Path]:
+    """Dataset folders under the data roots: Hub layout (a dataset card or `data/`) or a folder of images."""
+
+    def is_dataset(folder: Path) -> bool:
+        if (folder / "data").is_dir() or (folder / "dataset_info.json").is_file():
+            return True
+        readme = folder / "README.md"
+        if readme.is_file() and "dataset_info" in readme.read_text(errors="replace")[:4000]:
+            return True
+        return any(p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") for p in _first_files(folder, 50))
+
+    return sorted(p for p in roots.walk("data", max_depth) if is_dataset(p))
+
+
+def resolve_model(ref: str, roots: Roots, *, allow_hub: bool | None = None) -> Path:
+    """A model folder inside the roots, from a path (relative to a root, or absolute) or a Hub id.
+
+    A Hub id (`owner/name`) that is not a local folder is downloaded (JSON, safetensors and the card only)
+    into `<run root>/hub/owner--name`; refused when the app is offline (`HF_HUB_OFFLINE=1`).
+    """
+    text = (ref or "").strip()
+    try:
+        return roots.resolve(text, "models")
+    except FileNotFoundError:
+        if not HUB_ID.match(text):
+            raise
+    if allow_hub is None:
+        from huggingface_hub import constants
+
+        allow_hub = not constants.HF_HUB_OFFLINE
+    if not allow_hub:
+        raise StudioError(
+            f"{text} is not a model folder here, and this app is offline (HF_HUB_OFFLINE=1), so it cannot be "
+            "fetched from the Hub: pick a model from the list"
+        )
+    from huggingface_hub import snapshot_download
+
+    target = roots.runs / "hub" / text.replace("/", "--")
+    snapshot_download(text, local_dir=target, allow_patterns=["*.json", "*.safetensors", "README.md", "*.png"])
+    return target
+
+
+class ModelCache:
+    """Loaded pipelines by folder (a small LRU), reloaded when the weights file changes (a re-export)."""
+
+    def __init__(self, size: int = 2) -> None:
+        self.size = size
+        self._items: OrderedDict[Path, tuple[float, object, ModelInfo]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def load(self, folder: Path):
+        """`(PunkDiffPipeline, ModelInfo)` for a model folder; validated before loading (safetensors only)."""
+        from punkdiff.hub import load_pipeline
+
+        stamp = _weights_mtime(folder)
+        with self._lock:
+            cached = self._items.get(folder)
+            if cached and cached[0] == stamp:
+                self._items.move_to_end(folder)
+                return cached[1], cached[2]
+        pipe = load_pipeline(folder)
+        pipe.set_progress_bar_config(desc="sampling")
+        info = model_info(folder)
+        with self._lock:
+            self._items[folder] = (stamp, pipe, info)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return pipe, info
+
+
+def model_info(folder: Path) -> ModelInfo:
+    """Resolution, channels and T from the JSON configs; data preparation from the run or the card."""
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    size = unet["sample_size"] if isinstance(unet["sample_size"], int) else unet["sample_size"][0]
+    data, trained_on = _training_data_spec(folder)
+    data = replace(data, resolution=size, channels=unet["in_channels"])
+    return ModelInfo(folder, size, unet["in_channels"], scheduler["num_train_timesteps"], data, trained_on)
+
+
+def _training_data_spec(folder: Path) -> tuple[DataSpec, str | None]:
+    summary = folder.parent / "training_summary.json"
+    if summary.is_file():
+        data = json.loads(summary.read_text())["config"]["data"]
+        return DataSpec(**{k: v for k, v in data.items() if k in DataSpec.__dataclass_fields__}), data.get("dataset")
+    card = folder / "README.md"
+    if card.is_file():
+        text = card.read_text(errors="replace")
+        preset = re.search(r"\| Preset \| `([\w.-]+)` \|", text)
+        dataset = re.search(r"\| Dataset \| (.+?) \|", text)
+        if preset and preset.group(1) in PRESETS:
+            return replace(PRESETS[preset.group(1)].data), dataset.group(1) if dataset else None
+    return DataSpec(), None
+
+
+# --- sampling -------------------------------------------------------------------------------------------
+
+
+def sample(
+    pipe,
+    info: ModelInfo,
+    scheduler: str,
+    steps: int,
+    eta: float,
+    seed: int,
+    batch_size: int,
+    out_dir: Path,
+    progress: Progress | None = None,
+) -> SampleResult:
+    """Sample a batch; write the grid and the denoising animation (x_t beside the predicted x_0) to `out_dir`.
+
+    Image i uses seed + i, as `punkdiff sample` does, so it is the same whatever the batch size.
+    """
+    scheduler = _scheduler_name(scheduler)
+    steps = _check_int("steps", steps, 1, info.num_train_timesteps)
+    batch_size = _check_int("batch size", batch_size, 1, MAX_BATCH)
+    seed = _check_int("seed", seed, 0, 2**63 - 1)
+    if not 0.0 <= float(eta) <= 1.0:
+        raise StudioError(f"eta must be between 0 (deterministic DDIM) and 1 (DDPM-like), got {eta}")
+    out = pipe(
+        batch_size=batch_size,
+        generator=[torch.Generator().manual_seed(seed + i) for i in range(batch_size)],
+        num_inference_steps=steps,
+        eta=float(eta),
+        scheduler=scheduler,
+        return_trajectory=True,
+        callback_on_step_end=_callback(progress, steps),
+    )
+    scale = display_scale(info.resolution, target=96)
+    grid = image_grid(out.images, scale=scale, gap=1)
+    out_dir = _new_output_folder(out_dir)
+    grid.save(out_dir / "grid.png")
+    frames = trajectory_frames(out.trajectory, out.pred_original_samples, display_scale(info.resolution, 64))
+    animation = save_gif(frames, out_dir / "denoising.gif")
+    return SampleResult(out.images, grid, out_dir / "grid.png", animation)
+
+
+# --- real images, masks, inpainting, reconstruction -----------------------------------------------------
+
+
+def prepare_image(image: Image.Image, info: ModelInfo) -> Image.Image:
+    """A real image as the model sees it: composited on the training background, cropped, resized, L or RGB."""
+    array = ImageTransform.from_spec(info.data)(image)  # [C, H, W] uint8
+    return Image.fromarray(array[0], "L") if info.channels == 1 else Image.fromarray(array.transpose(1, 2, 0), "RGB")
+
+
+def dataset_image(source: str, index: int, split: str = "train") -> Image.Image:
+    """Image `index` of a dataset (a folder already resolved inside the data roots, or a built-in name)."""
+    if source not in BUILTIN_DATASETS and not Path(source).is_absolute():
+        raise PathOutsideRoots(f"{source} must be resolved inside the data roots first")
+    dataset, column = _cached_dataset(source, split)
+    index = _check_int("image index", index, 0, len(dataset) - 1)
+    return dataset[index][column]
+
+
+def upscale(image: Image.Image, target: int = 384) -> Image.Image:
+    """Nearest-neighbour upscale to about `target` pixels wide: every model pixel stays a crisp square."""
+    scale = display_scale(image.width, target)
+    return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+
+
+def mask_from_layers(layers: Sequence[np.ndarray], resolution: int, coverage: float = 0.25) -> Image.Image:
+    """The painted strokes of an image editor (RGBA layers at display size) as a model-size mask.
+
+    A model pixel is masked (white, 255: to be generated) when at least `coverage` of its upscaled square is
+    painted, so a brush stroke that touches a pixel's edge does not count, one that covers a quarter does.
+    """
+    painted = None
+    for layer in layers:
+        if layer is None:
+            continue
+        layer = np.asarray(layer)
+        alpha = layer[..., 3] if layer.ndim == 3 and layer.shape[-1] == 4 else (layer.reshape(*layer.shape[:2], -1) > 0)
+        painted = alpha > 0 if painted is None else painted | (alpha > 0)
+    if painted is None or not painted.any():
+        raise StudioError("Nothing is painted: paint over the part of the image to replace, then press Inpaint.")
+    share = Image.fromarray(painted.astype(np.uint8) * 255, "L").resize((resolution, resolution), Image.Resampling.BOX)
+    return Image.fromarray(((np.asarray(share) / 255.0 >= coverage) * 255).astype(np.uint8), "L")
+
+
+def inpaint(
+    pipe,
+    image: Image.Image,
+    mask: Image.Image,
+    steps: int,
+    jump_length: int,
+    jump_n_sample: int,
+    seed: int,
+    num_images: int = 1,
+) -> list[Image.Image]:
+    """Fill the white part of `mask` with the unconditional model (RePaint); the rest of `image` is kept.
+
+    Several fills of one image use seeds seed, seed + 1, ... (one generator per image).
+    """
+    T = pipe.scheduler.config.num_train_timesteps
+    steps = _check_int("steps", steps, 1, T)
+    jump_length = _check_int("jump length", jump_length, 1, steps)
+    jump_n_sample = _check_int("resampling", jump_n_sample, 1, 50)
+    num_images = _check_int("number of fills", num_images, 1, 16)
+    seed = _check_int("seed", seed, 0, 2**63 - 1)
+    out = pipe.inpaint(
+        [image] * num_images,
+        mask,
+        num_inference_steps=steps,
+        jump_length=jump_length,
+        jump_n_sample=jump_n_sample,
+        generator=[torch.Generator().manual_seed(seed + i) for i in range(num_images)],
+    )
+    return out.images
+
+
+def reconstruct(
+    pipe,
+    info: ModelInfo,
+    image: Image.Image,
+    t_start: int,
+    scheduler: str,
+    steps: int,
+    seed: int,
+    out_dir: Path,
+    progress: Progress | None = None,
+) -> tuple[Image.Image, float, Path]:
+    """Noise `image` to step `t_start`, denoise it back; return the result, its MSE to the input and a GIF."""
+    t_start = _check_int("t", t_start, 0, info.num_train_timesteps - 1)
+    steps = _check_int("steps", steps, 1, info.num_train_timesteps)
+    seed = _check_int("seed", seed, 0, 2**63 - 1)
+    try:
+        out = pipe.reconstruct(
+            image,
+            t_start=t_start,
+            generator=[torch.Generator().manual_seed(seed)],
+            num_inference_steps=steps,
+            scheduler=_scheduler_name(scheduler),
+            return_trajectory=True,
+            callback_on_step_end=_callback(progress, steps),
+        )
+    except ValueError as err:  # e.g. no scheduled step below a very small t
+        raise StudioError(str(err)) from err
+    result = out.images[0]
+    mse = float(np.mean((np.asarray(result, np.float64) / 255 - np.asarray(image, np.float64) / 255) ** 2))
+    frames = trajectory_frames(out.trajectory, out.pred_original_samples, display_scale(info.resolution, 128))
+    animation = save_gif(frames, _new_output_folder(out_dir) / "reconstruction.gif")
+    return result, mse, animation
+
+
+def side_by_side(images: Sequence[Image.Image], target: int = 192, gap: int = 8) -> Image.Image:
+    """Images upscaled (nearest) and placed in a row on white, e.g. original | mask | result."""
+    tiles = [upscale(im.convert("RGB"), target) for im in images]
+    width = sum(t.width for t in tiles) + gap * (len(tiles) - 1)
+    strip = Image.new("RGB", (width, max(t.height for t in tiles)), "white")
+    x = 0
+    for tile in tiles:
+        strip.paste(tile, (x, 0))
+        x += tile.width + gap
+    return strip
+
+
+def show_mask(image: Image.Image, mask: Image.Image, colour: tuple[int, int, int] = (255, 0, 255)) -> Image.Image:
+    """`image` with its masked pixels painted in `colour`: what the model will replace."""
+    rgb = np.array(image.convert("RGB"))
+    rgb[np.asarray(mask) > 127] = colour
+    return Image.fromarray(rgb)
+
+
+# --- helpers --------------------------------------------------------------------------------------------
+
+
+def _scheduler_name(name: str) -> str:
+    key = SCHEDULERS.get(name, name)
+    if key not in SCHEDULERS.values():
+        raise StudioError(f"unknown scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
+    return key
+
+
+def _check_int(name: str, value, low: int, high: int) -> int:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise StudioError(f"{name} must be a whole number, got {value!r}") from None
+    if not number.is_integer() or not low <= number <= high:
+        raise StudioError(f"{name} must be a whole number from {low} to {high}, got {value}")
+    return int(number)
+
+
+def _callback(progress: Progress | None, total: int):
+    if progress is None:
+        return None
+
+    def on_step(pipe, i, t, kwargs):
+        progress(i + 1, total)
+        return kwargs
+
+    return on_step
+
+
+def _new_output_folder(root: Path) -> Path:
+    folder = Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    folder.mkdir(parents=True)
+    return folder
+
+
+def _weights_mtime(folder: Path) -> float:
+    try:
+        return (folder / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _first_files(folder: Path, limit: int) -> list[Path]:
+    files = []
+    try:
+        for entry in os.scandir(folder):
+            if entry.is_file():
+                files.append(Path(entry.path))
+                if len(files) >= limit:
+                    break
+    except OSError:
+        pass
+    return files
+
+
+_DATASETS: OrderedDict[tuple[str, str], tuple[object, str]] = OrderedDict()
+_DATASETS_LOCK = threading.Lock()
+
+
+def _cached_dataset(source: str, split: str):
+    """`datasets` objects are memory-mapped, so keeping the last few open is cheap and saves a reload."""
+    key = (source, split)
+    with _DATASETS_LOCK:
+        if key in _DATASETS:
+            _DATASETS.move_to_end(key)
+            return _DATASETS[key]
+    loaded = load_image_dataset(source, split)
+    with _DATASETS_LOCK:
+        _DATASETS[key] = loaded
+        while len(_DATASETS) > 4:
+            _DATASETS.popitem(last=False)
+    return loaded
