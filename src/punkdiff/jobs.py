@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import threading
@@ -40,6 +41,7 @@ STATUS_TEXT = {
 }
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _write_lock = threading.Lock()
+_watched: set[int] = set()  # pids whose exit a watcher thread of this process is about to record
 
 
 class Job:
@@ -68,7 +70,7 @@ class Job:
         job.folder.mkdir(parents=True, exist_ok=True)
         log_path = job.folder / log_name
         with open(log_path, "ab") as log:
-            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} $ {' '.join(argv)}\n".encode())
+            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} $ {shlex.join(argv)}\n".encode())
             log.flush()
             process = subprocess.Popen(
                 list(argv),
@@ -91,6 +93,7 @@ class Job:
             "meta": meta or {},
         }
         job._update(lambda data: data.setdefault("launches", []).append(launch))
+        _watched.add(process.pid)
         threading.Thread(target=job._watch, args=(process,), daemon=True, name=f"job-{process.pid}").start()
         return job
 
@@ -113,6 +116,8 @@ class Job:
         launch = self.latest()
         if launch is None or launch["returncode"] is not None:
             return False
+        if launch["pid"] in _watched:  # our child: running until its watcher has recorded the exit
+            return True
         try:
             process = psutil.Process(launch["pid"])
             alive = process.status() != psutil.STATUS_ZOMBIE
@@ -193,6 +198,7 @@ class Job:
                     launch.update(returncode=returncode, ended=time.time())
 
         self._update(record)
+        _watched.discard(process.pid)
 
     def _wait_recorded(self, timeout: float = 5.0) -> None:
         """After the process is gone, give the watcher thread a moment to write the exit code."""

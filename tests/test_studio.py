@@ -1,0 +1,162 @@
+"""What the app does with a model: find, load, sample, inpaint, reconstruct; tiny random models, real punks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from diffusers import DDPMScheduler
+from PIL import Image
+from tiny_models import tiny_unet
+
+from punkdiff import studio
+from punkdiff.hub import ModelCardInfo, export_pipeline
+from punkdiff.roots import PathOutsideRoots, Roots
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory) -> Roots:
+    base = tmp_path_factory.mktemp("studio")
+    export_pipeline(tiny_unet(channels=3, sample_size=8), DDPMScheduler(num_train_timesteps=100),
+                    base / "models" / "punky", card=ModelCardInfo(preset="punks-24", dataset="huggingnft/cryptopunks"))
+    run = base / "runs" / "digits-run"
+    export_pipeline(tiny_unet(channels=1, sample_size=8), DDPMScheduler(num_train_timesteps=50), run / "pipeline")
+    data = {"dataset": "/data/mnist", "resolution": 16, "channels": 1, "background": "#000000",
+            "resize_filter": "bilinear", "center_crop": False, "split": "train"}
+    (run / "training_summary.json").write_text(json.dumps({"config": {"data": data}}))
+    (base / "outside").mkdir()
+    shutil.copytree(base / "models" / "punky", base / "outside" / "hidden")
+    os.symlink(base / "outside", base / "models" / "link-out")
+    return Roots(models=[base / "models"], runs=base / "runs")
+
+
+@pytest.fixture(scope="module")
+def punky(roots):
+    return studio.ModelCache().load(studio.resolve_model("punky", roots))
+
+
+def test_models_are_found_inside_the_roots_only(roots):
+    found = studio.find_models(roots)
+    assert [roots.relative_name(p, "models") for p in found] == ["models/punky", "runs/digits-run/pipeline"]
+    with pytest.raises(PathOutsideRoots):
+        studio.resolve_model("link-out/hidden", roots)
+    with pytest.raises(PathOutsideRoots):
+        studio.resolve_model("../outside/hidden", roots)
+    with pytest.raises(studio.StudioError, match="offline"):
+        studio.resolve_model("someone/not-here", roots, allow_hub=False)
+    with pytest.raises(FileNotFoundError):
+        studio.resolve_model("not-here", roots, allow_hub=False)
+
+
+def test_model_info_knows_how_its_data_was_prepared(roots, punky):
+    _, info = punky
+    assert (info.resolution, info.channels, info.num_train_timesteps) == (8, 3, 100)
+    # the card names punks-24: transparent punks go on the punks' blue-grey, resized with nearest
+    assert info.data.background == "#638596" and info.data.resize_filter == "nearest"
+    assert info.data.resolution == 8 and info.trained_on == "huggingnft/cryptopunks"
+    digits = studio.model_info(roots.resolve("digits-run/pipeline", "models"))
+    assert digits.data.background == "#000000" and digits.data.resolution == 8 and digits.channels == 1
+    assert digits.trained_on == "/data/mnist" and "8x8 grayscale, T = 50" in digits.describe()
+
+
+def test_sample_writes_a_grid_and_an_animation(punky, tmp_path):
+    pipe, info = punky
+    calls = []
+    result = studio.sample(pipe, info, "DDIM", 4, 0.0, 3, 6, tmp_path, progress=lambda i, n: calls.append((i, n)))
+    assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert len(result.images) == 6 and result.grid_path.parent.parent == tmp_path
+    scale = 96 // 8
+    grid = Image.open(result.grid_path)
+    assert grid.size == ((8 * scale + 2) * 3, (8 * scale + 2) * 2)  # 3x2 tiles of 96 px with a 1 px grey gap
+    gif = Image.open(result.animation_path)
+    assert gif.n_frames == 4 and gif.size[0] > 2 * gif.size[1]  # x_t beside the predicted x_0
+    again = studio.sample(pipe, info, "ddim", 4, 0.0, 4, 2, tmp_path)  # image i uses seed + i
+    np.testing.assert_array_equal(np.asarray(again.images[0]), np.asarray(result.images[1]))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("DDIM", 0, 0.0, 0, 4), "steps must be a whole number from 1 to 100"),
+        (("DDIM", 101, 0.0, 0, 4), "steps must be a whole number from 1 to 100"),
+        (("DDIM", "ten", 0.0, 0, 4), "steps must be a whole number"),
+        (("DDIM", 4, 0.0, 0, 65), "batch size must be a whole number from 1 to 64"),
+        (("DDIM", 4, 1.5, 0, 4), "eta must be between 0"),
+        (("Euler", 4, 0.0, 0, 4), "unknown scheduler"),
+        (("DDIM", 4, 0.0, -1, 4), "seed must be"),
+    ],
+)
+def test_nonsense_sampling_settings_are_refused(punky, tmp_path, args, message):
+    pipe, info = punky
+    with pytest.raises(studio.StudioError, match=message):
+        studio.sample(pipe, info, *args, tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_mask_from_painted_strokes():
+    layer = np.zeros((96, 96, 4), np.uint8)
+    layer[:24, :, 3] = 255  # the top quarter of the canvas: two rows of an 8 px model
+    layer[24:26, :, 3] = 255  # a brush edge touching the third row: 2 of 12 px, under a quarter
+    mask = np.asarray(studio.mask_from_layers([None, layer], 8))
+    assert mask.shape == (8, 8) and set(np.unique(mask)) == {0, 255}
+    assert (mask[:2] == 255).all() and (mask[2:] == 0).all()
+    with pytest.raises(studio.StudioError, match="Nothing is painted"):
+        studio.mask_from_layers([np.zeros((96, 96, 4), np.uint8)], 8)
+
+
+def test_inpaint_keeps_every_unmasked_pixel(punky):
+    pipe, info = punky
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    mask = np.zeros((8, 8), np.uint8)
+    mask[:3] = 255
+    fills = studio.inpaint(pipe, image, Image.fromarray(mask), steps=10, jump_length=5, jump_n_sample=2, seed=0,
+                           num_images=2)
+    assert len(fills) == 2
+    for fill in fills:
+        diff = np.abs(np.asarray(fill, int) - np.asarray(image, int))
+        assert diff[3:].max() <= 1  # kept (up to rounding), filled where masked
+        assert diff[:3].mean() > 10
+    assert not np.array_equal(np.asarray(fills[0]), np.asarray(fills[1]))  # seeds 0 and 1
+    with pytest.raises(studio.StudioError, match="jump length"):
+        studio.inpaint(pipe, image, Image.fromarray(mask), steps=10, jump_length=11, jump_n_sample=2, seed=0)
+
+
+def test_reconstruct_from_small_t_stays_close(punky, tmp_path):
+    pipe, info = punky
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    near, near_mse, gif = studio.reconstruct(pipe, info, image, 2, "DDIM", 50, 0, tmp_path)
+    far, far_mse, _ = studio.reconstruct(pipe, info, image, 99, "DDIM", 50, 0, tmp_path)
+    assert near.size == image.size and gif.suffix == ".gif" and Image.open(gif).n_frames >= 1
+    assert near_mse < 0.01 < far_mse
+    with pytest.raises(studio.StudioError, match="t must be a whole number from 0 to 99"):
+        studio.reconstruct(pipe, info, image, 100, "DDIM", 50, 0, tmp_path)
+
+
+def test_a_real_punk_is_prepared_as_in_training(punks_dir, punky):
+    """The mirror's RGBA punk, composited on #638596 and resized with nearest to the model's size."""
+    _, info = punky
+    punk = studio.dataset_image(str(punks_dir), 0)
+    assert punk.mode == "RGBA" and punk.size == (24, 24)
+    prepared = studio.prepare_image(punk, info)
+    assert prepared.mode == "RGB" and prepared.size == (8, 8)
+    assert prepared.getpixel((0, 0)) == (0x63, 0x85, 0x96)  # the transparent corner became the background
+    shown = studio.upscale(prepared, 384)
+    assert shown.size == (384, 384) and shown.getpixel((47, 47)) == prepared.getpixel((0, 0))
+    with pytest.raises(studio.StudioError, match="image index must be a whole number from 0 to 9999"):
+        studio.dataset_image(str(punks_dir), 10_000)
+    with pytest.raises(PathOutsideRoots):
+        studio.dataset_image("relative/path", 0)
+
+
+def test_pictures_for_the_page():
+    image = Image.new("RGB", (8, 8), (10, 20, 30))
+    mask = Image.new("L", (8, 8), 0)
+    mask.paste(255, (0, 0, 8, 2))
+    shown = studio.show_mask(image, mask)
+    assert shown.getpixel((0, 0)) == (255, 0, 255) and shown.getpixel((0, 5)) == (10, 20, 30)
+    strip = studio.side_by_side([image, shown], target=64, gap=8)
+    assert strip.size == (64 * 2 + 8, 64)
