@@ -73,7 +73,8 @@ def test_roots_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv(ENV_DATA_ROOTS, "")
     monkeypatch.setenv(ENV_RUN_ROOT, str(tmp_path / "runs"))
     roots = Roots.from_env()
-    assert roots.of("models") == [(tmp_path / "m1").resolve(), (tmp_path / "m2").resolve(), (tmp_path / "runs").resolve()]
+    expected = [(tmp_path / name).resolve() for name in ("m1", "m2", "runs")]
+    assert roots.of("models") == expected
     assert roots.of("data") == [] and Path(roots.runs).is_dir()
 
 

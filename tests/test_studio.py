@@ -15,6 +15,7 @@ from tiny_models import tiny_unet
 from punkdiff import studio
 from punkdiff.hub import ModelCardInfo, export_pipeline
 from punkdiff.roots import PathOutsideRoots, Roots
+from punkdiff.sampling import generate
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +76,10 @@ def test_sample_writes_a_grid_and_an_animation(punky, tmp_path):
     assert gif.n_frames == 4 and gif.size[0] > 2 * gif.size[1]  # x_t beside the predicted x_0
     again = studio.sample(pipe, info, "ddim", 4, 0.0, 4, 2, tmp_path)  # image i uses seed + i
     np.testing.assert_array_equal(np.asarray(again.images[0]), np.asarray(result.images[1]))
+    # the same images as `punkdiff sample` (punkdiff.sampling.generate) with the same seed
+    cli = generate(pipe, 2, seed=4, batch_size=1, sampler="ddim", num_inference_steps=4, progress=False)
+    for ours, theirs in zip(again.images, cli, strict=True):
+        assert np.abs(np.asarray(ours, int) - np.asarray(theirs, int)).max() <= 1
 
 
 @pytest.mark.parametrize(

@@ -343,11 +343,12 @@ def _check_weight_values(weights: Path) -> None:
                 )
 
 
-def model_folder(model: str | os.PathLike[str]) -> Path:
+def model_folder(model: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """A validated model folder: `model` itself if it is a local path, else a Hub model id, downloaded.
 
     Only configs, safetensors weights, the model card and sample images are downloaded (never a pickle or code),
     then checked like a local folder. Offline, or for an unknown id, the error says so and what to pass instead.
+    `cache_dir` replaces the Hub cache folder (a server keeps downloads inside the folders it may write).
 
     Examples:
         ```py
@@ -363,7 +364,9 @@ def model_folder(model: str | os.PathLike[str]) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        local = snapshot_download(str(model), allow_patterns=["*.json", "*.safetensors", "README.md", "*.png"])
+        local = snapshot_download(
+            str(model), allow_patterns=["*.json", "*.safetensors", "README.md", "*.png"], cache_dir=cache_dir
+        )
     except (OSError, ValueError) as e:  # offline, unknown repo, no access, bad id
         raise ModelFolderError(
             f"{model} is not a local folder, and the Hub model {model!r} could not be downloaded "

@@ -104,8 +104,9 @@ def find_datasets(roots: Roots, max_depth: int = 2) -> list[Path]:
 def resolve_model(ref: str, roots: Roots, *, allow_hub: bool | None = None) -> Path:
     """A model folder inside the roots, from a path (relative to a root, or absolute) or a Hub id.
 
-    A Hub id (`owner/name`) that is not a local folder is downloaded (JSON, safetensors and the card only)
-    into `<run root>/hub/owner--name`; refused when the app is offline (`HF_HUB_OFFLINE=1`).
+    A Hub id (`owner/name`) that is not a local folder is downloaded by `punkdiff.hub.model_folder` (configs,
+    safetensors and the card only) into the Hub cache layout under `<run root>/hub`; refused when the app is
+    offline (`HF_HUB_OFFLINE=1`).
     """
     text = (ref or "").strip()
     try:
@@ -122,11 +123,9 @@ def resolve_model(ref: str, roots: Roots, *, allow_hub: bool | None = None) -> P
             f"{text} is not a model folder here, and this app is offline (HF_HUB_OFFLINE=1), so it cannot be "
             "fetched from the Hub: pick a model from the list"
         )
-    from huggingface_hub import snapshot_download
+    from punkdiff.hub import model_folder
 
-    target = roots.runs / "hub" / text.replace("/", "--")
-    snapshot_download(text, local_dir=target, allow_patterns=["*.json", "*.safetensors", "README.md", "*.png"])
-    return target
+    return model_folder(text, cache_dir=roots.runs / "hub")  # the download stays inside the run root
 
 
 class ModelCache:
@@ -211,7 +210,7 @@ def sample(
         generator=[torch.Generator().manual_seed(seed + i) for i in range(batch_size)],
         num_inference_steps=steps,
         eta=float(eta),
-        scheduler=scheduler,
+        sampler=scheduler,
         return_trajectory=True,
         callback_on_step_end=_callback(progress, steps),
     )
@@ -319,7 +318,7 @@ def reconstruct(
             t_start=t_start,
             generator=[torch.Generator().manual_seed(seed)],
             num_inference_steps=steps,
-            scheduler=_scheduler_name(scheduler),
+            sampler=_scheduler_name(scheduler),
             return_trajectory=True,
             callback_on_step_end=_callback(progress, steps),
         )
