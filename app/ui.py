@@ -83,7 +83,7 @@ def build_app(roots: Roots, max_runs: int = 1) -> gr.Blocks:
             with gr.Tab("Generate", id="generate"):
                 _generate_tab(model, load, generated)
             with gr.Tab("Inpaint & reconstruct", id="inpaint"):
-                _inpaint_tab(model, load, roots, dataset_choices, generated)
+                _inpaint_tab(demo, model, load, roots, dataset_choices, generated)
             with gr.Tab("Train", id="train"):
                 _train_tab(roots, runs, dataset_choices)
             with gr.Tab("Evaluate", id="evaluate"):
@@ -140,7 +140,7 @@ def _generate_tab(model, load, generated: Path) -> None:
               concurrency_id="sampling", concurrency_limit=1)
 
 
-def _inpaint_tab(model, load, roots: Roots, dataset_choices, generated: Path) -> None:
+def _inpaint_tab(demo: gr.Blocks, model, load, roots: Roots, dataset_choices, generated: Path) -> None:
     source = gr.State()  # the real image as loaded or uploaded, before the model's preparation
     gr.Markdown(
         "Pick a real image, **paint over** what the model should replace (a punk's hat, a digit's stroke), "
@@ -169,13 +169,13 @@ def _inpaint_tab(model, load, roots: Roots, dataset_choices, generated: Path) ->
     with gr.Row():
         with gr.Column(scale=1, min_width=280):
             with gr.Accordion("RePaint settings", open=False):
-                steps = gr.Slider(10, 1000, value=100, step=10, label="Steps")
-                jump = gr.Slider(1, 50, value=10, step=1, label="Jump length",
+                steps = gr.Slider(10, 1000, value=100, step=10, label="Steps", elem_id="inpaint-steps")
+                jump = gr.Slider(1, 50, value=10, step=1, label="Jump length", elem_id="inpaint-jump",
                                  info="how far back in time each resampling jump goes")
-                resample = gr.Slider(1, 20, value=5, step=1, label="Resampling",
+                resample = gr.Slider(1, 20, value=5, step=1, label="Resampling", elem_id="inpaint-resample",
                                      info="jumps per segment: more harmonises better, costs more")
             with gr.Row():
-                fills = gr.Slider(1, 8, value=4, step=1, label="Fills")
+                fills = gr.Slider(1, 8, value=4, step=1, label="Fills", elem_id="inpaint-fills")
                 seed = gr.Number(0, label="Seed", precision=0, minimum=0)
             inpaint = gr.Button("Inpaint", variant="primary", elem_id="inpaint-button")
         with gr.Column(scale=2):
@@ -262,6 +262,7 @@ def _inpaint_tab(model, load, roots: Roots, dataset_choices, generated: Path) ->
         from_dataset, [model, dataset, index, split], [source, editor])
     upload.upload(from_upload, [model, upload], [source, editor])
     model.change(adapt_to_model, [model, source], [t_start, dataset, editor])
+    demo.load(adapt_to_model, [model, source], [t_start, dataset, editor])
     inpaint.click(run_inpaint, [model, source, editor, steps, jump, resample, fills, seed], inpainted,
                   concurrency_id="sampling", concurrency_limit=1)
     reconstruct.click(run_reconstruct, [model, source, t_start, rec_scheduler, rec_steps],
@@ -282,10 +283,10 @@ def _train_tab(roots: Roots, runs: RunManager, dataset_choices) -> None:
             defaults = PRESETS["mnist-fast-16"].train
             with gr.Row():
                 max_steps = gr.Number(1000, label="Steps", precision=0, elem_id="train-steps")
-                batch = gr.Number(defaults.batch_size, label="Batch size", precision=0)
+                batch = gr.Number(defaults.batch_size, label="Batch size", precision=0, elem_id="train-batch")
             with gr.Row():
                 lr = gr.Number(defaults.learning_rate, label="Learning rate")
-                warmup = gr.Number(defaults.lr_warmup_steps, label="Warmup steps", precision=0)
+                warmup = gr.Number(defaults.lr_warmup_steps, label="Warmup steps", precision=0, elem_id="train-warmup")
             with gr.Row():
                 sample_every = gr.Number(250, label="Samples every", precision=0, elem_id="train-sample-every")
                 checkpoint_every = gr.Number(250, label="Checkpoint every", precision=0,

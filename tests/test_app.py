@@ -1,0 +1,220 @@
+"""The web app end to end in a real browser: headless Chromium (Debian's `chromium`, driven by Playwright) against
+`punkdiff ui`'s page served on 127.0.0.1, with a small punk model trained at the start of the module.
+
+Generate, inpaint with a painted mask, a bad path refused in the page, a training run started, watched, stopped
+and its checkpoint listed. Screenshots go to `test-artifacts/browser/` (or `$PUNKDIFF_TEST_ARTIFACTS`).
+Skipped, with the reason, where Chromium, Playwright or Gradio is absent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+pytest.importorskip("gradio", reason="the web app needs Gradio: pip install 'punkdiff[app]'")
+sync_api = pytest.importorskip("playwright.sync_api", reason="the browser tests need Playwright (in punkdiff[dev])")
+CHROMIUM = os.environ.get("PUNKDIFF_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+if CHROMIUM is None:
+    pytest.skip("no Chromium executable: install Debian's `chromium` package (apt-get install chromium) or set "
+                "PUNKDIFF_CHROMIUM; nothing downloads a browser build here", allow_module_level=True)
+
+from punkdiff.cli import main as punkdiff  # noqa: E402
+from punkdiff.eval_runs import eval_available  # noqa: E402
+from punkdiff.roots import Roots  # noqa: E402
+
+ARTIFACTS = Path(os.environ.get("PUNKDIFF_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
+# a UNet small enough to train in seconds on a CPU core: two levels, no attention, T = 100
+TINY = ["model.block_out_channels=[8,16]", "model.norm_num_groups=4", "model.layers_per_block=1",
+        "model.attention_resolutions=[]", "model.mid_attention=false", "train.num_sample_images=4",
+        "train.sample_inference_steps=3"]
+LONG = 180_000  # ms: a training process starts torch and decodes its slice of data on a shared CPU
+
+
+def _overrides(items: list[str]) -> list[str]:
+    return [flag for item in items for flag in ("--set", item)]
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory, punks_dir, mnist_dir) -> Roots:
+    """A run root holding a punk model trained here (6 steps: its pictures are noise, but real ones)."""
+    base = tmp_path_factory.mktemp("app")
+    code = punkdiff([
+        "train", "--preset", "punks-24", "--dataset", str(punks_dir), "--max-steps", "6", "--batch-size", "8",
+        "--max-train-samples", "32", "--lr-warmup-steps", "0", "--checkpoint-every", "6", "--sample-every", "6",
+        "--output-dir", str(base / "runs" / "punks-tiny"), "--cache-dir", str(base / "cache"),
+        *_overrides([*TINY, "scheduler.num_train_timesteps=100"]),
+    ])
+    assert code == 0
+    assert punks_dir.parent == mnist_dir.parent
+    return Roots(data=[punks_dir.parent], runs=base / "runs")
+
+
+@pytest.fixture(scope="module")
+def url(roots):
+    """`punkdiff ui` in its own process, as a person starts it (default host: 127.0.0.1)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(roots.runs.parent / "ui.log", "wb")  # noqa: SIM115 (closed at teardown)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "punkdiff.cli", "ui", "--data-root", str(roots.of("data")[0]),
+         "--run-root", str(roots.runs), "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    deadline = time.time() + 120
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        assert server.poll() is None, (roots.runs.parent / "ui.log").read_text()
+        assert time.time() < deadline, "punkdiff ui did not open its port in 120 s"
+        time.sleep(0.5)
+    yield f"http://127.0.0.1:{port}"
+    server.terminate()
+    server.wait(30)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def page(url):
+    folder = ARTIFACTS / "browser"
+    folder.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        outside = []  # the page must not reach beyond the app (no CDN, no analytics)
+        page.on("request", lambda r: None if r.url.startswith((url, "data:", "blob:")) else outside.append(r.url))
+        page.goto(url)
+        page.wait_for_selector("#model-info strong", timeout=60_000)
+        page.outside_requests = outside
+        page.artifacts = folder
+        yield page
+        browser.close()
+
+
+def set_number(page, elem_id: str, value) -> None:
+    """Type into a Number, or into a Slider's number box, and commit it as a person would (Enter, blur)."""
+    box = page.locator(f"#{elem_id} input[type=number]").first
+    box.fill(str(value))
+    box.press("Enter")
+    box.blur()
+
+
+def click_and_wait(page, button: str, elem_id: str, timeout: float = LONG) -> None:
+    """Click `button`, then wait until the event it starts has updated `elem_id` (its status overlay came and went)."""
+    tracker = f"#{elem_id} [data-testid=status-tracker]"
+    page.click(button)
+    with contextlib.suppress(sync_api.TimeoutError):  # a fast event's overlay may come and go before we look
+        page.wait_for_selector(f"{tracker}:not(.hide)", timeout=10_000)
+    page.wait_for_selector(f"{tracker}.hide", state="attached", timeout=timeout)
+    page.wait_for_timeout(500)  # the editor draws its new background on the next animation frames
+
+
+def image_size(page, selector: str) -> tuple[int, int]:
+    image = page.locator(selector).first
+    image.wait_for(timeout=LONG)
+    page.wait_for_function("e => e.complete && e.naturalWidth > 0", arg=image.element_handle(), timeout=LONG)
+    return image.evaluate("e => [e.naturalWidth, e.naturalHeight]")
+
+
+def test_the_page_names_the_trained_model(page):
+    assert "runs/punks-tiny/pipeline" in page.inner_text("#model-info")
+    assert "24x24 RGB, T = 100" in page.inner_text("#model-info")
+
+
+def test_generate_shows_the_grid_and_the_animation(page):
+    set_number(page, "gen-steps", 5)
+    page.click("#generate-button")
+    width, height = image_size(page, "#gen-grid img")
+    assert width > 4 * 24 and width >= height  # 16 tiles, upscaled
+    image_size(page, "#gen-animation img")
+    page.screenshot(path=page.artifacts / "generate.png", full_page=True)
+    assert not page.outside_requests
+
+
+def test_inpaint_fills_a_painted_mask(page):
+    page.get_by_role("tab", name="Inpaint & reconstruct").click()
+    # the dataset the model was trained on is offered first
+    page.wait_for_function("() => document.querySelector('#inpaint-dataset input').value.includes('cryptopunks')")
+    click_and_wait(page, "#load-image", "mask-editor")
+    canvas = page.locator("#mask-editor canvas").first.bounding_box()
+    x, y = canvas["x"] + canvas["width"] / 2, canvas["y"] + canvas["height"] / 2
+    page.mouse.move(x - 80, y - 60)
+    page.mouse.down()
+    for i in range(1, 41):  # a stroke across the punk's head
+        page.mouse.move(x - 80 + 4 * i, y - 60)
+    page.mouse.up()
+    page.get_by_text("RePaint settings").click()
+    set_number(page, "inpaint-steps", 10)
+    set_number(page, "inpaint-jump", 5)
+    set_number(page, "inpaint-resample", 1)
+    set_number(page, "inpaint-fills", 2)
+    page.click("#inpaint-button")
+    width, height = image_size(page, "#inpaint-result img")
+    assert width > 3 * height  # original, mask, two fills in a row
+    page.screenshot(path=page.artifacts / "inpaint.png", full_page=True)
+
+
+def test_a_path_outside_the_roots_is_refused_in_the_page(page, url):
+    model = page.locator("#model input")
+    model.fill("../../../etc")
+    model.press("Enter")
+    toast = page.locator(".toast-body", has_text="outside the model folders")
+    toast.first.wait_for(timeout=30_000)
+    page.screenshot(path=page.artifacts / "bad-input.png", full_page=True)
+    model.fill("runs/punks-tiny/pipeline")
+    model.press("Enter")
+    page.wait_for_function("() => document.querySelector('#model-info').innerText.includes('T = 100')")
+
+
+def test_train_watch_stop_and_the_checkpoint_listed(page, mnist_dir):
+    page.get_by_role("tab", name="Train").click()
+    page.wait_for_function("() => document.querySelector('#train-dataset input').value.endsWith('mnist')")
+    page.fill("#train-name :is(input, textarea)", "browser-run")
+    for elem_id, value in [("train-steps", 100_000), ("train-batch", 8), ("train-warmup", 0),
+                           ("train-sample-every", 5), ("train-checkpoint-every", 3), ("train-max-images", 64)]:
+        set_number(page, elem_id, value)
+    page.fill("#train-overrides textarea", "\n".join(TINY))
+    page.click("#train-start")
+    page.wait_for_function("() => /browser-run: running/.test(document.querySelector('#run-status').innerText)",
+                           timeout=30_000)
+
+    def step() -> int:
+        match = re.search(r"Step (\d+)", page.inner_text("#run-status"))
+        return int(match.group(1)) if match else 0
+
+    page.wait_for_function("() => /Step [1-9]/.test(document.querySelector('#run-status').innerText)",
+                           timeout=LONG)
+    first = step()
+    page.wait_for_function(f"() => (/Step (\\d+)/.exec(document.querySelector('#run-status').innerText) || [0, 0])[1]"
+                           f" > {first}", timeout=LONG)
+    page.wait_for_function("() => document.querySelector('#run-checkpoints').innerText.includes('checkpoint-')",
+                           timeout=LONG)
+    page.screenshot(path=page.artifacts / "train-running.png", full_page=True)
+    page.click("#train-stop")
+    page.wait_for_function("() => /browser-run: stopped by you/.test(document.querySelector('#run-status').innerText)",
+                           timeout=LONG)
+    listed = page.inner_text("#run-checkpoints")
+    assert re.search(r"checkpoint-\d+", listed)
+    page.screenshot(path=page.artifacts / "train-stopped.png", full_page=True)
+
+
+def test_evaluate_tab(page):
+    page.get_by_role("tab", name="Evaluate").click()
+    if not eval_available():
+        page.wait_for_selector("#eval-unavailable")
+        assert "punkdiff eval" in page.inner_text("#eval-unavailable")
+    else:
+        page.wait_for_selector("#eval-start")
+    page.screenshot(path=page.artifacts / "evaluate.png", full_page=True)
