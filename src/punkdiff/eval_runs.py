@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from punkdiff.jobs import Job
+from punkdiff.jobs import Job, JobFolder
 from punkdiff.roots import Roots
 
 EVAL_LOG = "eval.log"
@@ -71,23 +71,13 @@ class EvalRequest:
         return flags
 
 
-class Evaluation:
-    """One evaluation folder: its job, and the report once it is written."""
+class Evaluation(JobFolder):
+    """One evaluation folder: its job, its `EvalRequest`, and the report once it is written."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.job = Job(folder)
-
-    @property
-    def name(self) -> str:
-        return self.folder.name
+    request_type = EvalRequest
 
     def status(self) -> str:
         return self.job.status() or ("finished" if (self.folder / "report.md").is_file() else "unknown")
-
-    def request(self) -> EvalRequest | None:
-        launch = self.job.latest()
-        return EvalRequest(**launch["meta"]["request"]) if launch and "request" in launch["meta"] else None
 
     def metrics(self) -> dict[str, Any] | None:
         try:

@@ -230,3 +230,29 @@ def _create_time(pid: int) -> float | None:
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError):  # already gone
         os.killpg(pgid, sig)
+
+
+class JobFolder:
+    """A folder the app runs one kind of command in (a training run, an evaluation), read on demand.
+
+    Subclasses set `request_type`, the dataclass of what the app asked for; it is stored with each launch, so a
+    restarted app knows what a folder was started with.
+    """
+
+    request_type: type
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = Path(folder)
+        self.job = Job(self.folder)
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    def request(self):
+        """The request of the latest launch from the app (None for a folder the command line filled)."""
+        launch = self.job.latest()
+        if not launch or "request" not in launch["meta"]:
+            return None
+        return self.request_type(**launch["meta"]["request"])
+

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from punkdiff.jobs import Job
+from punkdiff.jobs import Job, JobFolder
 from punkdiff.roots import Roots
 
 RUN_LOG = "train.log"
@@ -136,23 +136,10 @@ class Progress:
     losses: list[float] = field(default_factory=list)
 
 
-class Run:
-    """A run folder, read on demand."""
+class Run(JobFolder):
+    """A run folder, read on demand; `request()` is its `TrainRequest` (None for a command-line run)."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.job = Job(folder)
-
-    @property
-    def name(self) -> str:
-        return self.folder.name
-
-    def request(self) -> TrainRequest | None:
-        """The request of the latest launch from the app (None for a run started on the command line)."""
-        launch = self.job.latest()
-        if not launch or "request" not in launch["meta"]:
-            return None
-        return TrainRequest(**launch["meta"]["request"])
+    request_type = TrainRequest
 
     def status(self) -> str:
         """`running`, `stopping`, `finished`, `stopped`, `failed`, `lost`; or for a command-line run
