@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 from diffusers import DDPMScheduler
+from fake_hub import fake_hub
 from PIL import Image
 from tiny_models import tiny_unet
 
@@ -50,6 +51,14 @@ def test_models_are_found_inside_the_roots_only(roots):
         studio.resolve_model("someone/not-here", roots, allow_hub=False)
     with pytest.raises(FileNotFoundError):
         studio.resolve_model("not-here", roots, allow_hub=False)
+
+
+def test_a_hub_model_is_downloaded_inside_the_run_root(roots, monkeypatch):
+    with fake_hub(monkeypatch, models={"someone/punky": roots.resolve("punky", "models")}):
+        folder = studio.resolve_model("someone/punky", roots)
+    assert roots.contains(folder, "runs") and (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert folder in studio.find_models(roots)  # listed with the others from now on
+    assert studio.model_info(folder).num_train_timesteps == 100
 
 
 def test_model_info_knows_how_its_data_was_prepared(roots, punky):
