@@ -8,7 +8,6 @@ Skipped, with the reason, where Chromium, Playwright or Gradio is absent.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
@@ -111,14 +110,18 @@ def set_number(page, elem_id: str, value) -> None:
     box.blur()
 
 
-def click_and_wait(page, button: str, elem_id: str, timeout: float = LONG) -> None:
-    """Click `button`, then wait until the event it starts has updated `elem_id` (its status overlay came and went)."""
-    tracker = f"#{elem_id} [data-testid=status-tracker]"
-    page.click(button)
-    with contextlib.suppress(sync_api.TimeoutError):  # a fast event's overlay may come and go before we look
-        page.wait_for_selector(f"{tracker}:not(.hide)", timeout=10_000)
-    page.wait_for_selector(f"{tracker}.hide", state="attached", timeout=timeout)
-    page.wait_for_timeout(500)  # the editor draws its new background on the next animation frames
+def click_and_wait_for_image(page, button: str) -> None:
+    """Click `button`, then wait until the page has fetched the image file the event sent back (and drawn it)."""
+    with page.expect_response(lambda r: "file=" in r.url and r.url.endswith(".png"), timeout=LONG):
+        page.click(button)
+    page.wait_for_timeout(1000)  # the editor draws its new background on the next animation frames
+
+
+def result_or_message(page, selector: str) -> None:
+    """Wait for `selector` or an error toast; fail with the toast's text if that came first."""
+    page.wait_for_selector(f"{selector}, .toast-body", timeout=LONG)
+    toasts = page.locator(".toast-body").all_inner_texts()
+    assert not toasts, toasts
 
 
 def image_size(page, selector: str) -> tuple[int, int]:
@@ -136,6 +139,7 @@ def test_the_page_names_the_trained_model(page):
 def test_generate_shows_the_grid_and_the_animation(page):
     set_number(page, "gen-steps", 5)
     page.click("#generate-button")
+    result_or_message(page, "#gen-grid img")
     width, height = image_size(page, "#gen-grid img")
     assert width > 4 * 24 and width >= height  # 16 tiles, upscaled
     image_size(page, "#gen-animation img")
@@ -147,7 +151,7 @@ def test_inpaint_fills_a_painted_mask(page):
     page.get_by_role("tab", name="Inpaint & reconstruct").click()
     # the dataset the model was trained on is offered first
     page.wait_for_function("() => document.querySelector('#inpaint-dataset input').value.includes('cryptopunks')")
-    click_and_wait(page, "#load-image", "mask-editor")
+    click_and_wait_for_image(page, "#load-image")
     canvas = page.locator("#mask-editor canvas").first.bounding_box()
     x, y = canvas["x"] + canvas["width"] / 2, canvas["y"] + canvas["height"] / 2
     page.mouse.move(x - 80, y - 60)
@@ -161,6 +165,7 @@ def test_inpaint_fills_a_painted_mask(page):
     set_number(page, "inpaint-resample", 1)
     set_number(page, "inpaint-fills", 2)
     page.click("#inpaint-button")
+    result_or_message(page, "#inpaint-result img")
     width, height = image_size(page, "#inpaint-result img")
     assert width > 3 * height  # original, mask, two fills in a row
     page.screenshot(path=page.artifacts / "inpaint.png", full_page=True)
