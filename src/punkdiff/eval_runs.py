@@ -1,10 +1,10 @@
 """Evaluations for the web app: `punkdiff eval` in the background, its report read back for the page.
 
 The evaluation itself is `punkdiff eval MODEL_DIR --reference DATASET [--split SPLIT] --num-samples N
---scheduler S --steps K --seed S --out DIR`, which writes `metrics.json`, `report.md` (figures referenced by
-relative names) and PNG figures into DIR. This module only starts it as a `Job` under
-`<run root>/evaluations/<name>/` and reads those files back; a punkdiff without the `eval` command is
-reported as such (`eval_available`), never faked.
+--scheduler S --steps K --seed S --out DIR --cache-dir CACHE` (the only contract with the evaluation work),
+which writes `metrics.json`, `report.md` (figures referenced by relative names) and PNG figures into DIR. This
+module only starts it as a `Job` under `<run root>/evaluations/<name>/` and reads those files back; a punkdiff
+without the `eval` command is reported as such (`eval_available`), never faked.
 
 Example:
     >>> manager = EvalManager(roots)
@@ -116,6 +116,7 @@ class EvalManager:
 
     def __init__(self, roots: Roots, max_active: int = 1, command: Sequence[str] | None = None) -> None:
         self.folder = roots.runs / "evaluations"
+        self.cache_dir = roots.runs / ".cache"  # decoded reference images and classifiers stay in the run root
         self.max_active = max_active
         self.command = list(command or [sys.executable, "-m", "punkdiff.cli"])
         self._lock = threading.Lock()
@@ -145,6 +146,6 @@ class EvalManager:
             label = model.parent.name if model.name == "pipeline" else model.name
             folder = self.folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{label}"
             folder.mkdir(parents=True)
-            argv = [*self.command, "eval", *request.flags(folder)]
+            argv = [*self.command, "eval", *request.flags(folder), "--cache-dir", str(self.cache_dir)]
             Job.launch(folder, argv, EVAL_LOG, meta={"request": asdict(request)})
             return Evaluation(folder)
