@@ -305,6 +305,7 @@ def _train_tab(roots: Roots, runs: RunManager, dataset_choices) -> None:
                 run = gr.Dropdown(run_names, value=run_names[0] if run_names else None, label="Run",
                                   scale=3, elem_id="run-select")
                 resume_steps = gr.Number(0, label="Resume up to step (0: same)", precision=0, scale=1,
+                                         info="more steps re-plan the LR schedule over the new length",
                                          elem_id="resume-steps")
             with gr.Row():
                 stop = gr.Button("■ Stop (keeps checkpoints)", variant="stop", size="sm", elem_id="train-stop")

@@ -253,7 +253,10 @@ class RunManager:
             return self._launch(folder, request, request.train_flags())
 
     def resume(self, name: str, max_steps: int | None = None) -> Run:
-        """Continue a stopped, failed or finished run from its latest checkpoint, optionally to more steps."""
+        """Continue a stopped, failed or finished run from its latest checkpoint, optionally to more steps.
+
+        A new `max_steps` extends the run (`--extend-schedule`: the LR schedule is re-planned over the new length).
+        """
         run = self.get(name)
         request = run.request()
         if request is None:
@@ -263,15 +266,17 @@ class RunManager:
             raise RunError(f"{name} is still running")
         if not run.checkpoints():
             raise RunError(f"{name} has no checkpoint yet, so there is nothing to resume: start a new run")
-        if max_steps is not None:
+        resume = ["--resume-from-checkpoint", "latest"]
+        if max_steps is not None and max_steps != request.max_steps:
             request.max_steps = max_steps
+            resume.append("--extend-schedule")
         request.check()
         last = run.checkpoints()[-1][0]
         if request.max_steps <= last:
             raise RunError(f"{name} is at step {last}: set max steps above {last} to train further")
         with self._lock:
             self._check_capacity()
-            return self._launch(run.folder, request, [*request.train_flags(), "--resume-from-checkpoint", "latest"])
+            return self._launch(run.folder, request, [*request.train_flags(), *resume])
 
     def stop(self, name: str, timeout: float = 120.0) -> str:
         """Stop a run (SIGTERM, then SIGKILL after `timeout` s); its checkpoints stay. Returns the new status."""
