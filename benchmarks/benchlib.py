@@ -1,0 +1,279 @@
+"""What the benchmark scripts share: the configurations they run, the peers' data path, clocks, FLOPs, the machine.
+
+Not part of the package: `bench_data.py`, `bench_train.py` and `bench_sample.py` import it from this folder.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from punkdiff.presets import DataSpec, Preset, apply_overrides, get_preset
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATASETS = Path(os.environ.get("PUNKDIFF_SHARED_DATASETS", REPO.parent / "shared" / "datasets"))
+RESULTS = REPO / "benchmarks" / "results"
+# a preset's Hub dataset -> the folder of its offline mirror under the datasets root
+MIRRORS = {"ylecun/mnist": "mnist", "huggingnft/cryptopunks": "cryptopunks", "nielsr/CelebA-faces": "celeba-faces"}
+
+# Configurations that are not presets, as a preset plus overrides. `mnist-32-issue` is the UNet of issue 12's
+# measurements: channels 32/64/64, 2 layers per block, attention at the middle (16 px) level and in the mid
+# block, 1.62 M parameters, 0.75 GFLOP per image forward, MNIST at 32 px, batch 64.
+CONFIGS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
+    "mnist-32-issue": ("mnist-baseline-16", {
+        "name": "mnist-32-issue",
+        "model": {"sample_size": 32, "layers_per_block": 2, "attention_resolutions": (16,), "mid_attention": True,
+                  "norm_num_groups": 32},
+        "data": {"resolution": 32},
+        "train": {"batch_size": 64},
+    }),
+    "mnist-32-tiny": ("mnist-baseline-16", {  # the CI smoke: same code paths, a UNet small enough for seconds
+        "name": "mnist-32-tiny",
+        "model": {"sample_size": 32, "block_out_channels": (8, 16), "layers_per_block": 1,
+                  "attention_resolutions": (16,), "norm_num_groups": 4},
+        "data": {"resolution": 32, "max_samples": 256},
+        "train": {"batch_size": 16},  # denoising-diffusion-pytorch asks for >= 16
+    }),
+}
+
+
+def bench_preset(name: str) -> Preset:
+    """A named preset, or one of `CONFIGS`, validated."""
+    if name in CONFIGS:
+        base, overrides = CONFIGS[name]
+        return apply_overrides(get_preset(base), overrides).validate()
+    return get_preset(name).validate()
+
+
+def preset_flags(name: str) -> list[str]:
+    """`--preset/--set` flags that make punkdiff's own parser build `bench_preset(name)`."""
+    if name not in CONFIGS:
+        return ["--preset", name]
+    base, overrides = CONFIGS[name]
+    flags = ["--preset", base]
+    for section, values in overrides.items():
+        if section == "name":
+            continue
+        for key, value in values.items():
+            text = f"[{','.join(map(str, value))}]" if isinstance(value, tuple) else str(value).lower() \
+                if isinstance(value, bool) else str(value)
+            flags += ["--set", f"{section}.{key}={text}"]
+    return flags
+
+
+def mirror(preset: Preset, root: Path) -> Path:
+    """The offline mirror of the preset's dataset under `root`; exits with the fix if it is missing."""
+    path = root / MIRRORS.get(str(preset.data.dataset), "")
+    if preset.data.dataset not in MIRRORS or not path.is_dir():
+        raise SystemExit(f"no offline mirror of {preset.data.dataset} under {root} "
+                         "(pass --datasets-root or set PUNKDIFF_SHARED_DATASETS)")
+    return path
+
+
+# ---- the peers' data path -------------------------------------------------------------------------------
+
+
+def diffusers_example_loader(
+    path: Path, spec: DataSpec, batch_size: int, seed: int = 0, shuffle: bool = True, flip: bool | None = None
+) -> tuple[torch.utils.data.DataLoader, int]:
+    """The data path of diffusers' `train_unconditional.py`, matched to the spec's resolution and channels.
+
+    `load_dataset`, torchvision `Resize/Crop/Flip/ToTensor/Normalize` per item through `set_transform`,
+    `DataLoader(shuffle=True, num_workers=0)` (the example's default), so PIL decodes every image every step.
+    Returns `(loader, arrow_bytes)`; each batch is `{"input": float [B, C, H, W] in [-1, 1]}`.
+    """
+    import datasets
+    from torchvision import transforms
+
+    from punkdiff.data import find_image_column
+
+    dataset = datasets.load_dataset(str(path), split="train")
+    if spec.max_samples is not None:
+        dataset = dataset.select(range(min(spec.max_samples, len(dataset))))
+    arrow_bytes = sum(os.path.getsize(f["filename"]) for f in dataset.cache_files)
+    column = find_image_column(dataset.features)
+    mode = "L" if spec.channels == 1 else "RGB"
+    flip = spec.random_flip if flip is None else flip
+    res = spec.resolution
+    augmentations = transforms.Compose(
+        [
+            transforms.Resize(res, interpolation=transforms.InterpolationMode.BILINEAR),
+            transforms.CenterCrop(res) if spec.center_crop else transforms.RandomCrop(res),
+            transforms.RandomHorizontalFlip() if flip else transforms.Lambda(lambda x: x),
+            transforms.ToTensor(),
+            transforms.Normalize([0.5], [0.5]),
+        ]
+    )
+
+    def transform_images(examples: dict[str, list]) -> dict[str, list[torch.Tensor]]:
+        return {"input": [augmentations(image.convert(mode)) for image in examples[column]]}
+
+    dataset.set_transform(transform_images)
+    generator = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=0, generator=generator
+    )
+    return loader, arrow_bytes
+
+
+# ---- measuring ------------------------------------------------------------------------------------------
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """`(seconds, result)` of one call (on CUDA, after the queued work has finished)."""
+    synchronize()
+    start = time.perf_counter()
+    result = fn()
+    synchronize()
+    return time.perf_counter() - start, result
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+class StepClock:
+    """Times optimizer steps from outside any training loop, the same way for every contender.
+
+    A global `torch.optim` post-step hook marks the end of each optimizer step: a host timestamp on CPU, a CUDA
+    event on a GPU (recorded on the stream, so the clock adds no host synchronisation and measures when the
+    device finished the step). Steady-state throughput is images between the mark after warm-up step `warmup`
+    and the last mark, over the time between them: set-up, compilation, warm-up and whatever a loop does after
+    its last step (checkpoint, sample grid, export) fall outside.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list[Any] = []
+
+    def __enter__(self) -> StepClock:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        self._handle = register_optimizer_step_post_hook(self._mark)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+    def _mark(self, optimizer, args, kwargs) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def images_per_second(self, warmup: int, images_per_step: int) -> float:
+        """Images/s over the steps after the first `warmup` ones."""
+        if len(self.marks) < warmup + 2:
+            raise RuntimeError(f"{len(self.marks)} optimizer steps seen; need warm-up {warmup} + at least 2")
+        first, last = self.marks[warmup], self.marks[-1]
+        if self.cuda:
+            last.synchronize()
+            seconds = first.elapsed_time(last) / 1000
+        else:
+            seconds = last - first
+        return (len(self.marks) - 1 - warmup) * images_per_step / seconds
+
+
+def summary(values: list[float]) -> dict[str, Any]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+
+
+def require(condition: bool, message: str) -> None:
+    """An assertion that `python -O` keeps."""
+    if not condition:
+        raise AssertionError(message)
+
+
+def flops_per_image(step: Callable[[], Any], batch_size: int) -> float:
+    """FLOPs of one call of `step` per image, counted by `torch.utils.flop_counter` (2 per multiply-add)."""
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops() / batch_size
+
+
+def wait_for_quiet(max_load: float, timeout_s: float, log: Callable[[str], None]) -> float:
+    """Wait (polling) until the 1-minute load average is at most `max_load`, or `timeout_s` passed; the load."""
+    deadline = time.monotonic() + timeout_s
+    while (load := os.getloadavg()[0]) > max_load and time.monotonic() < deadline:
+        log(f"load {load:.2f} > {max_load}: waiting")
+        time.sleep(min(30.0, max(0.0, deadline - time.monotonic())))
+    return load
+
+
+# ---- the machine ----------------------------------------------------------------------------------------
+
+# bf16 dense tensor-core peak (TFLOP/s, no sparsity) from the vendors' data sheets, by device name fragment;
+# checked in order, so the more specific names come first. Pass --peak-tflops for anything else.
+BF16_DENSE_TFLOPS = (
+    ("H200", 989.4),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.4),  # SXM ("H100 80GB HBM3")
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+)
+
+
+def bf16_peak_tflops(device: torch.device) -> tuple[str | None, float | None]:
+    """`(device name, bf16 dense peak TFLOP/s)` of a CUDA device; the peak is None when the name is not known."""
+    if device.type != "cuda":
+        return None, None
+    name = torch.cuda.get_device_name(device)
+    return name, next((peak for fragment, peak in BF16_DENSE_TFLOPS if fragment in name), None)
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    """Where and with what a result was measured."""
+    versions = {"python": platform.python_version()}
+    for package in ("punkdiff", "torch", "torchvision", "diffusers", "accelerate", "datasets", "numpy",
+                    "denoising-diffusion-pytorch"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": sys.version.split()[0],
+        "cpu_count": os.cpu_count(),
+        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "versions": versions,
+    }
+    if device.type == "cuda":
+        name, peak = bf16_peak_tflops(device)
+        info.update(gpu=name, gpu_memory_gib=torch.cuda.get_device_properties(device).total_memory / 2**30,
+                    bf16_dense_peak_tflops=peak, cuda=torch.version.cuda)
+    return info
+
+
+def reset_accelerate() -> None:
+    """Accelerate keeps process-wide singletons; each in-process run starts from a clean slate."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def rotated(names: list[str], repeat: int) -> list[str]:
+    """The order of one interleaved repeat: A B C, then B C A, ..., so drift in the machine hits each alike."""
+    k = repeat % len(names)
+    return names[k:] + names[:k]
