@@ -50,6 +50,7 @@ from benchlib import (
     StepClock,
     bench_preset,
     bf16_peak_tflops,
+    ddpm_pytorch_unet,
     diffusers_example_loader,
     flops_per_image,
     machine,
@@ -211,14 +212,6 @@ def run_bare(case: Case, opts: Options, steps: int, batch_size: int | None = Non
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         torch._foreach_lerp_(ema, params, 1.0 - cfg.ema_decay)
-
-
-def ddpm_pytorch_unet(preset: Preset):
-    """denoising-diffusion-pytorch's `Unet` closest to the preset's: the same channels per level."""
-    from denoising_diffusion_pytorch import Unet
-
-    channels = preset.model.block_out_channels
-    return Unet(dim=channels[0], dim_mults=tuple(c // channels[0] for c in channels), channels=preset.data.channels)
 
 
 def run_ddpm_pytorch(case: Case, opts: Options, steps: int) -> None:

@@ -127,6 +127,14 @@ def diffusers_example_loader(
     return loader, arrow_bytes
 
 
+def ddpm_pytorch_unet(preset: Preset):
+    """denoising-diffusion-pytorch's `Unet` closest to the preset's: the same channels per level."""
+    from denoising_diffusion_pytorch import Unet
+
+    channels = preset.model.block_out_channels
+    return Unet(dim=channels[0], dim_mults=tuple(c // channels[0] for c in channels), channels=preset.data.channels)
+
+
 # ---- measuring ------------------------------------------------------------------------------------------
 
 
