@@ -278,6 +278,31 @@ def test_image_tensor_dataset_moves_whole_and_checks_its_input(punks24):
         ImageTensorDataset(punks24.images[0])
 
 
+def test_loader_takes_each_batch_as_one_slice_in_the_seeded_order(punks24):
+    """`ImageTensorDataset.loader`: the same batches as a per-item DataLoader with the same seed, but each one
+    gathered by a single `__getitems__` call (so `__getitem__` is never called)."""
+    images = punks24.images[:96].clone()
+
+    class PerItem(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, i):
+            return images[i]
+
+    class NoPerItem(ImageTensorDataset):
+        def __getitem__(self, index):
+            raise AssertionError("a batch was assembled item by item")
+
+    batches = list(NoPerItem(images).loader(batch_size=16, seed=3))
+    expected = torch.utils.data.DataLoader(PerItem(), batch_size=16, shuffle=True, drop_last=True,
+                                           generator=torch.Generator().manual_seed(3))
+    assert len(batches) == 6
+    for ours, theirs in zip(batches, expected, strict=True):
+        assert torch.equal(ours, theirs)
+    assert len(list(ImageTensorDataset(images[:90]).loader(batch_size=16, seed=3))) == 5  # partial batch dropped
+
+
 # --- the decode-once cache ----------------------------------------------------------------------------
 
 
@@ -390,6 +415,39 @@ def test_corrupt_bytes_in_dataset_names_the_index(tmp_path, punks_train):
         load(dataset, spec("punks-24"), tmp_path)
     fine = load(dataset.select([0, 1, 3]), spec("punks-24"), tmp_path)
     assert len(fine) == 3
+
+
+def test_decoding_on_several_processes_gives_the_same_cache(tmp_path, punks_train, monkeypatch):
+    """Chunks decoded by a process pool land in the memory-mapped file exactly where one process puts them."""
+    import punkdiff.data as data
+
+    monkeypatch.setattr(data, "DECODE_CHUNK", 64)  # 200 images: 4 chunks, so both workers get some
+    subset = punks_train.select(range(200))
+    one = load(subset, spec("punks-24"), tmp_path / "one", num_workers=1)
+    two = load(subset, spec("punks-24"), tmp_path / "two", num_workers=2)
+    assert torch.equal(one.images, two.images)
+    (file,) = (tmp_path / "two").iterdir()  # the complete cache only: no temporary file left behind
+    np.testing.assert_array_equal(np.load(file), one.images.numpy())
+    in_memory = data.decode_images(subset, "image", data.ImageTransform.from_spec(spec("punks-24")), False,
+                                   num_workers=2)
+    np.testing.assert_array_equal(in_memory, one.images.numpy())
+
+
+def test_a_corrupt_image_in_a_worker_names_its_index_and_leaves_no_file(tmp_path, punks_train, monkeypatch):
+    import punkdiff.data as data
+
+    monkeypatch.setattr(data, "DECODE_CHUNK", 4)
+    rows = []
+    for i in range(12):
+        buf = io.BytesIO()
+        punks_train[i]["image"].save(buf, format="PNG")
+        rows.append({"bytes": buf.getvalue() if i != 9 else b"broken", "path": None})
+    dataset = datasets.Dataset.from_dict({"image": rows}, features=datasets.Features({"image": datasets.Image()}))
+    dataset.save_to_disk(tmp_path / "saved")  # file-backed, so it is cached (written through the memory map)
+    dataset = datasets.load_from_disk(tmp_path / "saved")
+    with pytest.raises(DataError, match=r"item 9 of column 'image' is not a readable image"):
+        load(dataset, spec("punks-24"), tmp_path / "cache", num_workers=2)
+    assert not list((tmp_path / "cache").iterdir())
 
 
 def test_empty_inputs(tmp_path, hf_cache, punks_train):
