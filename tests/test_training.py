@@ -113,8 +113,8 @@ def test_checkpoints_total_limit_keeps_the_last_k(mnist_dir, cache_dir, tmp_path
 def test_run_writes_pipeline_grid_curve_summary_and_logs(mnist_dir, cache_dir, tmp_path):
     out = tmp_path / "run"
     code = train_main([*TINY, "--dataset", str(mnist_dir), "--cache-dir", str(cache_dir), "--output-dir", str(out),
-                       "--max-steps", "6", "--sample-every", "3", "--checkpoint-every", "3", "--report-to",
-                       "tensorboard"])
+                       "--max-steps", "6", "--sample-every", "3", "--checkpoint-every", "3", "--log-every", "4",
+                       "--report-to", "tensorboard"])
     assert code == 0
     from diffusers import DDPMPipeline
     from PIL import Image
@@ -142,9 +142,11 @@ def test_run_writes_pipeline_grid_curve_summary_and_logs(mnist_dir, cache_dir, t
     events = EventAccumulator(str(out / "logs" / "punkdiff"), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     tags = events.Tags()
-    for tag in ["loss", "grad_norm", "lr", "ema_decay", "images_per_sec", "peak_memory_mb"]:
+    for tag in ["loss", "grad_norm", "lr", "ema_decay"]:  # every step, though read back only now and then
         assert tag in tags["scalars"], tag
         assert [e.step for e in events.Scalars(tag)] == list(range(1, 7))
+    for tag in ["images_per_sec", "peak_memory_mb"]:  # per read: every 4 steps, and before checkpoints and grids
+        assert [e.step for e in events.Scalars(tag)] == [3, 4, 6], tag
     assert "samples" in tags["images"]
     assert [e.step for e in events.Images("samples")] == [3, 6]
 
@@ -469,3 +471,57 @@ def test_data_on_device_trains_exactly_like_host_data(mnist_dir, cache_dir, tmp_
     on_device, on_host = (weights(tmp_path / w / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
                           for w in ("yes", "no"))
     assert max_diff(on_device, on_host) == 0
+
+
+# --- speed: deferred reads, compile, channels_last, fused AdamW -----------------------------------------
+
+
+def test_step_log_reads_every_step_in_one_go_and_stops_on_a_non_finite_loss():
+    from accelerate import Accelerator
+
+    from punkdiff.training import TrainingError
+    from punkdiff.training.step_log import StepLog
+
+    reset_accelerate_state()
+    log = StepLog(Accelerator(cpu=True), every=2)
+    for step, micro_losses in enumerate([[1.0, 3.0], [5.0, 7.0]], start=1):
+        for loss in micro_losses:  # two accumulated micro-batches per optimizer step
+            log.add_loss(torch.tensor(loss))
+        log.end_step(step, torch.tensor(0.5 * step), lr=1e-3, images=16, ema_decay=0.9)
+    assert [log.due(s) for s in (1, 2, 3, 4)] == [False, True, False, True]
+    rows = log.read()
+    assert [(r["step"], r["loss"], r["grad_norm"], r["ema_decay"]) for r in rows] == [(1, 2.0, 0.5, 0.9),
+                                                                                      (2, 6.0, 1.0, 0.9)]
+    assert "images_per_sec" not in rows[0] and rows[1]["images_per_sec"] > 0  # one rate per read
+    assert log.read() == []  # nothing pending
+    log.add_loss(torch.tensor(1.0))
+    log.end_step(3, 1.0, lr=1e-3, images=16)
+    log.add_loss(torch.tensor(float("nan")))
+    log.end_step(4, 1.0, lr=1e-3, images=16)
+    with pytest.raises(TrainingError, match="non-finite loss nan at step 4"):
+        log.read()
+
+
+def test_adamw_is_fused_on_cuda_only():
+    from punkdiff.presets import TrainSpec
+    from punkdiff.training.speed import build_optimizer
+
+    net = torch.nn.Linear(2, 2)
+    assert build_optimizer(net.parameters(), TrainSpec(), torch.device("cpu")).defaults["fused"] is None
+    # the decision only (PyTorch also fuses on CPU since 2.4, so this builds without a GPU)
+    assert build_optimizer(net.parameters(), TrainSpec(), torch.device("cuda")).defaults["fused"] is True
+
+
+def test_compiled_channels_last_run_exports_the_eager_weights(mnist_dir, cache_dir, tmp_path):
+    """`--compile` wraps the training forward only: checkpoints and the export keep plain UNet keys and match."""
+    plain, fast = tmp_path / "plain", tmp_path / "fast"
+    reset_accelerate_state()
+    assert run(mnist_dir, cache_dir, plain, "--max-steps", "2", "--checkpoint-every", "2") == 0
+    reset_accelerate_state()
+    assert run(mnist_dir, cache_dir, fast, "--max-steps", "2", "--checkpoint-every", "2", "--compile", "eager",
+               "--channels-last") == 0
+    unet = "pipeline/unet/diffusion_pytorch_model.safetensors"
+    a, b = weights(plain / unet), weights(fast / unet)
+    assert not any("_orig_mod" in k for k in b)
+    assert max_diff(a, b) < 1e-4  # same steps, same data; channels_last only reorders the arithmetic
+    assert not any("_orig_mod" in k for k in weights(fast / "checkpoints" / "checkpoint-2" / "model.safetensors"))

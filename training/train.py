@@ -55,6 +55,8 @@ from punkdiff.training.reporting import (
 )
 from punkdiff.training.resources import check_run_outputs, out_of_memory_message
 from punkdiff.training.resume import check_resume, remove_previous_run
+from punkdiff.training.speed import build_optimizer
+from punkdiff.training.step_log import StepLog
 from punkdiff.visuals import plot_loss_curve
 
 
@@ -81,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         mixed_precision=train_spec.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed, non_blocking=True),
     )
     try:
         resume = check_resume(
@@ -109,11 +111,9 @@ def run(args: argparse.Namespace) -> int:
         )
         if on_device:
             dataset = dataset.to(accelerator.device)
-        # the loader's own generator (not the global RNG, which dropout uses) seeds each new iterator
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=train_spec.batch_size, shuffle=True, drop_last=True,
-            generator=torch.Generator().manual_seed(args.seed),
-        )
+        # batches are single gathers, seeded by the loader's own generator (not the global RNG, which dropout
+        # uses); data in host memory feeding a GPU comes through pinned memory, copied without waiting
+        loader = dataset.loader(train_spec.batch_size, args.seed, pin_memory=accelerator.device.type == "cuda")
         loader = accelerator.prepare(loader)  # sharded: each process sees its own slice of every batch
         updates_per_epoch = steps_per_epoch(len(loader), train_spec.gradient_accumulation_steps)
     except (DataError, TrainingError, ModelFolderError) as err:
@@ -122,14 +122,10 @@ def run(args: argparse.Namespace) -> int:
 
     # ---- 3. model, noise schedule, optimizer, LR schedule, EMA ----------------------------------------------
     model = initial_unet or UNet2DModel(**preset.model.unet_config())
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
     noise_scheduler = DDPMScheduler(**preset.scheduler.ddpm_config())
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=train_spec.learning_rate,
-        betas=(train_spec.adam_beta1, train_spec.adam_beta2),
-        weight_decay=train_spec.adam_weight_decay,
-        eps=train_spec.adam_epsilon,
-    )
+    optimizer = build_optimizer(model.parameters(), train_spec, accelerator.device)  # fused on CUDA
     max_steps = train_spec.max_steps or train_spec.epochs * updates_per_epoch
     num_epochs = math.ceil(max_steps / updates_per_epoch)
     # the prepared scheduler advances once per process per optimizer step, so its length is in
@@ -141,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
         num_training_steps=max_steps * accelerator.num_processes,
     )
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    # --compile compiles the training forward only: EMA, previews, checkpoints and the export keep the eager module
+    train_forward = torch.compile(model, backend=args.compile) if args.compile else model
     ema = None
     if train_spec.use_ema:
         ema = EMAModel(
@@ -151,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
             power=train_spec.ema_power,
             model_cls=UNet2DModel,
             model_config=accelerator.unwrap_model(model).config,
+            foreach=True,  # one kernel per operation for all parameters, not one per parameter
         )
         ema.to(accelerator.device)
         register_ema_hooks(accelerator, ema)
@@ -200,8 +199,7 @@ def run(args: argparse.Namespace) -> int:
     progress_bar = tqdm(
         total=max_steps, initial=progress.global_step, desc="training", disable=not accelerator.is_local_main_process
     )
-    start, step_start = time.time(), time.time()
-    loss_sum, micro_batches = torch.zeros((), device=accelerator.device), 0
+    start, step_log = time.time(), StepLog(accelerator, args.log_every, advice=lambda: resume_hint(output_dir))
     last_grid, exit_code = None, 0
     stop = StopRequest().install()  # SIGTERM (preemption): checkpoint after the current step, then exit
     try:
@@ -221,64 +219,55 @@ def run(args: argparse.Namespace) -> int:
                     device=clean.device,
                 )
                 # 5.2 loss, backward, clip, step (the optimizer steps once per accumulated batch)
+                # (nothing here reads a device value back: the host queues steps ahead of the GPU)
                 with accelerator.accumulate(model):
-                    loss = diffusion_loss(model, noise_scheduler, clean, noise, timesteps, train_spec.snr_gamma)
-                    all_losses = accelerator.gather(loss.detach()[None])
-                    if not torch.isfinite(all_losses).all():
-                        raise TrainingError(
-                            f"non-finite loss {all_losses.tolist()} at step {progress.global_step + 1}: stopping. "
-                            "Lower --learning-rate, keep gradient clipping or use --mixed-precision no; "
-                            f"{resume_hint(output_dir)}"
-                        )
+                    loss = diffusion_loss(train_forward, noise_scheduler, clean, noise, timesteps, train_spec.snr_gamma)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(), train_spec.max_grad_norm)
                     optimizer.step()
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-                loss_sum += all_losses.mean()
-                micro_batches += 1
+                step_log.add_loss(loss.detach())
                 progress.images_seen += clean.shape[0] * accelerator.num_processes
                 if not accelerator.sync_gradients:
                     continue
 
-                # 5.3 one optimizer step done: EMA, logs
+                # 5.3 one optimizer step done: EMA (once per optimizer step), the step's numbers kept on the device
                 if ema is not None:
                     ema.step(accelerator.unwrap_model(model).parameters())
                 progress.global_step += 1
-                step_loss = (loss_sum / micro_batches).item()
-                now = time.time()
-                logs = {
-                    "loss": step_loss,
-                    "grad_norm": float(grad_norm),
-                    "lr": lr_scheduler.get_last_lr()[0],
-                    "images_per_sec": global_batch / max(now - step_start, 1e-9),
-                    "peak_memory_mb": peak_memory_mb(accelerator.device),
-                }
-                if ema is not None:
-                    logs["ema_decay"] = ema.cur_decay_value
-                progress.history.append([progress.global_step, step_loss, logs["lr"]])
-                loss_sum.zero_()
-                micro_batches = 0
-                accelerator.log(logs, step=progress.global_step)
-                progress_bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{logs['lr']:.2e}")
+                step = progress.global_step
+                step_log.end_step(step, grad_norm, lr_scheduler.get_last_lr()[0], images=global_batch,
+                                 **({"ema_decay": ema.cur_decay_value} if ema is not None else {}))
                 progress_bar.update(1)
 
-                # 5.4 checkpoints (never of non-finite weights) and sample grids; SIGTERM checkpoints and stops
-                stopping = stop.requested(accelerator)
-                if (progress.global_step % train_spec.checkpoint_every == 0 or progress.global_step == max_steps
-                        or stopping):
-                    require_finite_weights(accelerator.unwrap_model(model), ema, progress.global_step)
+                # 5.4 every --log-every steps, and before anything is saved, read the losses back (one device
+                # synchronisation) and stop on a non-finite one, so non-finite weights are never saved or exported;
+                # SIGTERM is polled every step on one process, with the reads on several (there it is a collective)
+                checkpoint_due = step % train_spec.checkpoint_every == 0 or step == max_steps
+                sample_due = step % train_spec.sample_every == 0 or step == max_steps
+                read_due = step_log.due(step) or checkpoint_due or sample_due  # the same steps on every process
+                stopping = (read_due or accelerator.num_processes == 1) and stop.requested(accelerator)
+                if read_due or stopping:
+                    rows = step_log.read()
+                    rows[-1]["peak_memory_mb"] = peak_memory_mb(accelerator.device)
+                    for row in rows:
+                        progress.history.append([row["step"], row["loss"], row["lr"]])
+                        accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+                    progress_bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}", lr=f"{rows[-1]['lr']:.2e}")
+
+                # 5.5 checkpoints (never of non-finite weights) and sample grids; SIGTERM checkpoints and stops
+                if checkpoint_due or stopping:
+                    require_finite_weights(accelerator.unwrap_model(model), ema, step)
                     state = {**progress.to_state(preset, accelerator.num_processes, len(loader)), "seed": args.seed}
                     save_checkpoint(accelerator, output_dir, state, noise_rng, train_spec.checkpoints_total_limit)
                 if stopping:
-                    raise TrainingError(f"stopped by {stop.received.name} at step {progress.global_step}; "
-                                        f"{resume_hint(output_dir)}")
-                if accelerator.is_main_process and (
-                    progress.global_step % train_spec.sample_every == 0 or progress.global_step == max_steps
-                ):
-                    last_grid = save_samples(progress.global_step)
-                step_start = time.time()  # images/s measures training, not checkpoints or grids
+                    raise TrainingError(f"stopped by {stop.received.name} at step {step}; {resume_hint(output_dir)}")
+                if sample_due and accelerator.is_main_process:
+                    last_grid = save_samples(step)
+                if checkpoint_due or sample_due:
+                    step_log.restart_clock()  # images/s measures training, not checkpoints or grids
                 if progress.global_step >= max_steps:
                     break
             if progress.global_step >= max_steps:

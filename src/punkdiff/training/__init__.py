@@ -9,6 +9,8 @@
 - `reporting`: tracker logging, memory, the run summary and package versions
 - `resources`: writable output folders and disk space checked before training, out-of-memory advice
 - `preemption`: SIGTERM turned into a checkpoint after the current step, then a clean exit
+- `step_log`: per-step loss and gradient norm kept on the device, read back (and checked finite) every few steps
+- `speed`: the device-dependent speed settings (fused AdamW on CUDA; what the speed flags do)
 
 The loop itself stays in `training/train.py`, so it reads top to bottom. This package imports no torch at
 import time (`punkdiff --help` stays fast); its modules do.

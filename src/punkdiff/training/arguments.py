@@ -65,6 +65,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="where decoded image tensors are cached (default ~/.cache/punkdiff)")
     p.add_argument("--data-on-device", choices=["auto", "yes", "no"], default="auto",
                    help="keep the whole decoded dataset on the training device (auto: if it is a GPU and < 2 GB)")
+    p.add_argument("--log-every", type=int, default=10, metavar="N",
+                   help="read the loss back from the device every N steps (and before checkpoints and grids); "
+                   "reading waits for the device, so on a GPU reading every step costs speed")
+    p.add_argument("--channels-last", action="store_true", help="NHWC weights and activations (faster on GPUs)")
+    p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="torch.compile the UNet (default backend inductor; the first steps are slower)")
     p.add_argument("--push-to-hub", action="store_true",
                    help="upload the exported pipeline at the end of the run (needs `hf auth login` or HF_TOKEN)")
     p.add_argument("--hub-model-id", help="repo to push to (default: the --output-dir folder's name)")
@@ -118,6 +124,8 @@ def resolve_training_config(args: argparse.Namespace) -> Preset:
         raise PresetError("--report-to wandb needs wandb: pip install 'punkdiff[wandb]' (or use tensorboard)")
     if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
         raise PresetError(f"--resume-from-checkpoint {args.resume_from_checkpoint}: no such checkpoint folder")
+    if args.log_every <= 0:
+        raise PresetError(f"--log-every must be positive (got {args.log_every})")
     if (args.hub_model_id or args.private) and not args.push_to_hub:
         raise PresetError("--hub-model-id and --private only apply with --push-to-hub")
     if args.push_to_hub:
