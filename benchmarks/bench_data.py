@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -30,18 +29,23 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import numpy as np
 import torch
-import torchvision
-from torchvision import transforms
+from benchlib import (
+    DEFAULT_DATASETS,
+    RESULTS,
+    PeakMemory,
+    diffusers_example_loader,
+    machine,
+    mirror,
+    require,
+    summary,
+    timed,
+)
 
-from punkdiff.data import ImageTensorDataset, find_image_column, load_training_images, to_model_input
+from punkdiff.data import ImageTensorDataset, available_cores, load_training_images, to_model_input
 from punkdiff.presets import DataSpec, get_preset
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATASETS = Path(os.environ.get("PUNKDIFF_SHARED_DATASETS", REPO.parent / "shared" / "datasets"))
-# preset -> folder of its offline mirror under the datasets root
-PRESET_MIRRORS = {"mnist-baseline-16": "mnist", "punks-32": "cryptopunks", "celeba-64": "celeba-faces"}
+PRESETS = ("mnist-baseline-16", "punks-32", "celeba-64", "celeba-128")
 
 
 @dataclass(frozen=True)
@@ -64,40 +68,6 @@ QUICK = Settings(batch_size=16, batches=5, min_seconds=0.05, warmup_batches=1, r
 # ---- the two data paths ---------------------------------------------------------------------------------
 
 
-def peer_loader(path: Path, spec: DataSpec, settings: Settings, shuffle: bool = True, flip: bool | None = None):
-    """The diffusers `train_unconditional.py` data path, matched to the preset's resolution and channels.
-
-    Returns `(loader, arrow_bytes)`; each batch is `{"input": float [B, C, H, W] in [-1, 1]}`.
-    """
-    dataset = datasets.load_dataset(str(path), split="train")
-    if settings.max_samples is not None:
-        dataset = dataset.select(range(min(settings.max_samples, len(dataset))))
-    arrow_bytes = sum(os.path.getsize(f["filename"]) for f in dataset.cache_files)
-    column = find_image_column(dataset.features)
-    mode = "L" if spec.channels == 1 else "RGB"
-    flip = spec.random_flip if flip is None else flip
-    res = spec.resolution
-    augmentations = transforms.Compose(
-        [
-            transforms.Resize(res, interpolation=transforms.InterpolationMode.BILINEAR),
-            transforms.CenterCrop(res) if spec.center_crop else transforms.RandomCrop(res),
-            transforms.RandomHorizontalFlip() if flip else transforms.Lambda(lambda x: x),
-            transforms.ToTensor(),
-            transforms.Normalize([0.5], [0.5]),
-        ]
-    )
-
-    def transform_images(examples: dict[str, list]) -> dict[str, list[torch.Tensor]]:
-        return {"input": [augmentations(image.convert(mode)) for image in examples[column]]}
-
-    dataset.set_transform(transform_images)
-    generator = torch.Generator().manual_seed(settings.seed)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=settings.batch_size, shuffle=shuffle, num_workers=0, generator=generator
-    )
-    return loader, arrow_bytes
-
-
 def peer_batches(loader) -> Iterator[torch.Tensor]:
     """Model-ready batches from the peer, epoch after epoch."""
     while True:
@@ -105,32 +75,16 @@ def peer_batches(loader) -> Iterator[torch.Tensor]:
             yield batch["input"]
 
 
-def punkdiff_batches(
-    dataset: ImageTensorDataset, spec: DataSpec, settings: Settings, shuffle: bool = True, flip: bool | None = None
-) -> Iterator[torch.Tensor]:
-    """Model-ready batches the way `training/train.py` makes them, epoch after epoch."""
-    flip = spec.random_flip if flip is None else flip
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=settings.batch_size,
-        shuffle=shuffle,
-        drop_last=True,
-        generator=torch.Generator().manual_seed(settings.seed),
-    )
+def punkdiff_batches(dataset: ImageTensorDataset, spec: DataSpec, settings: Settings) -> Iterator[torch.Tensor]:
+    """Model-ready batches the way `training/train.py` makes them (one gather per batch), epoch after epoch."""
+    loader = dataset.loader(settings.batch_size, settings.seed)
     noise_rng = torch.Generator().manual_seed(settings.seed)
     while True:
         for batch in loader:
-            yield to_model_input(batch, flip, noise_rng)
+            yield to_model_input(batch, spec.random_flip, noise_rng)
 
 
 # ---- measuring ------------------------------------------------------------------------------------------
-
-
-def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    """`(seconds, result)` of one call."""
-    start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
 
 
 def images_per_second(batches: Iterator[torch.Tensor], count: int, min_seconds: float = 0.0) -> tuple[float, int]:
@@ -149,10 +103,6 @@ def images_per_second(batches: Iterator[torch.Tensor], count: int, min_seconds: 
             return images / elapsed, pulled
 
 
-def summary(values: list[float]) -> dict[str, Any]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
-
-
 def mapped_resident_bytes(path: Path) -> int | None:
     """Resident bytes of this process's memory maps of `path` (Linux `/proc/self/smaps`; None elsewhere)."""
     smaps = Path("/proc/self/smaps")
@@ -167,12 +117,6 @@ def mapped_resident_bytes(path: Path) -> int | None:
         elif inside and first == "Rss:":
             total += int(line.split()[1]) * 1024
     return total
-
-
-def require(condition: bool, message: str) -> None:
-    """An assertion that `python -O` keeps."""
-    if not condition:
-        raise AssertionError(message)
 
 
 def check_batches(ours: torch.Tensor, theirs: torch.Tensor, spec: DataSpec, batch_size: int) -> dict[str, Any]:
@@ -196,31 +140,39 @@ def check_batches(ours: torch.Tensor, theirs: torch.Tensor, spec: DataSpec, batc
 
 def bench_preset(name: str, root: Path, settings: Settings, log: Callable[[str], None]) -> dict[str, Any]:
     """Every measurement for one preset."""
-    spec = replace(get_preset(name).data, max_samples=settings.max_samples)
-    path = root / PRESET_MIRRORS[name]
-    if not path.is_dir():
-        raise SystemExit(f"dataset mirror {path} is missing (pass --datasets-root or set PUNKDIFF_SHARED_DATASETS)")
+    preset = get_preset(name)
+    spec = replace(preset.data, max_samples=settings.max_samples)
+    path = mirror(preset, root)
     datasets.load_dataset(str(path), split="train")  # build/warm the Arrow cache both paths read; not timed
 
-    # punkdiff: one-time preparation into a fresh cache, then the cached (memory-mapped) reload
-    prep, reload, keep = [], [], []
+    # punkdiff: one-time preparation (decode on every core into the memory-mapped cache) into a fresh cache, with
+    # the peak memory of this process and its decode workers, then the cached (memory-mapped) reload
+    prep, prep_memory, reload, keep = [], [], [], []
     for _ in range(settings.repeats):
         cache = tempfile.TemporaryDirectory(prefix="punkdiff-bench-")
-        seconds, _ = timed(lambda c=cache.name: load_training_images(str(path), spec, cache_dir=c, progress=False))
+        with PeakMemory() as memory:
+            seconds, _ = timed(lambda c=cache.name: load_training_images(str(path), spec, cache_dir=c,
+                                                                         progress=False))
         prep.append(seconds)
+        prep_memory.append(memory.peaks())
         seconds, ours = timed(lambda c=cache.name: load_training_images(str(path), spec, cache_dir=c, progress=False))
         reload.append(seconds)
         keep.append(cache)
     cache_file = next(Path(keep[-1].name).glob("images-*.npy"))
-    log(f"  {name}: prep {statistics.median(prep):.2f} s, reload {1e3 * statistics.median(reload):.1f} ms")
+    log(f"  {name}: prep {statistics.median(prep):.2f} s ({len(ours) / statistics.median(prep):,.0f} img/s, peak "
+        f"anonymous memory {max(m['anon_bytes'] for m in prep_memory) / 2**20:.0f} MiB), reload "
+        f"{1e3 * statistics.median(reload):.1f} ms")
 
     # peer: what it pays before its first batch (load_dataset on the warm Arrow cache + set_transform)
-    peer_setup = [timed(lambda: peer_loader(path, spec, settings))[0] for _ in range(settings.repeats)]
-    loader, arrow_bytes = peer_loader(path, spec, settings)
+    def peer_loader(shuffle: bool = True, flip: bool | None = None):
+        return diffusers_example_loader(path, spec, settings.batch_size, settings.seed, shuffle, flip)
+
+    peer_setup = [timed(peer_loader)[0] for _ in range(settings.repeats)]
+    loader, arrow_bytes = peer_loader()
 
     # same shapes and range on both paths (and the same first images, for a sense of pixel agreement)
-    first_ours = next(punkdiff_batches(ours, spec, settings, shuffle=False, flip=False))
-    first_theirs = next(peer_batches(peer_loader(path, spec, settings, shuffle=False, flip=False)[0]))
+    first_ours = to_model_input(ours.images[:settings.batch_size])
+    first_theirs = next(peer_batches(peer_loader(shuffle=False, flip=False)[0]))
     check = check_batches(first_ours, first_theirs, spec, settings.batch_size)
 
     # steady state: warm up, then interleaved repeats
@@ -249,6 +201,12 @@ def bench_preset(name: str, root: Path, settings: Settings, log: Callable[[str],
         "data_spec": {k: getattr(spec, k) for k in ("resolution", "channels", "resize_filter", "center_crop",
                                                      "random_flip", "background", "max_samples")},
         "punkdiff_prep_s": summary(prep),
+        "punkdiff_prep_images_per_s": len(ours) / statistics.median(prep),
+        # peak over the preparation, this process and its decode workers: anonymous (private) memory, and resident
+        # memory including the pages of the memory-mapped cache file the kernel may write back and drop
+        "punkdiff_prep_peak_anon_bytes": max(m["anon_bytes"] for m in prep_memory),
+        "punkdiff_prep_peak_rss_bytes": max(m["rss_bytes"] for m in prep_memory),
+        "decode_workers": available_cores(),
         "punkdiff_reload_s": summary(reload),
         "peer_setup_s": summary(peer_setup),
         "punkdiff_images_per_s": summary(rates["punkdiff"]),
@@ -272,26 +230,10 @@ def bench_preset(name: str, root: Path, settings: Settings, log: Callable[[str],
 # ---- report ---------------------------------------------------------------------------------------------
 
 
-def machine() -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": sys.version.split()[0],
-        "cpu_count": os.cpu_count(),
-        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "torch_threads": torch.get_num_threads(),
-        "versions": {
-            "torch": torch.__version__,
-            "torchvision": torchvision.__version__,
-            "datasets": datasets.__version__,
-            "numpy": np.__version__,
-        },
-    }
-
-
 def table(results: list[dict[str, Any]]) -> str:
     """The printed summary: one row per preset, medians."""
-    header = (f"{'preset':<18} {'images':>7} {'shape':>10} {'prep s':>7} {'reload ms':>9} {'tensor MiB':>10} "
+    header = (f"{'preset':<18} {'images':>7} {'shape':>10} {'prep s':>7} {'decode img/s':>12} {'peak anon MiB':>13} "
+              f"{'reload ms':>9} {'tensor MiB':>10} "
               f"{'resident MiB':>12} {'punkdiff img/s':>14} {'peer img/s':>10} {'ratio':>6} {'prep/peer epoch':>15}")
     rows = [header, "-" * len(header)]
     for r in results:
@@ -299,6 +241,7 @@ def table(results: list[dict[str, Any]]) -> str:
         resident = r["mapped_resident_bytes"]
         rows.append(
             f"{r['preset']:<18} {r['images']:>7} {f'{c}x{h}x{w}':>10} {r['punkdiff_prep_s']['median']:>7.2f} "
+            f"{r['punkdiff_prep_images_per_s']:>12,.0f} {r['punkdiff_prep_peak_anon_bytes'] / 2**20:>13.0f} "
             f"{1e3 * r['punkdiff_reload_s']['median']:>9.1f} {r['tensor_bytes'] / 2**20:>10.2f} "
             f"{'n/a' if resident is None else f'{resident / 2**20:.2f}':>12} "
             f"{r['punkdiff_images_per_s']['median']:>14,.0f} {r['peer_images_per_s']['median']:>10,.0f} "
@@ -313,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="JSON output (default benchmarks/results/data.json, "
                                                   "data-quick.json with --quick)")
     parser.add_argument("--datasets-root", type=Path, default=DEFAULT_DATASETS, help="folder holding the mirrors")
-    parser.add_argument("--presets", nargs="+", default=list(PRESET_MIRRORS), choices=list(PRESET_MIRRORS))
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS[:3]), choices=PRESETS)
     parser.add_argument("--batches", type=int, help="timed batches per repeat (overrides the mode's default)")
     parser.add_argument("--repeats", type=int, help="interleaved repeats (overrides the mode's default)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads; 0 keeps torch's default "
@@ -322,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = QUICK if args.quick else FULL
     settings = replace(settings, batches=args.batches or settings.batches, repeats=args.repeats or settings.repeats)
-    out = args.out or REPO / "benchmarks" / "results" / ("data-quick.json" if args.quick else "data.json")
+    out = args.out or RESULTS / ("data-quick.json" if args.quick else "data.json")
     torch_default_threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -333,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    info = machine()
+    info = machine(torch.device("cpu"))
     info["torch_default_threads"] = torch_default_threads
     load_start = os.getloadavg()
     log(f"bench_data: {info['platform']}, {info['cpu_count']} CPUs, torch threads {info['torch_threads']}, "

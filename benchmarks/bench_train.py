@@ -419,18 +419,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=2)
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per run")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default); 1 is steadiest on a "
-                   "shared 2-core machine")
+    p.add_argument("--threads", type=int, help="torch threads (0: torch's default; default: 1 on CPU, the steadiest "
+                   "on a shared machine, torch's default on CUDA)")
     p.add_argument("--max-load", type=float, default=1.5, help="wait (up to --wait-s) for the load to drop first")
     p.add_argument("--wait-s", type=float, default=0.0)
     p.add_argument("--datasets-root", type=Path, default=DEFAULT_DATASETS)
     p.add_argument("--out", type=Path, help="JSON (default benchmarks/results/train-<device>.json)")
     args = p.parse_args(argv)
+    if args.threads is None:
+        args.threads = 0 if args.gpu or args.device.startswith("cuda") else 1
     if args.gpu:
         args.device, args.bf16, args.channels_last, args.compile, args.memory = "cuda", True, True, True, True
         if args.presets == ["mnist-32-issue"]:
             args.presets = ["celeba-64", "punks-32"]
-        args.threads = args.threads or 0
     return args
 
 

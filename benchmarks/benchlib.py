@@ -213,6 +213,60 @@ def flops_per_image(step: Callable[[], Any], batch_size: int) -> float:
     return counter.get_total_flops() / batch_size
 
 
+class PeakMemory:
+    """Peak memory of this process and its children (decode workers), sampled every `interval` s in a thread.
+
+    Two sums over the process tree (Linux `/proc/<pid>/status`): anonymous memory (`RssAnon`, private memory that
+    only the process can free) and resident memory (`VmRSS`, which also counts the file pages of a memory map, pages
+    the kernel can write back and drop). Elsewhere both stay 0.
+    """
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval, self.anon, self.rss = interval, 0, 0
+
+    def __enter__(self) -> PeakMemory:
+        import threading
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while True:
+            anon = rss = 0
+            for process in [me, *me.children(recursive=True)]:
+                fields = _status_fields(process.pid)
+                anon, rss = anon + fields.get("RssAnon", 0), rss + fields.get("VmRSS", 0)
+            self.anon, self.rss = max(self.anon, anon), max(self.rss, rss)
+            if self._stop.wait(self.interval):
+                return
+
+    def peaks(self) -> dict[str, int]:
+        return {"anon_bytes": self.anon, "rss_bytes": self.rss}
+
+
+def _status_fields(pid: int) -> dict[str, int]:
+    """The `kB` fields of `/proc/<pid>/status`, in bytes ({} if the process ended or there is no /proc)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return {}
+    fields = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        if value.strip().endswith("kB"):
+            fields[key] = int(value.split()[0]) * 1024
+    return fields
+
+
 def wait_for_quiet(max_load: float, timeout_s: float, log: Callable[[str], None]) -> float:
     """Wait (polling) until the 1-minute load average is at most `max_load`, or `timeout_s` passed; the load."""
     deadline = time.monotonic() + timeout_s
