@@ -684,10 +684,13 @@ class PunkDiffPipeline(DiffusionPipeline):
             step_kwargs["eta"] = eta
         need_x0 = return_trajectory or "pred_original_sample" in tensor_inputs
         trajectory, pred_x0s = [], []
+        # the UNet's timesteps copied to the device once, not once per step (CUDA graphs also need device inputs);
+        # the sampler keeps the host ones, so it never reads a device value back
+        unet_timesteps = timesteps.to(latents.device)
         for i, t in enumerate(self.progress_bar(timesteps)):
             # 1. the model's output at (x_t, t)
             model_input = sched.scale_model_input(latents, t)
-            model_output = self.unet(model_input, t).sample
+            model_output = self.unet(model_input, unet_timesteps[i]).sample
             # 2. x_t -> x_{t'}: one sampler step
             out = sched.step(model_output, t, latents, **step_kwargs)
             latents = out.prev_sample
