@@ -159,8 +159,14 @@ def bench_preset(name: str, root: Path, settings: Settings, log: Callable[[str],
         reload.append(seconds)
         keep.append(cache)
     cache_file = next(Path(keep[-1].name).glob("images-*.npy"))
+    # side by side: the same decode into one array in RAM (no cache: how the cache was built before decoding
+    # went straight into the memory map)
+    with PeakMemory() as memory:
+        in_ram_seconds = timed(lambda: load_training_images(str(path), spec, use_cache=False, progress=False))[0]
+    in_ram_memory = memory.peaks()
     log(f"  {name}: prep {statistics.median(prep):.2f} s ({len(ours) / statistics.median(prep):,.0f} img/s, peak "
-        f"anonymous memory {max(m['anon_bytes'] for m in prep_memory) / 2**20:.0f} MiB), reload "
+        f"anonymous memory {max(m['anon_bytes'] for m in prep_memory) / 2**20:.0f} MiB; into RAM: "
+        f"{in_ram_memory['anon_bytes'] / 2**20:.0f} MiB), reload "
         f"{1e3 * statistics.median(reload):.1f} ms")
 
     # peer: what it pays before its first batch (load_dataset on the warm Arrow cache + set_transform)
@@ -202,10 +208,15 @@ def bench_preset(name: str, root: Path, settings: Settings, log: Callable[[str],
                                                      "random_flip", "background", "max_samples")},
         "punkdiff_prep_s": summary(prep),
         "punkdiff_prep_images_per_s": len(ours) / statistics.median(prep),
-        # peak over the preparation, this process and its decode workers: anonymous (private) memory, and resident
-        # memory including the pages of the memory-mapped cache file the kernel may write back and drop
+        # peak over the preparation, this process and its decode workers (proportional set sizes, shared pages
+        # counted once): anonymous memory, what it was before, and all memory including the pages of the
+        # memory-mapped cache file the kernel may write back and drop
         "punkdiff_prep_peak_anon_bytes": max(m["anon_bytes"] for m in prep_memory),
-        "punkdiff_prep_peak_rss_bytes": max(m["rss_bytes"] for m in prep_memory),
+        "punkdiff_prep_anon_baseline_bytes": min(m["anon_baseline_bytes"] for m in prep_memory),
+        "punkdiff_prep_peak_pss_bytes": max(m["pss_bytes"] for m in prep_memory),
+        "in_ram_decode_s": in_ram_seconds,
+        "in_ram_decode_peak_anon_bytes": in_ram_memory["anon_bytes"],
+        "in_ram_decode_anon_baseline_bytes": in_ram_memory["anon_baseline_bytes"],
         "decode_workers": available_cores(),
         "punkdiff_reload_s": summary(reload),
         "peer_setup_s": summary(peer_setup),
@@ -232,16 +243,17 @@ def bench_preset(name: str, root: Path, settings: Settings, log: Callable[[str],
 
 def table(results: list[dict[str, Any]]) -> str:
     """The printed summary: one row per preset, medians."""
-    header = (f"{'preset':<18} {'images':>7} {'shape':>10} {'prep s':>7} {'decode img/s':>12} {'peak anon MiB':>13} "
-              f"{'reload ms':>9} {'tensor MiB':>10} "
+    header = (f"{'preset':<18} {'images':>7} {'shape':>10} {'prep s':>7} {'decode img/s':>12} "
+              f"{'anon MiB base->peak':>19} {'into RAM':>8} {'reload ms':>9} {'tensor MiB':>10} "
               f"{'resident MiB':>12} {'punkdiff img/s':>14} {'peer img/s':>10} {'ratio':>6} {'prep/peer epoch':>15}")
     rows = [header, "-" * len(header)]
     for r in results:
         _, c, h, w = r["tensor_shape"]
         resident = r["mapped_resident_bytes"]
+        anon = f"{r['punkdiff_prep_anon_baseline_bytes'] / 2**20:.0f}->{r['punkdiff_prep_peak_anon_bytes'] / 2**20:.0f}"
         rows.append(
             f"{r['preset']:<18} {r['images']:>7} {f'{c}x{h}x{w}':>10} {r['punkdiff_prep_s']['median']:>7.2f} "
-            f"{r['punkdiff_prep_images_per_s']:>12,.0f} {r['punkdiff_prep_peak_anon_bytes'] / 2**20:>13.0f} "
+            f"{r['punkdiff_prep_images_per_s']:>12,.0f} {anon:>19} {r['in_ram_decode_peak_anon_bytes'] / 2**20:>8.0f} "
             f"{1e3 * r['punkdiff_reload_s']['median']:>9.1f} {r['tensor_bytes'] / 2**20:>10.2f} "
             f"{'n/a' if resident is None else f'{resident / 2**20:.2f}':>12} "
             f"{r['punkdiff_images_per_s']['median']:>14,.0f} {r['peer_images_per_s']['median']:>10,.0f} "

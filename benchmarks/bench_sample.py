@@ -11,7 +11,8 @@ speed does not depend on them), DDIM with `--steps` steps (eta 0) and the same p
 `--bf16` puts the UNets' weights in bf16 (ddpm-pytorch runs under bf16 autocast); `--compile` compiles the UNet that
 punkdiff and bare share (`mode="reduce-overhead"`: CUDA graphs on a GPU); `--channels-last` likewise. Calls are
 interleaved (order rotated per repeat), each timed whole (on CUDA after a synchronize) after one warm-up call, medians
-reported as ms per step (call / steps) and images/s; ratios are medians of per-repeat ratios. In fp32 eager the
+reported as ms per step (call / steps) and images/s (on CPU also CPU ms per step: this process's CPU time, which
+another job on a shared machine does not inflate); ratios are medians of per-repeat ratios. In fp32 eager the
 benchmark also checks that punkdiff and stock give the same images from the same noise. `--count N` also times N
 images with punkdiff in batches of the last `--batch-sizes` entry.
 
@@ -44,6 +45,7 @@ from benchlib import (
     rotated,
     summary,
     timed,
+    timed_cpu,
     wait_for_quiet,
 )
 
@@ -139,13 +141,16 @@ def bench_case(name: str, batch: int, opts: Options, wanted: list[str], count: i
     for run in runners.values():  # warm-up (compiles, captures graphs)
         run()
     times: dict[str, list[float]] = {c: [] for c in runners}
+    cpu_times: dict[str, list[float]] = {c: [] for c in runners}  # CPU: this process's CPU time, steady under load
     for repeat in range(opts.repeats):
         for contender in rotated(list(runners), repeat):
-            seconds, _ = timed(runners[contender])
+            seconds, cpu_seconds, _ = timed_cpu(runners[contender])
             times[contender].append(seconds)
+            cpu_times[contender].append(cpu_seconds)
             log(f"  {name} batch {batch} repeat {repeat + 1}/{opts.repeats} {contender:<13} "
-                f"{1e3 * seconds / opts.steps:8.1f} ms/step")
+                f"{1e3 * seconds / opts.steps:8.1f} ms/step, {1e3 * cpu_seconds / opts.steps:8.1f} CPU ms/step")
     exact = not (opts.bf16 or opts.compile or opts.channels_last)
+    cpu = opts.device == "cpu"
     result: dict[str, Any] = {
         "config": name,
         "batch_size": batch,
@@ -156,12 +161,18 @@ def bench_case(name: str, batch: int, opts: Options, wanted: list[str], count: i
         "contenders": {},
     }
     for contender, values in times.items():
-        per_step = [1e3 * s / opts.steps for s in values]
-        entry: dict[str, Any] = {"ms_per_step": summary(per_step), "images_per_s": summary([batch / s for s in values])}
+        entry: dict[str, Any] = {
+            "ms_per_step": summary([1e3 * s / opts.steps for s in values]),
+            "images_per_s": summary([batch / s for s in values]),
+            "cpu_ms_per_step": summary([1e3 * s / opts.steps for s in cpu_times[contender]]) if cpu else None,
+        }
         for reference in ("bare", "stock"):
             if reference in times and reference != contender:
                 entry[f"time_over_{reference}"] = summary([a / b for a, b in zip(values, times[reference],
                                                                                    strict=True)])
+                if cpu:
+                    entry[f"cpu_time_over_{reference}"] = summary(
+                        [a / b for a, b in zip(cpu_times[contender], cpu_times[reference], strict=True)])
         result["contenders"][contender] = entry
     if count:
         seconds, made = timed(lambda: sample_many(runners["punkdiff"], batch, count))
@@ -180,15 +191,18 @@ def sample_many(run: Callable[[], Any], batch: int, count: int) -> int:
 
 def table(results: list[dict[str, Any]]) -> str:
     header = (f"{'config':<16} {'batch':>5} {'contender':<13} {'ms/step':>9} {'min-max':>13} {'img/s':>9} "
-              f"{'/bare':>6} {'/stock':>6}")
+              f"{'/bare':>6} {'/stock':>6} {'CPU ms/step':>11} {'/bare':>6} {'/stock':>6}")
     rows = [header, "-" * len(header)]
+    keys = ("time_over_bare", "time_over_stock", "cpu_time_over_bare", "cpu_time_over_stock")
     for r in results:
         for name, c in r["contenders"].items():
             s = c["ms_per_step"]
-            ratios = [f"{c[k]['median']:.3f}" if k in c else "-" for k in ("time_over_bare", "time_over_stock")]
+            ratios = [f"{c[k]['median']:.3f}" if k in c else "-" for k in keys]
             spread = f"{s['min']:.1f}-{s['max']:.1f}"
+            cpu = "-" if c["cpu_ms_per_step"] is None else f"{c['cpu_ms_per_step']['median']:.2f}"
             rows.append(f"{r['config']:<16} {r['batch_size']:>5} {name:<13} {s['median']:>9.2f} {spread:>13} "
-                        f"{c['images_per_s']['median']:>9.1f} {ratios[0]:>6} {ratios[1]:>6}")
+                        f"{c['images_per_s']['median']:>9.1f} {ratios[0]:>6} {ratios[1]:>6} {cpu:>11} "
+                        f"{ratios[2]:>6} {ratios[3]:>6}")
         if r["max_abs_diff_punkdiff_vs_stock"] is not None:
             rows.append(f"{'':<16} {'':>5} punkdiff vs stock, same noise: max |diff| "
                         f"{r['max_abs_diff_punkdiff_vs_stock']:.1e}")

@@ -17,8 +17,10 @@ Every contender runs `--warmup-steps + --steps` optimizer steps; images/s is mea
 warm-up step and the end of the last step by one global optimizer post-step hook (`benchlib.StepClock`: host clock
 on CPU, CUDA events on a GPU), so set-up, compilation and what a loop does after its last step are outside it.
 Contenders are interleaved (order rotated each repeat) and medians of repeats reported; ratios are the medians of
-per-repeat ratios. On CUDA also: model FLOPs utilisation against the GPU's bf16 dense peak, peak memory per
-contender, and (`--memory`) the largest batch that fits.
+per-repeat ratios. On CPU also images per second of the process's CPU time (`img/cpu-s`), which another job on
+a shared machine does not inflate (ddpm-pytorch's DataLoader workers are other processes: their decoding is not
+counted, which flatters it). On CUDA also: model FLOPs utilisation against the GPU's bf16 dense peak, peak memory
+per contender, and (`--memory`) the largest batch that fits.
 
     .venv/bin/python benchmarks/bench_train.py                 # CPU, mnist-32-issue (about 10 min on 2 cores)
     python benchmarks/bench_train.py --gpu                     # = --device cuda --presets celeba-64 punks-32
@@ -285,8 +287,9 @@ def measure(case: Case, opts: Options, contender: str) -> dict[str, float | None
     with StepClock(device) as clock:
         RUNNERS[contender](case, opts, opts.warmup_steps + opts.steps)
     rate = clock.images_per_second(opts.warmup_steps, case.batch_size)
+    cpu_rate = clock.images_per_second(opts.warmup_steps, case.batch_size, per="cpu")
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return {"images_per_s": rate, "peak_memory_mib": peak}
+    return {"images_per_s": rate, "images_per_cpu_s": cpu_rate, "peak_memory_mib": peak}
 
 
 def largest_batch(case: Case, opts: Options, limit: int = 1 << 15) -> dict[str, Any]:
@@ -342,7 +345,8 @@ def bench_case(name: str, opts: Options, contenders: list[str], args: argparse.N
             for contender in rotated(contenders, repeat):
                 result = measure(case, opts, contender)
                 runs[contender].append(result)
-                log(f"  repeat {repeat + 1}/{opts.repeats} {contender:<13} {result['images_per_s']:8.1f} img/s")
+                cpu = "" if result["images_per_cpu_s"] is None else f", {result['images_per_cpu_s']:8.1f} img/cpu-s"
+                log(f"  repeat {repeat + 1}/{opts.repeats} {contender:<13} {result['images_per_s']:8.1f} img/s{cpu}")
         memory = largest_batch(case, opts) if args.memory and opts.device.startswith("cuda") else None
     return case_result(case, opts, runs, flops, memory)
 
@@ -352,11 +356,14 @@ def case_result(case: Case, opts: Options, runs: dict[str, list[dict[str, float 
     """Medians, per-repeat ratios (each contender over bare and over recipe), MFU where the peak is known."""
     _, peak_tflops = bf16_peak_tflops(torch.device(opts.device))
     rates = {c: [r["images_per_s"] for r in rs] for c, rs in runs.items()}
+    cpu_rates = {c: [r["images_per_cpu_s"] for r in rs] for c, rs in runs.items()}
     contenders = {}
     for contender, values in rates.items():
         median = statistics.median(values)
         entry: dict[str, Any] = {
             "images_per_s": summary(values),
+            # CPU only: images per second of this process's CPU time, steady whatever else loads the machine
+            "images_per_cpu_s": summary(cpu_rates[contender]) if None not in cpu_rates[contender] else None,
             "gflop_per_image_fwd_bwd": flops[contender] / 1e9,
             "peak_memory_mib": max((r["peak_memory_mib"] or 0 for r in runs[contender]), default=None) or None,
             "mfu": flops[contender] * median / (peak_tflops * 1e12) if peak_tflops else None,
@@ -365,6 +372,9 @@ def case_result(case: Case, opts: Options, runs: dict[str, list[dict[str, float 
             if reference in rates and reference != contender:
                 entry[f"ratio_over_{reference}"] = summary(
                     [a / b for a, b in zip(values, rates[reference], strict=True)])
+                if entry["images_per_cpu_s"] is not None:
+                    entry[f"cpu_ratio_over_{reference}"] = summary(
+                        [a / b for a, b in zip(cpu_rates[contender], cpu_rates[reference], strict=True)])
         contenders[contender] = entry
     return {
         "config": case.name,
@@ -383,18 +393,20 @@ def case_result(case: Case, opts: Options, runs: dict[str, list[dict[str, float 
 def table(results: list[dict[str, Any]]) -> str:
     """One row per configuration and contender: median images/s (min-max), ratios, GFLOP, MFU, memory."""
     header = (f"{'config':<16} {'contender':<13} {'img/s':>9} {'min-max':>15} {'/bare':>6} {'/recipe':>7} "
-              f"{'GFLOP/img':>9} {'MFU':>6} {'peak MiB':>9}")
+              f"{'img/cpu-s':>9} {'/bare':>6} {'/recipe':>7} {'GFLOP/img':>9} {'MFU':>6} {'peak MiB':>9}")
     rows = [header, "-" * len(header)]
+    keys = ("ratio_over_bare", "ratio_over_recipe", "cpu_ratio_over_bare", "cpu_ratio_over_recipe")
     for r in results:
         for name, c in r["contenders"].items():
             s = c["images_per_s"]
-            ratios = [f"{c[k]['median']:.3f}" if k in c else "-" for k in ("ratio_over_bare", "ratio_over_recipe")]
+            ratios = [f"{c[k]['median']:.3f}" if k in c else "-" for k in keys]
             spread = f"{s['min']:.1f}-{s['max']:.1f}"
+            cpu = "-" if c["images_per_cpu_s"] is None else f"{c['images_per_cpu_s']['median']:.1f}"
             mfu = "-" if c["mfu"] is None else f"{100 * c['mfu']:.1f}%"
             memory = "-" if c["peak_memory_mib"] is None else f"{c['peak_memory_mib']:.0f}"
             rows.append(
                 f"{r['config']:<16} {name:<13} {s['median']:>9.1f} {spread:>15} {ratios[0]:>6} {ratios[1]:>7} "
-                f"{c['gflop_per_image_fwd_bwd']:>9.2f} {mfu:>6} {memory:>9}"
+                f"{cpu:>9} {ratios[2]:>6} {ratios[3]:>7} {c['gflop_per_image_fwd_bwd']:>9.2f} {mfu:>6} {memory:>9}"
             )
         if r["memory"]:
             m = r["memory"]

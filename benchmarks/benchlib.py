@@ -140,11 +140,17 @@ def ddpm_pytorch_unet(preset: Preset):
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     """`(seconds, result)` of one call (on CUDA, after the queued work has finished)."""
+    seconds, _, result = timed_cpu(fn)
+    return seconds, result
+
+
+def timed_cpu(fn: Callable[[], Any]) -> tuple[float, float, Any]:
+    """`(wall seconds, CPU seconds of this process, result)` of one call (on CUDA, after the queued work)."""
     synchronize()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     result = fn()
     synchronize()
-    return time.perf_counter() - start, result
+    return time.perf_counter() - start, time.process_time() - cpu, result
 
 
 def synchronize() -> None:
@@ -155,11 +161,15 @@ def synchronize() -> None:
 class StepClock:
     """Times optimizer steps from outside any training loop, the same way for every contender.
 
-    A global `torch.optim` post-step hook marks the end of each optimizer step: a host timestamp on CPU, a CUDA
-    event on a GPU (recorded on the stream, so the clock adds no host synchronisation and measures when the
-    device finished the step). Steady-state throughput is images between the mark after warm-up step `warmup`
-    and the last mark, over the time between them: set-up, compilation, warm-up and whatever a loop does after
-    its last step (checkpoint, sample grid, export) fall outside.
+    A global `torch.optim` post-step hook marks the end of each optimizer step: on CPU a host timestamp and this
+    process's CPU time, on a GPU a CUDA event (recorded on the stream, so the clock adds no host synchronisation
+    and measures when the device finished the step). Steady-state throughput is images between the mark after
+    warm-up step `warmup` and the last mark, over the time between them: set-up, compilation, warm-up and whatever
+    a loop does after its last step (checkpoint, sample grid, export) fall outside.
+
+    On a shared CPU machine wall time depends on what else runs; CPU time (all of this process's threads) counts
+    the work a loop does whatever the load, so `per="cpu"` compares overheads where the wall clock cannot. It
+    misses work done in other processes (DataLoader workers).
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -181,18 +191,22 @@ class StepClock:
             event.record()
             self.marks.append(event)
         else:
-            self.marks.append(time.perf_counter())
+            self.marks.append((time.perf_counter(), time.process_time()))
 
-    def images_per_second(self, warmup: int, images_per_step: int) -> float:
-        """Images/s over the steps after the first `warmup` ones."""
+    def images_per_second(self, warmup: int, images_per_step: int, per: str = "wall") -> float | None:
+        """Images per second of wall time (`per="wall"`) or of CPU time (`"cpu"`; None on a GPU) over the steps
+        after the first `warmup` ones."""
         if len(self.marks) < warmup + 2:
             raise RuntimeError(f"{len(self.marks)} optimizer steps seen; need warm-up {warmup} + at least 2")
         first, last = self.marks[warmup], self.marks[-1]
         if self.cuda:
+            if per == "cpu":
+                return None
             last.synchronize()
             seconds = first.elapsed_time(last) / 1000
         else:
-            seconds = last - first
+            which = 0 if per == "wall" else 1
+            seconds = last[which] - first[which]
         return (len(self.marks) - 1 - warmup) * images_per_step / seconds
 
 
@@ -216,17 +230,19 @@ def flops_per_image(step: Callable[[], Any], batch_size: int) -> float:
 class PeakMemory:
     """Peak memory of this process and its children (decode workers), sampled every `interval` s in a thread.
 
-    Two sums over the process tree (Linux `/proc/<pid>/status`): anonymous memory (`RssAnon`, private memory that
-    only the process can free) and resident memory (`VmRSS`, which also counts the file pages of a memory map, pages
-    the kernel can write back and drop). Elsewhere both stay 0.
+    Sums over the process tree of the proportional set size (Linux `/proc/<pid>/smaps_rollup`), so pages a forked
+    worker shares with its parent count once: `Pss_Anon`, private memory that only the processes can free, and
+    `Pss`, which also counts the file pages of memory maps (the cache file being written: pages the kernel can
+    write back and drop). `baseline` is the anonymous memory when sampling began. Elsewhere everything stays 0.
     """
 
-    def __init__(self, interval: float = 0.05) -> None:
-        self.interval, self.anon, self.rss = interval, 0, 0
+    def __init__(self, interval: float = 0.1) -> None:
+        self.interval, self.anon, self.pss, self.baseline = interval, 0, 0, 0
 
     def __enter__(self) -> PeakMemory:
         import threading
 
+        self.baseline = self._sample()[0]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
@@ -236,31 +252,36 @@ class PeakMemory:
         self._stop.set()
         self._thread.join()
 
-    def _watch(self) -> None:
+    @staticmethod
+    def _sample() -> tuple[int, int]:
         import psutil
 
         me = psutil.Process()
+        anon = pss = 0
+        for process in [me, *me.children(recursive=True)]:
+            fields = _rollup_fields(process.pid)
+            anon, pss = anon + fields.get("Pss_Anon", 0), pss + fields.get("Pss", 0)
+        return anon, pss
+
+    def _watch(self) -> None:
         while True:
-            anon = rss = 0
-            for process in [me, *me.children(recursive=True)]:
-                fields = _status_fields(process.pid)
-                anon, rss = anon + fields.get("RssAnon", 0), rss + fields.get("VmRSS", 0)
-            self.anon, self.rss = max(self.anon, anon), max(self.rss, rss)
+            anon, pss = self._sample()
+            self.anon, self.pss = max(self.anon, anon), max(self.pss, pss)
             if self._stop.wait(self.interval):
                 return
 
     def peaks(self) -> dict[str, int]:
-        return {"anon_bytes": self.anon, "rss_bytes": self.rss}
+        return {"anon_bytes": self.anon, "pss_bytes": self.pss, "anon_baseline_bytes": self.baseline}
 
 
-def _status_fields(pid: int) -> dict[str, int]:
-    """The `kB` fields of `/proc/<pid>/status`, in bytes ({} if the process ended or there is no /proc)."""
+def _rollup_fields(pid: int) -> dict[str, int]:
+    """The `kB` fields of `/proc/<pid>/smaps_rollup`, in bytes ({} if the process ended or there is no /proc)."""
     try:
-        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
     except OSError:
         return {}
     fields = {}
-    for line in lines:
+    for line in lines[1:]:
         key, _, value = line.partition(":")
         if value.strip().endswith("kB"):
             fields[key] = int(value.split()[0]) * 1024
