@@ -41,7 +41,9 @@ from benchlib import (
     bench_preset,
     ddpm_pytorch_unet,
     flops_per_image,
+    log,
     machine,
+    prepare_run,
     rotated,
     summary,
     timed,
@@ -245,21 +247,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible")
-    wanted = list(args.contenders)
-    if "ddpm-pytorch" in wanted:
-        try:
-            import denoising_diffusion_pytorch  # noqa: F401
-        except ImportError:
-            print("ddpm-pytorch skipped: pip install -e '.[bench]' (denoising-diffusion-pytorch)", file=sys.stderr)
-            wanted.remove("ddpm-pytorch")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    wanted = prepare_run(args.device, args.threads, args.contenders)
     opts = Options(args.device, args.bf16, args.channels_last, args.compile, args.steps, args.repeats)
-
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
 
     load_start = wait_for_quiet(args.max_load, args.wait_s, log)
     info = machine(torch.device(args.device))

@@ -55,8 +55,10 @@ from benchlib import (
     ddpm_pytorch_unet,
     diffusers_example_loader,
     flops_per_image,
+    log,
     machine,
     mirror,
+    prepare_run,
     preset_flags,
     require,
     reset_accelerate,
@@ -449,22 +451,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible")
-    contenders = list(args.contenders)
-    if "ddpm-pytorch" in contenders:
-        try:
-            import denoising_diffusion_pytorch  # noqa: F401
-        except ImportError:
-            print("ddpm-pytorch skipped: pip install -e '.[bench]' (denoising-diffusion-pytorch)", file=sys.stderr)
-            contenders.remove("ddpm-pytorch")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    contenders = prepare_run(args.device, args.threads, args.contenders)
     opts = Options(args.device, args.bf16, args.channels_last, args.compile, args.warmup_steps, args.steps,
                    args.repeats)
-
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
 
     load_start = wait_for_quiet(args.max_load, args.wait_s, log)
     info = machine(torch.device(args.device))

@@ -288,6 +288,28 @@ def _rollup_fields(pid: int) -> dict[str, int]:
     return fields
 
 
+def log(message: str) -> None:
+    """Progress on stderr (stdout keeps the table)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def prepare_run(device: str, threads: int, contenders: list[str]) -> list[str]:
+    """What every benchmark checks and sets first: the device exists, torch's threads, and the contenders that
+    can run (ddpm-pytorch is skipped, with the command to install it, where it is not installed)."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
+    if threads:
+        torch.set_num_threads(threads)
+    contenders = list(contenders)
+    if "ddpm-pytorch" in contenders:
+        try:
+            import denoising_diffusion_pytorch  # noqa: F401
+        except ImportError:
+            log("ddpm-pytorch skipped: pip install -e '.[bench]' (denoising-diffusion-pytorch)")
+            contenders.remove("ddpm-pytorch")
+    return contenders
+
+
 def wait_for_quiet(max_load: float, timeout_s: float, log: Callable[[str], None]) -> float:
     """Wait (polling) until the 1-minute load average is at most `max_load`, or `timeout_s` passed; the load."""
     deadline = time.monotonic() + timeout_s
