@@ -237,7 +237,7 @@ def test_demo_trains_exports_and_animates(tmp_path, capsys):
         assert str((out / name).resolve()) in printed, name
         assert (out / name).exists(), name
     summary = json.loads((out / "training_summary.json").read_text())
-    assert summary["preset"] == "mnist-baseline-16" and summary["steps"] == 6
+    assert summary["preset"] == "mnist-16" and summary["steps"] == 6
     assert summary["config"]["data"]["dataset"] == "sklearn-digits"
     images = DDPMPipeline.from_pretrained(out / "pipeline")(batch_size=1, num_inference_steps=2).images
     assert images[0].size == (16, 16)

@@ -74,7 +74,7 @@ DEMO_STEPS = 1500
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="the main job: train mnist-baseline-16 on real digits for a few minutes on CPU, then export the "
+        help="the main job: train mnist-16 on real digits for a few minutes on CPU, then export the "
         "pipeline, a sample grid, a denoising and a noising GIF (replaces an earlier demo in --output-dir)",
     )
     p.add_argument("--dataset", default="sklearn-digits",
@@ -97,18 +97,17 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.output_dir)
     train_args = build_train_parser().parse_args([
-        "--preset", "mnist-baseline-16", "--dataset", args.dataset, "--output-dir", str(out),
+        "--preset", "mnist-16", "--dataset", args.dataset, "--output-dir", str(out),
         "--max-steps", str(args.max_steps), "--batch-size", str(args.batch_size), "--seed", str(args.seed),
-        "--lr-warmup-steps", "100", "--checkpoint-every", str(max(args.max_steps // 3, 1)),
-        "--checkpoints-total-limit", "1", "--sample-every", str(max(args.max_steps // 3, 1)),
-        "--set", "train.ema_decay=0.999", "--overwrite-output-dir",
+        "--checkpoint-every", str(max(args.max_steps // 3, 1)),
+        "--checkpoints-total-limit", "1", "--sample-every", str(max(args.max_steps // 3, 1)), "--overwrite-output-dir",
     ])
     code = run(train_args)
     if code:
         return code
     pipe = PunkDiffPipeline.from_pretrained(out / "pipeline")
     gif = denoising_gif(pipe, out / "denoising.gif", num_images=16, seed=args.seed)
-    real = load_training_images(args.dataset, get_preset("mnist-baseline-16").data, progress=False).images[:16]
+    real = load_training_images(args.dataset, get_preset("mnist-16").data, progress=False).images[:16]
     noise_gif = noising_gif(to_model_input(real), pipe.scheduler, out / "noising.gif", seed=args.seed)
     print("\npunkdiff demo finished:")
     for name, path in [
