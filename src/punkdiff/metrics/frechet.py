@@ -1,7 +1,7 @@
 """Fréchet and kernel (KID) distances between two sets of feature vectors, in float64, through torchmetrics.
 
-torchmetrics' `FrechetInceptionDistance` and `KernelInceptionDistance` accept any feature module; handing it a pass-through
-module lets every feature space punkdiff uses (its digit and punk classifiers, pixels, Inception,
+torchmetrics' `FrechetInceptionDistance` and `KernelInceptionDistance` accept any feature module; handing them
+a pass-through module lets every feature space punkdiff uses (its digit and punk classifiers, pixels, Inception,
 DINOv2) share the one upstream implementation: float64 sums and covariances, and the trace of the
 matrix square root from the eigenvalues of `sigma_1 @ sigma_2`.
 """
