@@ -342,3 +342,19 @@ def test_eval_samples_then_scores_with_floors_and_a_report(tmp_path, mnist_dir, 
 def test_eval_without_model_or_samples_is_a_usage_error(tmp_path, capsys):
     assert main(["eval", "--reference", "x", "--out", str(tmp_path / "e")]) == 2
     assert "give a MODEL" in capsys.readouterr().err
+
+
+def test_gif_writes_noise_sampling_and_grid(tmp_path, mnist_dir, metrics_cache, capsys):
+    model = export_pipeline(tiny_unet(channels=1, sample_size=16), DDPMScheduler(), tmp_path / "digits")
+    args = ["gif", str(model), "--dataset", str(mnist_dir), "--preset", "mnist-baseline-16", "--num-images", "4",
+            "--steps", "3", "--out", str(tmp_path / "gifs"), "--device", "cpu"]
+    assert main(args) == 0
+    with PIL.Image.open(tmp_path / "gifs" / "sampling.gif") as gif:
+        assert gif.n_frames == 3
+    with PIL.Image.open(tmp_path / "gifs" / "noise.gif") as gif:
+        first = np.asarray(gif.convert("L"))
+        gif.seek(gif.n_frames - 1)
+        last = np.asarray(gif.convert("L"))
+    assert first.std() > 50 and np.abs(first.astype(int) - last).mean() > 30  # digits, then noise
+    assert PIL.Image.open(tmp_path / "gifs" / "grid.png").size[0] > 16
+    assert "noise GIF (forward process on 4 real images)" in capsys.readouterr().out

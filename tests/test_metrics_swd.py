@@ -16,13 +16,14 @@ def test_real_vs_real_is_far_below_noise_and_blur(mnist16):
     noise = sliced_wasserstein_distance(train, noise_like(heldout), patches_per_level=16384)
     assert sorted(floor) == ["swd", "swd_16px", "swd_8px"]
     assert 3 * floor["swd_16px"] < blur["swd_16px"]  # blur removes the fine level's detail
-    assert 10 * floor["swd"] < noise["swd"]
+    assert 5 * floor["swd"] < noise["swd"]
 
 
 def test_same_seed_same_numbers(punks24):
     a, b = punks24.train[:200], punks24.heldout[:200]
-    assert sliced_wasserstein_distance(a, b, seed=1) == sliced_wasserstein_distance(a, b, seed=1)
-    assert sliced_wasserstein_distance(a, b, seed=1) != sliced_wasserstein_distance(a, b, seed=2)
+    swd = lambda seed: sliced_wasserstein_distance(a, b, seed=seed, patches_per_level=4096)  # noqa: E731
+    assert swd(1) == swd(1)
+    assert swd(1) != swd(2)
 
 
 def test_pyramid_levels_add_back_to_the_image():
