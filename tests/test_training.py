@@ -140,6 +140,8 @@ def test_run_writes_pipeline_grid_curve_summary_and_logs(mnist_dir, cache_dir, t
     assert [step for step, _ in quality["history"]] == [3, 6] and quality["floor"] > 0
     assert all(swd > 2 * quality["floor"] for _, swd in quality["history"])
     assert 0 < quality["share_of_wall_time"] < 1
+    card = (out / "pipeline" / "README.md").read_text()  # the last score and its floor, in the YAML model-index
+    assert "model-index:" in card and f"value: {quality['floor']}" in card
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

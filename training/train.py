@@ -319,6 +319,7 @@ def run(args: argparse.Namespace) -> int:
                 training_steps=progress.global_step,
                 resolution=preset.data.resolution,
                 license=preset.data.license,
+                metrics=monitor.card_metrics() if monitor is not None else None,
             ),
             sample_grid=last_grid,
         )

@@ -74,3 +74,8 @@ class QualityMonitor:
             "seconds": round(self.seconds, 2),
             "share_of_wall_time": round(self.seconds / wall_time_s, 4) if wall_time_s > 0 else None,
         }
+
+    def card_metrics(self) -> dict[str, float]:
+        """The last score and its floor, for the model card (table and YAML `model-index`)."""
+        name = f"SWD x1e3 ({self.num_images} EMA samples vs training images)"
+        return {name: self.history[-1][1], f"{name}, real-vs-real floor": self.floor} if self.history else {}
