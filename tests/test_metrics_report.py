@@ -22,6 +22,7 @@ def test_report_files_and_figures(tmp_path, mnist16, digit_classifier):
     for name, m in result.metrics.items():
         assert data["metrics"][name]["floor"] == m["floor"]
         assert f"| {name} |" in text
+    assert "| FID | not computed: weights unavailable |" in text and data["not_computed"]["FD-DINOv2"]
     for figure in ("samples.png", "class_histogram.png", "nearest_training_images.png", "reconstruction.png",
                    "reconstruction_curves.png"):
         assert f"({figure})" in text

@@ -29,6 +29,8 @@ DIRECTION = {
     "near_copy_share_features": "lower", "exact_copy_rate": "lower",
 }
 CONFIDENT = 0.9  # a class probability at least this high counts as a confident classification
+# Metrics whose network weights cannot be downloaded here; the report says so instead of showing a number.
+NEEDS_WEIGHTS = {name: "not computed: weights unavailable" for name in ("FID", "KID (Inception)", "IS", "FD-DINOv2")}
 
 
 @dataclass
@@ -43,7 +45,7 @@ class Evaluation:
     samples: np.ndarray
     nearest_index: np.ndarray
     seconds: float
-    not_computed: dict[str, str] = field(default_factory=dict)
+    not_computed: dict[str, str] = field(default_factory=lambda: dict(NEEDS_WEIGHTS))
 
     def to_json(self) -> dict[str, Any]:
         return {
