@@ -150,7 +150,7 @@ def _classifier_statistics(classifier: Classifier, pred: dict[str, np.ndarray], 
     real_hist = np.bincount(real["class_probs"].argmax(axis=1), minlength=k) / len(real["class_probs"])
     nonzero = hist[hist > 0]
     stats = {
-        "class_entropy": float(-(nonzero * np.log(nonzero)).sum() / np.log(k)),
+        "class_entropy": float(max(0.0, -(nonzero * np.log(nonzero)).sum() / np.log(k))),
         "class_tv_distance": float(0.5 * np.abs(hist - real_hist).sum()),
         "confident_share": float((pred["class_probs"].max(axis=1) >= CONFIDENT).mean()),
     }
