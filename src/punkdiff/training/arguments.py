@@ -63,7 +63,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, metavar="N",
                    help="every N steps, score --eval-images EMA samples (sliced Wasserstein distance to training "
                    "images, beside its real-vs-real floor); logged and in training_summary.json")
-    p.add_argument("--eval-images", type=int, default=200, help="samples per --eval-every evaluation")
+    p.add_argument("--eval-images", type=int, default=100, help="samples per --eval-every evaluation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report-to", default="tensorboard", choices=["tensorboard", "wandb", "none"])
     p.add_argument("--cache-dir", help="where decoded image tensors are cached (default ~/.cache/punkdiff)")
