@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_data import machine
+from benchlib import machine
 
 from punkdiff.metrics.evaluation import evaluate
 from punkdiff.metrics.reference import load_reference, model_transform
@@ -81,7 +81,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     root = Path(args.datasets_root)
-    report = {"machine": machine(), "loadavg_start": list(os.getloadavg())}
+    report = {"machine": machine(torch.device("cpu")), "loadavg_start": list(os.getloadavg())}
     print(f"bench_eval: {report['machine']['platform']}, {os.cpu_count()} CPUs, torch threads "
           f"{torch.get_num_threads()}, load {report['loadavg_start'][0]:.2f}")
     if not args.skip_floors:
