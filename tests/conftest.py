@@ -60,6 +60,49 @@ def celeba_dir() -> Path:
     return _mirror("celeba-faces")
 
 
+# ---- Evaluation: real reference sets and the classifiers trained on them, built once per test session ----------
+
+
+@pytest.fixture(scope="session")
+def metrics_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh punkdiff cache (decoded images, classifiers) for the session: tests never read a user's cache."""
+    return tmp_path_factory.mktemp("punkdiff-cache")
+
+
+@pytest.fixture(scope="session")
+def mnist16(mnist_dir, metrics_cache):
+    """MNIST as `mnist-baseline-16` sees it (16 px, bilinear): the 5,000 train digits and the 10,000 test digits."""
+    from punkdiff.data import ImageTransform
+    from punkdiff.metrics.reference import load_reference
+
+    return load_reference(mnist_dir, ImageTransform(16, 1, resize_filter="bilinear"), cache_dir=metrics_cache,
+                          progress=False)
+
+
+@pytest.fixture(scope="session")
+def digit_classifier(mnist16, metrics_cache):
+    from punkdiff.metrics.classifiers import load_or_train_classifier
+
+    return load_or_train_classifier(mnist16, cache_dir=metrics_cache, progress=False)
+
+
+@pytest.fixture(scope="session")
+def punks24(punks_dir, metrics_cache):
+    """The first 2,000 punks at 24 px on their blue-grey background, halved at random into train and held out."""
+    from punkdiff.data import ImageTransform
+    from punkdiff.metrics.reference import load_reference
+
+    transform = ImageTransform(24, 3, background="#638596", resize_filter="nearest")
+    return load_reference(punks_dir, transform, max_images=2000, cache_dir=metrics_cache, progress=False)
+
+
+@pytest.fixture(scope="session")
+def punk_classifier(punks24, metrics_cache):
+    from punkdiff.metrics.classifiers import load_or_train_classifier
+
+    return load_or_train_classifier(punks24, cache_dir=metrics_cache, progress=False)
+
+
 # ---- Parity report (used by tests/test_parity.py; owned by the parity suite) ----------------------------
 # Each parity test records the largest |diffusers - reference| it saw; the maxima per family are printed at the
 # end of the run, so `pytest -m parity -q` shows the measured numbers and not just "passed".

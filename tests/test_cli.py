@@ -314,3 +314,47 @@ def test_fuzzed_sample_flags_sample_or_say_what_is_wrong(model_dir, tmp_path, fl
         assert exit_info.code == 2 and "error: argument" in err.getvalue()
         return
     assert code == 0 or (code == 2 and err.getvalue().startswith("punkdiff sample: ")), err.getvalue()
+def test_eval_samples_then_scores_with_floors_and_a_report(tmp_path, mnist_dir, mnist16, digit_classifier,
+                                                           metrics_cache, capsys):
+    model = export_pipeline(tiny_unet(channels=1, sample_size=16), DDPMScheduler(), tmp_path / "digits")
+    common = ["--reference", str(mnist_dir), "--preset", "mnist-baseline-16", "--cache-dir", str(metrics_cache)]
+    code = main(["eval", str(model), *common, "--num-samples", "40", "--steps", "3", "--batch-size", "20",
+                 "--reconstruction-images", "4", "--out", str(tmp_path / "eval"), "--device", "cpu"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "fd_classifier" in out and str((tmp_path / "eval" / "report.md").resolve()) in out
+    import json
+
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["num_images"] == 40 and metrics["preprocessing"] == "preset 'mnist-baseline-16'"
+    # an untrained model's noise is far from digits; the floor (real vs real) is not
+    fd = metrics["metrics"]["fd_classifier"]
+    assert fd["model"] > 10 * fd["floor"]
+    assert len(metrics["reconstruction"]["t"]) >= 2
+
+    # a peer's samples, scored by the same code: real test digits as a uint8 .npy, no model
+    np.save(tmp_path / "peer.npy", mnist16.heldout[:40])
+    assert main(["eval", "--samples", str(tmp_path / "peer.npy"), *common, "--out", str(tmp_path / "peer")]) == 0
+    peer = json.loads((tmp_path / "peer" / "metrics.json").read_text())["metrics"]["fd_classifier"]
+    assert peer["model"] < fd["model"] / 10
+
+
+def test_eval_without_model_or_samples_is_a_usage_error(tmp_path, capsys):
+    assert main(["eval", "--reference", "x", "--out", str(tmp_path / "e")]) == 2
+    assert "give a MODEL" in capsys.readouterr().err
+
+
+def test_gif_writes_noise_sampling_and_grid(tmp_path, mnist_dir, metrics_cache, capsys):
+    model = export_pipeline(tiny_unet(channels=1, sample_size=16), DDPMScheduler(), tmp_path / "digits")
+    args = ["gif", str(model), "--dataset", str(mnist_dir), "--preset", "mnist-baseline-16", "--num-images", "4",
+            "--steps", "3", "--out", str(tmp_path / "gifs"), "--device", "cpu"]
+    assert main(args) == 0
+    with PIL.Image.open(tmp_path / "gifs" / "sampling.gif") as gif:
+        assert gif.n_frames == 3
+    with PIL.Image.open(tmp_path / "gifs" / "noise.gif") as gif:
+        first = np.asarray(gif.convert("L"))
+        gif.seek(gif.n_frames - 1)
+        last = np.asarray(gif.convert("L"))
+    assert first.std() > 50 and np.abs(first.astype(int) - last).mean() > 30  # digits, then noise
+    assert PIL.Image.open(tmp_path / "gifs" / "grid.png").size[0] > 16
+    assert "noise GIF (forward process on 4 real images)" in capsys.readouterr().out

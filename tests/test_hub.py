@@ -96,10 +96,12 @@ def test_model_card_metadata_and_content(exported):
     for expected in ("![Samples](samples.png)", "`mnist`", "1234", "8x8, 1 channel", "| FID | 12.35 |"):
         assert expected in card.text
     assert "DDPMPipeline.from_pretrained" in card.text and "trust_remote_code=True" in card.text
+    (result,) = card.data.eval_results  # the metrics in the YAML model-index too
+    assert (result.metric_type, result.metric_value, result.dataset_name) == ("FID", 12.3456, "ylecun/mnist")
 
     info = ModelCardInfo(dataset="sklearn-digits", resolution=64, channels=3, num_train_timesteps=1000)
     bare = ModelCard(render_model_card(info))
-    assert "Not measured yet." in bare.text and "samples.png" not in bare.text
+    assert "Not measured yet." in bare.text and "samples.png" not in bare.text and bare.data.eval_results is None
     assert bare.data.datasets is None and "| Dataset | sklearn-digits |" in bare.text  # not a Hub id: no metadata
 
 

@@ -114,7 +114,7 @@ def test_run_writes_pipeline_grid_curve_summary_and_logs(mnist_dir, cache_dir, t
     out = tmp_path / "run"
     code = train_main([*TINY, "--dataset", str(mnist_dir), "--cache-dir", str(cache_dir), "--output-dir", str(out),
                        "--max-steps", "6", "--sample-every", "3", "--checkpoint-every", "3", "--log-every", "4",
-                       "--report-to", "tensorboard"])
+                       "--report-to", "tensorboard", "--eval-every", "3", "--eval-images", "10"])
     assert code == 0
     from diffusers import DDPMPipeline
     from PIL import Image
@@ -136,6 +136,12 @@ def test_run_writes_pipeline_grid_curve_summary_and_logs(mnist_dir, cache_dir, t
     assert summary["steps"] == 6 and summary["images_seen"] == 48 and summary["num_processes"] == 1
     assert summary["wall_time_s"] > 0 and summary["final_loss"] > 0
     assert summary["versions"]["diffusers"] and summary["versions"]["torch"]
+    quality = summary["eval"]  # --eval-every: an untrained model's SWD is far above the real-vs-real floor
+    assert [step for step, _ in quality["history"]] == [3, 6] and quality["floor"] > 0
+    assert all(swd > 2 * quality["floor"] for _, swd in quality["history"])
+    assert 0 < quality["share_of_wall_time"] < 1
+    card = (out / "pipeline" / "README.md").read_text()  # the last score and its floor, in the YAML model-index
+    assert "model-index:" in card and f"value: {quality['floor']}" in card
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -149,6 +155,7 @@ def test_run_writes_pipeline_grid_curve_summary_and_logs(mnist_dir, cache_dir, t
         assert [e.step for e in events.Scalars(tag)] == [3, 4, 6], tag
     assert "samples" in tags["images"]
     assert [e.step for e in events.Images("samples")] == [3, 6]
+    assert [e.step for e in events.Scalars("eval_swd")] == [3, 6]
 
 
 # --- failure ------------------------------------------------------------------------------------

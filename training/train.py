@@ -5,7 +5,7 @@
     punkdiff train ...            (same parser, same loop, one process)
 
 What the loop calls lives in `punkdiff.training`, one module per concern (arguments, resume, checkpoints, loss,
-progress, previews, reporting).
+progress, previews, monitor, reporting).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from punkdiff.training.checkpoints import (
 )
 from punkdiff.training.ema import ema_weights_in_sync
 from punkdiff.training.loss import diffusion_loss
+from punkdiff.training.monitor import QualityMonitor
 from punkdiff.training.preemption import StopRequest
 from punkdiff.training.pretrained import load_initial_unet
 from punkdiff.training.previews import ema_sample_grid
@@ -176,6 +177,14 @@ def run(args: argparse.Namespace) -> int:
         accelerator.print(f"warning: --mixed-precision {train_spec.mixed_precision} is not available on "
                           f"{accelerator.device.type}: training in {used_precision} (float32)")
 
+    monitor = None
+    if args.eval_every and accelerator.is_main_process:
+        try:
+            monitor = QualityMonitor(dataset.images, args.eval_images, args.seed)
+        except ValueError as err:
+            accelerator.print(f"error: {err}")
+            return 2
+
     global_batch = train_spec.batch_size * accelerator.num_processes * train_spec.gradient_accumulation_steps
     if accelerator.is_main_process:
         accelerator.init_trackers("punkdiff", config=flat_config(preset))
@@ -266,8 +275,13 @@ def run(args: argparse.Namespace) -> int:
                     raise TrainingError(f"stopped by {stop.received.name} at step {step}; {resume_hint(output_dir)}")
                 if sample_due and accelerator.is_main_process:
                     last_grid = save_samples(step)
-                if checkpoint_due or sample_due:
-                    step_log.restart_clock()  # images/s measures training, not checkpoints or grids
+                eval_due = monitor is not None and (step % args.eval_every == 0 or step == max_steps)
+                if eval_due:
+                    quality = monitor(accelerator.unwrap_model(model), ema, noise_scheduler,
+                                      train_spec.sample_inference_steps, step)
+                    accelerator.log(quality, step=step)
+                if checkpoint_due or sample_due or eval_due:
+                    step_log.restart_clock()  # images/s measures training, not checkpoints, grids or evaluations
                 if progress.global_step >= max_steps:
                     break
             if progress.global_step >= max_steps:
@@ -305,6 +319,7 @@ def run(args: argparse.Namespace) -> int:
                 training_steps=progress.global_step,
                 resolution=preset.data.resolution,
                 license=preset.data.license,
+                metrics=monitor.card_metrics() if monitor is not None else None,
             ),
             sample_grid=last_grid,
         )
@@ -328,6 +343,8 @@ def run(args: argparse.Namespace) -> int:
             "device": str(accelerator.device),
             "versions": package_versions(),
         }
+        if monitor is not None:
+            summary["eval"] = monitor.summary(summary["wall_time_s"])
         write_json(output_dir / "training_summary.json", summary)
         accelerator.print(f"done: pipeline in {output_dir / 'pipeline'}, samples in {output_dir / 'samples.png'}")
         if args.push_to_hub:

@@ -314,6 +314,142 @@ def _run_inpaint(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- eval, gif: what a model is worth, and what it looks like --------------------------------------------------
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="score a model's samples (or existing images) with offline metrics, each beside "
+                       "its real-vs-real floor; writes metrics.json, report.md and figures")
+    p.add_argument("model", nargs="?", help="exported model folder or Hub id (omit with --samples and --preset)")
+    p.add_argument("--reference", required=True, help="dataset the model learned: Hub id or local folder")
+    p.add_argument("--split", default="train", help="the split the model was trained on")
+    p.add_argument("--heldout-split", default=None,
+                   help="real images the model never saw (default: test/validation if present, else half of --split)")
+    p.add_argument("--samples", default=None, help="score these images instead of sampling: a folder or a uint8 .npy")
+    p.add_argument("--preset", default=None, help="preprocessing of the training data (default: the run's "
+                   "training_summary.json beside the model, else white background and bicubic resize)")
+    p.add_argument("--num-samples", type=_positive_int, default=1000)
+    p.add_argument("--batch-size", type=_positive_int, default=250, help="images per forward pass")
+    p.add_argument("--reconstruction-images", type=int, default=64,
+                   help="test images for the reconstruction study (0 skips it)")
+    p.add_argument("--cache-dir", default=None, help="decoded images and classifiers (default ~/.cache/punkdiff)")
+    p.add_argument("--out", default="eval", help="output folder")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses seed+i; the metrics' draws use the seed too")
+    _add_sampler_arguments(p, "default: 50")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import time
+
+    from punkdiff.data import DataError
+    from punkdiff.metrics.evaluation import evaluate
+    from punkdiff.metrics.reconstruction import reconstruction_study
+    from punkdiff.metrics.reference import load_reference, model_transform, read_images
+    from punkdiff.metrics.report import write_report
+    from punkdiff.presets import PresetError, get_preset
+    from punkdiff.sampling import generate
+
+    if args.model is None and (args.samples is None or args.preset is None):
+        raise UsageError("give a MODEL to sample from, or --samples with --preset (resolution and preprocessing)")
+    out = Path(args.out)
+    if out.is_file():
+        raise UsageError(f"--out {out} is a file; give a folder (created if missing)")
+    args.steps = args.steps or 50
+    pipe = _load_model(args) if args.model else None
+    try:
+        if pipe is not None:
+            resolution, channels = pipe.unet.config.sample_size, pipe.unet.config.in_channels
+        else:
+            resolution, channels = get_preset(args.preset).data.resolution, get_preset(args.preset).data.channels
+        transform, origin = model_transform(resolution, channels, preset=args.preset, model_dir=args.model)
+        reference = load_reference(args.reference, transform, split=args.split, heldout_split=args.heldout_split,
+                                   seed=args.seed, cache_dir=args.cache_dir)
+        start = time.perf_counter()
+        if args.samples:
+            samples = read_images(args.samples, transform)
+        else:
+            samples = generate(pipe, args.num_samples, seed=args.seed, batch_size=args.batch_size,
+                               sampler=args.scheduler, num_inference_steps=args.steps, eta=args.eta, output_type="np")
+            samples = (samples * 255).round().astype("uint8").transpose(0, 3, 1, 2)
+        sampling_s = time.perf_counter() - start
+    except (DataError, PresetError) as err:
+        raise UsageError(str(err)) from None
+    result = evaluate(samples, reference, seed=args.seed, cache_dir=args.cache_dir)
+    study = None
+    if pipe is not None and args.reconstruction_images > 0:
+        originals = reference.heldout[: args.reconstruction_images]
+        study = (reconstruction_study(pipe, originals, sampler=args.scheduler, num_inference_steps=args.steps,
+                                      seed=args.seed), originals)
+    info = {
+        "model": args.model or "(none: existing images)", "samples": args.samples or "generated",
+        "reference": f"{args.reference} ({reference.description})", "preprocessing": origin,
+        "resolution": f"{resolution} px, {channels} channel(s)", "sampler": f"{args.scheduler}, {args.steps} steps",
+        "seed": args.seed, "sampling_seconds": round(sampling_s, 1), "metrics_seconds": round(result.seconds, 1),
+    }
+    report = write_report(result, out, training_images=reference.train, info=info, reconstruction=study)
+    print(f"{'metric':<30}{'model':>12}{'floor':>12}  better")
+    for name, m in result.metrics.items():
+        model, floor = (f"{v:.4g}" if v is not None else "n/a" for v in (m["model"], m["floor"]))
+        print(f"{name:<30}{model:>12}{floor:>12}  {m['better']}")
+    print(f"report: {report.resolve()}")
+    return 0
+
+
+def _add_gif(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("gif", help="noise.gif (forward process on real images), sampling.gif (x_t beside the "
+                       "predicted x_0 at each step) and the final grid.png, for any exported model")
+    _add_model_arguments(p)
+    p.add_argument("--dataset", default=None, help="real images for noise.gif (default: the training run's dataset, "
+                   "read from training_summary.json beside the model)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--preset", default=None, help="preprocessing of the real images (default: the run's, as eval)")
+    p.add_argument("--num-images", type=_positive_int, default=16)
+    p.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps of sampling.gif")
+    p.add_argument("--out", default="gifs", help="output folder")
+    p.set_defaults(func=_run_gif)
+
+
+def _run_gif(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from punkdiff.data import DataError, load_training_images, to_model_input
+    from punkdiff.metrics.reference import model_transform, training_dataset
+    from punkdiff.presets import DataSpec
+    from punkdiff.sampling import generate
+    from punkdiff.visuals import denoising_gif, display_scale, image_grid, noising_gif
+
+    out = Path(args.out)
+    if out.is_file():
+        raise UsageError(f"--out {out} is a file; give a folder (created if missing)")
+    pipe = _load_model(args)
+    out.mkdir(parents=True, exist_ok=True)
+    sampling = denoising_gif(pipe, out / "sampling.gif", num_images=args.num_images, seed=args.seed,
+                             num_inference_steps=args.steps, max_frames=args.steps)
+    print(f"sampling GIF (x_t | predicted x_0): {sampling.resolve()}")
+    images = generate(pipe, args.num_images, seed=args.seed, sampler="ddim", num_inference_steps=args.steps,
+                      progress=False)  # the GIF's last frame: the same seeds
+    grid = out / "grid.png"
+    image_grid(images, scale=display_scale(pipe.unet.config.sample_size, 64), gap=1).save(grid)
+    print(f"final grid: {grid.resolve()}")
+    dataset = args.dataset or training_dataset(args.model)
+    if dataset is None:
+        print("noise.gif skipped: no --dataset, and no training_summary.json beside the model names one")
+        return 0
+    config = pipe.unet.config
+    transform, _ = model_transform(config.sample_size, config.in_channels, preset=args.preset, model_dir=args.model)
+    spec = DataSpec(dataset=dataset, split=args.split, max_samples=args.num_images, **asdict(transform))
+    try:
+        real = load_training_images(dataset, spec, progress=False).images
+    except DataError as err:
+        raise UsageError(str(err)) from None
+    noise = noising_gif(to_model_input(real), pipe.scheduler, out / "noise.gif", seed=args.seed)
+    print(f"noise GIF (forward process on {len(real)} real images): {noise.resolve()}")
+    return 0
+
+
 # ---- push, parity ------------------------------------------------------------------------------------------------
 
 
@@ -396,8 +532,8 @@ def _run_ui(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="punkdiff", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_presets, _add_train, _add_demo, _add_sample, _add_reconstruct, _add_inpaint, _add_push,
-                _add_parity, _add_ui):
+    for add in (_add_presets, _add_train, _add_demo, _add_sample, _add_reconstruct, _add_inpaint, _add_eval, _add_gif,
+                _add_push, _add_parity, _add_ui):
         add(sub)
     return parser
 

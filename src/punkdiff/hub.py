@@ -27,7 +27,7 @@ import PIL.Image
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 from safetensors import safe_open
 
@@ -82,18 +82,27 @@ class ModelCardInfo:
 
 def render_model_card(info: ModelCardInfo, *, has_samples: bool = False) -> str:
     """Render `model_cards/template.md` with Hub metadata, so the Hub lists the model as a Diffusers one."""
+    model_name = info.model_name or f"punkdiff {info.preset}"
+    # numeric metrics also go into the YAML `model-index`, where the Hub shows and indexes them
+    eval_results = [
+        EvalResult(task_type="unconditional-image-generation", dataset_type=info.dataset or "unknown",
+                   dataset_name=info.dataset or "unknown", metric_type=name, metric_name=name, metric_value=value)
+        for name, value in (info.metrics or {}).items() if isinstance(value, (int, float))
+    ]
     card_data = ModelCardData(
         library_name="diffusers",
         pipeline_tag="unconditional-image-generation",
         license=info.license,
         datasets=[info.dataset] if _is_hub_dataset(info.dataset) else None,
         tags=["diffusers", "unconditional-image-generation", "ddpm", "punkdiff", *info.tags],
+        model_name=model_name if eval_results else None,
+        eval_results=eval_results or None,
     )
     template = resources.files("punkdiff.model_cards").joinpath("template.md").read_text(encoding="utf-8")
     card = ModelCard.from_template(
         card_data,
         template_str=template,
-        model_name=info.model_name or f"punkdiff {info.preset}",
+        model_name=model_name,
         model_ref=info.repo_id or LOCAL_MODEL_REF,
         preset=info.preset,
         dataset=_dataset_name(info.dataset),

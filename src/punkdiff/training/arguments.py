@@ -60,6 +60,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --resume-from-checkpoint and a larger --max-steps/--epochs: continue a run past its "
                    "planned end, the LR schedule re-planned over the new length (the LR jumps; the jump is printed)")
     p.add_argument("--sample-every", type=int, help="save a DDIM sample grid from the EMA weights every N steps")
+    p.add_argument("--eval-every", type=int, metavar="N",
+                   help="every N steps, score --eval-images EMA samples (sliced Wasserstein distance to training "
+                   "images, beside its real-vs-real floor); logged and in training_summary.json")
+    p.add_argument("--eval-images", type=int, default=100, help="samples per --eval-every evaluation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report-to", default="tensorboard", choices=["tensorboard", "wandb", "none"])
     p.add_argument("--cache-dir", help="where decoded image tensors are cached (default ~/.cache/punkdiff)")
@@ -126,6 +130,9 @@ def resolve_training_config(args: argparse.Namespace) -> Preset:
         raise PresetError(f"--resume-from-checkpoint {args.resume_from_checkpoint}: no such checkpoint folder")
     if args.log_every <= 0:
         raise PresetError(f"--log-every must be positive (got {args.log_every})")
+    if (args.eval_every is not None and args.eval_every < 1) or args.eval_images < 10:
+        raise PresetError(f"--eval-every must be at least 1 and --eval-images at least 10 (got {args.eval_every}, "
+                          f"{args.eval_images})")
     if (args.hub_model_id or args.private) and not args.push_to_hub:
         raise PresetError("--hub-model-id and --private only apply with --push-to-hub")
     if args.push_to_hub:

@@ -1,0 +1,1 @@
+"""Offline evaluation: metrics that need no download, each printed beside its real-vs-real floor."""
