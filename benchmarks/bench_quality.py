@@ -65,6 +65,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--images-per-checkpoint", type=int, default=12800, help="checkpoint spacing, in images seen")
     p.add_argument("--work-dir", default=str(REPO / "benchmarks" / "work" / "quality"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--evaluate-only", action="store_true",
+                   help="score the runs already in --work-dir (their launch times are in launched.json)")
     return p.parse_args()
 
 
@@ -136,13 +138,17 @@ def main() -> int:
     }
 
     # 1. train both at once, one core each, for the same wall time
-    runs = {name: launch(name, flags, batch, args) for name, (flags, batch, _, _) in contenders.items()}
-    print(f"training {', '.join(runs)} side by side for {args.budget_minutes:g} min each (logs in {args.work_dir})")
-    while any(proc.poll() is None for proc, _ in runs.values()):
-        for proc, started in runs.values():
-            if proc.poll() is None and time.time() - started > budget_s:
-                proc.send_signal(signal.SIGTERM)  # checkpoint after the current step, then exit
-        time.sleep(2)
+    launched = Path(args.work_dir) / "launched.json"
+    if not args.evaluate_only:
+        runs = {name: launch(name, flags, batch, args) for name, (flags, batch, _, _) in contenders.items()}
+        launched.write_text(json.dumps({name: started for name, (_, started) in runs.items()}))
+        print(f"training {', '.join(runs)} side by side for {args.budget_minutes:g} min each (logs: {args.work_dir})")
+        while any(proc.poll() is None for proc, _ in runs.values()):
+            for proc, started in runs.values():
+                if proc.poll() is None and time.time() - started > budget_s:
+                    proc.send_signal(signal.SIGTERM)  # checkpoint after the current step, then exit
+            time.sleep(2)
+    started_at = json.loads(launched.read_text())
 
     # 2. evaluate the last checkpoint written by each wall-time point
     reference = load_reference(args.dataset, model_transform(16, 1, preset=PRESET)[0], seed=args.seed,
@@ -150,7 +156,7 @@ def main() -> int:
     results = {"machine": machine(torch.device("cpu")), "budget_minutes": args.budget_minutes,
                "num_samples": args.num_samples, "preset": preset.to_dict(), "recipe_flags": RECIPE_FLAGS}
     for name, (_, _, sampler, steps) in contenders.items():
-        times = [(t, f) for t, f in checkpoint_times(name, runs[name][1], args) if t <= budget_s + 60]
+        times = [(t, f) for t, f in checkpoint_times(name, started_at[name], args) if t <= budget_s + 60]
         points, scored = [], {}
         for k in range(1, args.points + 1):
             written = [(t, f) for t, f in times if t <= budget_s * k / args.points]
