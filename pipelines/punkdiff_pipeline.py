@@ -37,6 +37,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 # diffusers' `custom_pipeline=<folder or repo id>` loads the pipeline class from this file name.
 CUSTOM_PIPELINE_FILE = "pipeline.py"
+# Pixel-art models keep their training palette here (`{"colors": ["#rrggbb", ...]}`); stock diffusers ignores it.
+PALETTE_FILE = "palette.json"
 # The `save_pretrained(push_to_hub=True, ...)` arguments diffusers takes from its kwargs.
 _PUSH_KWARGS = ("repo_id", "private", "token", "commit_message", "create_pr")
 
@@ -389,6 +391,10 @@ class PunkDiffPipeline(DiffusionPipeline):
     use [`ExactDDPMScheduler`] and [`ExactDDIMScheduler`], which give the reference result for every
     `timestep_spacing`; a saved stock `DDPMScheduler`/`DDIMScheduler` runs as its exact version too.
 
+    Pixel art (CryptoPunks) is drawn from a small palette, which a denoiser only approximates: a pipeline with a
+    `palette` (uint8 `[P, C]`, the training images' colours, saved beside the model as `palette.json`) snaps
+    every pixel of its final images to the nearest palette colour, unless a call passes `snap_to_palette=False`.
+
     Args:
         unet ([`UNet2DModel`]): The denoiser, trained in [-1, 1] pixel space with 1 (grayscale) or 3 channels.
         scheduler ([`SchedulerMixin`]): The training noise schedule, usually a [`DDPMScheduler`].
@@ -419,6 +425,16 @@ class PunkDiffPipeline(DiffusionPipeline):
         self.mask_processor = VaeImageProcessor(
             vae_scale_factor=1, do_resize=False, do_normalize=False, do_binarize=True, do_convert_grayscale=True
         )
+        self.palette: torch.Tensor | None = None
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike[str], **kwargs: Any) -> PunkDiffPipeline:
+        """diffusers' `from_pretrained`, plus the folder's `palette.json` when the model is pixel art."""
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        path = _palette_path(pretrained_model_name_or_path, kwargs.get("revision"))
+        if path is not None:
+            pipe.palette = read_palette(path)
+        return pipe
 
     def save_pretrained(
         self,
@@ -452,8 +468,10 @@ class PunkDiffPipeline(DiffusionPipeline):
         config = json.loads(index.read_text())
         config["_class_name"] = "DDPMPipeline"
         index.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        # 3. this file, for the opt-in custom-pipeline route
+        # 3. this file, for the opt-in custom-pipeline route, and a pixel-art model's palette
         shutil.copyfile(__file__, Path(save_directory) / CUSTOM_PIPELINE_FILE)
+        if self.palette is not None:
+            write_palette(Path(save_directory) / PALETTE_FILE, self.palette)
         # 4. the model card and the push, where punkdiff is installed
         hub = _punkdiff_hub()
         if hub is not None:
@@ -502,6 +520,7 @@ class PunkDiffPipeline(DiffusionPipeline):
         return_trajectory: bool = False,
         callback_on_step_end: StepCallback | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        snap_to_palette: bool = True,
     ) -> PunkDiffPipelineOutput | tuple:
         r"""Sample images from pure noise.
 
@@ -520,6 +539,7 @@ class PunkDiffPipeline(DiffusionPipeline):
                 step, like other diffusers pipelines; a `"latents"` entry in the returned dict replaces x_t.
             callback_on_step_end_tensor_inputs: Which of `"latents"` and `"pred_original_sample"` go into
                 `callback_kwargs` (default `["latents"]`).
+            snap_to_palette: Snap the final images to `self.palette` when the pipeline has one (pixel art).
 
         Examples:
             ```py
@@ -539,7 +559,8 @@ class PunkDiffPipeline(DiffusionPipeline):
         latents = latents * sched.init_noise_sigma
         # 3. denoise from x_T to x_0
         return self._denoise(sched, sched.timesteps, latents, generator, eta, output_type, return_dict,
-                             return_trajectory, callback_on_step_end, callback_on_step_end_tensor_inputs)
+                             return_trajectory, callback_on_step_end, callback_on_step_end_tensor_inputs,
+                             snap_to_palette)
 
     @torch.no_grad()
     def reconstruct(
@@ -555,6 +576,7 @@ class PunkDiffPipeline(DiffusionPipeline):
         return_trajectory: bool = False,
         callback_on_step_end: StepCallback | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        snap_to_palette: bool = True,
     ) -> PunkDiffPipelineOutput | tuple:
         r"""Noise `image` to timestep `t_start` with the forward process, then denoise it back to t = 0.
 
@@ -594,7 +616,8 @@ class PunkDiffPipeline(DiffusionPipeline):
         latents = sched.add_noise(original, noise, timesteps[:1])
         # 4. denoise from x_t to x_0
         return self._denoise(sched, timesteps, latents, generator, eta, output_type, return_dict,
-                             return_trajectory, callback_on_step_end, callback_on_step_end_tensor_inputs)
+                             return_trajectory, callback_on_step_end, callback_on_step_end_tensor_inputs,
+                             snap_to_palette)
 
     @torch.no_grad()
     def inpaint(
@@ -608,6 +631,7 @@ class PunkDiffPipeline(DiffusionPipeline):
         generator: Generator = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        snap_to_palette: bool = True,
     ) -> PunkDiffPipelineOutput | tuple:
         r"""Fill the masked region of `image` with the unconditional model (RePaint, Lugmayr et al. 2022).
 
@@ -625,7 +649,7 @@ class PunkDiffPipeline(DiffusionPipeline):
             jump_length: Steps to go back in time per jump ("j" in the paper).
             jump_n_sample: How many times each jump is repeated ("r" in the paper).
             eta: DDIM-style noise weight of the RePaint step (0 deterministic, 1 DDPM-like).
-            generator, output_type, return_dict: As in `__call__`.
+            generator, output_type, return_dict, snap_to_palette: As in `__call__`.
 
         Examples:
             ```py
@@ -657,7 +681,7 @@ class PunkDiffPipeline(DiffusionPipeline):
                 latents = sched.undo_step(latents, t_last, generator)
             t_last = t
         # 5. to images
-        images = self.image_processor.postprocess(latents, output_type)
+        images = self._postprocess(latents, output_type, snap_to_palette)
         self.maybe_free_model_hooks()
         return PunkDiffPipelineOutput(images=images) if return_dict else (images,)
 
@@ -673,6 +697,7 @@ class PunkDiffPipeline(DiffusionPipeline):
         return_trajectory: bool,
         callback_on_step_end: StepCallback | None,
         callback_on_step_end_tensor_inputs: list[str] | None,
+        snap: bool,
     ) -> PunkDiffPipelineOutput | tuple:
         """The reverse process shared by sampling and reconstruction."""
         tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
@@ -708,7 +733,7 @@ class PunkDiffPipeline(DiffusionPipeline):
             if return_trajectory:
                 trajectory.append(self.image_processor.postprocess(latents, output_type))
                 pred_x0s.append(self.image_processor.postprocess(pred_original_sample, output_type))
-        images = self.image_processor.postprocess(latents, output_type)
+        images = self._postprocess(latents, output_type, snap)
         self.maybe_free_model_hooks()
         output = PunkDiffPipelineOutput(
             images=images,
@@ -716,6 +741,13 @@ class PunkDiffPipeline(DiffusionPipeline):
             pred_original_samples=pred_x0s if return_trajectory else None,
         )
         return output if return_dict else output.to_tuple()
+
+    def _postprocess(self, latents: torch.Tensor, output_type: str, snap: bool) -> Any:
+        """Model-space images in [-1, 1] -> `output_type`, snapped to the palette first where there is one."""
+        if snap and self.palette is not None:
+            colours = self.palette.to(latents.device, latents.dtype) / 127.5 - 1
+            latents = nearest_colour(latents, colours)
+        return self.image_processor.postprocess(latents, output_type)
 
     def _make_sampler(self, sampler: str | SchedulerMixin | None) -> SchedulerMixin:
         """A fresh scheduler for one call, so `self.scheduler` (what gets saved) is never mutated."""
@@ -758,6 +790,48 @@ class PunkDiffPipeline(DiffusionPipeline):
         if hub is None:
             raise ImportError("Publishing a PunkDiffPipeline uses punkdiff's Hub code: `pip install punkdiff`.")
         return hub
+
+
+def nearest_colour(images: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
+    """Every pixel of `images` `[N, C, H, W]` replaced by the nearest of `colours` `[P, C]` (same value scale).
+
+    Examples:
+        ```py
+        >>> nearest_colour(torch.tensor([[[[0.2]], [[0.9]]]]), torch.tensor([[0.0, 1.0], [1.0, 0.0]])).flatten()
+        tensor([0., 1.])
+        ```
+    """
+    pixels = images.movedim(1, -1)
+    nearest = torch.cdist(pixels.reshape(-1, pixels.shape[-1]), colours).argmin(dim=1)
+    return colours[nearest].reshape(pixels.shape).movedim(-1, 1)
+
+
+def read_palette(path: str | os.PathLike[str]) -> torch.Tensor:
+    """A `palette.json` (`{"colors": ["#rrggbb", ...]}`, or `"#gg"`-style one-channel values) -> uint8 `[P, C]`."""
+    colours = json.loads(Path(path).read_text())["colors"]
+    if not colours or not all(isinstance(c, str) and c.startswith("#") for c in colours):
+        raise ValueError(f"{path}: 'colors' must be a non-empty list of '#rrggbb' strings.")
+    return torch.tensor([list(bytes.fromhex(c[1:])) for c in colours], dtype=torch.uint8)
+
+
+def write_palette(path: str | os.PathLike[str], palette: torch.Tensor | np.ndarray) -> None:
+    """Write uint8 colours `[P, C]` as `palette.json`, the form `read_palette` reads."""
+    colours = ["#" + bytes(int(v) for v in colour).hex() for colour in np.asarray(palette, dtype=np.uint8)]
+    Path(path).write_text(json.dumps({"colors": colours}) + "\n")
+
+
+def _palette_path(model: str | os.PathLike[str], revision: str | None) -> Path | None:
+    """The model's `palette.json`: in a local folder, or fetched from a Hub repo (None when it has none)."""
+    if Path(model).is_dir():
+        path = Path(model) / PALETTE_FILE
+        return path if path.is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(str(model), PALETTE_FILE, revision=revision))
+    except (EntryNotFoundError, LocalEntryNotFoundError):
+        return None
 
 
 def _punkdiff_hub() -> Any:

@@ -18,7 +18,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from punkdiff.data import DataError, ImageTensorDataset, load_image_dataset, load_training_images, to_model_input
+from punkdiff.data import (
+    DataError,
+    ImageTensorDataset,
+    ImageTransform,
+    load_image_dataset,
+    load_training_images,
+    pixel_art_palette,
+    to_model_input,
+)
 from punkdiff.presets import DataSpec, get_preset
 
 PUNK_BLUE = (0x63, 0x85, 0x96)
@@ -126,6 +134,16 @@ def test_punks_24_transparent_background_becomes_the_stated_colour(punks24, punk
         counts["opaque"] += opaque.sum()
         counts["partial"] += partial.sum()
     assert all(counts.values()), counts  # every kind of pixel was actually checked
+
+
+def test_pixel_art_palette_is_every_colour_of_the_punks_and_none_for_photos(punks24, mnist_train, cache_root):
+    images = punks24.images.numpy()
+    palette = pixel_art_palette(images, ImageTransform.from_spec(spec("punks-24")))
+    naive = np.unique(images.transpose(0, 2, 3, 1).reshape(-1, 3), axis=0)
+    np.testing.assert_array_equal(palette, naive)  # sorted the same way: by R, then G, then B
+    assert 100 < len(palette) <= 256 and [0x63, 0x85, 0x96] in palette.tolist()  # the background is a colour
+    digits = load(mnist_train.select(range(200)), spec("mnist-baseline-16"), cache_root).images.numpy()
+    assert pixel_art_palette(digits, ImageTransform.from_spec(spec("mnist-baseline-16"))) is None  # bilinear
 
 
 def test_rgba_background_is_a_choice(punks_train, cache_root):

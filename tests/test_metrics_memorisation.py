@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from punkdiff.metrics.memorisation import memorisation, snap_to_palette, training_palette
+from punkdiff.data import pixel_art_palette
+from punkdiff.metrics.memorisation import memorisation, snap_to_palette
 
 
 def test_training_digits_fed_back_are_copies_and_test_digits_are_not(mnist16, digit_classifier):
@@ -21,12 +22,12 @@ def test_training_digits_fed_back_are_copies_and_test_digits_are_not(mnist16, di
 
 def test_punk_copies_survive_palette_snapping(punks24):
     pool = punks24.train
-    palette = training_palette(pool)
+    palette = pixel_art_palette(pool, punks24.transform)
     assert palette is not None and len(palette) <= 256
-    assert memorisation(pool[:50], pool, pixel_art=True)["exact_copy_rate"] == 1.0
+    assert memorisation(pool[:50], pool, palette=palette)["exact_copy_rate"] == 1.0
     # a copy whose background is off by a shade (a sampler's rounding) is still a copy once snapped
     shaded = pool[:50].copy()
     shaded[shaded == 99] = 100
-    assert memorisation(shaded, pool, pixel_art=True)["exact_copy_rate"] == 1.0
-    assert memorisation(punks24.heldout[:200], pool, pixel_art=True)["exact_copy_rate"] < 0.02
+    assert memorisation(shaded, pool, palette=palette)["exact_copy_rate"] == 1.0
+    assert memorisation(punks24.heldout[:200], pool, palette=palette)["exact_copy_rate"] < 0.02
     np.testing.assert_array_equal(snap_to_palette(pool[:5], palette), pool[:5])

@@ -263,8 +263,9 @@ def test_repaint_jump_back_noises_to_the_level_above():
 
 
 def test_pipeline_file_imports_only_torch_diffusers_numpy_pil_and_stdlib():
-    """The file travels with models: punkdiff itself is reached only by `_punkdiff_hub`, which tolerates its absence."""
-    allowed = {"torch", "diffusers", "numpy", "PIL"} | set(sys.stdlib_module_names)
+    """The file travels with models: punkdiff itself is reached only by `_punkdiff_hub`, which tolerates its absence
+    (huggingface_hub is diffusers' own dependency)."""
+    allowed = {"torch", "diffusers", "huggingface_hub", "numpy", "PIL"} | set(sys.stdlib_module_names)
     tree = ast.parse(PIPELINE_FILE.read_text())
     optional = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_punkdiff_hub")
     [guarded] = [n for n in ast.walk(optional) if isinstance(n, ast.Try)]
@@ -295,6 +296,46 @@ def test_save_pretrained_is_loadable_by_stock_diffusers(pipe, tmp_path):
     ours = PunkDiffPipeline.from_pretrained(tmp_path)
     for name, tensor in pipe.unet.state_dict().items():
         assert torch.equal(ours.unet.state_dict()[name], tensor), name
+
+
+PALETTE = torch.tensor([[99, 133, 150], [0, 0, 0], [255, 255, 255], [200, 30, 40]], dtype=torch.uint8)
+
+
+def test_a_palette_snaps_every_final_image_and_travels_with_the_folder(tmp_path):
+    """Pixel art: every output pixel is a palette colour (the nearest one), in samples, reconstructions and inpaints;
+    `palette.json` is saved and loaded back, and stock diffusers still loads the folder."""
+    from diffusers import DDPMPipeline
+
+    from punkdiff.pipelines.punkdiff_pipeline import nearest_colour
+
+    pipe = tiny_pipeline(channels=3)
+    pipe.palette = PALETTE
+    kwargs = dict(sampler="ddim", num_inference_steps=4, output_type="np")
+    raw = pipe(batch_size=3, generator=generators(0, 1, 2), snap_to_palette=False, **kwargs).images
+    snapped = pipe(batch_size=3, generator=generators(0, 1, 2), **kwargs).images
+    colours = {tuple(c) for c in PALETTE.tolist()}
+    assert {tuple(p) for p in (snapped * 255).round().astype(int).reshape(-1, 3).tolist()} <= colours
+    expected = nearest_colour(torch.from_numpy(raw).permute(0, 3, 1, 2) * 2 - 1, PALETTE / 127.5 - 1)
+    np.testing.assert_allclose(snapped, (expected.permute(0, 2, 3, 1).numpy() + 1) / 2, atol=1e-6)
+    assert len({tuple(p) for p in (raw * 255).round().astype(int).reshape(-1, 3).tolist()}) > len(colours)
+    image = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(1, 1, 8, 8)
+    for out in (pipe.reconstruct(image, t_start=500, generator=generators(0, 1), **kwargs).images,
+                pipe.inpaint(image, mask, num_inference_steps=4, jump_length=1, jump_n_sample=1,
+                             generator=generators(0, 1), output_type="np").images):
+        assert {tuple(p) for p in (out * 255).round().astype(int).reshape(-1, 3).tolist()} <= colours
+
+    pipe.save_pretrained(tmp_path)
+    assert PunkDiffPipeline.from_pretrained(tmp_path).palette.tolist() == PALETTE.tolist()
+    assert type(DDPMPipeline.from_pretrained(tmp_path)) is DDPMPipeline
+    assert PunkDiffPipeline.from_pretrained(tmp_path).__call__(
+        batch_size=3, generator=generators(0, 1, 2), **kwargs).images.tolist() == snapped.tolist()
+
+
+def test_without_a_palette_nothing_is_snapped_or_saved(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    assert not (tmp_path / "palette.json").exists()
+    assert PunkDiffPipeline.from_pretrained(tmp_path).palette is None
 
 
 def test_save_pretrained_push_to_hub_uploads_the_finished_folder(pipe, tmp_path, monkeypatch):

@@ -158,6 +158,27 @@ def test_run_writes_pipeline_grid_curve_summary_and_logs(mnist_dir, cache_dir, t
     assert [e.step for e in events.Scalars("eval_swd")] == [3, 6]
 
 
+def test_pixel_art_run_snaps_its_grids_and_exports_its_palette(punks_dir, cache_dir, tmp_path):
+    """A punk model's grid holds only training colours, and its export carries the palette its pipeline snaps to."""
+    from PIL import Image
+
+    from punkdiff import PunkDiffPipeline
+
+    out = tmp_path / "run"
+    code = train_main(["--preset", "punks-24-cpu", "--dataset", str(punks_dir), "--max-train-samples", "64",
+                       "--batch-size", "8", "--max-steps", "2", "--report-to", "none", "--cache-dir", str(cache_dir),
+                       "--output-dir", str(out), "--set", "model.block_out_channels=[8,16]",
+                       "--set", "train.num_sample_images=4", "--set", "train.sample_inference_steps=3"])
+    assert code == 0
+    pipe = PunkDiffPipeline.from_pretrained(out / "pipeline")
+    palette = {tuple(c) for c in pipe.palette.tolist()}
+    assert (0x63, 0x85, 0x96) in palette and len(palette) <= 256  # the first 64 punks' colours, background included
+    grid = np.asarray(Image.open(out / "samples.png").convert("RGB")).reshape(-1, 3)
+    assert {tuple(c) for c in grid.tolist()} <= palette | {(128, 128, 128)}  # and the grey gaps between tiles
+    images = pipe(batch_size=2, sampler="ddim", num_inference_steps=3, output_type="np").images
+    assert {tuple(c) for c in (images * 255).round().astype(int).reshape(-1, 3).tolist()} <= palette
+
+
 # --- failure ------------------------------------------------------------------------------------
 
 

@@ -27,7 +27,14 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from punkdiff.data import DataError, default_cache_dir, load_training_images, to_model_input
+from punkdiff.data import (
+    DataError,
+    ImageTransform,
+    default_cache_dir,
+    load_training_images,
+    pixel_art_palette,
+    to_model_input,
+)
 from punkdiff.hub import ModelCardInfo, ModelFolderError, export_pipeline, push_to_hub
 from punkdiff.presets import PresetError
 from punkdiff.training import TrainingError
@@ -107,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
             dataset = load_training_images(
                 preset.data.dataset, preset.data, cache_dir=args.cache_dir, progress=accelerator.is_main_process
             )
+        # pixel art (CryptoPunks) keeps its colours: grids and the export snap samples to the training palette
+        palette = pixel_art_palette(dataset.images, ImageTransform.from_spec(preset.data))
         on_device = args.data_on_device == "yes" or (
             args.data_on_device == "auto" and accelerator.device.type == "cuda" and dataset.images.nbytes < 2**31
         )
@@ -197,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
         """A DDIM grid from the EMA weights with a fixed seed, saved and logged, comparable over time."""
         grid = ema_sample_grid(
             accelerator.unwrap_model(model), ema, noise_scheduler, train_spec.num_sample_images,
-            train_spec.sample_inference_steps, args.seed,
+            train_spec.sample_inference_steps, args.seed, palette=palette,
         )
         (output_dir / "samples").mkdir(parents=True, exist_ok=True)
         grid.save(output_dir / "samples" / f"step-{step:07d}.png")
@@ -322,6 +331,7 @@ def run(args: argparse.Namespace) -> int:
                 metrics=monitor.card_metrics() if monitor is not None else None,
             ),
             sample_grid=last_grid,
+            palette=palette,
         )
         summary = {
             "preset": preset.name,

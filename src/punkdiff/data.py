@@ -448,6 +448,33 @@ class ImageTensorDataset(torch.utils.data.Dataset):
         return ImageTensorDataset(self.images.to(device))
 
 
+MAX_PALETTE = 256  # more colours than this is not pixel art
+
+
+def pixel_art_palette(images: np.ndarray | torch.Tensor, transform: ImageTransform) -> np.ndarray | None:
+    """The distinct colours uint8 `[P, C]` of pixel-art training images `[N, C, H, W]` (resized "nearest", at
+    most `MAX_PALETTE` colours), else None. Models of pixel art snap their samples to it for display and scoring.
+
+    Examples:
+        ```py
+        >>> images = np.zeros((2, 3, 4, 4), dtype=np.uint8); images[1] = 255
+        >>> pixel_art_palette(images, ImageTransform(4, 3, resize_filter="nearest")).tolist()
+        [[0, 0, 0], [255, 255, 255]]
+        ```
+    """
+    if transform.resize_filter != "nearest":
+        return None
+    images = np.asarray(images)
+    packed = np.zeros(images.shape[:1] + images.shape[2:], dtype=np.int64)
+    for c in range(images.shape[1]):  # one integer per pixel, so np.unique works on a flat array
+        packed = packed * 256 + images[:, c]
+    codes = np.unique(packed)
+    if len(codes) > MAX_PALETTE:
+        return None
+    shifts = 8 * np.arange(images.shape[1] - 1, -1, -1)
+    return ((codes[:, None] >> shifts) & 255).astype(np.uint8)
+
+
 def to_model_input(
     batch: torch.Tensor, random_flip: bool = False, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -473,7 +500,7 @@ def sklearn_digits():
     pixels = np.pad(pixels, ((0, 0), (2, 2), (2, 2)))
     return datasets.Dataset.from_dict(
         {"image": [Image.fromarray(p, mode="L") for p in pixels], "label": digits.target.tolist()},
-        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}),
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list("0123456789"))}),
     )
 
 

@@ -23,6 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import PIL.Image
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
@@ -31,7 +32,7 @@ from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, Mo
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 from safetensors import safe_open
 
-from punkdiff.pipelines.punkdiff_pipeline import PunkDiffPipeline
+from punkdiff.pipelines.punkdiff_pipeline import PALETTE_FILE, PunkDiffPipeline, read_palette
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -151,13 +152,15 @@ def export_pipeline(
     *,
     card: ModelCardInfo | Mapping[str, Any] | None = None,
     sample_grid: PIL.Image.Image | None = None,
+    palette: np.ndarray | None = None,
 ) -> Path:
     """Write a Hub-ready model folder, replacing `output_dir` only once the new export is complete and valid.
 
     The schedule is saved as a `DDPMScheduler` (the training process), so stock `DDPMPipeline` and
     `DDIMPipeline` load the folder; samplers are picked at call time. Pass an unwrapped UNet (e.g. the EMA
-    copy, not a DDP or compiled wrapper). An existing `output_dir` is replaced only if it is empty or is
-    itself an export, so a mistyped path never deletes a training run.
+    copy, not a DDP or compiled wrapper). A pixel-art model's training `palette` (uint8 `[P, C]`) is saved as
+    `palette.json`, so its pipeline snaps samples to it. An existing `output_dir` is replaced only if it is empty or
+    is itself an export, so a mistyped path never deletes a training run.
 
     Examples:
         ```py
@@ -177,6 +180,7 @@ def export_pipeline(
         if sample_grid is not None:
             sample_grid.save(staging / "samples.png")
         pipe = PunkDiffPipeline(unet=unet, scheduler=DDPMScheduler.from_config(scheduler.config))
+        pipe.palette = torch.as_tensor(palette) if palette is not None else None
         pipe.save_pretrained(staging, safe_serialization=True, model_card=card)
         validate_model_folder(staging)
         _move_into_place(staging, output_dir)
@@ -205,6 +209,8 @@ def validate_model_folder(folder: str | os.PathLike[str]) -> Path:
                             _read_json(folder / "scheduler" / "scheduler_config.json"))
     unet_config = _read_json(folder / "unet" / "config.json")
     _check_unet_config(folder / "unet" / "config.json", unet_config)
+    if (folder / PALETTE_FILE).exists():
+        _check_palette(folder / PALETTE_FILE, unet_config["in_channels"])
     weights = folder / "unet" / WEIGHTS_NAME
     if not weights.is_file():
         pickles = sorted(str(p.relative_to(folder)) for p in _pickle_files(folder))
@@ -251,6 +257,19 @@ _COMPONENTS = {"unet", "scheduler"}
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 # bounds shared with training presets: a sample size or schedule outside them is a broken or hostile file
 _MAX_SAMPLE_SIZE, _MAX_TIMESTEPS = 4096, 100_000
+
+
+def _check_palette(path: Path, channels: int) -> None:
+    try:
+        palette = read_palette(path)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ModelFolderError(
+            f"{path} is not a palette ({type(e).__name__}: {e}); it should be "
+            '{"colors": ["#rrggbb", ...]}: delete it (samples are then not snapped) or re-export the model.'
+        ) from e
+    if palette.shape[1] != channels or len(palette) > 4096:
+        raise ModelFolderError(f"{path} has {len(palette)} colours of {palette.shape[1]} channels; the UNet has "
+                               f"{channels} channels: delete the file or re-export the model.")
 
 
 def _check_model_index(path: Path, index: object) -> None:

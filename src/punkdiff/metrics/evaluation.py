@@ -4,6 +4,7 @@ Evaluation scores images, not models, so a peer's samples go through exactly thi
 smallest of the samples, the reference's train part and its held-out part), each metric is computed twice with the
 same seeds: samples vs `n` training images (the model's score) and `n` held-out real images vs the same training
 images (the floor: what a perfect model, one that draws new images from the data distribution, would get).
+Pixel art is scored as it is displayed: samples snapped to the training palette (`punkdiff.data.pixel_art_palette`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from punkdiff.data import pixel_art_palette
 from punkdiff.metrics.classifiers import Classifier, load_or_train_classifier, targets
 from punkdiff.metrics.frechet import frechet_distance, kernel_distance
-from punkdiff.metrics.memorisation import memorisation
+from punkdiff.metrics.memorisation import memorisation, snap_to_palette
 from punkdiff.metrics.precision_recall import precision_recall
 from punkdiff.metrics.reference import ReferenceData
 from punkdiff.metrics.swd import sliced_wasserstein_distance
@@ -45,6 +47,7 @@ class Evaluation:
     samples: np.ndarray
     nearest_index: np.ndarray
     seconds: float
+    palette_size: int | None = None
     not_computed: dict[str, str] = field(default_factory=lambda: dict(NEEDS_WEIGHTS))
 
     def to_json(self) -> dict[str, Any]:
@@ -54,6 +57,7 @@ class Evaluation:
             "classifier_held_out_scores": self.classifier_scores,
             "metrics": self.metrics,
             "histograms": self.histograms,
+            "samples_snapped_to_palette_of": self.palette_size,
             "not_computed": self.not_computed,
             "metrics_seconds": round(self.seconds, 2),
         }
@@ -92,6 +96,9 @@ def evaluate(
     n = min(len(samples), len(reference.train), len(reference.heldout))
     if n < 10:
         raise ValueError(f"too few images to score: {n} (need at least 10 samples and reference images)")
+    palette = pixel_art_palette(np.concatenate([reference.train, reference.heldout]), reference.transform)
+    if palette is not None:  # pixel art is scored as it is displayed
+        samples = snap_to_palette(samples, palette)
     rng = np.random.default_rng(seed)
     train_rows = np.sort(rng.permutation(len(reference.train))[:n])
     heldout_rows = np.sort(rng.permutation(len(reference.heldout))[:n])
@@ -114,7 +121,7 @@ def evaluate(
         )
         copies = memorisation(
             images, reference.train, features=(features[name], pool_features) if classifier else None,
-            pixel_art=reference.transform.resize_filter == "nearest",
+            palette=palette,
         )
         values.update({k: copies[k] for k in ("near_copy_share_pixels", "near_copy_share_features", "exact_copy_rate")
                        if k in copies})
@@ -140,6 +147,7 @@ def evaluate(
         samples=sets["model"],
         nearest_index=nearest_index,
         seconds=time.perf_counter() - start,
+        palette_size=len(palette) if palette is not None else None,
     )
 
 

@@ -6,8 +6,8 @@ that generalises copies no more than real data resembles itself.
 - Nearest neighbours in pixel space (and in a feature space, when one is given), with the ratio test of
   data-copying studies: a sample is a near-copy when its nearest training image is much closer than its second
   nearest (`d1 <= copy_ratio * d2`), which adapts to how crowded the data is around it.
-- For pixel art (resized with "nearest", a training palette of at most `MAX_PALETTE` colours): the share of
-  samples that equal a training image exactly once every pixel is snapped to the nearest palette colour.
+- For pixel art (`punkdiff.data.pixel_art_palette`): the share of samples that equal a training image exactly once
+  every pixel is snapped to the nearest palette colour.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-MAX_PALETTE = 256
+from punkdiff.pipelines.punkdiff_pipeline import nearest_colour
 
 
 def nearest_neighbours(queries: np.ndarray, pool: np.ndarray, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
@@ -37,21 +37,12 @@ def near_copy_share(distances: np.ndarray, copy_ratio: float = 1 / 3) -> float:
     return float(np.mean(distances[:, 0] <= copy_ratio * distances[:, 1]))
 
 
-def training_palette(images: np.ndarray) -> np.ndarray | None:
-    """The distinct colours `[P, C]` of uint8 images `[N, C, H, W]`, or None above `MAX_PALETTE` (not pixel art)."""
-    pixels = np.ascontiguousarray(np.moveaxis(np.asarray(images), 1, -1)).reshape(-1, images.shape[1])
-    palette = np.unique(pixels, axis=0)
-    return palette if len(palette) <= MAX_PALETTE else None
-
-
-def snap_to_palette(images: np.ndarray, palette: np.ndarray, block: int = 65536) -> np.ndarray:
-    """Replace every pixel of uint8 images `[N, C, H, W]` by the nearest palette colour."""
-    channels_last = np.moveaxis(np.asarray(images), 1, -1)
-    pixels = torch.as_tensor(channels_last.reshape(-1, images.shape[1]), dtype=torch.float32)
+def snap_to_palette(images: np.ndarray, palette: np.ndarray, block: int = 4096) -> np.ndarray:
+    """Replace every pixel of uint8 images `[N, C, H, W]` by the nearest palette colour (the pipeline's rule)."""
     colours = torch.as_tensor(palette, dtype=torch.float32)
-    nearest = torch.cat([torch.cdist(pixels[s:s + block], colours).argmin(dim=1) for s in range(0, len(pixels), block)])
-    snapped = palette[nearest.numpy()].reshape(channels_last.shape)
-    return np.ascontiguousarray(np.moveaxis(snapped, -1, 1))
+    images = torch.as_tensor(np.asarray(images))
+    snapped = [nearest_colour(images[s:s + block].float(), colours) for s in range(0, len(images), block)]
+    return torch.cat(snapped).round().to(torch.uint8).numpy()
 
 
 def exact_copy_rate(images: np.ndarray, training: np.ndarray) -> float:
@@ -66,14 +57,14 @@ def memorisation(
     *,
     features: tuple[np.ndarray, np.ndarray] | None = None,
     copy_ratio: float = 1 / 3,
-    pixel_art: bool = False,
+    palette: np.ndarray | None = None,
 ) -> dict[str, object]:
     """Nearest training image of each uint8 sample `[N, C, H, W]` and the copy shares, for the report.
 
     `features` is `(sample_features, training_features)` for the same images in a feature space. Returns
     `nearest_index` and `nearest_distance` (pixel space, [0, 1] pixels), `near_copy_share_pixels`,
-    `near_copy_share_features` (when features are given) and, with `pixel_art`, `exact_copy_rate` (None when
-    the training images have more than `MAX_PALETTE` colours).
+    `near_copy_share_features` (when features are given) and, with a pixel-art `palette`, `exact_copy_rate`
+    (samples snapped to the palette first).
 
     Example:
         >>> import numpy as np
@@ -91,9 +82,6 @@ def memorisation(
     if features is not None:
         feature_distances, _ = nearest_neighbours(*features)
         result["near_copy_share_features"] = near_copy_share(feature_distances, copy_ratio)
-    if pixel_art:
-        palette = training_palette(training)
-        result["exact_copy_rate"] = (
-            exact_copy_rate(snap_to_palette(samples, palette), training) if palette is not None else None
-        )
+    if palette is not None:
+        result["exact_copy_rate"] = exact_copy_rate(snap_to_palette(samples, palette), training)
     return result

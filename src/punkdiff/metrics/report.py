@@ -130,6 +130,8 @@ def write_report(
     lines += [f"- **{k}**: {_format(v)}" for k, v in info.items() if not isinstance(v, dict)]
     lines += [f"- **images compared**: {evaluation.num_images} per set",
               f"- **feature space**: {evaluation.feature_space}"]
+    if evaluation.palette_size:
+        lines.append(f"- **pixel art**: samples snapped to the {evaluation.palette_size}-colour training palette")
     if evaluation.classifier_scores:
         scores = ", ".join(f"{k} {v:.4f}" for k, v in evaluation.classifier_scores.items())
         lines.append(f"- **classifier, on held-out real images**: {scores}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -22,8 +23,10 @@ def ema_sample_grid(
     num_images: int,
     num_inference_steps: int,
     seed: int,
+    palette: np.ndarray | None = None,
 ) -> Image.Image:
-    """A DDIM grid from the EMA weights in eval mode, image i from its own generator seeded `seed + i`.
+    """A DDIM grid from the EMA weights in eval mode, image i from its own generator seeded `seed + i`; pixel art
+    is snapped to its training `palette` (uint8 `[P, C]`), as the exported pipeline will do.
 
     Examples:
         ```py
@@ -35,6 +38,7 @@ def ema_sample_grid(
 
     with averaged_weights(unet, ema) as averaged:
         pipe = PunkDiffPipeline(unet=averaged, scheduler=noise_scheduler)
+        pipe.palette = torch.as_tensor(palette) if palette is not None else None
         pipe.set_progress_bar_config(disable=True)
         images = pipe(
             batch_size=num_images,
