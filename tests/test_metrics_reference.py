@@ -28,6 +28,16 @@ def test_single_split_is_halved_into_disjoint_parts(punks24):
     assert punks24.train.shape == (1000, 3, 24, 24)
 
 
+def test_the_demos_built_in_digits_are_a_reference_offline(metrics_cache):
+    """`punkdiff demo` learns the embedded scikit-learn digits: its evaluation needs them as a reference too."""
+    from punkdiff.metrics.reference import load_reference
+
+    digits = load_reference("sklearn-digits", ImageTransform(16, 1, resize_filter="bilinear"), cache_dir=metrics_cache,
+                            progress=False)
+    assert len(digits.train) + len(digits.heldout) == 1797 and digits.train.shape[1:] == (1, 16, 16)
+    assert sorted(set(digits.heldout_columns["label"])) == list(range(10))
+
+
 def test_model_transform_reads_the_run_summary_or_the_preset(tmp_path):
     (tmp_path / "pipeline").mkdir()
     summary = {"config": {"data": {"background": "#638596", "resize_filter": "nearest", "center_crop": False}}}

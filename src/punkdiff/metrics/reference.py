@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from punkdiff.data import DataError, ImageTransform, load_image_dataset, load_training_images
+from punkdiff.data import BUILTIN_DATASETS, DataError, ImageTransform, load_image_dataset, load_training_images
 from punkdiff.presets import DataSpec
 
 # a held-out split, in order of preference, when the caller names none
@@ -111,6 +111,8 @@ def _load_split(source, transform: ImageTransform, split: str, max_images: int |
 def _split_names(source) -> list[str]:
     import datasets
 
+    if str(source) in BUILTIN_DATASETS:  # built in (the demo's digits): one split, no Hub to ask
+        return ["train"]
     try:
         return list(datasets.get_dataset_split_names(str(source)))
     except Exception as err:  # datasets raises many types for an unknown or offline source
