@@ -11,6 +11,7 @@ import PIL.Image
 import pytest
 from diffusers import DDPMScheduler
 from fake_hub import fake_hub
+from huggingface_hub import ModelCard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tiny_models import tiny_unet
@@ -321,17 +322,20 @@ def test_eval_samples_then_scores_with_floors_and_a_report(tmp_path, mnist_dir, 
     model = export_pipeline(tiny_unet(channels=1, sample_size=16), DDPMScheduler(), tmp_path / "digits")
     common = ["--reference", str(mnist_dir), "--preset", "mnist-baseline-16", "--cache-dir", str(metrics_cache)]
     code = main(["eval", str(model), *common, "--num-samples", "40", "--steps", "3", "--batch-size", "20",
-                 "--reconstruction-images", "4", "--out", str(tmp_path / "eval"), "--device", "cpu"])
+                 "--reconstruction-images", "4", "--out", str(tmp_path / "eval"), "--device", "cpu",
+                 "--update-card"])
     assert code == 0
     out = capsys.readouterr().out
     assert "fd_classifier" in out and str((tmp_path / "eval" / "report.md").resolve()) in out
+    assert f"model card updated: {(model / 'README.md').resolve()}" in out
+    card_values = {r.metric_name: r.metric_value for r in ModelCard.load(model / "README.md").data.eval_results}
     import json
 
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["num_images"] == 40 and metrics["preprocessing"] == "preset 'mnist-baseline-16'"
     # an untrained model's noise is far from digits; the floor (real vs real) is not
     fd = metrics["metrics"]["fd_classifier"]
-    assert fd["model"] > 10 * fd["floor"]
+    assert fd["model"] > 10 * fd["floor"] and card_values["fd_classifier (40 samples, ddim-3)"] == fd["model"]
     assert len(metrics["reconstruction"]["t"]) >= 2
     assert metrics["not_computed"] == {name: "not computed: weights unavailable"
                                        for name in ("fid", "kid_inception", "inception_score", "fd_dinov2")}

@@ -29,6 +29,8 @@ from punkdiff.metrics.reference import ReferenceData
 from punkdiff.metrics.swd import sliced_wasserstein_distance
 
 if TYPE_CHECKING:
+    from transformers import Dinov2Model
+
     from punkdiff.metrics.inception import InceptionFeatures
 
 # How to read each metric: which way is better.
@@ -80,7 +82,7 @@ def evaluate(
     seed: int = 0,
     cache_dir: str | None = None,
     inception: InceptionFeatures | None = None,
-    dinov2: Any = None,
+    dinov2: Dinov2Model | None = None,
     progress: bool = True,
 ) -> Evaluation:
     """Score uint8 samples `[N, C, H, W]` (already at the reference's resolution) against `reference`.
@@ -117,19 +119,20 @@ def evaluate(
     heldout_rows = np.sort(rng.permutation(len(reference.heldout))[:n])
     sets = {"model": samples[:n], "floor": reference.heldout[heldout_rows]}
     real = reference.train[train_rows]
+    every = {**sets, "real": real}
 
     if classifier == "auto":
         classifier = load_or_train_classifier(reference, seed=seed, cache_dir=cache_dir, progress=progress)
-    predictions = {k: classifier.predict(v) for k, v in {**sets, "real": real}.items()} if classifier else None
+    predictions = {k: classifier.predict(v) for k, v in every.items()} if classifier else None
     pool_features = classifier.predict(reference.train)["features"] if classifier else None
-    flat = {k: v.reshape(n, -1).astype(np.float64) / 255.0 for k, v in {**sets, "real": real}.items()}
+    flat = {k: v.reshape(n, -1).astype(np.float64) / 255.0 for k, v in every.items()}
     features = {k: p["features"] for k, p in predictions.items()} if predictions else flat
-
-    every = {**sets, "real": real}
-    pool_logits = {k: inception_features(inception, v, progress=progress) for k, v in every.items()} if inception \
-        else None
-    dino = {k: dinov2_features(dinov2, v, progress=progress) for k, v in every.items()} if dinov2 is not None else None
-    not_computed = {name: WEIGHTS_UNAVAILABLE for name in (() if inception else INCEPTION_METRICS)
+    pool_logits = dino = None
+    if inception is not None:
+        pool_logits = {k: inception_features(inception, v, progress=progress) for k, v in every.items()}
+    if dinov2 is not None:
+        dino = {k: dinov2_features(dinov2, v, progress=progress) for k, v in every.items()}
+    not_computed = {name: WEIGHTS_UNAVAILABLE for name in (() if inception is not None else INCEPTION_METRICS)
                     + (() if dinov2 is not None else DINOV2_METRICS)}
 
     per_set: dict[str, dict[str, Any]] = {}

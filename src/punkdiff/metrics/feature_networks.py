@@ -28,7 +28,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from punkdiff.hub import PICKLE_SUFFIXES
+
 if TYPE_CHECKING:
+    from transformers import Dinov2Model
+
     from punkdiff.metrics.inception import InceptionFeatures
 
 INCEPTION_ENV = "PUNKDIFF_INCEPTION_WEIGHTS"
@@ -39,7 +43,6 @@ CONVERT_INCEPTION = (
 )
 DINOV2_SIZE = 224
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 class WeightsError(ValueError):
@@ -84,7 +87,7 @@ def load_inception(path: str | os.PathLike) -> InceptionFeatures:
 
     path = Path(path)
     convert = f"convert the official weights once, in an environment you trust: {CONVERT_INCEPTION}"
-    if path.suffix.lower() in _PICKLE_SUFFIXES:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
         raise WeightsError(f"{path} is a pickle file, and punkdiff never unpickles (that can run code); {convert}")
     if not path.is_file():
         raise WeightsError(f"{path} is not a file; give the Inception weights as a .safetensors file ({convert})")
@@ -99,7 +102,7 @@ def load_inception(path: str | os.PathLike) -> InceptionFeatures:
         raise WeightsError(f"{path} does not hold the FID InceptionV3 weights ({detail}); {convert}") from None
 
 
-def load_dinov2(path: str | os.PathLike):
+def load_dinov2(path: str | os.PathLike) -> Dinov2Model:
     """A transformers `Dinov2Model` from a local folder (config.json + model.safetensors), in eval mode.
 
     Examples:
@@ -115,7 +118,7 @@ def load_dinov2(path: str | os.PathLike):
         raise WeightsError(f"{path} is not a transformers model folder (no config.json); give a local DINOv2 folder "
                            "such as a copy of facebook/dinov2-base")
     if not any(path.glob("*.safetensors")):
-        pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES)
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
         found = f"only pickle weights ({', '.join(pickles)}), which punkdiff never unpickles" if pickles else \
             "no weights"
         raise WeightsError(f"{path} has {found}; save the model with `save_pretrained(folder)` (safetensors, the "
@@ -139,7 +142,9 @@ def inception_features(
     return torch.cat(pools).numpy(), torch.cat(logits).numpy()
 
 
-def dinov2_features(model, images: np.ndarray, *, batch_size: int = 32, progress: bool = True) -> np.ndarray:
+def dinov2_features(
+    model: Dinov2Model, images: np.ndarray, *, batch_size: int = 32, progress: bool = True
+) -> np.ndarray:
     """The CLS token after the final layer norm (transformers' `pooler_output`), float64, for uint8 `[N, C, H, W]`."""
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)

@@ -34,8 +34,6 @@ class InceptionFeatures(FeatureExtractorInceptionV3):
                              feature_extractor_weights_path=buffer)
 
 
-
-
 @contextlib.contextmanager
 def _weights_only_torch_load() -> Iterator[None]:
     """Force `torch.load(weights_only=True)` inside the block, whatever the caller asks for."""
