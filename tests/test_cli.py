@@ -304,7 +304,7 @@ def test_fuzzed_sample_flags_sample_or_say_what_is_wrong(model_dir, tmp_path, fl
     """Any values for any `sample` flags: images (small runs only), or exit 2 with a message; never a traceback."""
     argv = ["sample", str(model_dir), "--out", str(tmp_path / "grid.png"), "--steps", "2", "--num-images", "2"]
     for flag, value in flags:
-        if flag in ("--steps", "--num-images") and value.lstrip("-").isdigit() and int(value) > 6:
+        if flag in ("--steps", "--num-images") and value.lstrip("-").isdecimal() and int(value) > 6:
             value = "6"  # keep the runs that are valid short
         argv += [flag, value if flag not in ("--out", "--out-dir") else str(tmp_path / value.replace("/", "_"))]
     err = io.StringIO()

@@ -166,6 +166,10 @@ def _load_model(args: argparse.Namespace):
         raise UsageError(f"--device {args.device!r} is not a device; use cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device} asked for, but this machine has no usable CUDA GPU; use cpu")
+    try:
+        torch.empty(0, device=device)  # e.g. mps on a machine or a torch build without it
+    except (RuntimeError, AssertionError):
+        raise UsageError(f"--device {args.device} is not available on this machine or torch build; use cpu") from None
     pipe = load_pipeline(args.model, dtype=getattr(torch, args.dtype)).to(device)
     num_train_timesteps = pipe.scheduler.config.num_train_timesteps
     if getattr(args, "steps", None) is not None and args.steps > num_train_timesteps:
