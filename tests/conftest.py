@@ -103,6 +103,22 @@ def punk_classifier(punks24, metrics_cache):
     return load_or_train_classifier(punks24, cache_dir=metrics_cache, progress=False)
 
 
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory) -> Path:
+    """A randomly initialised FID Inception as safetensors (real weights cannot be downloaded here)."""
+    from tiny_models import random_inception_weights
+
+    return random_inception_weights(tmp_path_factory.mktemp("inception") / "inception-fid.safetensors")
+
+
+@pytest.fixture(scope="session")
+def dinov2_folder(tmp_path_factory) -> Path:
+    """A tiny randomly initialised DINOv2 folder (config.json + model.safetensors)."""
+    from tiny_models import tiny_dinov2
+
+    return tiny_dinov2(tmp_path_factory.mktemp("dinov2"))
+
+
 # ---- Parity report (used by tests/test_parity.py; owned by the parity suite) ----------------------------
 # Each parity test records the largest |diffusers - reference| it saw; the maxima per family are printed at the
 # end of the run, so `pytest -m parity -q` shows the measured numbers and not just "passed".

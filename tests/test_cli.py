@@ -11,6 +11,7 @@ import PIL.Image
 import pytest
 from diffusers import DDPMScheduler
 from fake_hub import fake_hub
+from huggingface_hub import ModelCard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tiny_models import tiny_unet
@@ -303,7 +304,7 @@ def test_fuzzed_sample_flags_sample_or_say_what_is_wrong(model_dir, tmp_path, fl
     """Any values for any `sample` flags: images (small runs only), or exit 2 with a message; never a traceback."""
     argv = ["sample", str(model_dir), "--out", str(tmp_path / "grid.png"), "--steps", "2", "--num-images", "2"]
     for flag, value in flags:
-        if flag in ("--steps", "--num-images") and value.lstrip("-").isdigit() and int(value) > 6:
+        if flag in ("--steps", "--num-images") and value.lstrip("-").isdecimal() and int(value) > 6:
             value = "6"  # keep the runs that are valid short
         argv += [flag, value if flag not in ("--out", "--out-dir") else str(tmp_path / value.replace("/", "_"))]
     err = io.StringIO()
@@ -315,28 +316,67 @@ def test_fuzzed_sample_flags_sample_or_say_what_is_wrong(model_dir, tmp_path, fl
         return
     assert code == 0 or (code == 2 and err.getvalue().startswith("punkdiff sample: ")), err.getvalue()
 def test_eval_samples_then_scores_with_floors_and_a_report(tmp_path, mnist_dir, mnist16, digit_classifier,
-                                                           metrics_cache, capsys):
+                                                           metrics_cache, capsys, monkeypatch):
+    monkeypatch.delenv("PUNKDIFF_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.delenv("PUNKDIFF_DINOV2", raising=False)
     model = export_pipeline(tiny_unet(channels=1, sample_size=16), DDPMScheduler(), tmp_path / "digits")
     common = ["--reference", str(mnist_dir), "--preset", "mnist-baseline-16", "--cache-dir", str(metrics_cache)]
     code = main(["eval", str(model), *common, "--num-samples", "40", "--steps", "3", "--batch-size", "20",
-                 "--reconstruction-images", "4", "--out", str(tmp_path / "eval"), "--device", "cpu"])
+                 "--reconstruction-images", "4", "--out", str(tmp_path / "eval"), "--device", "cpu",
+                 "--update-card"])
     assert code == 0
     out = capsys.readouterr().out
     assert "fd_classifier" in out and str((tmp_path / "eval" / "report.md").resolve()) in out
+    assert f"model card updated: {(model / 'README.md').resolve()}" in out
+    card_values = {r.metric_name: r.metric_value for r in ModelCard.load(model / "README.md").data.eval_results}
     import json
 
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["num_images"] == 40 and metrics["preprocessing"] == "preset 'mnist-baseline-16'"
     # an untrained model's noise is far from digits; the floor (real vs real) is not
     fd = metrics["metrics"]["fd_classifier"]
-    assert fd["model"] > 10 * fd["floor"]
+    assert fd["model"] > 10 * fd["floor"] and card_values["fd_classifier (40 samples, ddim-3)"] == fd["model"]
     assert len(metrics["reconstruction"]["t"]) >= 2
+    assert metrics["not_computed"] == {name: "not computed: weights unavailable"
+                                       for name in ("fid", "kid_inception", "inception_score", "fd_dinov2")}
 
     # a peer's samples, scored by the same code: real test digits as a uint8 .npy, no model
     np.save(tmp_path / "peer.npy", mnist16.heldout[:40])
     assert main(["eval", "--samples", str(tmp_path / "peer.npy"), *common, "--out", str(tmp_path / "peer")]) == 0
     peer = json.loads((tmp_path / "peer" / "metrics.json").read_text())["metrics"]["fd_classifier"]
     assert peer["model"] < fd["model"] / 10
+
+
+def test_eval_with_inception_and_dinov2_weights(tmp_path, mnist_dir, mnist16, digit_classifier, metrics_cache,
+                                               inception_weights, dinov2_folder, monkeypatch, capsys):
+    """The Inception weights from the flag, DINOv2 from the environment: FID, KID, IS and FD-DINOv2 beside their
+    floors (random networks, so only their presence and sanity are asserted, not their values)."""
+    monkeypatch.setenv("PUNKDIFF_DINOV2", str(dinov2_folder))
+    np.save(tmp_path / "samples.npy", mnist16.heldout[-10:])
+    assert main(["eval", "--samples", str(tmp_path / "samples.npy"), "--preset", "mnist-baseline-16", "--reference",
+                 str(mnist_dir), "--cache-dir", str(metrics_cache), "--inception-weights", str(inception_weights),
+                 "--out", str(tmp_path / "eval")]) == 0
+    import json
+
+    data = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert data["not_computed"] == {} and data["num_images"] == 10
+    m = data["metrics"]
+    for name in ("fid", "kid_inception", "fd_dinov2"):
+        assert m[name]["better"] == "lower" and m[name]["model"] > 0 and m[name]["floor"] > 0
+    assert m["inception_score"]["better"] == "higher" and m["inception_score"]["model"] > 1
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert f"| fid | {m['fid']['model']:.4g} | {m['fid']['floor']:.4g} | lower |" in report
+    assert "not computed" not in report and "fd_dinov2" in capsys.readouterr().out
+
+
+def test_eval_weights_errors_are_usage_errors(tmp_path, mnist_dir, capsys):
+    (tmp_path / "weights-inception.pth").write_bytes(b"\x80\x04not really")
+    common = ["eval", "--samples", str(tmp_path), "--preset", "mnist-baseline-16", "--reference", str(mnist_dir)]
+    assert main([*common, "--inception-weights", str(tmp_path / "weights-inception.pth")]) == 2
+    assert "never unpickles" in capsys.readouterr().err
+    assert main([*common, "--dinov2", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere (given) does not exist" in err and "Traceback" not in err
 
 
 def test_eval_without_model_or_samples_is_a_usage_error(tmp_path, capsys):

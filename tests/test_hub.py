@@ -16,7 +16,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDPMPipeline, DiffusionPipeline
+from diffusers import DDIMPipeline, DDPMPipeline, DDPMScheduler, DiffusionPipeline
 from fake_hub import fake_hub
 from huggingface_hub import ModelCard
 from hypothesis import HealthCheck, given, settings
@@ -33,6 +33,7 @@ from punkdiff.hub import (
     load_pipeline,
     push_to_hub,
     render_model_card,
+    update_model_card,
 )
 from punkdiff.pipelines import punkdiff_pipeline
 
@@ -57,8 +58,6 @@ def unet():
 
 @pytest.fixture(scope="module")
 def exported(unet, tmp_path_factory) -> Path:
-    from diffusers import DDPMScheduler
-
     grid = PIL.Image.new("L", (16, 16), color=128)
     return export_pipeline(
         unet, DDPMScheduler(), tmp_path_factory.mktemp("export") / "model", card=CARD, sample_grid=grid
@@ -103,6 +102,20 @@ def test_model_card_metadata_and_content(exported):
     bare = ModelCard(render_model_card(info))
     assert "Not measured yet." in bare.text and "samples.png" not in bare.text and bare.data.eval_results is None
     assert bare.data.datasets is None and "| Dataset | sklearn-digits |" in bare.text  # not a Hub id: no metadata
+
+
+def test_update_model_card_without_a_card_or_a_metrics_section(tmp_path):
+    folder = export_pipeline(tiny_unet(channels=1), DDPMScheduler(), tmp_path / "model")
+    (folder / "README.md").unlink()  # e.g. saved by plain diffusers: a card is written
+    update_model_card(folder, {"swd": 12.5}, "/data/local/mnist")
+    (result,) = ModelCard.load(folder / "README.md").data.eval_results
+    assert (result.metric_name, result.metric_value, result.dataset_name) == ("swd", 12.5, "mnist")  # no local path
+    (folder / "README.md").write_text("---\nlicense: mit\n---\n\n# My model\n\nMine.\n")  # a card of one's own
+    update_model_card(folder, {"swd": 11.0, "fid": "not computed: weights unavailable"}, "ylecun/mnist")
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.license == "mit" and card.text.startswith("\n# My model\n\nMine.")
+    assert "## Metrics" in card.text and "| swd | 11 |" in card.text and "| fid | not computed" in card.text
+    assert [(r.metric_name, r.metric_value) for r in card.data.eval_results] == [("swd", 11.0)]
 
 
 @pytest.mark.parametrize(
@@ -166,8 +179,6 @@ def test_custom_pipeline_route_works_without_punkdiff(exported, tmp_path):
 
 
 def test_reexport_replaces_only_complete_exports(exported, unet, tmp_path):
-    from diffusers import DDPMScheduler
-
     target = Path(shutil.copytree(exported, tmp_path / "model"))
     before = {name: (target / name).read_bytes() for name in files_in(target)}
 

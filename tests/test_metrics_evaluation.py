@@ -26,6 +26,12 @@ def test_every_metric_has_a_floor_and_real_digits_score_near_it(scored):
     assert len(result.histograms["model"]) == 10 and abs(sum(result.histograms["heldout_true"]) - 1) < 1e-9
 
 
+def test_metrics_without_weights_are_listed_as_not_computed(scored):
+    result, _ = scored
+    for name in ("fid", "kid_inception", "inception_score", "fd_dinov2"):
+        assert result.not_computed[name] == "not computed: weights unavailable" and name not in result.metrics
+
+
 def test_same_seed_same_numbers(scored, mnist16, digit_classifier):
     result, samples = scored
     again = evaluate(samples, mnist16, classifier=digit_classifier, progress=False)

@@ -22,7 +22,9 @@ def test_report_files_and_figures(tmp_path, mnist16, digit_classifier):
     for name, m in result.metrics.items():
         assert data["metrics"][name]["floor"] == m["floor"]
         assert f"| {name} |" in text
-    assert "| FID | not computed: weights unavailable |" in text and data["not_computed"]["FD-DINOv2"]
+    # no Inception or DINOv2 weights given: said so, never a number
+    assert "| fid | not computed: weights unavailable |" in text and "fid" not in data["metrics"]
+    assert data["not_computed"]["fd_dinov2"] == "not computed: weights unavailable"
     for figure in ("samples.png", "class_histogram.png", "nearest_training_images.png", "reconstruction.png",
                    "reconstruction_curves.png"):
         assert f"({figure})" in text

@@ -28,3 +28,37 @@ def tiny_pipeline(channels: int = 3, sample_size: int = 8) -> PunkDiffPipeline:
     pipe = PunkDiffPipeline(tiny_unet(channels, sample_size), DDPMScheduler(num_train_timesteps=1000))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def random_inception_weights(path, seed: int = 0):
+    """The FID InceptionV3's state dict, randomly initialised, as safetensors at `path` (no real weights offline).
+
+    Convolutions get He-normal weights, so activations keep their scale through the 94 layers and the features
+    are not all ~0 (PyTorch's default initialisation shrinks them by orders of magnitude).
+    """
+    from safetensors.torch import save_file
+
+    from punkdiff.metrics.inception import InceptionFeatures
+
+    class Unloaded(InceptionFeatures):
+        def load_state_dict(self, state_dict, strict=True, assign=False):  # keep the random initialisation
+            return None
+
+    state = Unloaded({}).state_dict()
+    generator = torch.Generator().manual_seed(seed)
+    for tensor in state.values():
+        if tensor.ndim == 4:
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * (2 / tensor[0].numel()) ** 0.5)
+    save_file(state, path)
+    return path
+
+
+def tiny_dinov2(folder, seed: int = 0):
+    """A 2-layer, 32-wide random `Dinov2Model` saved with `save_pretrained` (safetensors) into `folder`."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(seed)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                          image_size=28, patch_size=14)
+    Dinov2Model(config).save_pretrained(folder)
+    return folder

@@ -166,6 +166,10 @@ def _load_model(args: argparse.Namespace):
         raise UsageError(f"--device {args.device!r} is not a device; use cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device} asked for, but this machine has no usable CUDA GPU; use cpu")
+    try:
+        torch.empty(0, device=device)  # e.g. mps on a machine or a torch build without it
+    except (RuntimeError, AssertionError):
+        raise UsageError(f"--device {args.device} is not available on this machine or torch build; use cpu") from None
     pipe = load_pipeline(args.model, dtype=getattr(torch, args.dtype)).to(device)
     num_train_timesteps = pipe.scheduler.config.num_train_timesteps
     if getattr(args, "steps", None) is not None and args.steps > num_train_timesteps:
@@ -337,64 +341,39 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed+i; the metrics' draws use the seed too")
+    p.add_argument("--inception-weights", default=None, metavar="PATH",
+                   help="the FID Inception as .safetensors, for FID, KID and IS (default: $PUNKDIFF_INCEPTION_WEIGHTS; "
+                   "without it they are reported as not computed; see the README to convert the official .pth)")
+    p.add_argument("--dinov2", default=None, metavar="PATH", help="a local transformers DINOv2 folder, for "
+                   "FD-DINOv2 (default: $PUNKDIFF_DINOV2; without it, not computed)")
+    p.add_argument("--update-card", action="store_true", help="also write the metrics into the model's card "
+                   "(README.md YAML model-index and Metrics table; a local model folder only)")
     _add_sampler_arguments(p, "default: 50")
     p.set_defaults(func=_run_eval)
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    import time
-
     from punkdiff.data import DataError
-    from punkdiff.metrics.evaluation import evaluate
-    from punkdiff.metrics.reconstruction import reconstruction_study
-    from punkdiff.metrics.reference import load_reference, model_transform, read_images
-    from punkdiff.metrics.report import write_report
-    from punkdiff.presets import PresetError, get_preset
-    from punkdiff.sampling import generate
+    from punkdiff.metrics.feature_networks import WeightsError
+    from punkdiff.metrics.model_evaluation import EvalOptions, EvaluationError, evaluate_model
+    from punkdiff.metrics.report import format_metrics
+    from punkdiff.presets import PresetError
 
-    if args.model is None and (args.samples is None or args.preset is None):
-        raise UsageError("give a MODEL to sample from, or --samples with --preset (resolution and preprocessing)")
-    out = Path(args.out)
-    if out.is_file():
-        raise UsageError(f"--out {out} is a file; give a folder (created if missing)")
-    args.steps = args.steps or 50
-    pipe = _load_model(args) if args.model else None
+    options = EvalOptions(
+        reference=args.reference, out=args.out, model=args.model, samples=args.samples, preset=args.preset,
+        split=args.split, heldout_split=args.heldout_split, num_samples=args.num_samples, batch_size=args.batch_size,
+        scheduler=args.scheduler, steps=args.steps or 50, eta=args.eta, seed=args.seed,
+        reconstruction_images=args.reconstruction_images, inception_weights=args.inception_weights,
+        dinov2=args.dinov2, update_card=args.update_card, cache_dir=args.cache_dir,
+    )
     try:
-        if pipe is not None:
-            resolution, channels = pipe.unet.config.sample_size, pipe.unet.config.in_channels
-        else:
-            resolution, channels = get_preset(args.preset).data.resolution, get_preset(args.preset).data.channels
-        transform, origin = model_transform(resolution, channels, preset=args.preset, model_dir=args.model)
-        reference = load_reference(args.reference, transform, split=args.split, heldout_split=args.heldout_split,
-                                   seed=args.seed, cache_dir=args.cache_dir)
-        start = time.perf_counter()
-        if args.samples:
-            samples = read_images(args.samples, transform)
-        else:
-            samples = generate(pipe, args.num_samples, seed=args.seed, batch_size=args.batch_size,
-                               sampler=args.scheduler, num_inference_steps=args.steps, eta=args.eta, output_type="np")
-            samples = (samples * 255).round().astype("uint8").transpose(0, 3, 1, 2)
-        sampling_s = time.perf_counter() - start
-    except (DataError, PresetError) as err:
+        result = evaluate_model(options, _load_model(args) if args.model else None)
+    except (DataError, PresetError, EvaluationError, WeightsError) as err:
         raise UsageError(str(err)) from None
-    result = evaluate(samples, reference, seed=args.seed, cache_dir=args.cache_dir)
-    study = None
-    if pipe is not None and args.reconstruction_images > 0:
-        originals = reference.heldout[: args.reconstruction_images]
-        study = (reconstruction_study(pipe, originals, sampler=args.scheduler, num_inference_steps=args.steps,
-                                      seed=args.seed), originals)
-    info = {
-        "model": args.model or "(none: existing images)", "samples": args.samples or "generated",
-        "reference": f"{args.reference} ({reference.description})", "preprocessing": origin,
-        "resolution": f"{resolution} px, {channels} channel(s)", "sampler": f"{args.scheduler}, {args.steps} steps",
-        "seed": args.seed, "sampling_seconds": round(sampling_s, 1), "metrics_seconds": round(result.seconds, 1),
-    }
-    report = write_report(result, out, training_images=reference.train, info=info, reconstruction=study)
-    print(f"{'metric':<30}{'model':>12}{'floor':>12}  better")
-    for name, m in result.metrics.items():
-        model, floor = (f"{v:.4g}" if v is not None else "n/a" for v in (m["model"], m["floor"]))
-        print(f"{name:<30}{model:>12}{floor:>12}  {m['better']}")
-    print(f"report: {report.resolve()}")
+    print(format_metrics(result.evaluation))
+    print(f"report: {result.report.resolve()}")
+    if result.card is not None:
+        print(f"model card updated: {result.card.resolve()}")
     return 0
 
 

@@ -84,12 +84,7 @@ class ModelCardInfo:
 def render_model_card(info: ModelCardInfo, *, has_samples: bool = False) -> str:
     """Render `model_cards/template.md` with Hub metadata, so the Hub lists the model as a Diffusers one."""
     model_name = info.model_name or f"punkdiff {info.preset}"
-    # numeric metrics also go into the YAML `model-index`, where the Hub shows and indexes them
-    eval_results = [
-        EvalResult(task_type="unconditional-image-generation", dataset_type=info.dataset or "unknown",
-                   dataset_name=info.dataset or "unknown", metric_type=name, metric_name=name, metric_value=value)
-        for name, value in (info.metrics or {}).items() if isinstance(value, (int, float))
-    ]
+    eval_results = _eval_results(info.metrics or {}, info.dataset)
     card_data = ModelCardData(
         library_name="diffusers",
         pipeline_tag="unconditional-image-generation",
@@ -111,10 +106,65 @@ def render_model_card(info: ModelCardInfo, *, has_samples: bool = False) -> str:
         resolution=info.resolution,
         channels=info.channels,
         num_train_timesteps=info.num_train_timesteps,
-        eval_metrics=info.metrics,
+        metrics_table=_metrics_table(info.metrics or {}),
         has_samples=has_samples,
     )
     return str(card)
+
+
+def update_model_card(
+    folder: str | os.PathLike[str], metrics: Mapping[str, float | str], dataset: str | None = None
+) -> Path:
+    """Add `metrics` (measured on `dataset`) to the model card of a local model folder, keeping everything else.
+
+    Numeric values go into the YAML `model-index` results, replacing earlier results of the same name and
+    dataset; the card's Metrics table is rewritten from all of them (a text value, such as "not computed:
+    weights unavailable", appears in the table only). The rest of the card, hand edits included, is left as it
+    is; a folder without a card gets a new one. `punkdiff eval --update-card` calls this after writing its report.
+
+    Examples:
+        ```py
+        >>> update_model_card("outputs/mnist16/pipeline", {"fd_classifier (1000 samples)": 3.1}, "ylecun/mnist")
+        PosixPath('outputs/mnist16/pipeline/README.md')
+        ```
+    """
+    readme = Path(folder) / "README.md"
+    if not readme.is_file():
+        return write_model_card(folder, ModelCardInfo(dataset=dataset, metrics=dict(metrics)))
+    card = ModelCard.load(readme)
+    new = _eval_results(metrics, dataset)
+    replaced = {(r.dataset_name, r.metric_name) for r in new}
+    kept = [r for r in card.data.eval_results or [] if (r.dataset_name, r.metric_name) not in replaced]
+    card.data.eval_results = kept + new
+    card.data.model_name = card.data.model_name or Path(folder).resolve().name
+    table = _metrics_table({**{r.metric_name: r.metric_value for r in kept}, **metrics})
+    section = re.compile(r"^## Metrics\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
+    new_section = f"## Metrics\n\n{table}\n\n"
+    if section.search(card.text):
+        card.text = section.sub(lambda _: new_section, card.text, count=1)
+    else:
+        card.text = card.text.rstrip() + "\n\n" + new_section
+    card.save(readme)
+    return readme
+
+
+def _eval_results(metrics: Mapping[str, Any], dataset: str | None) -> list[EvalResult]:
+    """The numeric metrics as YAML `model-index` results, where the Hub shows and indexes them."""
+    name = _dataset_name(dataset) or "unknown"
+    return [
+        EvalResult(task_type="unconditional-image-generation", dataset_type=name, dataset_name=name,
+                   metric_type=metric, metric_name=metric, metric_value=value)
+        for metric, value in metrics.items() if isinstance(value, (int, float)) and not isinstance(value, bool)
+    ]
+
+
+def _metrics_table(metrics: Mapping[str, Any]) -> str:
+    """The card's Metrics section: a Markdown table of the metrics, or "Not measured yet."."""
+    if not metrics:
+        return "Not measured yet."
+    rows = [f"| {name} | {f'{value:.4g}' if isinstance(value, (int, float)) else value} |"
+            for name, value in metrics.items()]
+    return "\n".join(["| Metric | Value |", "|---|---|", *rows])
 
 
 def write_model_card(folder: str | os.PathLike[str], info: ModelCardInfo | Mapping[str, Any] | None = None) -> Path:

@@ -5,23 +5,33 @@ smallest of the samples, the reference's train part and its held-out part), each
 same seeds: samples vs `n` training images (the model's score) and `n` held-out real images vs the same training
 images (the floor: what a perfect model, one that draws new images from the data distribution, would get).
 Pixel art is scored as it is displayed: samples snapped to the training palette (`punkdiff.data.pixel_art_palette`).
+
+FID, KID and IS in Inception features and FD-DINOv2 need pretrained networks that cannot be downloaded here; they
+are computed when the caller passes networks loaded from local weights (`punkdiff.metrics.feature_networks`), and
+otherwise listed in `Evaluation.not_computed` with the reason, never given a number.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from punkdiff.data import pixel_art_palette
 from punkdiff.metrics.classifiers import Classifier, load_or_train_classifier, targets
-from punkdiff.metrics.frechet import frechet_distance, kernel_distance
+from punkdiff.metrics.feature_networks import dinov2_features, inception_features
+from punkdiff.metrics.frechet import frechet_distance, inception_score, kernel_distance
 from punkdiff.metrics.memorisation import memorisation, snap_to_palette
 from punkdiff.metrics.precision_recall import precision_recall
 from punkdiff.metrics.reference import ReferenceData
 from punkdiff.metrics.swd import sliced_wasserstein_distance
+
+if TYPE_CHECKING:
+    from transformers import Dinov2Model
+
+    from punkdiff.metrics.inception import InceptionFeatures
 
 # How to read each metric: which way is better.
 DIRECTION = {
@@ -29,10 +39,11 @@ DIRECTION = {
     "density": "higher", "coverage": "higher", "class_entropy": "higher", "class_tv_distance": "lower",
     "confident_share": "higher", "label_frequency_correlation": "higher", "near_copy_share_pixels": "lower",
     "near_copy_share_features": "lower", "exact_copy_rate": "lower",
+    "fid": "lower", "kid_inception": "lower", "inception_score": "higher", "fd_dinov2": "lower",
 }
 CONFIDENT = 0.9  # a class probability at least this high counts as a confident classification
-# Metrics whose network weights cannot be downloaded here; the report says so instead of showing a number.
-NEEDS_WEIGHTS = {name: "not computed: weights unavailable" for name in ("FID", "KID (Inception)", "IS", "FD-DINOv2")}
+WEIGHTS_UNAVAILABLE = "not computed: weights unavailable"
+INCEPTION_METRICS, DINOV2_METRICS = ("fid", "kid_inception", "inception_score"), ("fd_dinov2",)
 
 
 @dataclass
@@ -48,7 +59,7 @@ class Evaluation:
     nearest_index: np.ndarray
     seconds: float
     palette_size: int | None = None
-    not_computed: dict[str, str] = field(default_factory=lambda: dict(NEEDS_WEIGHTS))
+    not_computed: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -70,12 +81,16 @@ def evaluate(
     classifier: Classifier | None | str = "auto",
     seed: int = 0,
     cache_dir: str | None = None,
+    inception: InceptionFeatures | None = None,
+    dinov2: Dinov2Model | None = None,
     progress: bool = True,
 ) -> Evaluation:
     """Score uint8 samples `[N, C, H, W]` (already at the reference's resolution) against `reference`.
 
     `classifier="auto"` trains or loads the classifier the reference's labels allow (digits, punk attributes);
-    pass None to skip classifier metrics, whose feature space is then raw pixels.
+    pass None to skip classifier metrics, whose feature space is then raw pixels. `inception` and `dinov2` are
+    networks from `punkdiff.metrics.feature_networks.load_inception` / `load_dinov2`; without them FID, KID
+    (Inception), IS and FD-DINOv2 are reported as not computed.
 
     Examples:
         ```py
@@ -104,13 +119,21 @@ def evaluate(
     heldout_rows = np.sort(rng.permutation(len(reference.heldout))[:n])
     sets = {"model": samples[:n], "floor": reference.heldout[heldout_rows]}
     real = reference.train[train_rows]
+    every = {**sets, "real": real}
 
     if classifier == "auto":
         classifier = load_or_train_classifier(reference, seed=seed, cache_dir=cache_dir, progress=progress)
-    predictions = {k: classifier.predict(v) for k, v in {**sets, "real": real}.items()} if classifier else None
+    predictions = {k: classifier.predict(v) for k, v in every.items()} if classifier else None
     pool_features = classifier.predict(reference.train)["features"] if classifier else None
-    flat = {k: v.reshape(n, -1).astype(np.float64) / 255.0 for k, v in {**sets, "real": real}.items()}
+    flat = {k: v.reshape(n, -1).astype(np.float64) / 255.0 for k, v in every.items()}
     features = {k: p["features"] for k, p in predictions.items()} if predictions else flat
+    pool_logits = dino = None
+    if inception is not None:
+        pool_logits = {k: inception_features(inception, v, progress=progress) for k, v in every.items()}
+    if dinov2 is not None:
+        dino = {k: dinov2_features(dinov2, v, progress=progress) for k, v in every.items()}
+    not_computed = {name: WEIGHTS_UNAVAILABLE for name in (() if inception is not None else INCEPTION_METRICS)
+                    + (() if dinov2 is not None else DINOV2_METRICS)}
 
     per_set: dict[str, dict[str, Any]] = {}
     nearest_index = None
@@ -131,6 +154,13 @@ def evaluate(
             values["fd_classifier"] = frechet_distance(features["real"], features[name])
             values["kid_classifier"] = kernel_distance(features["real"], features[name], seed=seed)[0]
             values.update(_classifier_statistics(classifier, predictions[name], predictions["real"]))
+        if pool_logits:
+            (real_pool, _), (pool, logits) = pool_logits["real"], pool_logits[name]
+            values["fid"] = frechet_distance(real_pool, pool)
+            values["kid_inception"] = kernel_distance(real_pool, pool, seed=seed)[0]
+            values["inception_score"] = inception_score(logits, seed=seed)[0]
+        if dino:
+            values["fd_dinov2"] = frechet_distance(dino["real"], dino[name])
         per_set[name] = values
 
     metrics = {
@@ -148,6 +178,7 @@ def evaluate(
         nearest_index=nearest_index,
         seconds=time.perf_counter() - start,
         palette_size=len(palette) if palette is not None else None,
+        not_computed=not_computed,
     )
 
 

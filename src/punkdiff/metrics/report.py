@@ -99,6 +99,15 @@ def _format(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def format_metrics(evaluation: Evaluation) -> str:
+    """The metrics as a plain-text table for a terminal: name, model, floor, which way is better."""
+    lines = [f"{'metric':<30}{'model':>12}{'floor':>12}  better"]
+    for name, m in evaluation.metrics.items():
+        lines.append(f"{name:<30}{_format(m['model']):>12}{_format(m['floor']):>12}  {m['better']}")
+    lines += [f"{name:<30}  {reason}" for name, reason in evaluation.not_computed.items()]
+    return "\n".join(lines)
+
+
 def write_report(
     evaluation: Evaluation,
     folder: str | Path,

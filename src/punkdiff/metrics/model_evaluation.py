@@ -1,0 +1,199 @@
+"""`evaluate_model`: everything `punkdiff eval` does, as one library call.
+
+Sample from a model (or read existing images), score them beside their real-vs-real floors (`evaluate`), add the
+reconstruction study, write `metrics.json`, `report.md` and the figures, and, when asked, the numbers into the
+model's card. `punkdiff eval` only turns its flags into `EvalOptions` and calls this; the web app's evaluation job
+runs that command, so both go through the same code.
+
+Every input is checked before the slow work starts (sampling, classifier training, feature networks), so a
+mistake costs seconds, not the run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from punkdiff.metrics.evaluation import Evaluation, evaluate
+from punkdiff.metrics.feature_networks import (
+    DINOV2_ENV,
+    INCEPTION_ENV,
+    load_dinov2,
+    load_inception,
+    resolve_weights,
+)
+from punkdiff.metrics.reference import load_reference, model_transform, read_images
+from punkdiff.metrics.report import write_report
+from punkdiff.pipelines import PunkDiffPipeline
+
+
+class EvaluationError(ValueError):
+    """Options an evaluation cannot use; the message says what was wrong and what to do."""
+
+
+@dataclass
+class EvalOptions:
+    """What to evaluate and how; the fields are `punkdiff eval`'s flags.
+
+    Attributes:
+        reference: The dataset the model learned (Hub id or local folder).
+        out: Folder for `metrics.json`, `report.md` and the figures.
+        model: The model folder or Hub id: its `training_summary.json` gives the preprocessing, and its card
+            receives the numbers with `update_card`. Loaded from here unless a pipeline is passed.
+        samples: Score these images (a folder of images or a uint8 `.npy`) instead of sampling.
+        preset: Preprocessing (and, without a model, resolution) of the training data.
+        split, heldout_split: The training split, and real images the model never saw (default: test/validation
+            if the dataset has one, else half of `split`).
+        num_samples, batch_size, scheduler, steps, eta, seed: The sampling (sample i uses seed + i; the metrics'
+            random draws use the seed too).
+        reconstruction_images: Held-out images for the reconstruction study (0 skips it).
+        inception_weights: The FID Inception as safetensors (default: `$PUNKDIFF_INCEPTION_WEIGHTS`); without it,
+            FID, KID (Inception) and IS are reported as not computed.
+        dinov2: A local transformers DINOv2 folder (default: `$PUNKDIFF_DINOV2`); without it, FD-DINOv2 is not
+            computed.
+        update_card: Also write the metrics into the model's card (a local model folder only).
+        cache_dir: Decoded reference images and classifiers (default: `~/.cache/punkdiff`).
+    """
+
+    reference: str
+    out: str | Path = "eval"
+    model: str | None = None
+    samples: str | None = None
+    preset: str | None = None
+    split: str = "train"
+    heldout_split: str | None = None
+    num_samples: int = 1000
+    batch_size: int = 250
+    scheduler: str = "ddim"
+    steps: int = 50
+    eta: float = 0.0
+    seed: int = 0
+    reconstruction_images: int = 64
+    inception_weights: str | None = None
+    dinov2: str | None = None
+    update_card: bool = False
+    cache_dir: str | None = None
+
+
+@dataclass
+class ModelEvaluation:
+    """What `evaluate_model` produced: the scores, the report's path and the updated card's path (or None)."""
+
+    evaluation: Evaluation
+    report: Path
+    card: Path | None
+
+
+def evaluate_model(
+    options: EvalOptions, pipe: PunkDiffPipeline | None = None, *, progress: bool = True
+) -> ModelEvaluation:
+    """Sample (or read) images, score them beside their floors, write the report and, if asked, the card.
+
+    `pipe` is the model to sample from, already on its device; without it, `options.model` is loaded (on CPU).
+
+    Examples:
+        ```py
+        >>> result = evaluate_model(EvalOptions("../shared/datasets/mnist", out="eval/mnist16",
+        ...                                     model="outputs/mnist16/pipeline", num_samples=5000))
+        >>> result.evaluation.metrics["fd_classifier"], result.report
+        ({'model': 3.1, 'floor': 1.3, 'better': 'lower'}, PosixPath('eval/mnist16/report.md'))
+        ```
+    """
+    from punkdiff.presets import get_preset
+
+    o = options
+    if pipe is None and o.model is None and (o.samples is None or o.preset is None):
+        raise EvaluationError("give a MODEL to sample from, or --samples with --preset (resolution and preprocessing)")
+    out = Path(o.out)
+    if out.is_file():
+        raise EvaluationError(f"--out {out} is a file; give a folder (created if missing)")
+    card_folder = _card_folder(o) if o.update_card else None
+    networks = _feature_networks(o)
+    if pipe is None and o.model is not None:
+        from punkdiff.hub import load_pipeline
+
+        pipe = load_pipeline(o.model)
+    if pipe is not None and o.steps > pipe.scheduler.config.num_train_timesteps:
+        raise EvaluationError(f"--steps {o.steps} is more than the model's "
+                              f"{pipe.scheduler.config.num_train_timesteps} training timesteps")
+
+    if pipe is not None:
+        resolution, channels = pipe.unet.config.sample_size, pipe.unet.config.in_channels
+    else:
+        resolution, channels = get_preset(o.preset).data.resolution, get_preset(o.preset).data.channels
+    transform, origin = model_transform(resolution, channels, preset=o.preset, model_dir=o.model)
+    reference = load_reference(o.reference, transform, split=o.split, heldout_split=o.heldout_split, seed=o.seed,
+                               cache_dir=o.cache_dir, progress=progress)
+    start = time.perf_counter()
+    samples = read_images(o.samples, transform) if o.samples else _sample(pipe, o, progress)
+    sampling_s = time.perf_counter() - start
+    result = evaluate(samples, reference, seed=o.seed, cache_dir=o.cache_dir, progress=progress, **networks)
+    study = None
+    if pipe is not None and o.reconstruction_images > 0:
+        from punkdiff.metrics.reconstruction import reconstruction_study
+
+        originals = reference.heldout[: o.reconstruction_images]
+        study = (reconstruction_study(pipe, originals, sampler=o.scheduler, num_inference_steps=o.steps,
+                                      seed=o.seed, progress=progress), originals)
+    info = {
+        "model": o.model or "(none: existing images)", "samples": o.samples or "generated",
+        "reference": f"{o.reference} ({reference.description})", "preprocessing": origin,
+        "resolution": f"{resolution} px, {channels} channel(s)", "sampler": f"{o.scheduler}, {o.steps} steps",
+        "seed": o.seed, "sampling_seconds": round(sampling_s, 1), "metrics_seconds": round(result.seconds, 1),
+    }
+    report = write_report(result, out, training_images=reference.train, info=info, reconstruction=study)
+    card = None
+    if card_folder is not None:  # after the report, so a card that cannot be written loses no result
+        from punkdiff.hub import update_model_card
+
+        card = update_model_card(card_folder, card_metrics(result, o), o.reference)
+    return ModelEvaluation(result, report, card)
+
+
+def card_metrics(result: Evaluation, options: EvalOptions) -> dict[str, float | str]:
+    """The model card's entries: each metric with its sampling, beside its real-vs-real floor."""
+    how = f"{result.num_images} samples, {options.scheduler}-{options.steps}"
+    entries: dict[str, float | str] = {}
+    for name, m in result.metrics.items():
+        if m["model"] is not None:
+            entries[f"{name} ({how})"] = m["model"]
+        if m["floor"] is not None:
+            entries[f"{name}, real-vs-real floor ({result.num_images} images)"] = m["floor"]
+    return {**entries, **result.not_computed}
+
+
+def _sample(pipe: PunkDiffPipeline, o: EvalOptions, progress: bool) -> np.ndarray:
+    """`num_samples` images from the pipeline as uint8 `[N, C, H, W]`."""
+    from punkdiff.sampling import generate
+
+    images = generate(pipe, o.num_samples, seed=o.seed, batch_size=o.batch_size, sampler=o.scheduler,
+                      num_inference_steps=o.steps, eta=o.eta, output_type="np", progress=progress)
+    return (images * 255).round().astype(np.uint8).transpose(0, 3, 1, 2)
+
+
+def _card_folder(o: EvalOptions) -> Path:
+    """The local model folder whose card `update_card` may rewrite: the user's own, never a Hub cache snapshot."""
+    if o.model is None or o.samples is not None:
+        raise EvaluationError("--update-card writes the model's own scores into its card: give a MODEL folder and "
+                              "let eval sample from it (not --samples)")
+    path = Path(o.model).expanduser()
+    if not path.is_dir():
+        raise EvaluationError(f"--update-card needs a local model folder, and {o.model} is not one (a Hub id?); "
+                              "download the model to a folder of your own (`hf download ID --local-dir DIR`), "
+                              "evaluate that, then push it")
+    if any(part.startswith("models--") for part in path.resolve().parts):
+        raise EvaluationError(f"{o.model} is a snapshot in the Hugging Face cache, not a folder of yours; copy it "
+                              "(`hf download ID --local-dir DIR`) and evaluate the copy")
+    return path
+
+
+def _feature_networks(o: EvalOptions) -> dict[str, Any]:
+    """The Inception and DINOv2 networks from their local weights, where given (flag, else environment)."""
+    inception = resolve_weights(o.inception_weights, INCEPTION_ENV)
+    dinov2 = resolve_weights(o.dinov2, DINOV2_ENV)
+    return {"inception": load_inception(inception) if inception else None,
+            "dinov2": load_dinov2(dinov2) if dinov2 else None}

@@ -1,0 +1,86 @@
+"""`evaluate_model`: the whole `punkdiff eval` as a library call, and the model card it updates when asked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from diffusers import DDPMScheduler
+from huggingface_hub import ModelCard
+from huggingface_hub.repocard import metadata_load
+from tiny_models import tiny_unet
+
+from punkdiff.hub import ModelCardInfo, export_pipeline
+from punkdiff.metrics.model_evaluation import EvalOptions, EvaluationError, evaluate_model
+
+
+@pytest.fixture
+def options(tmp_path, mnist_dir, metrics_cache, monkeypatch):
+    monkeypatch.delenv("PUNKDIFF_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.delenv("PUNKDIFF_DINOV2", raising=False)
+    model = export_pipeline(tiny_unet(channels=1, sample_size=16), DDPMScheduler(), tmp_path / "digits",
+                            card=ModelCardInfo(preset="mnist-baseline-16", dataset="ylecun/mnist", training_steps=7,
+                                               metrics={"SWD x1e3 (during training)": 41.5}))
+    return EvalOptions(str(mnist_dir), out=tmp_path / "eval", model=str(model), preset="mnist-baseline-16",
+                       num_samples=12, batch_size=12, steps=2, reconstruction_images=0, cache_dir=str(metrics_cache))
+
+
+def test_update_card_writes_the_numbers_and_keeps_the_card(options, digit_classifier):
+    readme = options.model + "/README.md"
+    with open(readme, "a", encoding="utf-8") as card:
+        card.write("\n## Notes\n\nA hand-written note that must survive.\n")
+    options.update_card = True
+    result = evaluate_model(options, progress=False)
+    assert result.report.is_file() and str(result.card) == readme
+
+    fd = result.evaluation.metrics["fd_classifier"]
+    yaml = metadata_load(readme)  # the card's YAML parses, and carries the numbers
+    (index,) = yaml["model-index"]
+    values = {m["name"]: m["value"] for r in index["results"] for m in r["metrics"]}
+    assert values["fd_classifier (12 samples, ddim-2)"] == fd["model"]
+    assert values["fd_classifier, real-vs-real floor (12 images)"] == fd["floor"]
+    assert values["SWD x1e3 (during training)"] == 41.5  # the training's result is kept
+    assert all(isinstance(v, float) for v in values.values())  # "not computed" stays out of the YAML
+    card = ModelCard.load(readme)
+    assert card.data.library_name == "diffusers" and "A hand-written note that must survive." in card.text
+    assert f"| fd_classifier (12 samples, ddim-2) | {fd['model']:.4g} |" in card.text
+    assert "| fid | not computed: weights unavailable |" in card.text and "| 41.5 |" in card.text
+    assert card.text.count("## Metrics") == 1 and "## How to use" in card.text
+
+    evaluate_model(options, progress=False)  # again: the results are replaced, not added twice
+    assert len(ModelCard.load(readme).data.eval_results) == len(card.data.eval_results)
+
+
+def test_without_update_card_the_model_folder_is_untouched(options, digit_classifier):
+    readme = Path(options.model) / "README.md"
+    before = readme.read_text()
+    result = evaluate_model(options, progress=False)
+    assert result.card is None and readme.read_text() == before
+    assert json.loads((options.out / "metrics.json").read_text())["num_images"] == 12
+
+
+def test_update_card_only_for_the_users_own_model_folder(options, tmp_path):
+    options.update_card = True
+    snapshot = tmp_path / "hub" / "models--someone--digits" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    for model, samples, message in [
+        (options.model, str(tmp_path), "not --samples"),
+        ("someone/digits", None, "needs a local model folder"),
+        (str(snapshot), None, "a snapshot in the Hugging Face cache"),
+    ]:
+        options.model, options.samples = model, samples
+        with pytest.raises(EvaluationError, match=message):
+            evaluate_model(options, progress=False)
+    assert not (tmp_path / "eval").exists()  # refused before any work
+
+
+def test_bad_options_are_refused_before_any_work(options, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(EvaluationError, match="is a file; give a folder"):
+        evaluate_model(EvalOptions(options.reference, out=tmp_path / "a-file", model=options.model), progress=False)
+    with pytest.raises(EvaluationError, match="give a MODEL to sample from"):
+        evaluate_model(EvalOptions(options.reference, samples=str(tmp_path)), progress=False)
+    options.steps = 5000
+    with pytest.raises(EvaluationError, match="more than the model's 1000 training timesteps"):
+        evaluate_model(options, progress=False)
