@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import datasets
@@ -334,16 +335,24 @@ def mapped_files() -> dict[str, list[tuple[int, int]]]:
     return ranges
 
 
-def test_cache_is_written_once_reused_and_memory_mapped(tmp_path, punks_train):
+def test_cache_is_written_once_reused_and_memory_mapped(tmp_path, punks_train, monkeypatch):
+    import punkdiff.data as data
+
     subset = punks_train.select(range(48))
     first = load(subset, spec("punks-24"), tmp_path)
     files = sorted(tmp_path.iterdir())
-    assert len(files) == 1 and files[0].suffix == ".npy"  # one complete file, no temporary left behind
+    # one complete file and its checksum, no temporary left behind
+    assert [f.name.split(".", 1)[1] for f in files] == ["npy", "npy.xxh3"]
     cache = files[0]
     stamp = cache.stat().st_mtime_ns
     np.testing.assert_array_equal(np.load(cache), first.images.numpy())
 
-    second = load(subset, spec("punks-24"), tmp_path)
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("a cached dataset was decoded again")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(data, "decode_images", no_decoding)
+        second = load(subset, spec("punks-24"), tmp_path)
     assert torch.equal(first.images, second.images)
     assert cache.stat().st_mtime_ns == stamp and sorted(tmp_path.iterdir()) == files
 
@@ -351,18 +360,54 @@ def test_cache_is_written_once_reused_and_memory_mapped(tmp_path, punks_train):
         ptr = second.images.data_ptr()
         assert any(lo <= ptr < hi for lo, hi in mapped_files().get(str(cache.resolve()), []))
 
-    # Swap the file for different (valid) content: the next load returns it, so nothing was decoded.
-    replacement = tmp_path / "replacement.npy"
-    np.save(replacement, np.zeros_like(first.images.numpy()))
-    os.replace(replacement, cache)
-    assert load(subset, spec("punks-24"), tmp_path).images.sum() == 0
     # use_cache=False decodes again (and leaves the cache alone)
     assert torch.equal(load(subset, spec("punks-24"), tmp_path, use_cache=False).images, first.images)
-    assert np.load(cache).sum() == 0
+    assert cache.stat().st_mtime_ns == stamp
     # another transform or another slice is another cache entry
     assert load(subset, spec("punks-32"), tmp_path).images.shape == (48, 3, 32, 32)
     assert torch.equal(load(punks_train.select(range(8)), spec("punks-24"), tmp_path).images, first.images[:8])
-    assert len(list(tmp_path.glob("*.npy"))) == 3
+    assert len(list(tmp_path.glob("*.npy"))) == len(list(tmp_path.glob("*.npy.xxh3"))) == 3
+
+
+def flip_one_bit(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0x10]))
+
+
+@pytest.mark.parametrize("damage", ["pixel-bit-flip", "valid-array-swapped-in", "checksum-missing",
+                                    "checksum-garbled"])
+def test_a_damaged_cache_is_rebuilt_with_a_warning_never_used(tmp_path, mnist_train, damage):
+    """The MNIST mirror's first 300 digits: the cache is damaged on disk after it was built; the next load warns,
+    rebuilds it, and hands back exactly what a fresh decode gives."""
+    subset = mnist_train.select(range(300))
+    data_spec = spec("mnist-28")
+    fresh = load(subset, data_spec, tmp_path, use_cache=False).images
+    load(subset, data_spec, tmp_path)
+    (cache,) = tmp_path.glob("*.npy")
+    checksum = cache.with_name(cache.name + ".xxh3")
+    header = cache.stat().st_size - fresh.numel()
+    if damage == "pixel-bit-flip":  # one bit of one pixel of digit 123: the header and shape stay valid
+        flip_one_bit(cache, header + 123 * 28 * 28 + 14 * 28 + 14)
+        match = "does not match the checksum written when it was built"
+    elif damage == "valid-array-swapped-in":
+        np.save(cache, np.zeros_like(fresh.numpy()))
+        match = "does not match the checksum"
+    elif damage == "checksum-missing":
+        checksum.unlink()
+        match = "has no readable checksum"
+    else:
+        checksum.write_text("{not json")
+        match = "has no readable checksum"
+    with pytest.warns(UserWarning, match=match):
+        rebuilt = load(subset, data_spec, tmp_path)
+    assert torch.equal(rebuilt.images, fresh)
+    assert len(list(tmp_path.glob("*.npy"))) == 1 and checksum.is_file()
+    with warnings.catch_warnings():  # the rebuilt cache and its new checksum agree: used silently
+        warnings.simplefilter("error")
+        assert torch.equal(load(subset, data_spec, tmp_path).images, fresh)
 
 
 def test_in_memory_dataset_is_not_cached(tmp_path, punks_train):
@@ -403,7 +448,7 @@ def test_interrupted_cache_write_leaves_no_truncated_cache(tmp_path, punks_dir, 
     # the next run decodes and writes a complete cache
     subset = punks_train.select(range(200))
     images = load(subset, spec("punks-24"), cache)
-    (complete,) = cache.iterdir()
+    (complete,) = cache.glob("*.npy")
     np.testing.assert_array_equal(np.load(complete), images.images.numpy())
     np.testing.assert_array_equal(np.load(complete), load(subset, spec("punks-24"), cache, use_cache=False).images)
 
@@ -444,7 +489,8 @@ def test_decoding_on_several_processes_gives_the_same_cache(tmp_path, punks_trai
     one = load(subset, spec("punks-24"), tmp_path / "one", num_workers=1)
     two = load(subset, spec("punks-24"), tmp_path / "two", num_workers=2)
     assert torch.equal(one.images, two.images)
-    (file,) = (tmp_path / "two").iterdir()  # the complete cache only: no temporary file left behind
+    (file, checksum) = sorted((tmp_path / "two").iterdir())  # the cache and its checksum, no temporary file
+    assert checksum.name == file.name + ".xxh3"
     np.testing.assert_array_equal(np.load(file), one.images.numpy())
     in_memory = data.decode_images(subset, "image", data.ImageTransform.from_spec(spec("punks-24")), False,
                                    num_workers=2)
