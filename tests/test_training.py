@@ -6,6 +6,7 @@ takes tens of milliseconds on CPU; 8 batches of 8 per epoch make 100 steps cross
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -556,3 +557,51 @@ def test_compiled_channels_last_run_exports_the_eager_weights(mnist_dir, cache_d
     assert not any("_orig_mod" in k for k in b)
     assert max_diff(a, b) < 1e-4  # same steps, same data; channels_last only reorders the arithmetic
     assert not any("_orig_mod" in k for k in weights(fast / "checkpoints" / "checkpoint-2" / "model.safetensors"))
+
+
+# --- streaming ----------------------------------------------------------------------------------------------------
+
+
+def test_a_streamed_run_trains_on_every_image_each_epoch_and_writes_no_cache(mnist_dir, tmp_path, monkeypatch,
+                                                                               capsys):
+    """--cache-budget 0: the 64 digits stream (the budget decides), decoded on the fly by the cache's transform."""
+    from punkdiff.data import load_training_images
+    from punkdiff.presets import get_preset
+
+    calls = record_loss_calls(monkeypatch)
+    cache = tmp_path / "cache"
+    assert run(mnist_dir, cache, tmp_path / "run", "--max-steps", "16", "--cache-budget", "0") == 0
+    assert "more than the cache budget of 0 MiB" in capsys.readouterr().out
+    assert not cache.exists() or not list(cache.iterdir())  # nothing decoded to disk
+    images = [bytes(img.numpy()) for clean, _ in calls for img in ((clean + 1) * 127.5).round().byte()]
+    spec = dataclasses.replace(get_preset("mnist-baseline-16").data, max_samples=64)
+    cached = {bytes(img.numpy()) for img in load_training_images(mnist_dir, spec, cache_dir=tmp_path / "c").images}
+    assert set(images[:64]) == set(images[64:]) == cached and len(set(images[:64])) == 64  # each once per epoch
+    assert images[:64] != images[64:]  # reshuffled
+    assert (tmp_path / "run" / "pipeline" / "model_index.json").is_file()
+
+
+def test_a_streamed_run_resumes_from_its_stream_position(mnist_dir, cache_dir, tmp_path, capsys):
+    """Stopped at step 4 (mid-epoch) and resumed: it finishes, each process's stream position saved as JSON. The
+    shuffle buffer is refilled on resume, so the weights are not the uninterrupted run's (documented); switching
+    between streaming and the cache on resume is refused."""
+    args = ["--max-steps", "12", "--checkpoint-every", "4", "--streaming"]
+    assert run(mnist_dir, cache_dir, tmp_path / "run", *args) == 0
+    state = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-4" / "training_state.json").read_text())
+    assert state["batches_in_epoch"] == 4 and state["stream"][0]["batches_done"] == 4
+    assert state["stream"][0]["stream"]["epoch"] == 0
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "run" / "checkpoints" / "checkpoint-4", resumed / "checkpoints" / "checkpoint-4")
+    assert run(mnist_dir, cache_dir, resumed, *args, "--resume-from-checkpoint", "latest") == 0
+    summary = json.loads((resumed / "training_summary.json").read_text())
+    assert summary["steps"] == 12 and summary["resumed_from"].endswith("checkpoint-4")
+    capsys.readouterr()
+    assert run(mnist_dir, cache_dir, resumed, "--max-steps", "12", "--checkpoint-every", "4",
+               "--resume-from-checkpoint", "latest") == 2
+    assert "data: streamed -> cached (--streaming, --cache-budget)" in capsys.readouterr().out
+
+
+def test_eval_every_needs_the_cached_images(mnist_dir, cache_dir, tmp_path, capsys):
+    assert run(mnist_dir, cache_dir, tmp_path / "run", "--max-steps", "2", "--streaming", "--eval-every", "1") == 2
+    assert "--eval-every scores samples against the training images held in the cache" in capsys.readouterr().out

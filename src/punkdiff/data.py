@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -304,7 +305,7 @@ def _decode_chunk(items: list[dict], start: int, column: str, transform: ImageTr
     `into`, return `(start, array)`."""
     chunk = np.empty((len(items), transform.channels, transform.resolution, transform.resolution), dtype=np.uint8)
     for i, item in enumerate(items):
-        chunk[i] = _decode_one(item, start + i, column, transform)
+        chunk[i] = _decode_one(item, f"item {start + i}", column, transform)
     if into is None:
         return start, chunk
     rows = np.memmap(into, dtype=np.uint8, mode="r+", offset=offset + start * chunk[0].nbytes, shape=chunk.shape)
@@ -314,8 +315,8 @@ def _decode_chunk(items: list[dict], start: int, column: str, transform: ImageTr
     return len(items)
 
 
-def _decode_one(item: dict, index: int, column: str, transform: ImageTransform) -> np.ndarray:
-    where = f"item {index}" + (f" ({item['path']})" if item.get("path") else "")
+def _decode_one(item: dict, label: str, column: str, transform: ImageTransform) -> np.ndarray:
+    where = label + (f" ({item['path']})" if item.get("path") else "")
     try:
         if item.get("bytes") is not None:
             image = Image.open(io.BytesIO(item["bytes"]))
@@ -475,6 +476,170 @@ def _usable_cache(path: Path, shape: tuple[int, ...]) -> bool:
                       f"expected {expected}): its bytes were damaged or modified; rebuilding it", stacklevel=3)
         return False
     return True
+
+
+# ---- streaming: datasets larger than the disk's cache budget -----------------------------------------------------
+
+STREAM_SHUFFLE_BUFFER = 10_000  # encoded images held for the streamed shuffle (CelebA JPEGs: about 100 MB)
+
+
+def count_images(source: str | os.PathLike, spec: DataSpec) -> int | None:
+    """How many images `spec` takes from `source`, from the dataset's metadata (None where it has none).
+
+    `datasets` knows a split's row count from a Hub dataset card or from the Parquet files' footers, so this reads
+    no image.
+
+    Examples:
+        ```py
+        >>> count_images("../shared/datasets/celeba-faces", get_preset("celeba-128").data)
+        5000
+        ```
+    """
+    import datasets
+
+    path = Path(source).expanduser()
+    try:
+        splits = datasets.load_dataset_builder(str(path) if path.is_dir() else str(source)).info.splits
+    except (FileNotFoundError, ConnectionError, ValueError):
+        return None
+    if not splits or spec.split not in splits or not splits[spec.split].num_examples:
+        return None
+    count = splits[spec.split].num_examples
+    return count if spec.max_samples is None else min(count, spec.max_samples)
+
+
+def exceeds_cache_budget(source: str | os.PathLike, spec: DataSpec, cache_dir: str | os.PathLike | None = None,
+                         budget: int | None = None) -> str | None:
+    """Why `source` should stream rather than be cached (None: cache it).
+
+    It streams when its decoded cache would exceed `budget` bytes (default: the free space on the cache folder's
+    disk, less 10 %). A dataset whose size is unknown is cached, as before.
+
+    Examples:
+        ```py
+        >>> exceeds_cache_budget("../shared/datasets/celeba-faces", get_preset("celeba-128").data, budget=2**30)
+        'its decoded cache would take 234 MiB...'
+        ```
+    """
+    count = count_images(source, spec)
+    if count is None:
+        return None
+    needed = count * spec.channels * spec.resolution * spec.resolution
+    if budget is None:
+        folder = Path(cache_dir or default_cache_dir()).expanduser()
+        existing = next((p for p in [folder, *folder.parents] if p.exists()), Path("/"))
+        budget = int(shutil.disk_usage(existing).free * 0.9)
+    if needed <= budget:
+        return None
+    return (f"its decoded cache would take {needed / 2**20:,.0f} MiB, more than the cache budget of "
+            f"{budget / 2**20:,.0f} MiB")
+
+
+def stream_training_images(
+    source: str | os.PathLike,
+    spec: DataSpec,
+    *,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    shuffle: bool = True,
+) -> datasets.IterableDataset:
+    """This process's shard of `source` as a `datasets.IterableDataset` of `{"image": uint8 [C, H, W]}`, decoded
+    on the fly by the same transform as the cache, so nothing is written to disk.
+
+    The stream is shuffled (seeded, through a buffer of `STREAM_SHUFFLE_BUFFER` encoded images; reseeded by
+    `set_epoch`) before it is split between processes with `datasets.distributed.split_dataset_by_node`, so the
+    shards are disjoint and together cover the data; images are decoded after the split, once, by their process.
+    Without `shuffle`, item i of a one-process stream is item i of the dataset (the cache's order).
+
+    Examples:
+        ```py
+        >>> stream = stream_training_images("../shared/datasets/mnist", get_preset("mnist-28").data, shuffle=False)
+        >>> next(iter(stream))["image"].shape
+        (1, 28, 28)
+        ```
+    """
+    import datasets
+    from datasets.distributed import split_dataset_by_node
+
+    path = Path(source).expanduser()
+    try:
+        stream = datasets.load_dataset(str(path) if path.is_dir() else str(source), split=spec.split, streaming=True)
+    except (FileNotFoundError, ConnectionError, ValueError) as err:
+        raise DataError(f"could not stream dataset {_name(source)} (split {spec.split!r}): {err}") from err
+    column = find_image_column(stream.features, spec.image_column, _name(source))
+    stream = stream.select_columns([column]).cast_column(column, datasets.Image(decode=False))
+    if spec.max_samples is not None:
+        stream = stream.take(spec.max_samples)
+    if shuffle:  # the same seed on every process, so every process cuts the same shuffled stream
+        stream = stream.shuffle(seed=seed, buffer_size=STREAM_SHUFFLE_BUFFER)
+    stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
+    return stream.map(_decode_rows, batched=True, batch_size=DECODE_CHUNK, with_indices=True, remove_columns=[column],
+                      fn_kwargs={"column": column, "transform": ImageTransform.from_spec(spec), "rank": rank})
+
+
+def _decode_rows(rows: dict, indices: list[int], column: str, transform: ImageTransform, rank: int) -> dict:
+    # copies: PIL's arrays are read-only, which torch warns about when the loader collates them
+    return {"image": [np.array(_decode_one(item, f"streamed item {i} of process {rank}", column, transform))
+                      for item, i in zip(rows[column], indices, strict=True)]}
+
+
+class ImageStreamLoader:
+    """Batches of uint8 images `[B, C, H, W]` from a stream: what `ImageTensorDataset.loader` is to the cache.
+
+    An epoch is `len(self)` full batches, the same count on every process (the images of this process's shard
+    beyond them are dropped, as `drop_last` drops a partial batch), so no process waits for another at an epoch's
+    end. `state_dict` is the stream's position (`datasets`' own `IterableDataset.state_dict`) and the batches done
+    in the epoch: a resumed run continues after the last batch it trained on. That is exact without shuffling;
+    with it, `datasets` refills the shuffle buffer on resume, so up to `STREAM_SHUFFLE_BUFFER` images of the
+    interrupted epoch are skipped and the order after the resume differs from an uninterrupted run's.
+
+    Examples:
+        ```py
+        >>> stream = stream_training_images("../shared/datasets/mnist", get_preset("mnist-28").data)
+        >>> loader = ImageStreamLoader(stream, num_images=5000, batch_size=64)
+        >>> len(loader), next(iter(loader)).shape
+        (78, torch.Size([64, 1, 28, 28]))
+        ```
+    """
+
+    def __init__(self, stream: datasets.IterableDataset, num_images: int | None, batch_size: int, world_size: int = 1,
+                 device: torch.device | str = "cpu") -> None:
+        if num_images is None:
+            raise DataError("this stream's number of images is unknown (no split sizes in the dataset card or the "
+                            "Parquet footers), so its epochs cannot be planned: cache it instead (drop --streaming, "
+                            "raise --cache-budget)")
+        self.stream, self.batch_size, self.device = stream, batch_size, torch.device(device)
+        self.batches_per_epoch = num_images // (batch_size * world_size)
+        self._batches_done = 0
+        self._resume_at = 0
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.set_epoch(epoch)
+
+    def __iter__(self):
+        import itertools
+
+        # one process reads and decodes: the stream's state is then exactly the batches handed out
+        loader = torch.utils.data.DataLoader(self.stream, batch_size=self.batch_size,
+                                             pin_memory=self.device.type == "cuda")
+        self._batches_done, self._resume_at = self._resume_at, 0
+        for batch in itertools.islice(loader, self.batches_per_epoch - self._batches_done):
+            self._batches_done += 1
+            yield batch["image"].to(self.device, non_blocking=True)
+
+    def state_dict(self) -> dict:
+        return {"stream": self.stream.state_dict(), "batches_done": self._batches_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state` at the next iteration over the epoch it was saved in (a finished epoch: the next one
+        starts afresh)."""
+        if state["batches_done"] < self.batches_per_epoch:
+            self.stream.load_state_dict(state["stream"])
+            self._resume_at = state["batches_done"]
 
 
 class ImageTensorDataset(torch.utils.data.Dataset):
