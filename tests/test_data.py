@@ -743,35 +743,69 @@ def test_process_shards_are_disjoint_and_cover_the_data(mnist_dir, mnist300, wor
     assert len(set(rows)) == len(rows)  # disjoint
     whole = [streamed(ImageStreamLoader(stream_training_images(
         mnist_dir, spec("mnist-28", max_samples=300), seed=4, rank=rank, world_size=world_size, shuffle=False),
-        num_images=300, batch_size=1, world_size=1)) for rank in range(world_size)]  # every image of each shard
+        num_images=300, batch_size=1, world_size=world_size)) for rank in range(world_size)]  # all of each shard
     assert sorted(row for shard in whole for row in as_rows(shard)) == sorted(as_rows(mnist300))  # they cover it
 
 
-def test_a_stream_resumes_after_the_last_batch(mnist_dir):
-    """Exact without shuffling; with the shuffle buffer (which `datasets` refills on resume) no image of the
-    interrupted epoch comes twice, but some are skipped: the documented limit."""
-    def loader(shuffle):
-        return ImageStreamLoader(stream_training_images(mnist_dir, spec("mnist-28", max_samples=300), seed=2,
-                                                        shuffle=shuffle), num_images=300, batch_size=20)
+def test_an_unshuffled_stream_resumes_exactly_after_the_last_batch(mnist_dir, mnist300):
+    def loader():
+        return ImageStreamLoader(stream_training_images(mnist_dir, spec("mnist-28", max_samples=300), shuffle=False),
+                                 num_images=300, batch_size=20)
 
-    for shuffle in (False, True):
-        straight = loader(shuffle)
-        straight.set_epoch(1)
-        batches = iter(straight)
-        before = torch.cat([next(batches) for _ in range(4)])
-        state = json.loads(json.dumps(straight.state_dict()))  # as a checkpoint keeps it
-        after = torch.cat(list(batches))
-        resumed = loader(shuffle)
-        resumed.load_state_dict(state)
-        resumed.set_epoch(1)
-        again = list(resumed)
-        if not shuffle:
-            assert torch.equal(torch.cat(again), after)
-        else:
-            rows = as_rows(before) + [row for batch in again for row in as_rows(batch)]
-            assert len(set(rows)) == len(rows) and len(again) <= 11
-        resumed.set_epoch(2)  # the next epoch starts afresh
-        assert len(list(resumed)) == 15
+    straight = loader()
+    straight.set_epoch(1)
+    batches = iter(straight)
+    before = torch.cat([next(batches) for _ in range(4)])
+    state = json.loads(json.dumps(straight.state_dict()))  # as a checkpoint keeps it
+    after = torch.cat(list(batches))
+    resumed = loader()
+    resumed.load_state_dict(state)
+    resumed.set_epoch(1)
+    assert torch.equal(torch.cat(list(resumed)), after) and torch.equal(torch.cat([before, after]), mnist300)
+    resumed.set_epoch(2)  # the next epoch starts afresh, whole
+    assert torch.equal(torch.cat(list(resumed)), mnist300)
+
+
+def test_a_shuffled_stream_resumes_where_it_was_but_not_in_the_same_order(mnist_dir, monkeypatch):
+    """The documented limit: `datasets` does not save the shuffle buffer (here 64 images, as it is small beside
+    the data in real use), so a resumed epoch goes on from about the stream's position with a refilled buffer: the
+    count of batches is kept, but up to a buffer's worth of images come twice in that epoch and as many are
+    skipped (measured: 56 of 5,000), and the order is not the uninterrupted run's."""
+    import punkdiff.data as data
+
+    monkeypatch.setattr(data, "STREAM_SHUFFLE_BUFFER", 64)
+
+    def loader():
+        return ImageStreamLoader(stream_training_images(mnist_dir, spec("mnist-28"), seed=2), num_images=5000,
+                                 batch_size=20)
+
+    straight = loader()
+    straight.set_epoch(0)
+    batches = iter(straight)
+    before = torch.cat([next(batches) for _ in range(100)])
+    state = json.loads(json.dumps(straight.state_dict()))
+    after = torch.cat([next(batches) for _ in range(20)])
+    resumed = loader()
+    resumed.load_state_dict(state)
+    resumed.set_epoch(0)
+    again = list(resumed)
+    assert len(again) == 250 - 100
+    seen, rest = set(as_rows(before)), as_rows(torch.cat(again))
+    assert sum(row in seen for row in rest) <= 64 and len(seen | set(rest)) >= 5000 - 64
+    assert not torch.equal(torch.cat(again[:20]), after)
+
+
+def test_uneven_shards_still_give_every_process_the_same_batches(tmp_path, mnist_train):
+    """Two Parquet files of 40 and 20 digits on two processes: `datasets` gives each process a file; the short one
+    starts over rather than leave the other waiting at a collective."""
+    folder = tmp_path / "uneven"
+    for i, rows in enumerate([range(40), range(40, 60)]):
+        mnist_train.select(rows).to_parquet(str(folder / "data" / f"train-0000{i}-of-00002.parquet"))
+    shards = [streamed(ImageStreamLoader(stream_training_images(folder, spec("mnist-28"), rank=rank, world_size=2),
+                                         num_images=60, batch_size=10, world_size=2)) for rank in range(2)]
+    assert [len(shard) for shard in shards] == [30, 30]
+    long, short = (set(as_rows(shard)) for shard in shards)
+    assert len(long) == 30 and len(short) == 20 and not long & short  # one file each; the short one wrapped
 
 
 def test_the_cache_budget_decides_from_metadata(celeba_dir, mnist_dir, tmp_path):

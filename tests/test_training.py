@@ -605,3 +605,24 @@ def test_a_streamed_run_resumes_from_its_stream_position(mnist_dir, cache_dir, t
 def test_eval_every_needs_the_cached_images(mnist_dir, cache_dir, tmp_path, capsys):
     assert run(mnist_dir, cache_dir, tmp_path / "run", "--max-steps", "2", "--streaming", "--eval-every", "1") == 2
     assert "--eval-every scores samples against the training images held in the cache" in capsys.readouterr().out
+
+
+def test_two_processes_stream_their_own_shards(mnist_dir, tmp_path):
+    """`--multi_gpu --num_processes 2 --streaming` on CPU: each process reads its half of the stream, both take the
+    same number of batches (no process waits at a collective), and each checkpoint keeps both stream positions."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+        str(REPO / "training" / "train.py"), *TINY, "--dataset", str(mnist_dir), "--cache-dir", str(tmp_path / "c"),
+        "--output-dir", str(out), "--max-steps", "6", "--checkpoint-every", "3", "--streaming",
+    ]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["steps_per_epoch"] == 4 and summary["images_seen"] == 6 * 16  # 64 images / (8 x 2 processes)
+    assert summary["ema_in_sync_across_processes"] is True
+    state = json.loads((out / "checkpoints" / "checkpoint-3" / "training_state.json").read_text())
+    assert [s["batches_done"] for s in state["stream"]] == [3, 3]
+    assert not (tmp_path / "c").exists() or not list((tmp_path / "c").iterdir())

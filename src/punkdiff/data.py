@@ -2,9 +2,13 @@
 
 One entry point, `load_training_images`, accepts a Hub id, a local folder in Hub layout, a plain
 folder of images, or an in-memory `datasets.Dataset`. Images are decoded and transformed once
-(composite, crop, resize) into a uint8 tensor `[N, C, H, W]`, cached on disk as `.npy` and
-memory-mapped, so training never touches PIL. Scaling to [-1, 1] and random flips happen per
-batch on the training device (`to_model_input`).
+(composite, crop, resize) into a uint8 tensor `[N, C, H, W]`, cached on disk as `.npy` (with an
+xxh3 checksum beside it, checked on every load) and memory-mapped, so training never touches PIL.
+Scaling to [-1, 1] and random flips happen per batch on the training device (`to_model_input`).
+
+A dataset whose decoded cache would exceed the disk's budget (`exceeds_cache_budget`) streams instead:
+`stream_training_images` is `datasets` streaming, sharded per process, decoded on the fly by the same
+transform, and `ImageStreamLoader` batches it the way `ImageTensorDataset.loader` batches the cache.
 """
 
 from __future__ import annotations
@@ -424,11 +428,8 @@ def _remove_cache(path: Path) -> None:
     _checksum_path(path).unlink(missing_ok=True)
 
 
-_HASH_BLOCK = 16 * 2**20
-
-
 def file_digest(path: str | os.PathLike) -> str:
-    """The xxh3-128 digest of a file's bytes, read in 16 MiB blocks.
+    """The xxh3-128 digest of a file's bytes, hashed straight from its memory map (no copy).
 
     xxh3 (the hash `datasets` itself uses for fingerprints) runs at several GB/s on one core, so checking a cache
     costs a fraction of a second per GB, where SHA-256 would cost seconds; it guards against accidents (a bad
@@ -442,13 +443,15 @@ def file_digest(path: str | os.PathLike) -> str:
         '99aa06d3014798d86001c324468d497f'
         ```
     """
+    import mmap
+
     import xxhash
 
-    digest, block = xxhash.xxh3_128(), memoryview(bytearray(_HASH_BLOCK))
-    with open(path, "rb", buffering=0) as f:
-        while size := f.readinto(block):
-            digest.update(block[:size])
-    return digest.hexdigest()
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:  # an empty file cannot be mapped
+            return xxhash.xxh3_128(b"").hexdigest()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return xxhash.xxh3_128(mapped).hexdigest()
 
 
 def _usable_cache(path: Path, shape: tuple[int, ...]) -> bool:
@@ -587,12 +590,13 @@ def _decode_rows(rows: dict, indices: list[int], column: str, transform: ImageTr
 class ImageStreamLoader:
     """Batches of uint8 images `[B, C, H, W]` from a stream: what `ImageTensorDataset.loader` is to the cache.
 
-    An epoch is `len(self)` full batches, the same count on every process (the images of this process's shard
-    beyond them are dropped, as `drop_last` drops a partial batch), so no process waits for another at an epoch's
-    end. `state_dict` is the stream's position (`datasets`' own `IterableDataset.state_dict`) and the batches done
-    in the epoch: a resumed run continues after the last batch it trained on. That is exact without shuffling;
-    with it, `datasets` refills the shuffle buffer on resume, so up to `STREAM_SHUFFLE_BUFFER` images of the
-    interrupted epoch are skipped and the order after the resume differs from an uninterrupted run's.
+    An epoch is `len(self)` full batches on every process, whatever its shard holds: the images of a shard beyond
+    them are dropped (as `drop_last` drops a partial batch), and a shard that runs out first (uneven shards; images
+    lost on resume, below) starts over, so no process ever waits for another at a collective. `state_dict` is the
+    stream's position (`datasets`' own `IterableDataset.state_dict`) and the batches done in the epoch: a resumed
+    run continues after the last batch it trained on. That is exact without shuffling; with it, `datasets` does
+    not save the shuffle buffer and refills it on resume, so in the interrupted epoch up to `STREAM_SHUFFLE_BUFFER`
+    images come twice and as many are skipped, and the order differs from an uninterrupted run's.
 
     Examples:
         ```py
@@ -611,6 +615,8 @@ class ImageStreamLoader:
                             "raise --cache-budget)")
         self.stream, self.batch_size, self.device = stream, batch_size, torch.device(device)
         self.batches_per_epoch = num_images // (batch_size * world_size)
+        self._start = stream.state_dict()  # the position before the first image, to start a shard over
+        self._epoch = 0
         self._batches_done = 0
         self._resume_at = 0
 
@@ -618,18 +624,26 @@ class ImageStreamLoader:
         return self.batches_per_epoch
 
     def set_epoch(self, epoch: int) -> None:
+        self._epoch = epoch
         self.stream.set_epoch(epoch)
 
     def __iter__(self):
         import itertools
 
-        # one process reads and decodes: the stream's state is then exactly the batches handed out
-        loader = torch.utils.data.DataLoader(self.stream, batch_size=self.batch_size,
-                                             pin_memory=self.device.type == "cuda")
         self._batches_done, self._resume_at = self._resume_at, 0
-        for batch in itertools.islice(loader, self.batches_per_epoch - self._batches_done):
-            self._batches_done += 1
-            yield batch["image"].to(self.device, non_blocking=True)
+        while self._batches_done < self.batches_per_epoch:
+            # one process reads and decodes: the stream's state is then exactly the batches handed out
+            batches = torch.utils.data.DataLoader(self.stream, batch_size=self.batch_size, drop_last=True,
+                                                  pin_memory=self.device.type == "cuda")
+            before = self._batches_done
+            for batch in itertools.islice(batches, self.batches_per_epoch - self._batches_done):
+                self._batches_done += 1
+                yield batch["image"].to(self.device, non_blocking=True)
+            if self._batches_done == before:
+                raise DataError(f"this process's shard of the stream holds fewer than {self.batch_size} images: "
+                                "lower --batch-size or use fewer processes")
+            if self._batches_done < self.batches_per_epoch:  # ran out: start the shard over
+                self.stream.load_state_dict({**self._start, "epoch": self._epoch})
 
     def state_dict(self) -> dict:
         return {"stream": self.stream.state_dict(), "batches_done": self._batches_done}
