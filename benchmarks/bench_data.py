@@ -8,7 +8,10 @@ For each preset (mnist-baseline-16, punks-32, celeba-64) on the offline mirrors 
   punkdiff = `DataLoader` over the `ImageTensorDataset` + `to_model_input` (exactly as `training/train.py`);
   peer = the diffusers example: `load_dataset`, torchvision `Resize/Crop/Flip/ToTensor/Normalize` through
   `dataset.set_transform`, `DataLoader(shuffle=True, num_workers=0)`, so PIL decodes every image every step;
-- the bytes of the decoded tensor (and how much of its memory map is resident after one full pass).
+- the bytes of the decoded tensor (and how much of its memory map is resident after one full pass);
+- the checksum check every cached load pays (xxh3 of the cache file, warm page cache), beside the decode it saves;
+- streaming (`--streaming`, or a cache over budget): images/s of model-ready batches decoded on the fly by one
+  process from `datasets` streaming, the same transform, beside the cached path's batches and its decode.
 
 Timed repeats are interleaved (punkdiff and peer alternate, order swapped every repeat) and medians are reported;
 the ratio is the median of the per-repeat punkdiff/peer ratios. Run: `.venv/bin/python benchmarks/bench_data.py`.
@@ -42,7 +45,15 @@ from benchlib import (
     timed,
 )
 
-from punkdiff.data import ImageTensorDataset, available_cores, load_training_images, to_model_input
+from punkdiff.data import (
+    ImageStreamLoader,
+    ImageTensorDataset,
+    available_cores,
+    file_digest,
+    load_training_images,
+    stream_training_images,
+    to_model_input,
+)
 from punkdiff.presets import DataSpec, get_preset
 
 PRESETS = ("mnist-baseline-16", "punks-32", "celeba-64", "celeba-128")
@@ -73,6 +84,16 @@ def peer_batches(loader) -> Iterator[torch.Tensor]:
     while True:
         for batch in loader:
             yield batch["input"]
+
+
+def streamed_batches(path: Path, spec: DataSpec, settings: Settings, images: int) -> Iterator[torch.Tensor]:
+    """Model-ready batches as a `--streaming` run makes them (one process decoding its stream), epoch after epoch."""
+    loader = ImageStreamLoader(stream_training_images(path, spec, seed=settings.seed), images, settings.batch_size)
+    noise_rng = torch.Generator().manual_seed(settings.seed)
+    for epoch in range(10**9):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            yield to_model_input(batch, spec.random_flip, noise_rng)
 
 
 def punkdiff_batches(dataset: ImageTensorDataset, spec: DataSpec, settings: Settings) -> Iterator[torch.Tensor]:
@@ -159,6 +180,7 @@ def bench_preset(name: str, root: Path, settings: Settings, log: Callable[[str],
         reload.append(seconds)
         keep.append(cache)
     cache_file = next(Path(keep[-1].name).glob("images-*.npy"))
+    verify = [timed(lambda: file_digest(cache_file))[0] for _ in range(settings.repeats)]  # in every reload above
     # side by side: the same decode into one array in RAM (no cache: how the cache was built before decoding
     # went straight into the memory map)
     with PeakMemory() as memory:
@@ -182,19 +204,21 @@ def bench_preset(name: str, root: Path, settings: Settings, log: Callable[[str],
     check = check_batches(first_ours, first_theirs, spec, settings.batch_size)
 
     # steady state: warm up, then interleaved repeats
-    paths = {"punkdiff": punkdiff_batches(ours, spec, settings), "peer": peer_batches(loader)}
+    paths = {"punkdiff": punkdiff_batches(ours, spec, settings), "peer": peer_batches(loader),
+             "streamed": streamed_batches(path, spec, settings, len(ours))}
     for batches in paths.values():
         images_per_second(batches, settings.warmup_batches)  # also pages the memory map in
-    rates: dict[str, list[float]] = {"punkdiff": [], "peer": []}
-    timed_batches: dict[str, list[int]] = {"punkdiff": [], "peer": []}
+    rates: dict[str, list[float]] = {key: [] for key in paths}
+    timed_batches: dict[str, list[int]] = {key: [] for key in paths}
     for rep in range(settings.repeats):
-        for key in ("punkdiff", "peer") if rep % 2 == 0 else ("peer", "punkdiff"):
+        for key in list(paths) if rep % 2 == 0 else list(paths)[::-1]:
             rate, pulled = images_per_second(paths[key], settings.batches, settings.min_seconds)
             rates[key].append(rate)
             timed_batches[key].append(pulled)
     ratios = [a / b for a, b in zip(rates["punkdiff"], rates["peer"], strict=True)]
     log(f"  {name}: punkdiff {statistics.median(rates['punkdiff']):,.0f} img/s, "
-        f"peer {statistics.median(rates['peer']):,.0f} img/s")
+        f"peer {statistics.median(rates['peer']):,.0f} img/s, streamed {statistics.median(rates['streamed']):,.0f} "
+        f"img/s; checksum check {1e3 * statistics.median(verify):.0f} ms")
 
     # memory: the decoded tensor, and how much of its map is resident once every page has been read
     int(ours.images.reshape(-1)[::4096].sum())  # touch every page
@@ -219,6 +243,13 @@ def bench_preset(name: str, root: Path, settings: Settings, log: Callable[[str],
         "in_ram_decode_anon_baseline_bytes": in_ram_memory["anon_baseline_bytes"],
         "decode_workers": available_cores(),
         "punkdiff_reload_s": summary(reload),
+        # xxh3 of the cache file, part of every reload (the file is in the page cache, as right after a build)
+        "punkdiff_verify_s": summary(verify),
+        "punkdiff_verify_bytes_per_s": cache_file.stat().st_size / statistics.median(verify),
+        # --streaming: model-ready batches decoded on the fly by this one process (datasets streaming, shuffled)
+        "streamed_images_per_s": summary(rates["streamed"]),
+        "ratio_streamed_over_cached": summary([a / b for a, b in zip(rates["streamed"], rates["punkdiff"],
+                                                                      strict=True)]),
         "peer_setup_s": summary(peer_setup),
         "punkdiff_images_per_s": summary(rates["punkdiff"]),
         "peer_images_per_s": summary(rates["peer"]),
@@ -244,8 +275,9 @@ def bench_preset(name: str, root: Path, settings: Settings, log: Callable[[str],
 def table(results: list[dict[str, Any]]) -> str:
     """The printed summary: one row per preset, medians."""
     header = (f"{'preset':<18} {'images':>7} {'shape':>10} {'prep s':>7} {'decode img/s':>12} "
-              f"{'anon MiB base->peak':>19} {'into RAM':>8} {'reload ms':>9} {'tensor MiB':>10} "
-              f"{'resident MiB':>12} {'punkdiff img/s':>14} {'peer img/s':>10} {'ratio':>6} {'prep/peer epoch':>15}")
+              f"{'anon MiB base->peak':>19} {'into RAM':>8} {'reload ms':>9} {'of it xxh3':>10} {'tensor MiB':>10} "
+              f"{'resident MiB':>12} {'punkdiff img/s':>14} {'peer img/s':>10} {'ratio':>6} {'prep/peer epoch':>15} "
+              f"{'streamed img/s':>14}")
     rows = [header, "-" * len(header)]
     for r in results:
         _, c, h, w = r["tensor_shape"]
@@ -254,10 +286,12 @@ def table(results: list[dict[str, Any]]) -> str:
         rows.append(
             f"{r['preset']:<18} {r['images']:>7} {f'{c}x{h}x{w}':>10} {r['punkdiff_prep_s']['median']:>7.2f} "
             f"{r['punkdiff_prep_images_per_s']:>12,.0f} {anon:>19} {r['in_ram_decode_peak_anon_bytes'] / 2**20:>8.0f} "
-            f"{1e3 * r['punkdiff_reload_s']['median']:>9.1f} {r['tensor_bytes'] / 2**20:>10.2f} "
+            f"{1e3 * r['punkdiff_reload_s']['median']:>9.1f} {1e3 * r['punkdiff_verify_s']['median']:>10.1f} "
+            f"{r['tensor_bytes'] / 2**20:>10.2f} "
             f"{'n/a' if resident is None else f'{resident / 2**20:.2f}':>12} "
             f"{r['punkdiff_images_per_s']['median']:>14,.0f} {r['peer_images_per_s']['median']:>10,.0f} "
-            f"{r['ratio_punkdiff_over_peer']['median']:>5.1f}x {r['prep_in_peer_epochs']:>15.2f}"
+            f"{r['ratio_punkdiff_over_peer']['median']:>5.1f}x {r['prep_in_peer_epochs']:>15.2f} "
+            f"{r['streamed_images_per_s']['median']:>14,.0f}"
         )
     return "\n".join(rows)
 

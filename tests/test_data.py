@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import datasets
@@ -20,11 +22,15 @@ from PIL import Image
 
 from punkdiff.data import (
     DataError,
+    ImageStreamLoader,
     ImageTensorDataset,
     ImageTransform,
+    count_images,
+    exceeds_cache_budget,
     load_image_dataset,
     load_training_images,
     pixel_art_palette,
+    stream_training_images,
     to_model_input,
 )
 from punkdiff.presets import DataSpec, get_preset
@@ -334,16 +340,24 @@ def mapped_files() -> dict[str, list[tuple[int, int]]]:
     return ranges
 
 
-def test_cache_is_written_once_reused_and_memory_mapped(tmp_path, punks_train):
+def test_cache_is_written_once_reused_and_memory_mapped(tmp_path, punks_train, monkeypatch):
+    import punkdiff.data as data
+
     subset = punks_train.select(range(48))
     first = load(subset, spec("punks-24"), tmp_path)
     files = sorted(tmp_path.iterdir())
-    assert len(files) == 1 and files[0].suffix == ".npy"  # one complete file, no temporary left behind
+    # one complete file and its checksum, no temporary left behind
+    assert [f.name.split(".", 1)[1] for f in files] == ["npy", "npy.xxh3"]
     cache = files[0]
     stamp = cache.stat().st_mtime_ns
     np.testing.assert_array_equal(np.load(cache), first.images.numpy())
 
-    second = load(subset, spec("punks-24"), tmp_path)
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("a cached dataset was decoded again")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(data, "decode_images", no_decoding)
+        second = load(subset, spec("punks-24"), tmp_path)
     assert torch.equal(first.images, second.images)
     assert cache.stat().st_mtime_ns == stamp and sorted(tmp_path.iterdir()) == files
 
@@ -351,18 +365,54 @@ def test_cache_is_written_once_reused_and_memory_mapped(tmp_path, punks_train):
         ptr = second.images.data_ptr()
         assert any(lo <= ptr < hi for lo, hi in mapped_files().get(str(cache.resolve()), []))
 
-    # Swap the file for different (valid) content: the next load returns it, so nothing was decoded.
-    replacement = tmp_path / "replacement.npy"
-    np.save(replacement, np.zeros_like(first.images.numpy()))
-    os.replace(replacement, cache)
-    assert load(subset, spec("punks-24"), tmp_path).images.sum() == 0
     # use_cache=False decodes again (and leaves the cache alone)
     assert torch.equal(load(subset, spec("punks-24"), tmp_path, use_cache=False).images, first.images)
-    assert np.load(cache).sum() == 0
+    assert cache.stat().st_mtime_ns == stamp
     # another transform or another slice is another cache entry
     assert load(subset, spec("punks-32"), tmp_path).images.shape == (48, 3, 32, 32)
     assert torch.equal(load(punks_train.select(range(8)), spec("punks-24"), tmp_path).images, first.images[:8])
-    assert len(list(tmp_path.glob("*.npy"))) == 3
+    assert len(list(tmp_path.glob("*.npy"))) == len(list(tmp_path.glob("*.npy.xxh3"))) == 3
+
+
+def flip_one_bit(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0x10]))
+
+
+@pytest.mark.parametrize("damage", ["pixel-bit-flip", "valid-array-swapped-in", "checksum-missing",
+                                    "checksum-garbled"])
+def test_a_damaged_cache_is_rebuilt_with_a_warning_never_used(tmp_path, mnist_train, damage):
+    """The MNIST mirror's first 300 digits: the cache is damaged on disk after it was built; the next load warns,
+    rebuilds it, and hands back exactly what a fresh decode gives."""
+    subset = mnist_train.select(range(300))
+    data_spec = spec("mnist-28")
+    fresh = load(subset, data_spec, tmp_path, use_cache=False).images
+    load(subset, data_spec, tmp_path)
+    (cache,) = tmp_path.glob("*.npy")
+    checksum = cache.with_name(cache.name + ".xxh3")
+    header = cache.stat().st_size - fresh.numel()
+    if damage == "pixel-bit-flip":  # one bit of one pixel of digit 123: the header and shape stay valid
+        flip_one_bit(cache, header + 123 * 28 * 28 + 14 * 28 + 14)
+        match = "does not match the checksum written when it was built"
+    elif damage == "valid-array-swapped-in":
+        np.save(cache, np.zeros_like(fresh.numpy()))
+        match = "does not match the checksum"
+    elif damage == "checksum-missing":
+        checksum.unlink()
+        match = "has no readable checksum"
+    else:
+        checksum.write_text("{not json")
+        match = "has no readable checksum"
+    with pytest.warns(UserWarning, match=match):
+        rebuilt = load(subset, data_spec, tmp_path)
+    assert torch.equal(rebuilt.images, fresh)
+    assert len(list(tmp_path.glob("*.npy"))) == 1 and checksum.is_file()
+    with warnings.catch_warnings():  # the rebuilt cache and its new checksum agree: used silently
+        warnings.simplefilter("error")
+        assert torch.equal(load(subset, data_spec, tmp_path).images, fresh)
 
 
 def test_in_memory_dataset_is_not_cached(tmp_path, punks_train):
@@ -403,7 +453,7 @@ def test_interrupted_cache_write_leaves_no_truncated_cache(tmp_path, punks_dir, 
     # the next run decodes and writes a complete cache
     subset = punks_train.select(range(200))
     images = load(subset, spec("punks-24"), cache)
-    (complete,) = cache.iterdir()
+    (complete,) = cache.glob("*.npy")
     np.testing.assert_array_equal(np.load(complete), images.images.numpy())
     np.testing.assert_array_equal(np.load(complete), load(subset, spec("punks-24"), cache, use_cache=False).images)
 
@@ -444,7 +494,8 @@ def test_decoding_on_several_processes_gives_the_same_cache(tmp_path, punks_trai
     one = load(subset, spec("punks-24"), tmp_path / "one", num_workers=1)
     two = load(subset, spec("punks-24"), tmp_path / "two", num_workers=2)
     assert torch.equal(one.images, two.images)
-    (file,) = (tmp_path / "two").iterdir()  # the complete cache only: no temporary file left behind
+    (file, checksum) = sorted((tmp_path / "two").iterdir())  # the cache and its checksum, no temporary file
+    assert checksum.name == file.name + ".xxh3"
     np.testing.assert_array_equal(np.load(file), one.images.numpy())
     in_memory = data.decode_images(subset, "image", data.ImageTransform.from_spec(spec("punks-24")), False,
                                    num_workers=2)
@@ -641,3 +692,140 @@ def test_damaged_cache_is_rebuilt_not_used(tmp_path, punks_train, damage):
         again = load(subset, spec("punks-24"), tmp_path)
     assert torch.equal(again.images, first)
     np.testing.assert_array_equal(np.load(cache), first.numpy())
+
+
+# --- streaming: datasets larger than the cache budget ------------------------------------------------------------
+
+
+def as_rows(images: torch.Tensor) -> list[bytes]:
+    return [bytes(image.numpy()) for image in images]
+
+
+def streamed(loader: ImageStreamLoader, epoch: int = 0) -> torch.Tensor:
+    loader.set_epoch(epoch)
+    return torch.cat(list(loader))
+
+
+@pytest.fixture(scope="module")
+def mnist300(mnist_dir, cache_root):
+    """The MNIST mirror's first 300 digits at 28 px through the cache, the order every stream is compared with."""
+    return load(mnist_dir, spec("mnist-28", max_samples=300), cache_root).images
+
+
+def test_an_unshuffled_stream_is_the_cache_item_for_item(mnist_dir, mnist300, celeba_dir, celeba64):
+    stream = stream_training_images(mnist_dir, spec("mnist-28", max_samples=300), shuffle=False)
+    assert torch.equal(torch.stack([torch.as_tensor(row["image"]) for row in stream]), mnist300)
+    # the same transform: CelebA's centre crop and bicubic resize
+    faces = stream_training_images(celeba_dir, spec("celeba-64", max_samples=24), shuffle=False)
+    assert torch.equal(torch.stack([torch.as_tensor(row["image"]) for row in faces]), celeba64.images[:24])
+
+
+def test_a_shuffled_stream_is_a_seeded_permutation_each_epoch(mnist_dir, mnist300):
+    def loader(seed):
+        return ImageStreamLoader(stream_training_images(mnist_dir, spec("mnist-28", max_samples=300), seed=seed),
+                                 num_images=300, batch_size=30)
+
+    first, second = streamed(loader(0), 0), streamed(loader(0), 1)
+    assert len(loader(0)) == 10 and first.shape == (300, 1, 28, 28) and first.dtype == torch.uint8
+    assert sorted(as_rows(first)) == sorted(as_rows(second)) == sorted(as_rows(mnist300))  # each digit once
+    assert not torch.equal(first, mnist300) and not torch.equal(first, second)  # shuffled, reshuffled per epoch
+    assert torch.equal(streamed(loader(0), 0), first) and not torch.equal(streamed(loader(1), 0), first)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_process_shards_are_disjoint_and_cover_the_data(mnist_dir, mnist300, world_size):
+    shards = [streamed(ImageStreamLoader(
+        stream_training_images(mnist_dir, spec("mnist-28", max_samples=300), seed=4, rank=rank, world_size=world_size),
+        num_images=300, batch_size=10, world_size=world_size)) for rank in range(world_size)]
+    per_process = 300 // (10 * world_size) * 10
+    assert [len(shard) for shard in shards] == [per_process] * world_size  # the same batches on every process
+    rows = [row for shard in shards for row in as_rows(shard)]
+    assert len(set(rows)) == len(rows)  # disjoint
+    whole = [streamed(ImageStreamLoader(stream_training_images(
+        mnist_dir, spec("mnist-28", max_samples=300), seed=4, rank=rank, world_size=world_size, shuffle=False),
+        num_images=300, batch_size=1, world_size=world_size)) for rank in range(world_size)]  # all of each shard
+    assert sorted(row for shard in whole for row in as_rows(shard)) == sorted(as_rows(mnist300))  # they cover it
+
+
+def test_an_unshuffled_stream_resumes_exactly_after_the_last_batch(mnist_dir, mnist300):
+    def loader():
+        return ImageStreamLoader(stream_training_images(mnist_dir, spec("mnist-28", max_samples=300), shuffle=False),
+                                 num_images=300, batch_size=20)
+
+    straight = loader()
+    straight.set_epoch(1)
+    batches = iter(straight)
+    before = torch.cat([next(batches) for _ in range(4)])
+    state = json.loads(json.dumps(straight.state_dict()))  # as a checkpoint keeps it
+    after = torch.cat(list(batches))
+    resumed = loader()
+    resumed.load_state_dict(state)
+    resumed.set_epoch(1)
+    assert torch.equal(torch.cat(list(resumed)), after) and torch.equal(torch.cat([before, after]), mnist300)
+    resumed.set_epoch(2)  # the next epoch starts afresh, whole
+    assert torch.equal(torch.cat(list(resumed)), mnist300)
+
+
+def test_a_shuffled_stream_resumes_where_it_was_but_not_in_the_same_order(mnist_dir, monkeypatch):
+    """The documented limit: `datasets` does not save the shuffle buffer (here 64 images, as it is small beside
+    the data in real use), so a resumed epoch goes on from about the stream's position with a refilled buffer: the
+    count of batches is kept, but up to a buffer's worth of images come twice in that epoch and as many are
+    skipped (measured: 56 of 5,000), and the order is not the uninterrupted run's."""
+    import punkdiff.data as data
+
+    monkeypatch.setattr(data, "STREAM_SHUFFLE_BUFFER", 64)
+
+    def loader():
+        return ImageStreamLoader(stream_training_images(mnist_dir, spec("mnist-28"), seed=2), num_images=5000,
+                                 batch_size=20)
+
+    straight = loader()
+    straight.set_epoch(0)
+    batches = iter(straight)
+    before = torch.cat([next(batches) for _ in range(100)])
+    state = json.loads(json.dumps(straight.state_dict()))
+    after = torch.cat([next(batches) for _ in range(20)])
+    resumed = loader()
+    resumed.load_state_dict(state)
+    resumed.set_epoch(0)
+    again = list(resumed)
+    assert len(again) == 250 - 100
+    seen, rest = set(as_rows(before)), as_rows(torch.cat(again))
+    assert sum(row in seen for row in rest) <= 64 and len(seen | set(rest)) >= 5000 - 64
+    assert not torch.equal(torch.cat(again[:20]), after)
+
+
+def test_uneven_shards_still_give_every_process_the_same_batches(tmp_path, mnist_train):
+    """Two Parquet files of 40 and 20 digits on two processes: `datasets` gives each process a file; the short one
+    starts over rather than leave the other waiting at a collective."""
+    folder = tmp_path / "uneven"
+    for i, rows in enumerate([range(40), range(40, 60)]):
+        mnist_train.select(rows).to_parquet(str(folder / "data" / f"train-0000{i}-of-00002.parquet"))
+    shards = [streamed(ImageStreamLoader(stream_training_images(folder, spec("mnist-28"), rank=rank, world_size=2),
+                                         num_images=60, batch_size=10, world_size=2)) for rank in range(2)]
+    assert [len(shard) for shard in shards] == [30, 30]
+    long, short = (set(as_rows(shard)) for shard in shards)
+    assert len(long) == 30 and len(short) == 20 and not long & short  # one file each; the short one wrapped
+
+
+def test_the_cache_budget_decides_from_metadata(celeba_dir, mnist_dir, tmp_path):
+    celeba128 = spec("celeba-128")
+    assert count_images(celeba_dir, celeba128) == 5000
+    assert count_images(mnist_dir, spec("mnist-28", split="test", max_samples=123)) == 123
+    assert count_images(tmp_path / "nothing-here", celeba128) is None
+    size = 5000 * 3 * 128 * 128  # 234 MiB decoded
+    assert exceeds_cache_budget(celeba_dir, celeba128, budget=size) is None
+    assert exceeds_cache_budget(celeba_dir, celeba128, budget=size - 1) == (
+        "its decoded cache would take 234 MiB, more than the cache budget of 234 MiB")
+    assert exceeds_cache_budget(celeba_dir, celeba128, tmp_path) is None  # the default: the disk's free space
+
+
+def test_an_unreadable_streamed_image_is_named(tmp_path, punks_train):
+    rows = [{"bytes": _encoded(punks_train[i]["image"]), "path": None} for i in range(5)]
+    rows[3] = {"bytes": b"\x89PNG\r\n\x1a\nbroken", "path": None}
+    folder = tmp_path / "broken-punks"
+    datasets.Dataset.from_dict({"image": rows}, features=datasets.Features({"image": datasets.Image()})).to_parquet(
+        str(folder / "data" / "train-00000-of-00001.parquet"))
+    stream = stream_training_images(folder, spec("punks-24"), shuffle=False)
+    with pytest.raises(DataError, match=r"streamed item 3 of process 0 of column 'image' is not a readable image"):
+        list(stream)

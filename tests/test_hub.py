@@ -408,6 +408,8 @@ def _weights(transform):
         (_edit_json("unet/config.json", _set("sample_size", 100000)), "sample_size must be an integer"),
         (_edit_json("unet/config.json", _set("sample_size", -8)), "sample_size must be an integer"),
         (_edit_json("unet/config.json", _set("sample_size", "8")), "sample_size must be an integer"),
+        (_edit_json("unet/config.json", _set("sample_size", 1)), "sample_size 1 must be a multiple of"),  # hypothesis
+        (_edit_json("unet/config.json", _set("sample_size", [8, 3])), r"sample_size \[8, 3\] must be a multiple"),
         (_edit_json("unet/config.json", _set("in_channels", None)), "in_channels must be an integer"),
         (_edit_json("unet/config.json", _set("block_out_channels", "wide")), "block_out_channels must be"),
         (_edit_json("scheduler/scheduler_config.json", _set("num_train_timesteps", 10**10)), "num_train_timesteps"),

@@ -6,6 +6,7 @@ takes tens of milliseconds on CPU; 8 batches of 8 per epoch make 100 steps cross
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -556,3 +557,72 @@ def test_compiled_channels_last_run_exports_the_eager_weights(mnist_dir, cache_d
     assert not any("_orig_mod" in k for k in b)
     assert max_diff(a, b) < 1e-4  # same steps, same data; channels_last only reorders the arithmetic
     assert not any("_orig_mod" in k for k in weights(fast / "checkpoints" / "checkpoint-2" / "model.safetensors"))
+
+
+# --- streaming ----------------------------------------------------------------------------------------------------
+
+
+def test_a_streamed_run_trains_on_every_image_each_epoch_and_writes_no_cache(mnist_dir, tmp_path, monkeypatch,
+                                                                               capsys):
+    """--cache-budget 0: the 64 digits stream (the budget decides), decoded on the fly by the cache's transform."""
+    from punkdiff.data import load_training_images
+    from punkdiff.presets import get_preset
+
+    calls = record_loss_calls(monkeypatch)
+    cache = tmp_path / "cache"
+    assert run(mnist_dir, cache, tmp_path / "run", "--max-steps", "16", "--cache-budget", "0") == 0
+    assert "more than the cache budget of 0 MiB" in capsys.readouterr().out
+    assert not cache.exists() or not list(cache.iterdir())  # nothing decoded to disk
+    images = [bytes(img.numpy()) for clean, _ in calls for img in ((clean + 1) * 127.5).round().byte()]
+    spec = dataclasses.replace(get_preset("mnist-baseline-16").data, max_samples=64)
+    cached = {bytes(img.numpy()) for img in load_training_images(mnist_dir, spec, cache_dir=tmp_path / "c").images}
+    assert set(images[:64]) == set(images[64:]) == cached and len(set(images[:64])) == 64  # each once per epoch
+    assert images[:64] != images[64:]  # reshuffled
+    assert (tmp_path / "run" / "pipeline" / "model_index.json").is_file()
+
+
+def test_a_streamed_run_resumes_from_its_stream_position(mnist_dir, cache_dir, tmp_path, capsys):
+    """Stopped at step 4 (mid-epoch) and resumed: it finishes, each process's stream position saved as JSON. The
+    shuffle buffer is refilled on resume, so the weights are not the uninterrupted run's (documented); switching
+    between streaming and the cache on resume is refused."""
+    args = ["--max-steps", "12", "--checkpoint-every", "4", "--streaming"]
+    assert run(mnist_dir, cache_dir, tmp_path / "run", *args) == 0
+    state = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-4" / "training_state.json").read_text())
+    assert state["batches_in_epoch"] == 4 and state["stream"][0]["batches_done"] == 4
+    assert state["stream"][0]["stream"]["epoch"] == 0
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "run" / "checkpoints" / "checkpoint-4", resumed / "checkpoints" / "checkpoint-4")
+    assert run(mnist_dir, cache_dir, resumed, *args, "--resume-from-checkpoint", "latest") == 0
+    summary = json.loads((resumed / "training_summary.json").read_text())
+    assert summary["steps"] == 12 and summary["resumed_from"].endswith("checkpoint-4")
+    capsys.readouterr()
+    assert run(mnist_dir, cache_dir, resumed, "--max-steps", "12", "--checkpoint-every", "4",
+               "--resume-from-checkpoint", "latest") == 2
+    assert "data: streamed -> cached (--streaming, --cache-budget)" in capsys.readouterr().out
+
+
+def test_eval_every_needs_the_cached_images(mnist_dir, cache_dir, tmp_path, capsys):
+    assert run(mnist_dir, cache_dir, tmp_path / "run", "--max-steps", "2", "--streaming", "--eval-every", "1") == 2
+    assert "--eval-every scores samples against the training images held in the cache" in capsys.readouterr().out
+
+
+def test_two_processes_stream_their_own_shards(mnist_dir, tmp_path):
+    """`--multi_gpu --num_processes 2 --streaming` on CPU: each process reads its half of the stream, both take the
+    same number of batches (no process waits at a collective), and each checkpoint keeps both stream positions."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+        str(REPO / "training" / "train.py"), *TINY, "--dataset", str(mnist_dir), "--cache-dir", str(tmp_path / "c"),
+        "--output-dir", str(out), "--max-steps", "6", "--checkpoint-every", "3", "--streaming",
+    ]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["steps_per_epoch"] == 4 and summary["images_seen"] == 6 * 16  # 64 images / (8 x 2 processes)
+    assert summary["ema_in_sync_across_processes"] is True
+    state = json.loads((out / "checkpoints" / "checkpoint-3" / "training_state.json").read_text())
+    assert [s["batches_done"] for s in state["stream"]] == [3, 3]
+    assert not (tmp_path / "c").exists() or not list((tmp_path / "c").iterdir())

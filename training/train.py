@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object, set_seed
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -29,10 +29,14 @@ from tqdm.auto import tqdm
 
 from punkdiff.data import (
     DataError,
+    ImageStreamLoader,
     ImageTransform,
+    count_images,
     default_cache_dir,
+    exceeds_cache_budget,
     load_training_images,
     pixel_art_palette,
+    stream_training_images,
     to_model_input,
 )
 from punkdiff.hub import ModelCardInfo, ModelFolderError, export_pipeline, push_to_hub
@@ -94,9 +98,19 @@ def run(args: argparse.Namespace) -> int:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed, non_blocking=True),
     )
     try:
+        # a dataset whose decoded cache would not fit the budget streams (decided from its metadata, no image read)
+        too_big = None if args.streaming else exceeds_cache_budget(
+            preset.data.dataset, preset.data, args.cache_dir,
+            None if args.cache_budget is None else int(args.cache_budget * 2**30),
+        )
+        streaming = args.streaming or too_big is not None
+        if streaming and args.eval_every:
+            raise DataError("--eval-every scores samples against the training images held in the cache, and a "
+                            "streamed dataset holds none: drop --eval-every, or cache the data (no --streaming, a "
+                            "larger --cache-budget)")
         resume = check_resume(
             output_dir, args.resume_from_checkpoint, preset, accelerator.num_processes, args.overwrite_output_dir,
-            seed=args.seed, extend_schedule=args.extend_schedule,
+            seed=args.seed, extend_schedule=args.extend_schedule, streaming=streaming,
         )
         if accelerator.is_main_process:  # an unwritable folder is found now, not at the first checkpoint
             check_run_outputs(output_dir, args.cache_dir or default_cache_dir(), preset)
@@ -109,22 +123,32 @@ def run(args: argparse.Namespace) -> int:
         # resumed run draws exactly what the uninterrupted one would have
         noise_rng = torch.Generator(accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
 
-        # ---- 2. data: decoded once (main process first, so the cache is built once) -------------------------
-        with accelerator.main_process_first():
-            dataset = load_training_images(
-                preset.data.dataset, preset.data, cache_dir=args.cache_dir, progress=accelerator.is_main_process
+        # ---- 2. data: decoded once into the cache (main process first, so it is built once), or streamed -------
+        if streaming:  # each process reads and decodes its own shard of the stream, with the cache's transform
+            accelerator.print(f"streaming {preset.data.dataset}: {too_big or '--streaming'}")
+            num_images = count_images(preset.data.dataset, preset.data)
+            stream = stream_training_images(preset.data.dataset, preset.data, seed=args.seed,
+                                            rank=accelerator.process_index, world_size=accelerator.num_processes)
+            loader = ImageStreamLoader(stream, num_images, train_spec.batch_size, accelerator.num_processes,
+                                       accelerator.device)
+            palette = None  # a palette needs every image: a streamed run's samples are not snapped to one
+        else:
+            with accelerator.main_process_first():
+                dataset = load_training_images(
+                    preset.data.dataset, preset.data, cache_dir=args.cache_dir, progress=accelerator.is_main_process
+                )
+            num_images = len(dataset)
+            on_device = args.data_on_device == "yes" or (
+                args.data_on_device == "auto" and accelerator.device.type == "cuda" and dataset.images.nbytes < 2**31
             )
-        # pixel art (CryptoPunks) keeps its colours: grids and the export snap samples to the training palette
-        palette = pixel_art_palette(dataset.images, ImageTransform.from_spec(preset.data))
-        on_device = args.data_on_device == "yes" or (
-            args.data_on_device == "auto" and accelerator.device.type == "cuda" and dataset.images.nbytes < 2**31
-        )
-        if on_device:
-            dataset = dataset.to(accelerator.device)
-        # batches are single gathers, seeded by the loader's own generator (not the global RNG, which dropout
-        # uses); data in host memory feeding a GPU comes through pinned memory, copied without waiting
-        loader = dataset.loader(train_spec.batch_size, args.seed, pin_memory=accelerator.device.type == "cuda")
-        loader = accelerator.prepare(loader)  # sharded: each process sees its own slice of every batch
+            # pixel art (CryptoPunks) keeps its colours: grids and the export snap samples to the training palette
+            palette = pixel_art_palette(dataset.images, ImageTransform.from_spec(preset.data))
+            if on_device:
+                dataset = dataset.to(accelerator.device)
+            # batches are single gathers, seeded by the loader's own generator (not the global RNG, which dropout
+            # uses); data in host memory feeding a GPU comes through pinned memory, copied without waiting
+            loader = dataset.loader(train_spec.batch_size, args.seed, pin_memory=accelerator.device.type == "cuda")
+            loader = accelerator.prepare(loader)  # sharded: each process sees its own slice of every batch
         updates_per_epoch = steps_per_epoch(len(loader), train_spec.gradient_accumulation_steps)
     except (DataError, TrainingError, ModelFolderError) as err:
         accelerator.print(f"error: {err}")
@@ -169,6 +193,8 @@ def run(args: argparse.Namespace) -> int:
     if resume is not None:
         checkpoint, state = resume
         load_checkpoint(accelerator, checkpoint, noise_rng)
+        if streaming:  # the stream continues from its saved position (each process its own shard's)
+            loader.load_state_dict(state["stream"][accelerator.process_index])
         progress, resumed_from = LoopProgress.from_state(state), str(checkpoint)
         accelerator.print(f"resumed from {checkpoint} at step {progress.global_step}")
     elif args.resume_from_checkpoint:
@@ -198,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
     if accelerator.is_main_process:
         accelerator.init_trackers("punkdiff", config=flat_config(preset))
     accelerator.print(
-        f"{preset.name}: {len(dataset)} images, {accelerator.num_processes} process(es), global batch {global_batch}, "
+        f"{preset.name}: {num_images} images, {accelerator.num_processes} process(es), global batch {global_batch}, "
         f"{max_steps} optimizer steps ({num_epochs} epochs)"
     )
 
@@ -226,7 +252,8 @@ def run(args: argparse.Namespace) -> int:
             loader.set_epoch(epoch)  # the seeded shuffle of epoch e is the same in every run
             skip = progress.batches_in_epoch if epoch == progress.epoch else 0  # > 0: resumed mid-epoch
             progress.epoch, progress.batches_in_epoch = epoch, skip
-            batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+            # resumed mid-epoch: a cached epoch skips the batches done in its seeded order; a stream is already there
+            batches = accelerator.skip_first_batches(loader, skip) if skip and not streaming else loader
             for batch in batches:
                 progress.batches_in_epoch += 1
                 # 5.1 x_0 in [-1, 1] (flipped per image), noise and timesteps from the saved generator
@@ -279,6 +306,8 @@ def run(args: argparse.Namespace) -> int:
                 if checkpoint_due or stopping:
                     require_finite_weights(accelerator.unwrap_model(model), ema, step)
                     state = {**progress.to_state(preset, accelerator.num_processes, len(loader)), "seed": args.seed}
+                    if streaming:  # every process's position in its shard (a collective, like the checkpoint)
+                        state["stream"] = gather_object([loader.state_dict()])
                     save_checkpoint(accelerator, output_dir, state, noise_rng, train_spec.checkpoints_total_limit)
                 if stopping:
                     raise TrainingError(f"stopped by {stop.received.name} at step {step}; {resume_hint(output_dir)}")
@@ -295,7 +324,7 @@ def run(args: argparse.Namespace) -> int:
                     break
             if progress.global_step >= max_steps:
                 break
-    except TrainingError as err:
+    except (TrainingError, DataError) as err:  # DataError: a streamed image that cannot be read
         accelerator.print(f"error: {err}")
         exit_code = 1
     except torch.OutOfMemoryError:

@@ -401,6 +401,9 @@ def _check_unet_config(path: Path, config: object) -> None:
     channels = config.get("block_out_channels")
     if not (isinstance(channels, list) and channels and all(positive_int(c, 2**16) for c in channels)):
         problems.append(f"block_out_channels must be a list of positive integers, got {channels!r}")
+    elif not problems and any(s % 2 ** (len(channels) - 1) for s in sizes):  # else the skips do not line up
+        problems.append(f"sample_size {size!r} must be a multiple of {2 ** (len(channels) - 1)}: the UNet halves it "
+                        f"{len(channels) - 1} times")
     if problems:
         raise ModelFolderError(f"{path} does not describe a usable UNet2DModel: {'; '.join(problems)}. Re-export it.")
 

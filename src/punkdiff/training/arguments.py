@@ -67,6 +67,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report-to", default="tensorboard", choices=["tensorboard", "wandb", "none"])
     p.add_argument("--cache-dir", help="where decoded image tensors are cached (default ~/.cache/punkdiff)")
+    p.add_argument("--streaming", action="store_true",
+                   help="stream the dataset with `datasets` and decode it on the fly, each process its own shard, "
+                   "instead of caching it decoded (also chosen by itself when the cache exceeds --cache-budget)")
+    p.add_argument("--cache-budget", type=float, metavar="GB",
+                   help="stream any dataset whose decoded cache would exceed this many GB (default: 90%% of the "
+                   "free space on the cache folder's disk)")
     p.add_argument("--data-on-device", choices=["auto", "yes", "no"], default="auto",
                    help="keep the whole decoded dataset on the training device (auto: if it is a GPU and < 2 GB)")
     p.add_argument("--log-every", type=int, default=10, metavar="N",
@@ -128,6 +134,8 @@ def resolve_training_config(args: argparse.Namespace) -> Preset:
         raise PresetError("--report-to wandb needs wandb: pip install 'punkdiff[wandb]' (or use tensorboard)")
     if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
         raise PresetError(f"--resume-from-checkpoint {args.resume_from_checkpoint}: no such checkpoint folder")
+    if args.cache_budget is not None and not args.cache_budget >= 0:
+        raise PresetError(f"--cache-budget must be a size in GB, 0 or more (got {args.cache_budget})")
     if args.log_every <= 0:
         raise PresetError(f"--log-every must be positive (got {args.log_every})")
     if (args.eval_every is not None and args.eval_every < 1) or args.eval_images < 10:

@@ -28,10 +28,7 @@ def check_writable(folder: str | os.PathLike[str], what: str) -> Path:
         PosixPath('outputs/mnist16')
         ```
     """
-    folder = Path(folder).expanduser()
-    for parent in [folder, *folder.parents]:
-        if parent.exists() and not parent.is_dir():
-            raise TrainingError(f"{what} {folder}: {parent} is a file, not a folder; choose another path")
+    folder = check_not_under_a_file(folder, what)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".punkdiff-write-check-"):
@@ -43,14 +40,25 @@ def check_writable(folder: str | os.PathLike[str], what: str) -> Path:
     return folder
 
 
+def check_not_under_a_file(folder: str | os.PathLike[str], what: str) -> Path:
+    """`folder`, unless it is a file or lies under one (a mistyped path): then a `TrainingError` naming the file."""
+    folder = Path(folder).expanduser()
+    for parent in [folder, *folder.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise TrainingError(f"{what} {folder}: {parent} is a file, not a folder; choose another path")
+    return folder
+
+
 def check_run_outputs(output_dir: str | os.PathLike[str], cache_dir: str | os.PathLike[str], preset: Preset) -> None:
-    """Before training: the output and cache folders are writable, and the disk holds the checkpoints kept.
+    """Before training: the output folder is writable, the disk holds the checkpoints kept, and the cache folder is
+    not a file. A read-only cache folder is no error: a good cache in it is read, else `punkdiff.data` decodes into
+    memory for the run and says how to cache instead.
 
     The space needed is estimated from the parameter count: each checkpoint holds the weights, AdamW's moments and
     the EMA weights in float32, `checkpoints_total_limit` of them plus the one being written, and the export.
     """
     output_dir = check_writable(output_dir, "--output-dir")
-    check_writable(cache_dir, "--cache-dir")
+    check_not_under_a_file(cache_dir, "--cache-dir")
     parameters = count_parameters(preset.model)
     kept = (preset.train.checkpoints_total_limit or 1) + 1
     needed = parameters * (_CHECKPOINT_BYTES_PER_PARAMETER * kept + 4)

@@ -35,13 +35,15 @@ def check_resume(
     *,
     seed: int | None = None,
     extend_schedule: bool = False,
+    streaming: bool = False,
 ) -> tuple[Path, dict[str, Any]] | None:
     """The checkpoint to resume from and its saved state, after checking it fits this run; None to start fresh.
 
     Without `--resume-from-checkpoint` (`which=None`), an output folder that already holds checkpoints is refused
     (unless `overwrite`): a second run there would mix its checkpoints with the first one's. A resumed run must be
     the interrupted one: any changed setting is refused with the differences named, except where checkpoints and
-    previews go; a longer run needs `extend_schedule`, because it re-plans the LR schedule.
+    previews go; a longer run needs `extend_schedule`, because it re-plans the LR schedule. A streamed run (its
+    position is the stream's state) and a cached one (a batch count in a seeded order) do not resume each other.
 
     Examples:
         ```py
@@ -74,6 +76,9 @@ def check_resume(
         changed.append(f"processes: {state['num_processes']} -> {num_processes}")
     if seed is not None and state.get("seed", seed) != seed:
         changed.append(f"seed (the data order and noise): {state['seed']} -> {seed}")
+    if ("stream" in state) != streaming:
+        was, now = ("streamed", "cached") if "stream" in state else ("cached", "streamed")
+        changed.append(f"data: {was} -> {now} (--streaming, --cache-budget)")
     if changed:
         raise TrainingError(
             f"{checkpoint} was saved by a run with other settings ({'; '.join(changed)}); resume with the same "
