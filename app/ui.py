@@ -87,7 +87,7 @@ def build_app(roots: Roots, max_runs: int = 1) -> gr.Blocks:
 
         with gr.Tabs():
             with gr.Tab("Generate", id="generate"):
-                _generate_tab(model, load, generated)
+                _generate_tab(demo, model, load, generated)
             with gr.Tab("Inpaint & reconstruct", id="inpaint"):
                 _inpaint_tab(demo, model, load, roots, dataset_choices, generated)
             with gr.Tab("Train", id="train"):
@@ -115,7 +115,7 @@ def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, sh
 # --- tabs ---------------------------------------------------------------------------------------------
 
 
-def _generate_tab(model, load, generated: Path) -> None:
+def _generate_tab(demo: gr.Blocks, model, load, generated: Path) -> None:
     with gr.Row():
         with gr.Column(scale=1, min_width=280):
             scheduler = gr.Radio(list(studio.SCHEDULERS), value="DDIM", label="Sampler",
@@ -144,6 +144,9 @@ def _generate_tab(model, load, generated: Path) -> None:
 
     run.click(generate, [model, scheduler, steps, eta, seed, batch], [grid, animation, files],
               concurrency_id="sampling", concurrency_limit=1)
+    fit = functools.partial(_fit_steps, load)
+    model.change(fit, [model, steps], steps, show_progress="hidden")
+    demo.load(fit, [model, steps], steps, show_progress="hidden")
 
 
 def _inpaint_tab(demo: gr.Blocks, model, load, roots: Roots, dataset_choices, generated: Path) -> None:
@@ -225,18 +228,20 @@ def _inpaint_tab(demo: gr.Blocks, model, load, roots: Roots, dataset_choices, ge
             return gr.skip(), gr.skip()
         return image, editor_value(image, model_ref)
 
-    def adapt_to_model(model_ref, image):
-        """A new model: its range of t, the dataset it was trained on, the image prepared for it."""
+    def adapt_to_model(model_ref, image, inpaint_steps, reconstruct_steps):
+        """A new model: its range of t and of steps, the dataset it was trained on, the image prepared for it."""
         try:
             _, info = load(model_ref)
         except _USER_ERRORS:  # no model, or one the model line already reports
-            return gr.skip(), gr.skip(), gr.skip()
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         last = info.num_train_timesteps - 1
         known = [v for _, v in dataset_choices()]
         return (
             gr.update(maximum=last, value=min(round(0.3 * last), last)),
             info.trained_on if info.trained_on in known else gr.skip(),
             editor_value(image, model_ref) if image is not None else gr.skip(),
+            _fit_steps(load, model_ref, inpaint_steps),
+            _fit_steps(load, model_ref, reconstruct_steps),
         )
 
     @_friendly
@@ -267,8 +272,9 @@ def _inpaint_tab(demo: gr.Blocks, model, load, roots: Roots, dataset_choices, ge
     lucky.click(random_index, [dataset, split], index).success(
         from_dataset, [model, dataset, index, split], [source, editor])
     upload.upload(from_upload, [model, upload], [source, editor])
-    model.change(adapt_to_model, [model, source], [t_start, dataset, editor])
-    demo.load(adapt_to_model, [model, source], [t_start, dataset, editor])
+    adapted = [t_start, dataset, editor, steps, rec_steps]
+    model.change(adapt_to_model, [model, source, steps, rec_steps], adapted)
+    demo.load(adapt_to_model, [model, source, steps, rec_steps], adapted)
     inpaint.click(run_inpaint, [model, source, editor, steps, jump, resample, fills, seed], inpainted,
                   concurrency_id="sampling", concurrency_limit=1)
     reconstruct.click(run_reconstruct, [model, source, t_start, rec_scheduler, rec_steps],
@@ -322,8 +328,8 @@ def _train_tab(roots: Roots, runs: RunManager, dataset_choices) -> None:
                 latest = gr.Image(label="Latest samples (EMA weights, fixed seed)", type="filepath",
                                   elem_classes="pixelated", interactive=False, elem_id="latest-samples")
             with gr.Accordion("Samples over time, checkpoints and log", open=True):
-                history = gr.Gallery(label="Samples over time", columns=6, height="auto", elem_classes="pixelated",
-                                     elem_id="samples-over-time")
+                history = gr.Gallery(label="Samples over time", columns=6, height="auto", fit_columns=False,
+                                     object_fit="contain", elem_classes="pixelated", elem_id="samples-over-time")
                 checkpoints = gr.Markdown(elem_id="run-checkpoints")
                 log = gr.Textbox(label="Log (last lines)", lines=8, max_lines=8, autoscroll=True, elem_id="run-log")
     seen = gr.State(None)  # what the page already shows, so an unchanged run sends no images again
@@ -439,11 +445,12 @@ def _evaluate_tab(demo: gr.Blocks, model, roots: Roots, evaluations: EvalManager
             names = [e.name for e in evaluations.evaluations()]
             chosen = gr.Dropdown(names, value=names[0] if names else None, label="Evaluation", elem_id="eval-select")
             status = gr.Markdown(_NO_EVALUATION, elem_id="eval-status")
-            report = gr.Markdown(elem_id="eval-report")
+            report = gr.Markdown(elem_id="eval-report", elem_classes="pixelated")
             with gr.Accordion("metrics.json and log", open=False):
                 metrics = gr.JSON(label="metrics.json")
                 log = gr.Textbox(label="Log (last lines)", lines=6, max_lines=6, autoscroll=True, elem_id="eval-log")
     seen = gr.State(None)  # what the page already shows, so an unchanged report is not sent again
+    proposed = gr.State(None)  # the model's own reference, and why
     timer = gr.Timer(REFRESH_S)
 
     def propose_reference(model_ref):
@@ -451,8 +458,11 @@ def _evaluate_tab(demo: gr.Blocks, model, roots: Roots, evaluations: EvalManager
         try:
             proposed = default_reference(roots, studio.resolve_model(model_ref, roots))
         except _USER_ERRORS:  # no model, or one the model line already reports
-            return gr.skip(), gr.skip(), ""
-        return proposed.dataset, proposed.split or gr.skip(), proposed.reason
+            return gr.skip(), gr.skip(), "", None
+        return proposed.dataset, proposed.split or gr.skip(), proposed.reason, proposed
+
+    def explain_reference(chosen, proposed):
+        return proposed.note_for(chosen) if proposed else ""
 
     @_friendly
     def start_eval(model_ref, reference, split, num, scheduler, steps, seed):
@@ -481,8 +491,9 @@ def _evaluate_tab(demo: gr.Blocks, model, roots: Roots, evaluations: EvalManager
             return text, gr.skip(), gr.skip(), view.job.log_tail(), seen_before
         return text, view.report_markdown() or "", view.metrics(), view.job.log_tail(), signature
 
-    model.change(propose_reference, model, [reference, split, reference_note], show_progress="hidden")
-    demo.load(propose_reference, model, [reference, split, reference_note], show_progress="hidden")
+    model.change(propose_reference, model, [reference, split, reference_note, proposed], show_progress="hidden")
+    demo.load(propose_reference, model, [reference, split, reference_note, proposed], show_progress="hidden")
+    reference.input(explain_reference, [reference, proposed], reference_note, show_progress="hidden")
     reference.focus(lambda: gr.update(choices=dataset_choices()), outputs=reference, show_progress="hidden")
     start.click(start_eval, [model, reference, split, num, scheduler, steps, seed], chosen)
     outputs = [status, report, metrics, log, seen]
@@ -491,6 +502,15 @@ def _evaluate_tab(demo: gr.Blocks, model, roots: Roots, evaluations: EvalManager
 
 
 # --- helpers ------------------------------------------------------------------------------------------
+
+
+def _fit_steps(load, model_ref: str, steps):
+    """A steps slider's range up to the model's T (more steps than the noise schedule has is an error)."""
+    try:
+        _, info = load(model_ref)
+    except _USER_ERRORS:  # no model, or one the model line already reports
+        return gr.skip()
+    return gr.update(maximum=info.num_train_timesteps, value=min(steps or 1, info.num_train_timesteps))
 
 
 def _status_markdown(name: str, state: str, progress, error: str | None) -> str:

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -72,25 +71,21 @@ def roots(tmp_path_factory, punks_dir, mnist_dir) -> Roots:
 
 @pytest.fixture(scope="module")
 def url(roots):
-    """`punkdiff ui` in its own process, as a person starts it (default host: 127.0.0.1)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(roots.runs.parent / "ui.log", "wb")  # noqa: SIM115 (closed at teardown)
+    """`punkdiff ui` in its own process, as a person starts it (default host: 127.0.0.1; Gradio picks a free port
+    itself, so no other process can take it between a choice here and the server's bind)."""
+    log_path = roots.runs.parent / "ui.log"
+    log = open(log_path, "wb")  # noqa: SIM115 (closed at teardown)
     server = subprocess.Popen(
         [sys.executable, "-m", "punkdiff.cli", "ui", *[f"--data-root={p}" for p in roots.of("data")],
-         "--run-root", str(roots.runs), "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT,
+         "--run-root", str(roots.runs)],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     deadline = time.time() + 120
-    while True:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        assert server.poll() is None, (roots.runs.parent / "ui.log").read_text()
+    while not (match := re.search(r"Running on local URL:\s+(http://127\.0\.0\.1:\d+)", log_path.read_text())):
+        assert server.poll() is None, log_path.read_text()
         assert time.time() < deadline, "punkdiff ui did not open its port in 120 s"
         time.sleep(0.5)
-    yield f"http://127.0.0.1:{port}"
+    yield match.group(1)
     server.terminate()
     server.wait(30)
     log.close()
@@ -106,7 +101,7 @@ def page(url):
         outside = []  # the page must not reach beyond the app (no CDN, no analytics)
         page.on("request", lambda r: None if r.url.startswith((url, "data:", "blob:")) else outside.append(r.url))
         page.goto(url)
-        page.wait_for_selector("#model-info strong", timeout=60_000)
+        page.wait_for_selector("#model-info strong", timeout=LONG)  # the server's first load imports diffusers
         page.outside_requests = outside
         page.artifacts = folder
         yield page
@@ -258,6 +253,8 @@ def test_evaluate_the_model_to_its_report(page, roots):
     # a dataset that fails to load: the evaluation fails, and its status says why
     reference.fill(str(roots.of("data")[1] / "empty"))
     reference.press("Enter")
+    page.wait_for_function("() => document.querySelector('#eval-reference-note').innerText"
+                           ".includes('Not the data this model was trained on')")
     page.click("#eval-start")
     page.wait_for_function("() => /: failed/.test(document.querySelector('#eval-status').innerText)", timeout=LONG)
     assert "is empty (no images or data files)" in page.inner_text("#eval-status")

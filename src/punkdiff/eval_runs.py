@@ -51,6 +51,14 @@ class ReferenceDefault:
     dataset: str | None
     split: str | None
     reason: str
+    trained_on: str | None = None
+
+    def note_for(self, chosen: str | None) -> str:
+        """What the page says beside the reference the user has now chosen."""
+        if self.trained_on is None or (chosen or "").strip() in ("", self.dataset):
+            return self.reason
+        return (f"Not the data this model was trained on (`{self.trained_on}`): the scores then say how far its "
+                "samples are from these images instead.")
 
 
 def default_reference(roots: Roots, model: Path) -> ReferenceDefault:
@@ -73,10 +81,10 @@ def default_reference(roots: Roots, model: Path) -> ReferenceDefault:
         folders = ", ".join(f"`{p}`" for p in roots.of("data")) or "none"
         return ReferenceDefault(None, None, (
             f"This model was trained on `{info.trained_on}`, which is not a dataset under this app's data folders "
-            f"({folders}): pick a local copy of that dataset, or its scores mean little."))
+            f"({folders}): pick a local copy of that dataset, or its scores mean little."), info.trained_on)
     return ReferenceDefault(dataset, info.data.split, (
         f"`{roots.relative_name(Path(dataset), 'data')}`, split `{info.data.split}`: the data this model was "
-        "trained on, so each score is read beside the real-vs-real floor of the same images."))
+        "trained on, so each score is read beside the real-vs-real floor of the same images."), info.trained_on)
 
 
 @dataclass
@@ -122,7 +130,7 @@ class Evaluation(JobFolder):
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
-    def written(self) -> tuple[float, float]:
+    def written(self) -> tuple[float, ...]:
         """When `report.md` and `metrics.json` were last written (0 where absent): a change means a new report."""
         return tuple(p.stat().st_mtime if p.is_file() else 0.0
                      for p in (self.folder / "report.md", self.folder / "metrics.json"))
