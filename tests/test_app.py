@@ -120,7 +120,7 @@ def click_and_wait_for_image(page, button: str) -> None:
     """Click `button`, then wait until the page has fetched the image file the event sent back (and drawn it)."""
     with page.expect_response(lambda r: "file=" in r.url and r.url.endswith(".png"), timeout=LONG):
         page.click(button)
-    page.wait_for_timeout(1000)  # the editor draws its new background on the next animation frames
+    page.wait_for_timeout(3000)  # the editor draws its new background on the next frames (slow on a loaded CPU)
 
 
 def result_or_message(page, selector: str) -> None:
