@@ -17,7 +17,7 @@ from pathlib import Path
 import gradio as gr
 
 from punkdiff import studio
-from punkdiff.eval_runs import EvalManager, EvalRequest, eval_available
+from punkdiff.eval_runs import EvalManager, EvalRequest, default_reference, eval_available
 from punkdiff.jobs import STATUS_TEXT
 from punkdiff.presets import PRESETS
 from punkdiff.roots import Roots, resolve_dataset
@@ -31,6 +31,9 @@ CSS = """
 footer { display: none !important; }
 """
 REFRESH_S = 2.0
+# what a mistake in the page raises (a path outside the roots, a missing folder, a number out of range)
+_USER_ERRORS = (ValueError, PermissionError, FileNotFoundError, RuntimeError, OSError)
+_NO_EVALUATION = "No evaluation yet: check the reference and press **Evaluate**."
 
 
 def build_app(roots: Roots, max_runs: int = 1) -> gr.Blocks:
@@ -67,11 +70,14 @@ def build_app(roots: Roots, max_runs: int = 1) -> gr.Blocks:
             refresh_models = gr.Button("↻ Refresh", scale=0, min_width=100, size="sm")
         model_text = gr.Markdown(elem_id="model-info")
 
-        @_friendly
         def describe_model(model_ref: str) -> str:
             if not model_ref:
                 return "No model yet: train one in the **Train** tab, then pick its `pipeline` folder here."
-            _, info = load(model_ref)
+            try:
+                _, info = load(model_ref)
+            except _USER_ERRORS as err:  # said once, here; the tabs keep what they show until a model loads
+                gr.Warning(str(err), title="Cannot use this model")
+                return f"**Cannot use this model**: {err}"
             return f"**{roots.relative_name(info.path, 'models')}**: {info.describe()}"
 
         refresh_models.click(lambda: gr.update(choices=model_choices()), outputs=model)
@@ -81,13 +87,13 @@ def build_app(roots: Roots, max_runs: int = 1) -> gr.Blocks:
 
         with gr.Tabs():
             with gr.Tab("Generate", id="generate"):
-                _generate_tab(model, load, generated)
+                _generate_tab(demo, model, load, generated)
             with gr.Tab("Inpaint & reconstruct", id="inpaint"):
                 _inpaint_tab(demo, model, load, roots, dataset_choices, generated)
             with gr.Tab("Train", id="train"):
                 _train_tab(roots, runs, dataset_choices)
             with gr.Tab("Evaluate", id="evaluate"):
-                _evaluate_tab(model, roots, evaluations, dataset_choices)
+                _evaluate_tab(demo, model, roots, evaluations, dataset_choices)
 
         folders = ", ".join(f"`{p}`" for p in roots.of("models")) or "none"
         data = ", ".join(f"`{p}`" for p in roots.of("data")) or "none"
@@ -109,7 +115,7 @@ def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, sh
 # --- tabs ---------------------------------------------------------------------------------------------
 
 
-def _generate_tab(model, load, generated: Path) -> None:
+def _generate_tab(demo: gr.Blocks, model, load, generated: Path) -> None:
     with gr.Row():
         with gr.Column(scale=1, min_width=280):
             scheduler = gr.Radio(list(studio.SCHEDULERS), value="DDIM", label="Sampler",
@@ -138,6 +144,9 @@ def _generate_tab(model, load, generated: Path) -> None:
 
     run.click(generate, [model, scheduler, steps, eta, seed, batch], [grid, animation, files],
               concurrency_id="sampling", concurrency_limit=1)
+    fit = functools.partial(_fit_steps, load)
+    model.change(fit, [model, steps], steps, show_progress="hidden")
+    demo.load(fit, [model, steps], steps, show_progress="hidden")
 
 
 def _inpaint_tab(demo: gr.Blocks, model, load, roots: Roots, dataset_choices, generated: Path) -> None:
@@ -219,18 +228,20 @@ def _inpaint_tab(demo: gr.Blocks, model, load, roots: Roots, dataset_choices, ge
             return gr.skip(), gr.skip()
         return image, editor_value(image, model_ref)
 
-    @_friendly
-    def adapt_to_model(model_ref, image):
-        """A new model: its range of t, the dataset it was trained on, the image prepared for it."""
-        if not model_ref:
-            return gr.skip(), gr.skip(), gr.skip()
-        _, info = load(model_ref)
+    def adapt_to_model(model_ref, image, inpaint_steps, reconstruct_steps):
+        """A new model: its range of t and of steps, the dataset it was trained on, the image prepared for it."""
+        try:
+            _, info = load(model_ref)
+        except _USER_ERRORS:  # no model, or one the model line already reports
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         last = info.num_train_timesteps - 1
         known = [v for _, v in dataset_choices()]
         return (
             gr.update(maximum=last, value=min(round(0.3 * last), last)),
             info.trained_on if info.trained_on in known else gr.skip(),
             editor_value(image, model_ref) if image is not None else gr.skip(),
+            _fit_steps(load, model_ref, inpaint_steps),
+            _fit_steps(load, model_ref, reconstruct_steps),
         )
 
     @_friendly
@@ -261,8 +272,9 @@ def _inpaint_tab(demo: gr.Blocks, model, load, roots: Roots, dataset_choices, ge
     lucky.click(random_index, [dataset, split], index).success(
         from_dataset, [model, dataset, index, split], [source, editor])
     upload.upload(from_upload, [model, upload], [source, editor])
-    model.change(adapt_to_model, [model, source], [t_start, dataset, editor])
-    demo.load(adapt_to_model, [model, source], [t_start, dataset, editor])
+    adapted = [t_start, dataset, editor, steps, rec_steps]
+    model.change(adapt_to_model, [model, source, steps, rec_steps], adapted)
+    demo.load(adapt_to_model, [model, source, steps, rec_steps], adapted)
     inpaint.click(run_inpaint, [model, source, editor, steps, jump, resample, fills, seed], inpainted,
                   concurrency_id="sampling", concurrency_limit=1)
     reconstruct.click(run_reconstruct, [model, source, t_start, rec_scheduler, rec_steps],
@@ -316,8 +328,8 @@ def _train_tab(roots: Roots, runs: RunManager, dataset_choices) -> None:
                 latest = gr.Image(label="Latest samples (EMA weights, fixed seed)", type="filepath",
                                   elem_classes="pixelated", interactive=False, elem_id="latest-samples")
             with gr.Accordion("Samples over time, checkpoints and log", open=True):
-                history = gr.Gallery(label="Samples over time", columns=6, height="auto", elem_classes="pixelated",
-                                     elem_id="samples-over-time")
+                history = gr.Gallery(label="Samples over time", columns=6, height="auto", fit_columns=False,
+                                     object_fit="contain", elem_classes="pixelated", elem_id="samples-over-time")
                 checkpoints = gr.Markdown(elem_id="run-checkpoints")
                 log = gr.Textbox(label="Log (last lines)", lines=8, max_lines=8, autoscroll=True, elem_id="run-log")
     seen = gr.State(None)  # what the page already shows, so an unchanged run sends no images again
@@ -397,7 +409,7 @@ def _train_tab(roots: Roots, runs: RunManager, dataset_choices) -> None:
     timer.tick(refresh, [run, seen], outputs, show_progress="hidden", concurrency_limit=None)
 
 
-def _evaluate_tab(model, roots: Roots, evaluations: EvalManager, dataset_choices) -> None:
+def _evaluate_tab(demo: gr.Blocks, model, roots: Roots, evaluations: EvalManager, dataset_choices) -> None:
     if not eval_available():
         gr.Markdown(
             "### Evaluation is not available in this install\n"
@@ -408,26 +420,49 @@ def _evaluate_tab(model, roots: Roots, evaluations: EvalManager, dataset_choices
             elem_id="eval-unavailable",
         )
         return
+    gr.Markdown(
+        "Sample from the model above and score the samples against real images: each metric is shown beside its "
+        "**real-vs-real floor** (held-out real images scored the same way), with the class histogram and each "
+        "sample beside its nearest training image. Runs in the background as `punkdiff eval`."
+    )
     with gr.Row():
         with gr.Column(scale=1, min_width=280):
-            datasets = dataset_choices()
-            reference = gr.Dropdown(datasets, value=datasets[0][1] if datasets else None, label="Reference dataset",
+            reference = gr.Dropdown(dataset_choices(), value=None, label="Reference dataset",
+                                    info="the real images the samples are scored against",
                                     allow_custom_value=True, elem_id="eval-reference")
-            split = gr.Textbox("", label="Split", placeholder="the evaluation's default")
-            num = gr.Number(1000, label="Samples", precision=0, elem_id="eval-samples")
+            reference_note = gr.Markdown(elem_id="eval-reference-note")
+            split = gr.Textbox("train", label="Split", info="the split the model was trained on",
+                               elem_id="eval-split")
+            num = gr.Number(1000, label="Samples", precision=0, elem_id="eval-samples",
+                            info="images sampled and compared, as many real ones for the floor (1000, as "
+                                 "`punkdiff eval`; fewer is quicker, and noisier)")
             with gr.Row():
                 scheduler = gr.Radio(["ddim", "ddpm", "dpm++"], value="ddim", label="Sampler")
-                steps = gr.Number(50, label="Steps", precision=0)
-            seed = gr.Number(0, label="Seed", precision=0)
+                steps = gr.Number(50, label="Steps", precision=0, elem_id="eval-steps")
+            seed = gr.Number(0, label="Seed", precision=0, info="sample i uses seed + i")
             start = gr.Button("Evaluate", variant="primary", elem_id="eval-start")
         with gr.Column(scale=2):
             names = [e.name for e in evaluations.evaluations()]
             chosen = gr.Dropdown(names, value=names[0] if names else None, label="Evaluation", elem_id="eval-select")
-            status = gr.Markdown(elem_id="eval-status")
-            report = gr.Markdown(elem_id="eval-report")
-            metrics = gr.JSON(label="metrics.json")
-            log = gr.Textbox(label="Log (last lines)", lines=6, max_lines=6, autoscroll=True)
+            status = gr.Markdown(_NO_EVALUATION, elem_id="eval-status")
+            report = gr.Markdown(elem_id="eval-report", elem_classes="pixelated")
+            with gr.Accordion("metrics.json and log", open=False):
+                metrics = gr.JSON(label="metrics.json")
+                log = gr.Textbox(label="Log (last lines)", lines=6, max_lines=6, autoscroll=True, elem_id="eval-log")
+    seen = gr.State(None)  # what the page already shows, so an unchanged report is not sent again
+    proposed = gr.State(None)  # the model's own reference, and why
     timer = gr.Timer(REFRESH_S)
+
+    def propose_reference(model_ref):
+        """The model's own training data as the reference when the app may read it; else why the user picks."""
+        try:
+            proposed = default_reference(roots, studio.resolve_model(model_ref, roots))
+        except _USER_ERRORS:  # no model, or one the model line already reports
+            return gr.skip(), gr.skip(), "", None
+        return proposed.dataset, proposed.split or gr.skip(), proposed.reason, proposed
+
+    def explain_reference(chosen, proposed):
+        return proposed.note_for(chosen) if proposed else ""
 
     @_friendly
     def start_eval(model_ref, reference, split, num, scheduler, steps, seed):
@@ -435,27 +470,47 @@ def _evaluate_tab(model, roots: Roots, evaluations: EvalManager, dataset_choices
         request = EvalRequest(str(folder), resolve_dataset(roots, reference), split.strip() or None,
                               _required(num, "Samples"), scheduler, _required(steps, "Steps"), int(seed or 0))
         started = evaluations.start(request)
+        gr.Info(f"Started {started.name}: sampling, then scoring; the report appears here when it is written.")
         return gr.update(choices=[e.name for e in evaluations.evaluations()], value=started.name)
 
-    def refresh(name):
+    def refresh(name, seen_before):
         if not name:
-            return "No evaluation yet.", gr.skip(), gr.skip(), ""
+            return _NO_EVALUATION, gr.skip(), gr.skip(), "", None
         try:
             view = evaluations.get(name)
         except FileNotFoundError as err:
-            return str(err), None, None, ""
+            return str(err), None, None, "", None
         state = view.status()
         text = f"### {name}: {STATUS_TEXT.get(state, state)}"
         if state == "failed":
             text += f"\n\n**Error:** `{view.job.error_message()}`"
-        return text, view.report_markdown() or "", view.metrics(), view.job.log_tail()
+        elif state == "running":
+            text += "\n\n" + (view.job.log_tail(max_lines=1) or "starting")
+        signature = (name, state, view.written())
+        if signature == seen_before:  # the report and its figures are in the page already
+            return text, gr.skip(), gr.skip(), view.job.log_tail(), seen_before
+        return text, view.report_markdown() or "", view.metrics(), view.job.log_tail(), signature
 
+    model.change(propose_reference, model, [reference, split, reference_note, proposed], show_progress="hidden")
+    demo.load(propose_reference, model, [reference, split, reference_note, proposed], show_progress="hidden")
+    reference.input(explain_reference, [reference, proposed], reference_note, show_progress="hidden")
+    reference.focus(lambda: gr.update(choices=dataset_choices()), outputs=reference, show_progress="hidden")
     start.click(start_eval, [model, reference, split, num, scheduler, steps, seed], chosen)
-    chosen.change(refresh, chosen, [status, report, metrics, log], show_progress="hidden")
-    timer.tick(refresh, chosen, [status, report, metrics, log], show_progress="hidden", concurrency_limit=None)
+    outputs = [status, report, metrics, log, seen]
+    chosen.change(lambda name: refresh(name, None), chosen, outputs, show_progress="hidden")
+    timer.tick(refresh, [chosen, seen], outputs, show_progress="hidden", concurrency_limit=None)
 
 
 # --- helpers ------------------------------------------------------------------------------------------
+
+
+def _fit_steps(load, model_ref: str, steps):
+    """A steps slider's range up to the model's T (more steps than the noise schedule has is an error)."""
+    try:
+        _, info = load(model_ref)
+    except _USER_ERRORS:  # no model, or one the model line already reports
+        return gr.skip()
+    return gr.update(maximum=info.num_train_timesteps, value=min(steps or 1, info.num_train_timesteps))
 
 
 def _status_markdown(name: str, state: str, progress, error: str | None) -> str:
@@ -494,7 +549,7 @@ def _friendly(handler):
             return handler(*args, **kwargs)
         except gr.Error:
             raise
-        except (ValueError, PermissionError, FileNotFoundError, RuntimeError, OSError) as err:
+        except _USER_ERRORS as err:
             raise gr.Error(str(err), title="Cannot do that") from err
         except Exception as err:  # a bug, not a user mistake: still a message, with details in the server log
             traceback.print_exc()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from punkdiff.eval_runs import EvalManager, EvalRequest, Evaluation, eval_available
+from punkdiff.eval_runs import EvalManager, EvalRequest, Evaluation, default_reference, eval_available
 from punkdiff.roots import Roots
 
 
@@ -58,3 +58,44 @@ def test_evaluations_are_listed_and_an_absent_command_is_said(tmp_path):
     if not eval_available():
         with pytest.raises(RuntimeError, match="no `punkdiff eval`"):
             manager.start(EvalRequest("/m", "/d"))
+
+
+def _model_folder(run: Path, dataset: str | None, timesteps: int = 100) -> Path:
+    """The JSON side of an exported model (what the app reads without loading it), and its run's summary."""
+    model = run / "pipeline"
+    (model / "unet").mkdir(parents=True)
+    (model / "scheduler").mkdir()
+    (model / "unet" / "config.json").write_text(json.dumps({"sample_size": 16, "in_channels": 1}))
+    (model / "scheduler" / "scheduler_config.json").write_text(json.dumps({"num_train_timesteps": timesteps}))
+    if dataset is not None:
+        (run / "training_summary.json").write_text(json.dumps({"config": {"data": {"dataset": dataset,
+                                                                                    "split": "train"}}}))
+    return model
+
+
+def test_the_reference_is_the_models_own_data_when_the_app_may_read_it(tmp_path, mnist_dir):
+    roots = Roots(data=[mnist_dir.parent], runs=tmp_path / "runs")
+    own = default_reference(roots, _model_folder(tmp_path / "runs" / "a", str(mnist_dir)))
+    assert (own.dataset, own.split) == (str(mnist_dir.resolve()), "train")
+    assert "the data this model was trained on" in own.reason and own.note_for(own.dataset) == own.reason
+    assert f"Not the data this model was trained on (`{mnist_dir}`)" in own.note_for("/elsewhere/faces")
+    # a name relative to a data root is the folder there
+    assert default_reference(roots, _model_folder(tmp_path / "runs" / "b", "mnist")).dataset == own.dataset
+    assert default_reference(roots, _model_folder(tmp_path / "runs" / "c", "sklearn-digits")).dataset == \
+        "sklearn-digits"
+    # a Hub id, or a folder outside the data roots, is not proposed: the page says why and the user picks
+    for trained_on in ("ylecun/mnist", str(tmp_path)):
+        other = default_reference(roots, _model_folder(tmp_path / "runs" / Path(trained_on).name, trained_on))
+        assert other.dataset is None and f"trained on `{trained_on}`, which is not a dataset under" in other.reason
+        assert str(mnist_dir.parent) in other.reason
+    unknown = default_reference(roots, _model_folder(tmp_path / "runs" / "d", None))
+    assert unknown.dataset is None and "does not say what it was trained on" in unknown.reason
+
+
+@pytest.mark.skipif(not eval_available(), reason="this punkdiff has no `punkdiff eval`")
+def test_more_steps_than_the_noise_schedule_are_refused_before_anything_starts(tmp_path):
+    roots = Roots(runs=tmp_path / "runs")
+    model = _model_folder(tmp_path / "runs" / "a", None, timesteps=100)
+    with pytest.raises(ValueError, match="steps must be at most 100, the length of this model's noise schedule"):
+        EvalManager(roots).start(EvalRequest(str(model), "/d", steps=101))
+    assert EvalManager(roots).evaluations() == []

@@ -49,6 +49,13 @@ def test_a_failed_job_shows_the_error_it_printed(tmp_path):
     crash = Job.launch(tmp_path / "k", python("raise KeyError('boom')"), "out.log")
     wait_for(lambda: crash.status() == "failed")
     assert crash.error_message() == "KeyError: 'boom'"
+    cli = Job.launch(tmp_path / "l", python("""
+        import sys
+        print("punkdiff eval: dataset 'd' has no split 'test'; available splits: train", file=sys.stderr)
+        sys.exit(2)
+    """), "out.log")
+    wait_for(lambda: cli.status() == "failed")
+    assert cli.error_message() == "punkdiff eval: dataset 'd' has no split 'test'; available splits: train"
 
 
 def test_stop_sends_sigterm_to_the_whole_group_and_waits(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -51,6 +52,14 @@ def test_models_are_found_inside_the_roots_only(roots):
         studio.resolve_model("someone/not-here", roots, allow_hub=False)
     with pytest.raises(FileNotFoundError):
         studio.resolve_model("not-here", roots, allow_hub=False)
+
+
+def test_a_model_asked_for_by_several_handlers_at_once_is_loaded_once(roots):
+    # a page that opens asks for its model from several handlers in parallel threads
+    cache, folder = studio.ModelCache(), studio.resolve_model("punky", roots)
+    with ThreadPoolExecutor(3) as pool:
+        pipes = list(pool.map(lambda _: cache.load(folder)[0], range(3)))
+    assert pipes[0] is pipes[1] is pipes[2]
 
 
 def test_a_hub_model_is_downloaded_inside_the_run_root(roots, monkeypatch):

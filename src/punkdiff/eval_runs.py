@@ -4,11 +4,13 @@ The evaluation itself is `punkdiff eval MODEL_DIR --reference DATASET [--split S
 --scheduler S --steps K --seed S --out DIR --cache-dir CACHE` (the only contract with the evaluation work),
 which writes `metrics.json`, `report.md` (figures referenced by relative names) and PNG figures into DIR. This
 module only starts it as a `Job` under `<run root>/evaluations/<name>/` and reads those files back; a punkdiff
-without the `eval` command is reported as such (`eval_available`), never faked.
+without the `eval` command is reported as such (`eval_available`), never faked. A score only means something
+against the data the model learned, so `default_reference` proposes that dataset when the app may read it.
 
 Example:
     >>> manager = EvalManager(roots)
-    >>> evaluation = manager.start(EvalRequest("/abs/models/mnist16", "/abs/data/mnist", num_samples=500))
+    >>> proposed = default_reference(roots, Path("/abs/models/mnist16"))  # the run's own dataset, and why
+    >>> evaluation = manager.start(EvalRequest("/abs/models/mnist16", proposed.dataset, num_samples=500))
     >>> evaluation.status(), evaluation.report_markdown()
 """
 
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from punkdiff.jobs import Job, JobFolder
-from punkdiff.roots import Roots
+from punkdiff.roots import PathOutsideRoots, Roots, resolve_dataset
 
 EVAL_LOG = "eval.log"
 _IMAGE_LINK = re.compile(r"(!\[[^\]]*\]\()([^)\s]+)(\))|(<img\b[^>]*?\bsrc=[\"'])([^\"']+)([\"'])")
@@ -40,6 +42,49 @@ def eval_available() -> bool:
 
     subcommands = next(a for a in build_parser()._subparsers._group_actions if a.dest == "command")
     return "eval" in subcommands.choices
+
+
+@dataclass(frozen=True)
+class ReferenceDefault:
+    """The reference dataset (and split) proposed for a model, or None, with the reason the page shows."""
+
+    dataset: str | None
+    split: str | None
+    reason: str
+    trained_on: str | None = None
+
+    def note_for(self, chosen: str | None) -> str:
+        """What the page says beside the reference the user has now chosen."""
+        if self.trained_on is None or (chosen or "").strip() in ("", self.dataset):
+            return self.reason
+        return (f"Not the data this model was trained on (`{self.trained_on}`): the scores then say how far its "
+                "samples are from these images instead.")
+
+
+def default_reference(roots: Roots, model: Path) -> ReferenceDefault:
+    """The dataset `model` was trained on (its run's `training_summary.json`, else its model card), when it lies
+    under the app's data roots or is built in; otherwise None, and a reason that asks the user to pick one.
+
+    A Hub id is never proposed: the app reads only its own folders, and a local copy of the same data is the
+    reference to choose then.
+    """
+    from punkdiff.studio import model_info
+
+    info = model_info(model)
+    if info.trained_on is None:
+        return ReferenceDefault(None, None, (
+            "This model's folder does not say what it was trained on (no `training_summary.json` beside it, no "
+            "dataset in its model card): pick the dataset it learned from, or its scores mean little."))
+    try:
+        dataset = resolve_dataset(roots, info.trained_on, offline=True)
+    except (FileNotFoundError, PathOutsideRoots):
+        folders = ", ".join(f"`{p}`" for p in roots.of("data")) or "none"
+        return ReferenceDefault(None, None, (
+            f"This model was trained on `{info.trained_on}`, which is not a dataset under this app's data folders "
+            f"({folders}): pick a local copy of that dataset, or its scores mean little."), info.trained_on)
+    return ReferenceDefault(dataset, info.data.split, (
+        f"`{roots.relative_name(Path(dataset), 'data')}`, split `{info.data.split}`: the data this model was "
+        "trained on, so each score is read beside the real-vs-real floor of the same images."), info.trained_on)
 
 
 @dataclass
@@ -84,6 +129,11 @@ class Evaluation(JobFolder):
             return json.loads((self.folder / "metrics.json").read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return None
+
+    def written(self) -> tuple[float, ...]:
+        """When `report.md` and `metrics.json` were last written (0 where absent): a change means a new report."""
+        return tuple(p.stat().st_mtime if p.is_file() else 0.0
+                     for p in (self.folder / "report.md", self.folder / "metrics.json"))
 
     def figures(self) -> list[Path]:
         """The PNG figures the evaluation wrote, by name."""
@@ -138,6 +188,12 @@ class EvalManager:
         if not eval_available():
             raise RuntimeError("evaluation is not available in this install: this punkdiff has no `punkdiff eval`")
         request.check()
+        from punkdiff.studio import model_info
+
+        timesteps = model_info(Path(request.model)).num_train_timesteps
+        if request.steps > timesteps:
+            raise ValueError(f"steps must be at most {timesteps}, the length of this model's noise schedule; "
+                             f"got {request.steps}")
         with self._lock:
             active = [e for e in self.evaluations() if e.job.is_running()]
             if len(active) >= self.max_active:

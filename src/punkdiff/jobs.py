@@ -40,6 +40,7 @@ STATUS_TEXT = {
     "lost": "ended without a recorded exit (the app was restarted while it ran, or it was killed)",
 }
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_CLI_ERROR = re.compile(r"^punkdiff [a-z]+: ")  # how `punkdiff COMMAND` reports a mistake the user can fix
 _write_lock = threading.Lock()
 _watched: set[int] = set()  # pids whose exit a watcher thread of this process is about to record
 
@@ -175,12 +176,13 @@ class Job:
         return "\n".join([line for line in lines if line][-max_lines:])
 
     def error_message(self) -> str | None:
-        """For a failed launch: the last `error:` line the command printed, else the last traceback line."""
+        """For a failed launch: the last error line the command printed (`error: ...` from the training script,
+        `punkdiff eval: ...` from the CLI), else the last traceback line."""
         if self.status() not in ("failed", "lost"):
             return None
         lines = self.log_tail(max_lines=200).split("\n")
         for line in reversed(lines):
-            if line.startswith("error:") or ": error:" in line:
+            if line.startswith("error:") or ": error:" in line or _CLI_ERROR.match(line):
                 return line
         for line in reversed(lines):
             if re.match(r"^\w+(\.\w+)*(Error|Exception|Interrupt)\b", line):

@@ -141,15 +141,16 @@ class ModelCache:
         from punkdiff.hub import load_pipeline
 
         stamp = _weights_mtime(folder)
+        # One load at a time: a page that opens asks for its model from several handlers at once, and they
+        # should share one load, not race to make three.
         with self._lock:
             cached = self._items.get(folder)
             if cached and cached[0] == stamp:
                 self._items.move_to_end(folder)
                 return cached[1], cached[2]
-        pipe = load_pipeline(folder)
-        pipe.set_progress_bar_config(desc="sampling")
-        info = model_info(folder)
-        with self._lock:
+            pipe = load_pipeline(folder)
+            pipe.set_progress_bar_config(desc="sampling")
+            info = model_info(folder)
             self._items[folder] = (stamp, pipe, info)
             while len(self._items) > self.size:
                 self._items.popitem(last=False)
