@@ -38,6 +38,20 @@ def _exists(folder: Path, pattern: str):
     return lambda: any(folder.glob(pattern))
 
 
+def _random_moment(out: Path, rng: random.Random, last_step: int):
+    """True from a random delay after the run passes a random step (from its start-up to a few steps before the
+    end), so a kill lands at a random moment of the run on a fast or a loaded machine alike."""
+    target, delay, seen = rng.randrange(last_step, STEPS - 4, 2), rng.uniform(0.0, 0.3), []
+
+    def due() -> bool:
+        reached = [int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*")]
+        if not seen and max(reached, default=0) >= target:
+            seen.append(time.monotonic())
+        return bool(seen) and time.monotonic() >= seen[0] + delay
+
+    return due
+
+
 def _last_complete_step(out: Path) -> int:
     steps = [int(p.name.split("-")[1]) for p in list_checkpoints(out) if checkpoint_problem(p) is None]
     return max(steps, default=0)
@@ -54,9 +68,8 @@ def test_sigkill_at_random_moments_then_resume_matches_the_uninterrupted_run(str
         resume = ["--resume-from-checkpoint", "latest"] if kills else []
         run = TrainingProcess(tiny_args(mnist_dir, cache, out, *RUN, *resume), log)
         mode = plan[0]
-        if mode == "random":
-            moment = time.monotonic() + rng.uniform(0.0, 2.0)
-            killed = run.kill_when(lambda: time.monotonic() >= moment, timeout=60)  # noqa: B023 (called right here)
+        if mode == "random":  # a random moment inside the run, however fast the machine: after a random step
+            killed = run.kill_when(_random_moment(out, rng, last_step), timeout=60)
         elif mode == "checkpoint":
             time.sleep(rng.uniform(0, 0.3))  # not always the first checkpoint after a start
             killed = run.kill_when(_exists(out / "checkpoints", ".tmp-checkpoint-*"), timeout=60)
