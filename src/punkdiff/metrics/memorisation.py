@@ -37,8 +37,11 @@ def near_copy_share(distances: np.ndarray, copy_ratio: float = 1 / 3) -> float:
     return float(np.mean(distances[:, 0] <= copy_ratio * distances[:, 1]))
 
 
-def snap_to_palette(images: np.ndarray, palette: np.ndarray, block: int = 4096) -> np.ndarray:
-    """Replace every pixel of uint8 images `[N, C, H, W]` by the nearest palette colour (the pipeline's rule)."""
+def snap_to_palette(images: np.ndarray, palette: np.ndarray, block: int = 256) -> np.ndarray:
+    """Replace every pixel of uint8 images `[N, C, H, W]` by the nearest palette colour (the pipeline's rule).
+
+    `block` images at a time bound the distance matrix (256 punks x 576 pixels x 222 colours: about 130 MB).
+    """
     colours = torch.as_tensor(palette, dtype=torch.float32)
     images = torch.as_tensor(np.asarray(images))
     snapped = [nearest_colour(images[s:s + block].float(), colours) for s in range(0, len(images), block)]
