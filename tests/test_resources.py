@@ -8,15 +8,48 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from killable import TrainingProcess
 from tiny_training import exported_weights, max_diff, tiny_args
 
 from punkdiff.presets import apply_overrides, get_preset
 from punkdiff.scripts.train import main as train_main
 from punkdiff.training import TrainingError
-from punkdiff.training.resources import check_run_outputs, check_writable, out_of_memory_message
+from punkdiff.training.resources import (
+    check_run_outputs,
+    check_writable,
+    cpu_threads_warning,
+    out_of_memory_message,
+)
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
+
+@pytest.fixture
+def four_cores(monkeypatch):
+    """A process allowed on 4 cores, and torch's thread count restored after the test."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_one_thread_on_a_multicore_cpu_names_the_launch_flag(four_cores, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what `accelerate launch` without --cpu exports
+    torch.set_num_threads(1)
+    message = cpu_threads_warning("cpu", num_processes=1)
+    assert "1 CPU thread(s) of the 4" in message and "OMP_NUM_THREADS=1" in message
+    assert "accelerate launch --cpu" in message and "--num_cpu_threads_per_process 4" in message
+    assert "of the 2" in cpu_threads_warning("cpu", num_processes=2)  # each process's share
+
+
+def test_enough_threads_or_a_gpu_give_no_thread_warning(four_cores):
+    torch.set_num_threads(4)
+    assert cpu_threads_warning("cpu", num_processes=1) is None
+    torch.set_num_threads(2)
+    assert cpu_threads_warning("cpu", num_processes=2) is None
+    torch.set_num_threads(1)
+    assert cpu_threads_warning("cuda", num_processes=1) is None
 
 
 @pytest.mark.parametrize(

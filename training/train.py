@@ -65,7 +65,7 @@ from punkdiff.training.reporting import (
     precision_used,
     write_json,
 )
-from punkdiff.training.resources import check_run_outputs, out_of_memory_message
+from punkdiff.training.resources import check_run_outputs, cpu_threads_warning, out_of_memory_message
 from punkdiff.training.resume import check_resume, remove_previous_run
 from punkdiff.training.speed import build_optimizer
 from punkdiff.training.step_log import StepLog
@@ -207,6 +207,9 @@ def run(args: argparse.Namespace) -> int:
         accelerator.print(f"--extend-schedule: the LR schedule is re-planned over {max_steps} steps; the LR goes "
                           f"from {progress.history[-1][2]:.3e} to {lr_scheduler.get_last_lr()[0]:.3e} at step "
                           f"{progress.global_step}")
+    few_threads = cpu_threads_warning(accelerator.device.type, accelerator.num_processes)
+    if few_threads:
+        accelerator.print(few_threads)
     used_precision = precision_used(accelerator, train_spec.mixed_precision)
     if used_precision != train_spec.mixed_precision:
         accelerator.print(f"warning: --mixed-precision {train_spec.mixed_precision} is not available on "
