@@ -253,13 +253,28 @@ class ExactRePaintScheduler(RePaintScheduler):
     Notation (Lugmayr et al. 2022, Algorithm 1, with the DDIM update of Song et al. 2021, Eq. (12)):
     - `alpha_prod_t`, `alpha_prod_t_prev` -> alpha_bar_t, alpha_bar_{t'} (t' is the next lower level, or the clean
       image after the last: alpha_bar = `final_alpha_cumprod`)
-    - `pred_original_sample` -> x_0 predicted from epsilon_theta(x_t, t)
+    - `pred_original_sample`, `pred_epsilon` -> x_0 and epsilon predicted from the UNet's output at (x_t, t): epsilon
+      itself, or v (x_0 = sqrt(alpha_bar_t) x_t - sqrt(1 - alpha_bar_t) v; eps = sqrt(alpha_bar_t) v +
+      sqrt(1 - alpha_bar_t) x_t), for `prediction_type` "epsilon" or "v_prediction"
     - `std_dev_t` -> eta * sigma_t, with
       sigma_t^2 = (1 - alpha_bar_{t'}) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_{t'})
     - `prev_unknown_part` -> x_{t'}^unknown = sqrt(alpha_bar_{t'}) x_0 + sqrt(1 - alpha_bar_{t'} - std^2) eps + std z
     - `prev_known_part` -> x_{t'}^known ~ q(x_{t'} | x_0 = original image)
     - `prev_sample` -> x_{t'} = m * known + (1 - m) * unknown, m = 1 where the original is kept
     """
+
+    prediction_type = "epsilon"
+
+    def use_schedule_of(self, scheduler: SchedulerMixin) -> None:
+        """Take the noise levels and the prediction target of the model's own scheduler.
+
+        Upstream's constructor knows neither `prediction_type` nor `rescale_betas_zero_snr`, so built from a
+        zero-terminal-SNR v-prediction model's config it would walk a different schedule than the model learned.
+        """
+        self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
+        self.betas = scheduler.betas.clone()
+        self.alphas = scheduler.alphas.clone()
+        self.alphas_cumprod = scheduler.alphas_cumprod.clone()
 
     def set_timesteps(
         self, num_inference_steps: int, jump_length: int = 10, jump_n_sample: int = 10, device=None
@@ -321,8 +336,13 @@ class ExactRePaintScheduler(RePaintScheduler):
         t = int(timestep)
         alpha_prod_t, alpha_prod_t_prev = self.alphas_cumprod[t], self._alpha_prod_prev(t)
         beta_prod_t = 1 - alpha_prod_t
-        # 2. the predicted x_0, clipped as configured
-        pred_original_sample = (sample - beta_prod_t**0.5 * model_output) / alpha_prod_t**0.5
+        # 2. the predicted x_0 (clipped as configured) and epsilon, from the target the model was trained on
+        if self.prediction_type == "v_prediction":  # no division: alpha_bar_t may be 0 (zero terminal SNR)
+            pred_original_sample = alpha_prod_t**0.5 * sample - beta_prod_t**0.5 * model_output
+            pred_epsilon = alpha_prod_t**0.5 * model_output + beta_prod_t**0.5 * sample
+        else:
+            pred_original_sample = (sample - beta_prod_t**0.5 * model_output) / alpha_prod_t**0.5
+            pred_epsilon = model_output
         if self.config.clip_sample:
             pred_original_sample = pred_original_sample.clamp(-1, 1)
         # 3. z ~ N(0, I), drawn as upstream draws it (also used for the known part)
@@ -331,7 +351,7 @@ class ExactRePaintScheduler(RePaintScheduler):
         variance = (1 - alpha_prod_t_prev) / beta_prod_t * (1 - alpha_prod_t / alpha_prod_t_prev)
         std_dev_t = self.eta * variance**0.5
         # 4. the unknown region: the DDIM update (noise only where t > 0 and eta > 0, as upstream)
-        pred_sample_direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** 0.5 * model_output
+        pred_sample_direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** 0.5 * pred_epsilon
         prev_unknown_part = alpha_prod_t_prev**0.5 * pred_original_sample + pred_sample_direction
         if t > 0 and self.eta > 0:
             prev_unknown_part = prev_unknown_part + std_dev_t * noise
@@ -660,13 +680,15 @@ class PunkDiffPipeline(DiffusionPipeline):
             ```
         """
         # 1. check the inputs; the mask becomes "known" = 1 where the original is kept
-        if self.scheduler.config.get("prediction_type", "epsilon") != "epsilon":
-            raise ValueError("RePaint inpainting needs an epsilon-prediction model.")
+        prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"RePaint inpainting needs an epsilon- or v-prediction model, not {prediction_type!r}.")
         original = self._preprocess(image)
         self._check_generator(generator, original.shape[0])
         known = 1.0 - self.mask_processor.preprocess(mask).to(original.device, original.dtype)
         # 2. the RePaint schedule from t = T - 1, with its jumps back in time
         sched = ExactRePaintScheduler.from_config(self.scheduler.config, eta=eta)
+        sched.use_schedule_of(self.scheduler)
         sched.set_timesteps(num_inference_steps, jump_length, jump_n_sample)
         # 3. x_T ~ N(0, I)
         latents = randn_tensor(original.shape, generator=generator, device=original.device, dtype=original.dtype)

@@ -251,6 +251,43 @@ def test_repaint_walk_starts_at_t_minus_one_and_ends_at_zero(T, n):
     assert (int(upstream.timesteps[0]) == T - 1) == (n == T)
 
 
+def test_repaint_step_of_a_v_model_equals_the_step_of_its_epsilon():
+    """A v output is converted, not refused: the step equals the epsilon step for eps = sqrt(ab) v + sqrt(1-ab) x_t."""
+    g = torch.Generator().manual_seed(0)
+    x_t, v, image = (torch.randn(2, 1, 8, 8, generator=g) for _ in range(3))
+    keep = (torch.rand(2, 1, 8, 8, generator=g) > 0.5).float()
+    eps_sched, v_sched = (ExactRePaintScheduler(num_train_timesteps=50, clip_sample=False) for _ in range(2))
+    v_sched.use_schedule_of(DDPMScheduler(num_train_timesteps=50, prediction_type="v_prediction"))
+    for sched in (eps_sched, v_sched):
+        sched.set_timesteps(10, jump_length=2, jump_n_sample=2)
+    t = int(eps_sched.levels[6])
+    ab = eps_sched.alphas_cumprod[t]
+    eps = ab.sqrt() * v + (1 - ab).sqrt() * x_t
+    ours = v_sched.step(v, t, x_t, image, keep, torch.Generator().manual_seed(1))
+    theirs = eps_sched.step(eps, t, x_t, image, keep, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(ours.prev_sample, theirs.prev_sample, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.pred_original_sample, theirs.pred_original_sample, atol=1e-5, rtol=0)
+
+
+def test_inpainting_a_zero_terminal_snr_v_model_walks_its_own_schedule():
+    """Upstream's RePaint constructor ignores `rescale_betas_zero_snr`: the walk takes the model's own alpha_bar
+    (0 at T - 1, where an epsilon formula would divide by zero) and keeps the known region exactly."""
+    scheduler = DDPMScheduler(num_train_timesteps=40, rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    assert scheduler.alphas_cumprod[-1] == 0
+    pipe = PunkDiffPipeline(tiny_unet(), scheduler)
+    image = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 2:6, 2:6] = 1.0
+    out = pipe.inpaint(image, mask, num_inference_steps=10, jump_length=2, jump_n_sample=2,
+                       generator=generators(0), output_type="pt").images
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out * (1 - mask), image * (1 - mask), atol=1e-6, rtol=0)
+    assert ((out - image).abs() * mask).sum() / (mask.sum() * 3) > 0.05
+    with pytest.raises(ValueError, match="epsilon- or v-prediction model, not 'sample'"):
+        PunkDiffPipeline(tiny_unet(), DDPMScheduler(num_train_timesteps=40, prediction_type="sample")).inpaint(
+            image, mask, num_inference_steps=4)
+
+
 def test_repaint_jump_back_noises_to_the_level_above():
     """q(x_t | x_{t'}) over several training steps in one draw: mean sqrt(prod alpha), variance 1 - prod alpha."""
     sched = ExactRePaintScheduler(num_train_timesteps=1000)
