@@ -220,6 +220,18 @@ def _mnist16(name: str, description: str, T: int, beta_end: float, lr: float) ->
     )
 
 
+def _reaching_noise(preset: Preset) -> Preset:
+    """The original projects' schedule, rescaled to zero terminal SNR with a v target (Lin et al. 2024).
+
+    As the seeds had them, T = 300 ends at alpha_bar(T-1) = 0.048 and beta_end = 0.01 at 0.0063, while sampling
+    starts from pure noise. Measured at equal steps on MNIST (README, Results), this remedy beat both the
+    schedule as it was and betas x 1000/T. The seeds' settings stay one flag away:
+    `--set scheduler.rescale_betas_zero_snr=false --set scheduler.prediction_type=epsilon`.
+    """
+    scheduler = dataclasses.replace(preset.scheduler, rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    return dataclasses.replace(preset, scheduler=scheduler)
+
+
 _PUNKS_DATA = dict(dataset="huggingnft/cryptopunks", channels=3, background="#638596", resize_filter="nearest")
 _CELEBA_DATA = dict(dataset="nielsr/CelebA-faces", channels=3, resize_filter="bicubic", center_crop=True,
                     random_flip=True)
@@ -235,10 +247,10 @@ PRESETS: dict[str, Preset] = {
         ),
         _mnist16("mnist-baseline-16", "MNIST baseline DDPM: T=1000, linear betas 1e-4..0.02, lr 3e-4",
                  1000, 0.02, 3e-4),
-        _mnist16("mnist-fast-16", "MNIST fast prototyping: T=300, linear betas 1e-4..0.02, lr 3e-4",
-                 300, 0.02, 3e-4),
-        _mnist16("mnist-hp-16", "MNIST high precision: T=1000, linear betas 1e-4..0.01, lr 2e-4",
-                 1000, 0.01, 2e-4),
+        _reaching_noise(_mnist16("mnist-fast-16", "MNIST fast prototyping: T=300, linear betas 1e-4..0.02 rescaled "
+                                 "to zero terminal SNR, v-prediction, lr 3e-4", 300, 0.02, 3e-4)),
+        _reaching_noise(_mnist16("mnist-hp-16", "MNIST high precision: T=1000, linear betas 1e-4..0.01 rescaled to "
+                                 "zero terminal SNR, v-prediction, lr 2e-4", 1000, 0.01, 2e-4)),
         Preset(
             name="mnist-28",
             description="MNIST at native 28 px: residual UNet with attention at 7 px, cosine schedule",
