@@ -77,7 +77,7 @@ def cpu_threads_warning(device_type: str, num_processes: int) -> str | None:
     """Why a CPU run would use fewer cores than the machine has, and the launch flag that fixes it.
 
     `accelerate launch` without `--cpu` exports OMP_NUM_THREADS=1, so a one-process CPU run trains on one core
-    (measured for `mnist-16` on 2 cores: 4.3 steps/s instead of 5.5); `--cpu` gives each process its share.
+    whatever the machine has; `--cpu` gives each process its share of the physical cores.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     share = cores // max(num_processes, 1)
