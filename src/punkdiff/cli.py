@@ -68,7 +68,7 @@ def _run_train(args: argparse.Namespace) -> int:
     return run(args)
 
 
-DEMO_STEPS = 1500
+DEMO_STEPS = 1300
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
