@@ -47,6 +47,34 @@ Generator = torch.Generator | list[torch.Generator] | None
 StepCallback = Callable[[DiffusionPipeline, int, torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
+def predicted_x0_and_epsilon(
+    model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t: torch.Tensor, prediction_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""f_theta(x_t, t) and epsilon_theta(x_t, t): the UNet's output at (x_t, t) read as the target it was trained on.
+
+    With `alpha_prod_t` = alpha_bar_t: epsilon as is, x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t);
+    "sample" is x_0 itself; "v_prediction" gives x_0 = sqrt(alpha_bar_t) x_t - sqrt(1 - alpha_bar_t) v and
+    eps = sqrt(alpha_bar_t) v + sqrt(1 - alpha_bar_t) x_t, with no division (alpha_bar_t may be 0 at zero terminal SNR).
+
+    Examples:
+        ```py
+        >>> x_t, v = torch.randn(1, 1, 4, 4), torch.randn(1, 1, 4, 4)
+        >>> x0, eps = predicted_x0_and_epsilon(v, x_t, torch.tensor(0.0), "v_prediction")  # pure noise: x_0 = -v
+        >>> torch.equal(x0, -v), torch.equal(eps, x_t)
+        (True, True)
+        ```
+    """
+    beta_prod_t = 1 - alpha_prod_t
+    if prediction_type == "epsilon":
+        return (sample - beta_prod_t**0.5 * model_output) / alpha_prod_t**0.5, model_output
+    if prediction_type == "sample":
+        return model_output, (sample - alpha_prod_t**0.5 * model_output) / beta_prod_t**0.5
+    if prediction_type == "v_prediction":
+        return (alpha_prod_t**0.5 * sample - beta_prod_t**0.5 * model_output,
+                alpha_prod_t**0.5 * model_output + beta_prod_t**0.5 * sample)
+    raise ValueError(f"prediction_type {prediction_type!r} must be epsilon, sample or v_prediction")
+
+
 class _ExactTimesteps:
     """`set_timesteps` with exactly `num_inference_steps` timesteps, computed in exact arithmetic.
 
@@ -158,17 +186,9 @@ class ExactDDIMScheduler(_ExactTimesteps, DDIMScheduler):
         beta_prod_t = 1 - alpha_prod_t
 
         # 3. f_theta(x_t, t) and epsilon_theta(x_t, t) from the model output
-        if self.config.prediction_type == "epsilon":
-            pred_original_sample = (sample - beta_prod_t**0.5 * model_output) / alpha_prod_t**0.5
-            pred_epsilon = model_output
-        elif self.config.prediction_type == "sample":
-            pred_original_sample = model_output
-            pred_epsilon = (sample - alpha_prod_t**0.5 * pred_original_sample) / beta_prod_t**0.5
-        elif self.config.prediction_type == "v_prediction":
-            pred_original_sample = alpha_prod_t**0.5 * sample - beta_prod_t**0.5 * model_output
-            pred_epsilon = alpha_prod_t**0.5 * model_output + beta_prod_t**0.5 * sample
-        else:
-            raise ValueError(f"prediction_type {self.config.prediction_type!r} must be epsilon, sample or v_prediction")
+        pred_original_sample, pred_epsilon = predicted_x0_and_epsilon(
+            model_output, sample, alpha_prod_t, self.config.prediction_type
+        )
 
         # 4. clip or threshold f_theta
         if self.config.thresholding:
@@ -337,12 +357,9 @@ class ExactRePaintScheduler(RePaintScheduler):
         alpha_prod_t, alpha_prod_t_prev = self.alphas_cumprod[t], self._alpha_prod_prev(t)
         beta_prod_t = 1 - alpha_prod_t
         # 2. the predicted x_0 (clipped as configured) and epsilon, from the target the model was trained on
-        if self.prediction_type == "v_prediction":  # no division: alpha_bar_t may be 0 (zero terminal SNR)
-            pred_original_sample = alpha_prod_t**0.5 * sample - beta_prod_t**0.5 * model_output
-            pred_epsilon = alpha_prod_t**0.5 * model_output + beta_prod_t**0.5 * sample
-        else:
-            pred_original_sample = (sample - beta_prod_t**0.5 * model_output) / alpha_prod_t**0.5
-            pred_epsilon = model_output
+        pred_original_sample, pred_epsilon = predicted_x0_and_epsilon(
+            model_output, sample, alpha_prod_t, self.prediction_type
+        )
         if self.config.clip_sample:
             pred_original_sample = pred_original_sample.clamp(-1, 1)
         # 3. z ~ N(0, I), drawn as upstream draws it (also used for the known part)
@@ -868,12 +885,4 @@ def _punkdiff_hub() -> Any:
 def _predict_x0(sched: SchedulerMixin, model_output: torch.Tensor, t: torch.Tensor, sample: torch.Tensor):
     """x_0 implied by the model output at timestep t, for schedulers whose step does not return it."""
     alpha_prod_t = sched.alphas_cumprod[int(t)].to(sample.device, sample.dtype)
-    beta_prod_t = 1 - alpha_prod_t
-    prediction_type = sched.config.prediction_type
-    if prediction_type == "epsilon":
-        return (sample - beta_prod_t**0.5 * model_output) / alpha_prod_t**0.5
-    if prediction_type == "sample":
-        return model_output
-    if prediction_type == "v_prediction":
-        return alpha_prod_t**0.5 * sample - beta_prod_t**0.5 * model_output
-    raise ValueError(f"Unsupported prediction_type {prediction_type!r}.")
+    return predicted_x0_and_epsilon(model_output, sample, alpha_prod_t, sched.config.prediction_type)[0]
