@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from diffusers import DDPMScheduler
 from huggingface_hub import ModelCard
@@ -12,7 +13,7 @@ from huggingface_hub.repocard import metadata_load
 from tiny_models import tiny_unet
 
 from punkdiff.hub import ModelCardInfo, export_pipeline
-from punkdiff.metrics.model_evaluation import EvalOptions, EvaluationError, evaluate_model
+from punkdiff.metrics.model_evaluation import SAMPLES_FILE, EvalOptions, EvaluationError, evaluate_model
 
 
 @pytest.fixture
@@ -58,6 +59,20 @@ def test_without_update_card_the_model_folder_is_untouched(options, digit_classi
     result = evaluate_model(options, progress=False)
     assert result.card is None and readme.read_text() == before
     assert json.loads((options.out / "metrics.json").read_text())["num_images"] == 12
+
+
+def test_generated_samples_are_kept_and_score_again_the_same(options, digit_classifier):
+    first = evaluate_model(options, progress=False)
+    kept = np.load(options.out / SAMPLES_FILE, allow_pickle=False)
+    assert kept.dtype == np.uint8 and kept.shape == (12, 1, 16, 16)
+    assert SAMPLES_FILE in first.report.read_text()
+
+    rescored = EvalOptions(options.reference, out=options.out.parent / "again", samples=str(options.out / SAMPLES_FILE),
+                           preset=options.preset, cache_dir=options.cache_dir, reconstruction_images=0)
+    again = evaluate_model(rescored, progress=False)
+    fd, fd_again = first.evaluation.metrics["fd_classifier"], again.evaluation.metrics["fd_classifier"]
+    assert fd_again["model"] == pytest.approx(fd["model"], rel=1e-6) and fd_again["floor"] == fd["floor"]
+    assert not (options.out.parent / "again" / SAMPLES_FILE).exists()  # existing images are not copied
 
 
 def test_update_card_only_for_the_users_own_model_folder(options, tmp_path):

@@ -30,6 +30,7 @@ from punkdiff.metrics.reference import load_reference, model_transform, read_ima
 from punkdiff.metrics.report import write_report
 from punkdiff.pipelines import PunkDiffPipeline
 
+SAMPLES_FILE = "samples.npy"  # the generated images an evaluation scored, beside its report
 
 class EvaluationError(ValueError):
     """Options an evaluation cannot use; the message says what was wrong and what to do."""
@@ -131,6 +132,9 @@ def evaluate_model(
     start = time.perf_counter()
     samples = read_images(o.samples, transform) if o.samples else _sample(pipe, o, progress)
     sampling_s = time.perf_counter() - start
+    if not o.samples:  # the sampling is the slow part: keep it, so `--samples OUT/samples.npy` re-scores it
+        out.mkdir(parents=True, exist_ok=True)
+        np.save(out / SAMPLES_FILE, samples, allow_pickle=False)
     result = evaluate(samples, reference, seed=o.seed, cache_dir=o.cache_dir, progress=progress, **networks)
     study = None
     if pipe is not None and o.reconstruction_images > 0:
@@ -144,6 +148,7 @@ def evaluate_model(
         "reference": f"{o.reference} ({reference.description})", "preprocessing": origin,
         "resolution": f"{resolution} px, {channels} channel(s)", "sampler": f"{o.scheduler}, {o.steps} steps",
         "seed": o.seed, "sampling_seconds": round(sampling_s, 1), "metrics_seconds": round(result.seconds, 1),
+        **({} if o.samples else {"samples_file": f"{SAMPLES_FILE} (uint8 [N, C, H, W]; score again with --samples)"}),
     }
     report = write_report(result, out, training_images=reference.train, info=info, reconstruction=study)
     card = None
