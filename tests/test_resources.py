@@ -35,11 +35,11 @@ def four_cores(monkeypatch):
 
 
 def test_one_thread_on_a_multicore_cpu_names_the_launch_flag(four_cores, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what `accelerate launch` without --cpu exports
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what `accelerate launch` exports unless told otherwise
     torch.set_num_threads(1)
     message = cpu_threads_warning("cpu", num_processes=1)
     assert "1 CPU thread(s) of the 4" in message and "OMP_NUM_THREADS=1" in message
-    assert "accelerate launch --cpu" in message and "--num_cpu_threads_per_process 4" in message
+    assert "accelerate launch --num_cpu_threads_per_process 4" in message and "--cpu --num_processes 1" in message
     assert "of the 2" in cpu_threads_warning("cpu", num_processes=2)  # each process's share
 
 

@@ -76,8 +76,10 @@ def check_run_outputs(output_dir: str | os.PathLike[str], cache_dir: str | os.Pa
 def cpu_threads_warning(device_type: str, num_processes: int) -> str | None:
     """Why a CPU run would use fewer cores than the machine has, and the launch flag that fixes it.
 
-    `accelerate launch` without `--cpu` exports OMP_NUM_THREADS=1, so a one-process CPU run trains on one core
-    whatever the machine has; `--cpu` gives each process its share of the physical cores.
+    `accelerate launch` exports OMP_NUM_THREADS=1 unless told otherwise, so a one-process CPU run trains on one
+    core whatever the machine has. `--cpu` alone does not change that on a machine without a GPU (accelerate then
+    counts 0 processes and skips its thread sizing); `--num_cpu_threads_per_process N` always does, and so does
+    `--cpu --num_processes 1`.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     share = cores // max(num_processes, 1)
@@ -85,7 +87,8 @@ def cpu_threads_warning(device_type: str, num_processes: int) -> str | None:
         return None
     return (f"warning: training on {torch.get_num_threads()} CPU thread(s) of the {share} this process could use "
             f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, which `accelerate launch` sets to 1 "
-            f"unless given --cpu): use `accelerate launch --cpu ...` or `--num_cpu_threads_per_process {share}`")
+            f"unless told otherwise): use `accelerate launch --num_cpu_threads_per_process {share} ...` "
+            "(or `--cpu --num_processes 1`; `--cpu` alone leaves one thread on a machine without a GPU)")
 
 
 def out_of_memory_message(device: str, batch_size: int, gradient_accumulation_steps: int) -> str:
