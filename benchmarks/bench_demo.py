@@ -39,6 +39,9 @@ def main() -> int:
     p.add_argument("--output-dir", default="benchmarks/work/demo")
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--out", default="benchmarks/results/demo.json")
+    p.add_argument("--sampler", choices=["ddim", "ddpm", "dpm++"], default="ddim", help="how the samples are drawn")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise weight (0 deterministic, 1 DDPM-like)")
     args = p.parse_args()
 
     if args.model is None:
@@ -55,8 +58,8 @@ def main() -> int:
 
     # 2. the demo's samples, classified
     start = time.perf_counter()
-    samples = generate(load_pipeline(args.model), args.num_samples, seed=0, batch_size=250, sampler="ddim",
-                       num_inference_steps=50, output_type="np")
+    samples = generate(load_pipeline(args.model), args.num_samples, seed=0, batch_size=250, sampler=args.sampler,
+                       num_inference_steps=args.steps, eta=args.eta, output_type="np")
     sampling_s = time.perf_counter() - start
     images = np.round(samples.transpose(0, 3, 1, 2) * 255).astype(np.uint8)
 
@@ -73,7 +76,7 @@ def main() -> int:
         "classifier_held_out_accuracy": classifier.scores["accuracy"],
         "confident_share": confident, "confident_share_held_out_real": floor, "class_histogram": histogram,
         "real_class_histogram": real_histogram, "every_class_present": min(histogram) > 0,
-        "sampling_s": round(sampling_s, 1), "machine": machine(torch.device("cpu")), "load": os.getloadavg(),
+        "sampler": f"{args.sampler}-{args.steps}, eta {args.eta:g}", "sampling_s": round(sampling_s, 1), "machine": machine(torch.device("cpu")), "load": os.getloadavg(),
     }
     print(f"\ndemo model: {summary['steps']} steps of {result['batch_size']}, trained in "
           f"{summary['wall_time_s'] / 60:.1f} min (wall); classifier held-out accuracy "
