@@ -76,7 +76,8 @@ def main() -> int:
         "classifier_held_out_accuracy": classifier.scores["accuracy"],
         "confident_share": confident, "confident_share_held_out_real": floor, "class_histogram": histogram,
         "real_class_histogram": real_histogram, "every_class_present": min(histogram) > 0,
-        "sampler": f"{args.sampler}-{args.steps}, eta {args.eta:g}", "sampling_s": round(sampling_s, 1), "machine": machine(torch.device("cpu")), "load": os.getloadavg(),
+        "sampler": f"{args.sampler}-{args.steps}, eta {args.eta:g}", "sampling_s": round(sampling_s, 1),
+        "machine": machine(torch.device("cpu")), "load": os.getloadavg(),
     }
     print(f"\ndemo model: {summary['steps']} steps of {result['batch_size']}, trained in "
           f"{summary['wall_time_s'] / 60:.1f} min (wall); classifier held-out accuracy "
