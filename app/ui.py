@@ -19,7 +19,7 @@ import gradio as gr
 from punkdiff import studio
 from punkdiff.eval_runs import EvalManager, EvalRequest, default_reference, eval_available
 from punkdiff.jobs import STATUS_TEXT
-from punkdiff.presets import PRESETS
+from punkdiff.presets import DDIM_ETA, PRESETS
 from punkdiff.roots import Roots, resolve_dataset
 from punkdiff.runs import RunManager, TrainRequest, suggest_dataset
 from punkdiff.visuals import loss_curve_figure
@@ -121,7 +121,7 @@ def _generate_tab(demo: gr.Blocks, model, load, generated: Path) -> None:
             scheduler = gr.Radio(list(studio.SCHEDULERS), value="DDIM", label="Sampler",
                                  info="DDIM and DPM-Solver++ need few steps; DDPM is the training process itself")
             steps = gr.Slider(1, 1000, value=50, step=1, label="Steps", elem_id="gen-steps")
-            eta = gr.Slider(0, 1, value=0, step=0.05, label="eta (DDIM only)",
+            eta = gr.Slider(0, 1, value=DDIM_ETA, step=0.05, label="eta (DDIM only)",
                             info="0: deterministic; 1: as noisy as DDPM")
             with gr.Row():
                 seed = gr.Number(0, label="Seed", precision=0, minimum=0)

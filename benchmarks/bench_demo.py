@@ -28,6 +28,7 @@ from punkdiff.hub import load_pipeline
 from punkdiff.metrics.classifiers import load_or_train_classifier
 from punkdiff.metrics.evaluation import CONFIDENT
 from punkdiff.metrics.reference import load_reference, model_transform
+from punkdiff.presets import DDIM_ETA
 from punkdiff.sampling import generate
 
 DATASET = "sklearn-digits"
@@ -41,7 +42,7 @@ def main() -> int:
     p.add_argument("--out", default="benchmarks/results/demo.json")
     p.add_argument("--sampler", choices=["ddim", "ddpm", "dpm++"], default="ddim", help="how the samples are drawn")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise weight (0 deterministic, 1 DDPM-like)")
+    p.add_argument("--eta", type=float, default=DDIM_ETA, help="DDIM noise weight (0 deterministic, 1 DDPM-like)")
     args = p.parse_args()
 
     if args.model is None:

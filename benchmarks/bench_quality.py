@@ -71,6 +71,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--images-per-checkpoint", type=int, default=12800, help="checkpoint spacing, in images seen")
     p.add_argument("--work-dir", default=str(REPO / "benchmarks" / "work" / "quality"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eta", type=float, default=0.0,
+                   help="DDIM noise weight of the DDIM-50 points (0, as the README's table was measured)")
     p.add_argument("--evaluate-only", action="store_true",
                    help="score the runs already in --work-dir (their launch times are in launched.json)")
     return p.parse_args()
@@ -104,7 +106,7 @@ def score(folder: Path, sampler: str, steps: int, reference, args: argparse.Name
     unet = UNet2DModel.from_pretrained(folder / EMA_FOLDER, use_safetensors=True)
     pipe = PunkDiffPipeline(unet, DDPMScheduler(**SchedulerSpec(**config["scheduler"]).ddpm_config()))
     images = generate(pipe, args.num_samples, seed=args.seed, batch_size=250, sampler=sampler,
-                      num_inference_steps=steps, output_type="np", progress=False)
+                      num_inference_steps=steps, eta=args.eta, output_type="np", progress=False)
     samples = (images * 255).round().astype(np.uint8).transpose(0, 3, 1, 2)
     metrics = evaluate(samples, reference, seed=args.seed, progress=False).metrics
     keys = ("fd_classifier", "class_entropy", "confident_share")

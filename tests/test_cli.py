@@ -335,7 +335,7 @@ def test_eval_samples_then_scores_with_floors_and_a_report(tmp_path, mnist_dir, 
     assert metrics["num_images"] == 40 and metrics["preprocessing"] == "preset 'mnist-baseline-16'"
     # an untrained model's noise is far from digits; the floor (real vs real) is not
     fd = metrics["metrics"]["fd_classifier"]
-    assert fd["model"] > 10 * fd["floor"] and card_values["fd_classifier (40 samples, ddim-3)"] == fd["model"]
+    assert fd["model"] > 10 * fd["floor"] and card_values["fd_classifier (40 samples, ddim-3, eta 1)"] == fd["model"]
     assert len(metrics["reconstruction"]["t"]) >= 2
     assert metrics["not_computed"] == {name: "not computed: weights unavailable"
                                        for name in ("fid", "kid_inception", "inception_score", "fd_dinov2")}

@@ -39,13 +39,13 @@ def test_update_card_writes_the_numbers_and_keeps_the_card(options, digit_classi
     yaml = metadata_load(readme)  # the card's YAML parses, and carries the numbers
     (index,) = yaml["model-index"]
     values = {m["name"]: m["value"] for r in index["results"] for m in r["metrics"]}
-    assert values["fd_classifier (12 samples, ddim-2)"] == fd["model"]
+    assert values["fd_classifier (12 samples, ddim-2, eta 1)"] == fd["model"]
     assert values["fd_classifier, real-vs-real floor (12 images)"] == fd["floor"]
     assert values["SWD x1e3 (during training)"] == 41.5  # the training's result is kept
     assert all(isinstance(v, float) for v in values.values())  # "not computed" stays out of the YAML
     card = ModelCard.load(readme)
     assert card.data.library_name == "diffusers" and "A hand-written note that must survive." in card.text
-    assert f"| fd_classifier (12 samples, ddim-2) | {fd['model']:.4g} |" in card.text
+    assert f"| fd_classifier (12 samples, ddim-2, eta 1) | {fd['model']:.4g} |" in card.text
     assert "| fid | not computed: weights unavailable |" in card.text and "| 41.5 |" in card.text
     assert card.text.count("## Metrics") == 1 and "## How to use" in card.text
 
@@ -66,6 +66,7 @@ def test_generated_samples_are_kept_and_score_again_the_same(options, digit_clas
     kept = np.load(options.out / SAMPLES_FILE, allow_pickle=False)
     assert kept.dtype == np.uint8 and kept.shape == (12, 1, 16, 16)
     assert SAMPLES_FILE in first.report.read_text()
+    assert json.loads((options.out / "metrics.json").read_text())["sampler"] == "ddim-2, eta 1"
 
     rescored = EvalOptions(options.reference, out=options.out.parent / "again", samples=str(options.out / SAMPLES_FILE),
                            preset=options.preset, cache_dir=options.cache_dir, reconstruction_images=0)
@@ -73,6 +74,8 @@ def test_generated_samples_are_kept_and_score_again_the_same(options, digit_clas
     fd, fd_again = first.evaluation.metrics["fd_classifier"], again.evaluation.metrics["fd_classifier"]
     assert fd_again["model"] == pytest.approx(fd["model"], rel=1e-6) and fd_again["floor"] == fd["floor"]
     assert not (options.out.parent / "again" / SAMPLES_FILE).exists()  # existing images are not copied
+    rescored_info = json.loads((options.out.parent / "again" / "metrics.json").read_text())
+    assert rescored_info["sampler"] == "(none: existing images)"
 
 
 def test_update_card_only_for_the_users_own_model_folder(options, tmp_path):

@@ -16,6 +16,7 @@ from tiny_models import tiny_unet
 
 from punkdiff import studio
 from punkdiff.hub import ModelCardInfo, export_pipeline
+from punkdiff.presets import DDIM_ETA
 from punkdiff.roots import PathOutsideRoots, Roots
 from punkdiff.sampling import generate
 
@@ -84,7 +85,8 @@ def test_model_info_knows_how_its_data_was_prepared(roots, punky):
 def test_sample_writes_a_grid_and_an_animation(punky, tmp_path):
     pipe, info = punky
     calls = []
-    result = studio.sample(pipe, info, "DDIM", 4, 0.0, 3, 6, tmp_path, progress=lambda i, n: calls.append((i, n)))
+    result = studio.sample(pipe, info, "DDIM", 4, DDIM_ETA, 3, 6, tmp_path,
+                           progress=lambda i, n: calls.append((i, n)))
     assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert len(result.images) == 6 and result.grid_path.parent.parent == tmp_path
     scale = 96 // 8
@@ -92,9 +94,9 @@ def test_sample_writes_a_grid_and_an_animation(punky, tmp_path):
     assert grid.size == ((8 * scale + 2) * 3, (8 * scale + 2) * 2)  # 3x2 tiles of 96 px with a 1 px grey gap
     gif = Image.open(result.animation_path)
     assert gif.n_frames == 4 and gif.size[0] > 2 * gif.size[1]  # x_t beside the predicted x_0
-    again = studio.sample(pipe, info, "ddim", 4, 0.0, 4, 2, tmp_path)  # image i uses seed + i
+    again = studio.sample(pipe, info, "ddim", 4, DDIM_ETA, 4, 2, tmp_path)  # image i uses seed + i, noise and all
     np.testing.assert_array_equal(np.asarray(again.images[0]), np.asarray(result.images[1]))
-    # the same images as `punkdiff sample` (punkdiff.sampling.generate) with the same seed
+    # the same images as `punkdiff sample` (punkdiff.sampling.generate) with the same seed and its default eta
     cli = generate(pipe, 2, seed=4, batch_size=1, sampler="ddim", num_inference_steps=4, progress=False)
     for ours, theirs in zip(again.images, cli, strict=True):
         assert np.abs(np.asarray(ours, int) - np.asarray(theirs, int)).max() <= 1

@@ -11,6 +11,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from punkdiff.presets import DDIM_ETA  # light: no torch, so the parser builds fast
+
 
 class UsageError(ValueError):
     """Input a subcommand cannot use; printed as one line, exit code 2."""
@@ -133,10 +135,11 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="image i uses seed+i, so it does not depend on the count")
 
 
-def _add_sampler_arguments(p: argparse.ArgumentParser, default_steps: str) -> None:
+def _add_sampler_arguments(p: argparse.ArgumentParser, default_steps: str, default_eta: float) -> None:
     p.add_argument("--scheduler", choices=["ddpm", "ddim", "dpm++"], default="ddim", help="the sampler")
     p.add_argument("--steps", type=_positive_int, default=None, help=default_steps)
-    p.add_argument("--eta", type=_unit_float, default=0.0, help="DDIM noise weight: 0 deterministic, 1 DDPM-like")
+    p.add_argument("--eta", type=_unit_float, default=default_eta,
+                   help=f"DDIM noise weight: 0 deterministic, 1 DDPM-like (default: {default_eta:g})")
 
 
 def _image_path(text: str, what: str) -> Path:
@@ -180,7 +183,7 @@ def _load_model(args: argparse.Namespace):
 def _add_sample(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="sample images from a model into a grid (and single PNGs, a GIF)")
     _add_model_arguments(p)
-    _add_sampler_arguments(p, "default: every training step for ddpm, 50 otherwise")
+    _add_sampler_arguments(p, "default: every training step for ddpm, 50 otherwise", DDIM_ETA)
     p.add_argument("--num-images", type=_positive_int, default=16)
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (bounds memory)")
     p.add_argument("--out", default="grid.png", help="grid image path")
@@ -257,7 +260,7 @@ def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
     _add_model_arguments(p)
     p.add_argument("images", nargs="+", help="image files (resized to the model's size)")
     p.add_argument("--t-start", type=int, required=True, help="training timestep to noise to, in [0, T)")
-    _add_sampler_arguments(p, "default: every training step from t_start for ddpm, 50 otherwise")
+    _add_sampler_arguments(p, "default: every training step from t_start for ddpm, 50 otherwise", 0.0)
     _add_image_input(p, "reconstruction.png", "rows of original | reconstruction")
     p.set_defaults(func=_run_reconstruct)
 
@@ -348,7 +351,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    "FD-DINOv2 (default: $PUNKDIFF_DINOV2; without it, not computed)")
     p.add_argument("--update-card", action="store_true", help="also write the metrics into the model's card "
                    "(README.md YAML model-index and Metrics table; a local model folder only)")
-    _add_sampler_arguments(p, "default: 50")
+    _add_sampler_arguments(p, "default: 50", DDIM_ETA)
     p.set_defaults(func=_run_eval)
 
 

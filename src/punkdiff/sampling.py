@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from punkdiff.pipelines import PunkDiffPipeline
+from punkdiff.presets import DDIM_ETA
 
 
 def generate(
@@ -20,7 +21,7 @@ def generate(
     batch_size: int = 64,
     sampler: str = "ddim",
     num_inference_steps: int | None = None,
-    eta: float = 0.0,
+    eta: float = DDIM_ETA,
     output_type: str = "pil",
     progress: bool = True,
 ) -> list[PIL.Image.Image] | np.ndarray:

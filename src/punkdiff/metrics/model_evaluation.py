@@ -29,6 +29,7 @@ from punkdiff.metrics.feature_networks import (
 from punkdiff.metrics.reference import load_reference, model_transform, read_images
 from punkdiff.metrics.report import write_report
 from punkdiff.pipelines import PunkDiffPipeline
+from punkdiff.presets import DDIM_ETA
 
 SAMPLES_FILE = "samples.npy"  # the generated images an evaluation scored, beside its report
 
@@ -71,7 +72,7 @@ class EvalOptions:
     batch_size: int = 250
     scheduler: str = "ddim"
     steps: int = 50
-    eta: float = 0.0
+    eta: float = DDIM_ETA
     seed: int = 0
     reconstruction_images: int = 64
     inception_weights: str | None = None
@@ -146,7 +147,8 @@ def evaluate_model(
     info = {
         "model": o.model or "(none: existing images)", "samples": o.samples or "generated",
         "reference": f"{o.reference} ({reference.description})", "preprocessing": origin,
-        "resolution": f"{resolution} px, {channels} channel(s)", "sampler": f"{o.scheduler}, {o.steps} steps",
+        "resolution": f"{resolution} px, {channels} channel(s)",
+        "sampler": "(none: existing images)" if o.samples else sampler_label(o),
         "seed": o.seed, "sampling_seconds": round(sampling_s, 1), "metrics_seconds": round(result.seconds, 1),
         **({} if o.samples else {"samples_file": f"{SAMPLES_FILE} (uint8 [N, C, H, W]; score again with --samples)"}),
     }
@@ -159,9 +161,15 @@ def evaluate_model(
     return ModelEvaluation(result, report, card)
 
 
+def sampler_label(options: EvalOptions) -> str:
+    """How the samples were drawn, e.g. `ddim-50, eta 1`: DDIM's eta changes the numbers as much as its steps."""
+    label = f"{options.scheduler}-{options.steps}"
+    return f"{label}, eta {options.eta:g}" if options.scheduler == "ddim" else label
+
+
 def card_metrics(result: Evaluation, options: EvalOptions) -> dict[str, float | str]:
     """The model card's entries: each metric with its sampling, beside its real-vs-real floor."""
-    how = f"{result.num_images} samples, {options.scheduler}-{options.steps}"
+    how = f"{result.num_images} samples, {sampler_label(options)}"
     entries: dict[str, float | str] = {}
     for name, m in result.metrics.items():
         if m["model"] is not None:

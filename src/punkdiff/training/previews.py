@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from punkdiff.presets import DDIM_ETA
 from punkdiff.training.ema import averaged_weights
 from punkdiff.visuals import display_scale, image_grid
 
@@ -45,5 +46,6 @@ def ema_sample_grid(
             generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)],
             sampler="ddim",
             num_inference_steps=num_inference_steps,
+            eta=DDIM_ETA,
         ).images
     return image_grid(images, scale=display_scale(unet.config.sample_size), gap=1)
