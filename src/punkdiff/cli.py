@@ -214,7 +214,8 @@ def _run_sample(args: argparse.Namespace) -> int:
         print(f"{len(images)} images: {out_dir.resolve()}")
     if gif:
         count = min(args.num_images, 16)
-        denoising_gif(pipe, gif, num_images=count, seed=args.seed, num_inference_steps=args.steps or 50)
+        denoising_gif(pipe, gif, num_images=count, seed=args.seed, num_inference_steps=args.steps or 50,
+                      eta=args.eta)
         print(f"denoising GIF of the first {count}: {gif.resolve()}")
     return 0
 

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from punkdiff.presets import DDIM_ETA
+
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """Model-space tensors `[B, C, H, W]` in [-1, 1] -> PIL images (L or RGB)."""
@@ -85,15 +87,22 @@ def plot_loss_curve(steps: Sequence[int], losses: Sequence[float], path: str | P
 
 
 def denoising_gif(
-    pipe, path: str | Path, num_images: int = 16, seed: int = 0, num_inference_steps: int = 50, max_frames: int = 25
+    pipe,
+    path: str | Path,
+    num_images: int = 16,
+    seed: int = 0,
+    num_inference_steps: int = 50,
+    max_frames: int = 25,
+    eta: float = DDIM_ETA,
 ) -> Path:
-    """Animate DDIM sampling: each frame is the grid of x_t beside the predicted x_0 at that step."""
+    """Animate DDIM sampling (punkdiff's default eta): each frame is the grid of x_t beside the predicted x_0."""
     generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)]
     out = pipe(
         batch_size=num_images,
         generator=generators,
         sampler="ddim",
         num_inference_steps=num_inference_steps,
+        eta=eta,
         return_trajectory=True,
     )
     scale = display_scale(pipe.unet.config.sample_size, target=64)
