@@ -240,6 +240,7 @@ def test_demo_trains_exports_and_animates(tmp_path, capsys):
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["preset"] == "mnist-16" and summary["steps"] == 6
     assert summary["config"]["data"]["dataset"] == "sklearn-digits"
+    assert summary["config"]["train"]["use_ema"] is False  # the demo exports its annealed raw weights
     images = DDPMPipeline.from_pretrained(out / "pipeline")(batch_size=1, num_inference_steps=2).images
     assert images[0].size == (16, 16)
     gif = PIL.Image.open(out / "denoising.gif")

@@ -26,6 +26,25 @@ def test_classifier_is_cached_as_safetensors_and_read_back(mnist16, digit_classi
     assert a.dtype == np.float64 and a.shape == (50, 128)
 
 
+def test_a_classifier_of_a_small_set_is_as_confident_on_real_data_as_it_is_accurate(metrics_cache, digit_classifier):
+    """The demo's 899 training digits get as many training images as MNIST's 5,000 (34 epochs, not 6): with 6 the
+    classifier was 0.017 less confident than accurate and only 93 % of held-out real digits reached p >= 0.9, the
+    demo benchmark's bar for a recognisable digit."""
+    from punkdiff.data import ImageTransform
+    from punkdiff.metrics.reference import load_reference
+
+    digits = load_reference("sklearn-digits", ImageTransform(16, 1, resize_filter="bilinear"), cache_dir=metrics_cache,
+                            progress=False)
+    classifier = load_or_train_classifier(digits, cache_dir=metrics_cache, progress=False)
+    assert classifier.task.epochs == 34 and digit_classifier.task.epochs == 6  # MNIST's recipe is unchanged
+    probs = classifier.predict(digits.heldout)["class_probs"]
+    classes, _ = targets(classifier.task, digits.heldout_columns)
+    accuracy = (probs.argmax(axis=1) == classes).mean()
+    assert accuracy >= 0.98
+    assert abs(probs.max(axis=1).mean() - accuracy) < 0.01  # calibrated
+    assert (probs.max(axis=1) >= 0.9).mean() >= 0.97
+
+
 def test_punk_attribute_classifier_knows_types_and_accessories(punks24, punk_classifier):
     task = punk_classifier.task
     assert task.class_names == ("Alien", "Ape", "Zombie", "Female", "Male")

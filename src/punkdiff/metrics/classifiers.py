@@ -33,6 +33,12 @@ from punkdiff.metrics.reference import ReferenceData
 
 # bump when the architecture or the training recipe changes, so old cache entries are not reused
 _RECIPE_VERSION = 1
+# Every classifier sees at least this many training images (6 epochs of MNIST's 5,000), so one trained on a small
+# set is as well calibrated as MNIST's. Measured on the demo's 899 training digits: 6 epochs left the classifier
+# under-confident (calibration error 0.017, 93 % of held-out real digits at p >= 0.9 for 99.1 % accuracy); 34 epochs
+# (this rule) gave 0.006 and 98.7 % at 99.7 %. Tiny slices (tests, quick looks) stop at `_MAX_EPOCHS`.
+_MIN_IMAGES_SEEN = 30_000
+_MAX_EPOCHS = 40
 
 
 class SmallCNN(nn.Module):
@@ -195,8 +201,13 @@ def task_for(reference: ReferenceData) -> ClassifierTask | None:
         label_column=label_column,
         label_names=label_names,
         max_shift=0 if label_column or reference.transform.resize_filter == "nearest" else 1,
-        epochs=8 if label_column else 6,  # rare attributes need a few more passes
+        epochs=epochs_for(len(reference.train), 8 if label_column else 6),  # rare attributes need a few more passes
     )
+
+
+def epochs_for(num_images: int, epochs: int) -> int:
+    """`epochs`, or more on a small training set, so the classifier sees at least `_MIN_IMAGES_SEEN` images."""
+    return int(np.clip(math.ceil(_MIN_IMAGES_SEEN / max(num_images, 1)), epochs, max(epochs, _MAX_EPOCHS)))
 
 
 def targets(task: ClassifierTask, columns: dict[str, list]) -> tuple[np.ndarray, np.ndarray | None]:
