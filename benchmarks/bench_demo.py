@@ -5,9 +5,9 @@
 
 A digit classifier is trained (once, cached) on one seeded half of the same embedded scikit-learn digits the demo
 learns from, at the demo's 16 px preprocessing (34 epochs: every evaluation classifier sees at least 30,000 images);
-its accuracy on the other half is printed. Then `--num-samples`
-demo samples (DDIM-50, seeds 0..N-1) are classified: the share classified with confidence at least 0.9 (target:
-90 %), the class histogram (every digit present?) and, as the floor, the same share for the held-out real digits.
+its accuracy on the other half is printed. Then `--num-samples` demo samples (DDIM-50, seeds 0..N-1) are classified:
+the share classified with confidence at least 0.9 (target: 90 %), the class histogram (every digit present?) and,
+as the floor, the same share for the held-out real digits.
 Training time comes from the run's training_summary.json. Writes `benchmarks/results/demo.json`.
 """
 

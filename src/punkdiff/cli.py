@@ -70,8 +70,8 @@ def _run_train(args: argparse.Namespace) -> int:
     return run(args)
 
 
-# Measured with `benchmarks/bench_demo.py` on the 2-core VM (README, Results): 2,000 steps of 32 train in about
-# 4.4 minutes, and without EMA: the cosine learning rate anneals to zero over so short a run, so the raw weights are
+# Measured with `benchmarks/bench_demo.py` on the 2-core VM (README, Results): 2,000 steps of 32 trained in 275 s
+# (4.6 minutes), and without EMA: the cosine learning rate anneals to zero over so short a run, so the raw weights are
 # already settled while the EMA still carries weights from hundreds of steps earlier (90.0 % against 88.1 % of
 # samples confidently classified at 2,000 steps, 90.8 % against 88.9 % at 2,200).
 DEMO_STEPS = 2000
