@@ -83,6 +83,9 @@ class ClassifierTask:
     label_names: tuple[str, ...] = ()
     max_shift: int = 0  # random translation (pixels) during training; digits are not always centred
     epochs: int = 6
+    # weight the class loss by 1 / sqrt(class frequency): without it, classes under 1 % of the data (the punks'
+    # Alien, Ape, Zombie) are hardly ever predicted, so a histogram of samples could not show them
+    balance_classes: bool = False
 
     @property
     def num_outputs(self) -> int:
@@ -160,6 +163,7 @@ def train_classifier(
     optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 3e-3, total_steps=task.epochs * steps_per_epoch)
     k = len(task.class_names)
+    class_weight = balanced_class_weights(y_all, k) if task.balance_classes else None
     net.train()
     for _ in tqdm(range(task.epochs), desc=f"training the {task.name} classifier", unit="epoch", disable=not progress):
         order = torch.randperm(len(x_all), generator=generator)
@@ -167,7 +171,7 @@ def train_classifier(
             index = order[start:start + batch_size]
             x = _shift(_to_input(x_all[index]), task.max_shift, generator)
             logits = net(x)
-            loss = F.cross_entropy(logits[:, :k], y_all[index])
+            loss = F.cross_entropy(logits[:, :k], y_all[index], weight=class_weight)
             if l_all is not None:
                 # summed over the labels, not averaged: each rare accessory weighs as much as the class
                 loss = loss + F.binary_cross_entropy_with_logits(logits[:, k:], l_all[index], reduction="sum") / len(x)
@@ -176,6 +180,17 @@ def train_classifier(
             optimizer.step()
             schedule.step()
     return net.eval()
+
+
+def balanced_class_weights(classes: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Cross-entropy weights `1 / sqrt(class frequency)`: a class 100x rarer weighs 10x more.
+
+    Full inverse-frequency weights (the 9 Aliens among 10,000 punks would weigh 1,000x a Male) made the punk
+    classifier's training diverge (type accuracy 0.53); the square root found every held-out Ape and 38 of 39 Zombies
+    where unweighted training found none and 11.
+    """
+    counts = torch.bincount(classes, minlength=num_classes).clamp(min=1).double()
+    return (counts.sum() / counts).sqrt().float()
 
 
 def task_for(reference: ReferenceData) -> ClassifierTask | None:
@@ -191,6 +206,9 @@ def task_for(reference: ReferenceData) -> ClassifierTask | None:
          if isinstance(v, (datasets.Sequence, datasets.List)) and getattr(v.feature, "dtype", None) == "string"),
         None,
     )
+    classes = np.asarray(reference.train_columns[class_column])
+    num_classes = len(reference.features[class_column].names)
+    rarest = np.bincount(classes, minlength=num_classes).min() / max(len(classes), 1)
     label_names = ()
     if label_column:
         label_names = tuple(sorted({a for row in reference.train_columns[label_column] for a in row}))
@@ -201,7 +219,10 @@ def task_for(reference: ReferenceData) -> ClassifierTask | None:
         label_column=label_column,
         label_names=label_names,
         max_shift=0 if label_column or reference.transform.resize_filter == "nearest" else 1,
-        epochs=epochs_for(len(reference.train), 8 if label_column else 6),  # rare attributes need a few more passes
+        # 87 accessories need many passes: on the punks' 5,000-image half, held-out mAP 0.51 at 8 epochs, 0.81 at 16,
+        # 0.94 at 32
+        epochs=epochs_for(len(reference.train), 32 if label_column else 6),
+        balance_classes=bool(rarest < 0.2 / num_classes),  # a class under a fifth of its even share (not MNIST's)
     )
 
 
