@@ -534,16 +534,6 @@ def test_step_log_reads_every_step_in_one_go_and_stops_on_a_non_finite_loss():
         log.read()
 
 
-def test_adamw_is_fused_on_cuda_only():
-    from punkdiff.presets import TrainSpec
-    from punkdiff.training.speed import build_optimizer
-
-    net = torch.nn.Linear(2, 2)
-    assert build_optimizer(net.parameters(), TrainSpec(), torch.device("cpu")).defaults["fused"] is None
-    # the decision only (PyTorch also fuses on CPU since 2.4, so this builds without a GPU)
-    assert build_optimizer(net.parameters(), TrainSpec(), torch.device("cuda")).defaults["fused"] is True
-
-
 def test_compiled_channels_last_run_exports_the_eager_weights(mnist_dir, cache_dir, tmp_path):
     """`--compile` wraps the training forward only: checkpoints and the export keep plain UNet keys and match."""
     plain, fast = tmp_path / "plain", tmp_path / "fast"

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object, set_seed
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
@@ -67,7 +67,7 @@ from punkdiff.training.reporting import (
 )
 from punkdiff.training.resources import check_run_outputs, cpu_threads_warning, out_of_memory_message
 from punkdiff.training.resume import check_resume, remove_previous_run
-from punkdiff.training.speed import build_optimizer
+from punkdiff.training.speed import build_optimizer, precision_for
 from punkdiff.training.step_log import StepLog
 from punkdiff.visuals import plot_loss_curve
 
@@ -89,10 +89,12 @@ def run(args: argparse.Namespace) -> int:
 
     # `--multi_gpu` on a machine without a GPU: one run over gloo, not N independent runs writing over each other
     several_cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    device = PartialState(cpu=several_cpu_processes).device
+    precision, precision_fallback = precision_for(train_spec.mixed_precision, device)  # no emulated bf16 on a CPU
     accelerator = Accelerator(
         cpu=several_cpu_processes,
         gradient_accumulation_steps=train_spec.gradient_accumulation_steps,
-        mixed_precision=train_spec.mixed_precision,
+        mixed_precision=precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed, non_blocking=True),
@@ -210,8 +212,10 @@ def run(args: argparse.Namespace) -> int:
     few_threads = cpu_threads_warning(accelerator.device.type, accelerator.num_processes)
     if few_threads:
         accelerator.print(few_threads)
-    used_precision = precision_used(accelerator, train_spec.mixed_precision)
-    if used_precision != train_spec.mixed_precision:
+    if precision_fallback:
+        accelerator.print(f"warning: {precision_fallback}")
+    used_precision = precision_used(accelerator, precision)
+    if used_precision != precision:
         accelerator.print(f"warning: --mixed-precision {train_spec.mixed_precision} is not available on "
                           f"{accelerator.device.type}: training in {used_precision} (float32)")
 
