@@ -10,6 +10,7 @@ from accelerate import Accelerator
 from tiny_training import train_tiny
 
 from punkdiff.training.reporting import precision_used
+from punkdiff.training.speed import cpu_has_native_bf16
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -26,3 +27,15 @@ def test_fp16_on_cpu_says_so_and_records_fp32(mnist_dir, tmp_path, capsys):
     assert "--mixed-precision fp16 is not available on cpu: training in no (float32)" in capsys.readouterr().out
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["mixed_precision"] == "no" and summary["config"]["train"]["mixed_precision"] == "fp16"
+
+
+def test_bf16_on_cpu_runs_natively_or_says_float32(mnist_dir, tmp_path, capsys):
+    """The loop asks for bf16 on a CPU only where it is native; the summary records what ran."""
+    out = tmp_path / "run"
+    assert train_tiny(Path(mnist_dir), tmp_path / "cache", out, "--max-steps", "2", "--mixed-precision", "bf16") == 0
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["config"]["train"]["mixed_precision"] == "bf16"
+    if cpu_has_native_bf16():
+        assert summary["mixed_precision"] == "bf16" and "warning: --mixed-precision" not in capsys.readouterr().out
+    else:
+        assert summary["mixed_precision"] == "no" and "this CPU has no native bf16" in capsys.readouterr().out
