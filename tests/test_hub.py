@@ -412,6 +412,9 @@ def _weights(transform):
         (_edit_json("unet/config.json", _set("sample_size", [8, 3])), r"sample_size \[8, 3\] must be a multiple"),
         (_edit_json("unet/config.json", _set("in_channels", None)), "in_channels must be an integer"),
         (_edit_json("unet/config.json", _set("block_out_channels", "wide")), "block_out_channels must be"),
+        (_edit_json("unet/config.json", _set("norm_num_groups", True)), "norm_num_groups must be"),  # hypothesis
+        (_edit_json("unet/config.json", _set("norm_num_groups", 3)), "norm_num_groups 3 must divide"),
+        (_edit_json("unet/config.json", _set("layers_per_block", False)), "layers_per_block must be"),
         (_edit_json("scheduler/scheduler_config.json", _set("num_train_timesteps", 10**10)), "num_train_timesteps"),
         (_edit_json("scheduler/scheduler_config.json", _set("num_train_timesteps", 0)), "num_train_timesteps"),
         (_edit_json("scheduler/scheduler_config.json", _set("beta_schedule", "sigmoidal")), "beta_schedule"),

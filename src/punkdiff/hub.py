@@ -404,6 +404,13 @@ def _check_unet_config(path: Path, config: object) -> None:
     elif not problems and any(s % 2 ** (len(channels) - 1) for s in sizes):  # else the skips do not line up
         problems.append(f"sample_size {size!r} must be a multiple of {2 ** (len(channels) - 1)}: the UNet halves it "
                         f"{len(channels) - 1} times")
+    if "layers_per_block" in config and not positive_int(config["layers_per_block"], 64):
+        problems.append(f"layers_per_block must be an integer in [1, 64], got {config['layers_per_block']!r}")
+    groups = config.get("norm_num_groups", 32)  # a bool here builds, then fails in the first forward
+    if not positive_int(groups, 2**16):
+        problems.append(f"norm_num_groups must be a positive integer, got {groups!r}")
+    elif isinstance(channels, list) and any(positive_int(c, 2**16) and c % groups for c in channels):
+        problems.append(f"norm_num_groups {groups} must divide every block_out_channels entry {channels!r}")
     if problems:
         raise ModelFolderError(f"{path} does not describe a usable UNet2DModel: {'; '.join(problems)}. Re-export it.")
 
