@@ -43,7 +43,7 @@ def precision_for(requested: str, device: torch.device) -> tuple[str, str | None
     """
     if requested == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
         return "no", ("--mixed-precision bf16: this CPU has no native bf16 (AVX-512 BF16 or AMX), where bf16 "
-                      "autocast runs about 10x slower than float32: training in no (float32) instead, about 1.6x "
+                      "autocast runs about 10x slower than float32: training in float32 instead, about 1.6x "
                       "slower than on a CPU with bf16")
     return requested, None
 
