@@ -38,10 +38,11 @@ def _exists(folder: Path, pattern: str):
     return lambda: any(folder.glob(pattern))
 
 
-def _random_moment(out: Path, rng: random.Random, last_step: int):
-    """True from a random delay after the run passes a random step (from its start-up to a few steps before the
-    end), so a kill lands at a random moment of the run on a fast or a loaded machine alike."""
-    target, delay, seen = rng.randrange(last_step, STEPS - 4, 2), rng.uniform(0.0, 0.3), []
+def _random_moment(out: Path, target: int, delay: float):
+    """True from `delay` seconds after the run has a checkpoint at or past step `target` (at once, during start-up,
+    when the resumed run already has one), so a kill lands at a random moment of the run on a fast or a loaded
+    machine alike."""
+    seen = []
 
     def due() -> bool:
         reached = [int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*")]
@@ -63,13 +64,16 @@ def test_sigkill_at_random_moments_then_resume_matches_the_uninterrupted_run(str
     # what each kill waits for: a random moment, a checkpoint being written, or the export being written
     plan = ["random", "checkpoint", "random", "checkpoint", "random", "checkpoint", "random", "checkpoint",
             "random", "checkpoint", "export", "export"]
+    # the random kills' steps, drawn up front and in order over the first two thirds of the run, so the kills
+    # after them (each a few steps on) still land before the end on any machine
+    targets = sorted(rng.sample(range(0, 2 * STEPS // 3, 2), plan.count("random")))
     kills, phases, last_step = 0, [], 0
     while plan:
         resume = ["--resume-from-checkpoint", "latest"] if kills else []
         run = TrainingProcess(tiny_args(mnist_dir, cache, out, *RUN, *resume), log)
         mode = plan[0]
         if mode == "random":  # a random moment inside the run, however fast the machine: after a random step
-            killed = run.kill_when(_random_moment(out, rng, last_step), timeout=60)
+            killed = run.kill_when(_random_moment(out, targets.pop(0), rng.uniform(0.0, 0.3)), timeout=60)
         elif mode == "checkpoint":
             time.sleep(rng.uniform(0, 0.3))  # not always the first checkpoint after a start
             killed = run.kill_when(_exists(out / "checkpoints", ".tmp-checkpoint-*"), timeout=60)
