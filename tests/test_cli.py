@@ -76,6 +76,29 @@ def test_sample_rejects_non_positive_counts(model_dir, tmp_path, capsys, flag, v
     assert not (tmp_path / "grid.png").exists()
 
 
+@pytest.mark.parametrize("command", ["sample", "eval"])
+@pytest.mark.parametrize("seed", [str(-1), str(2**63), str(-(2**63) - 1), "1.5"])
+def test_seeds_outside_the_generators_range_are_refused_before_any_work(model_dir, tmp_path, capsys, command, seed):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, str(model_dir), "--seed", seed, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "argument --seed" in err and "from 0 to 2**63 - 1" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_largest_seed_samples_images_that_still_follow_seed_plus_i(model_dir, tmp_path):
+    top = 2**63 - 1
+    assert main(["sample", str(model_dir), "--scheduler", "ddim", "--steps", "3", "--device", "cpu", "--seed",
+                 str(top - 1), "--num-images", "2", "--out", str(tmp_path / "a.png"), "--out-dir",
+                 str(tmp_path / "a")]) == 0
+    assert main(["sample", str(model_dir), "--scheduler", "ddim", "--steps", "3", "--device", "cpu", "--seed",
+                 str(top), "--num-images", "1", "--out", str(tmp_path / "b.png"), "--out-dir",
+                 str(tmp_path / "b")]) == 0
+    second = np.asarray(PIL.Image.open(tmp_path / "a" / "0001.png"), dtype=int)  # seed top - 1 + 1
+    only = np.asarray(PIL.Image.open(tmp_path / "b" / "0000.png"), dtype=int)  # seed top
+    assert np.abs(second - only).max() <= 1
+
+
 def test_sample_batches_bound_memory_without_changing_images(model_dir, tmp_path):
     assert sample(model_dir, tmp_path / "one.png", "--num-images", "5", "--batch-size", "5",
                   "--out-dir", str(tmp_path / "one")) == 0

@@ -28,6 +28,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    """A seed torch's generators take with room for seed + i: 0 to 2**63 - 1, as the web app allows."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to 2**63 - 1, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 2**63 - 1 ({2**63 - 1}), got {value}")
+    return value
+
+
 def _unit_float(text: str) -> float:
     try:
         value = float(text)
@@ -137,7 +148,7 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="weights and compute precision (float16/bfloat16 halve memory on a GPU)")
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed+i, so it does not depend on the count")
+    p.add_argument("--seed", type=_seed, default=0, help="image i uses seed+i, so it does not depend on the count")
 
 
 def _add_sampler_arguments(p: argparse.ArgumentParser, default_steps: str, default_eta: float) -> None:
@@ -349,7 +360,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="eval", help="output folder")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
-    p.add_argument("--seed", type=int, default=0, help="sample i uses seed+i; the metrics' draws use the seed too")
+    p.add_argument("--seed", type=_seed, default=0, help="sample i uses seed+i; the metrics' draws use the seed too")
     p.add_argument("--inception-weights", default=None, metavar="PATH",
                    help="the FID Inception as .safetensors, for FID, KID and IS (default: $PUNKDIFF_INCEPTION_WEIGHTS; "
                    "without it they are reported as not computed; see the README to convert the official .pth)")
