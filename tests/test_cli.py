@@ -88,12 +88,10 @@ def test_seeds_outside_the_generators_range_are_refused_before_any_work(model_di
 
 def test_the_largest_seed_samples_images_that_still_follow_seed_plus_i(model_dir, tmp_path):
     top = 2**63 - 1
-    assert main(["sample", str(model_dir), "--scheduler", "ddim", "--steps", "3", "--device", "cpu", "--seed",
-                 str(top - 1), "--num-images", "2", "--out", str(tmp_path / "a.png"), "--out-dir",
-                 str(tmp_path / "a")]) == 0
-    assert main(["sample", str(model_dir), "--scheduler", "ddim", "--steps", "3", "--device", "cpu", "--seed",
-                 str(top), "--num-images", "1", "--out", str(tmp_path / "b.png"), "--out-dir",
-                 str(tmp_path / "b")]) == 0
+    assert sample(model_dir, tmp_path / "a.png", "--seed", str(top - 1), "--num-images", "2",
+                  "--out-dir", str(tmp_path / "a")) == 0
+    assert sample(model_dir, tmp_path / "b.png", "--seed", str(top), "--num-images", "1",
+                  "--out-dir", str(tmp_path / "b")) == 0
     second = np.asarray(PIL.Image.open(tmp_path / "a" / "0001.png"), dtype=int)  # seed top - 1 + 1
     only = np.asarray(PIL.Image.open(tmp_path / "b" / "0000.png"), dtype=int)  # seed top
     assert np.abs(second - only).max() <= 1

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from punkdiff.presets import DDIM_ETA  # light: no torch, so the parser builds fast
+from punkdiff.presets import DDIM_ETA, MAX_SAMPLING_SEED  # light: no torch, so the parser builds fast
 
 
 class UsageError(ValueError):
@@ -29,13 +29,13 @@ def _positive_int(text: str) -> int:
 
 
 def _seed(text: str) -> int:
-    """A seed torch's generators take with room for seed + i: 0 to 2**63 - 1, as the web app allows."""
+    """A seed torch's generators take with room for seed + i (the web app's range)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number from 0 to 2**63 - 1, got {text!r}") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"must be from 0 to 2**63 - 1 ({2**63 - 1}), got {value}")
+    if not 0 <= value <= MAX_SAMPLING_SEED:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 2**63 - 1 ({MAX_SAMPLING_SEED}), got {value}")
     return value
 
 

@@ -35,6 +35,9 @@ RESIZE_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos", "box")
 # (floor 1.95), 72 % against 66 % confident demo digits. The fresh noise at each step corrects what a small,
 # briefly trained model gets wrong; `PunkDiffPipeline` itself keeps Diffusers' deterministic default (eta 0).
 DDIM_ETA = 1.0
+# the largest sampling seed the CLI and the web app take: image i uses seed + i, and torch's generators take up to
+# 2**64 - 1, so this leaves room for any count
+MAX_SAMPLING_SEED = 2**63 - 1
 
 
 class PresetError(ValueError):

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from punkdiff.data import BUILTIN_DATASETS, ImageTransform, load_image_dataset
-from punkdiff.presets import PRESETS, DataSpec
+from punkdiff.presets import MAX_SAMPLING_SEED, PRESETS, DataSpec
 from punkdiff.roots import HUB_ID, PathOutsideRoots, Roots
 from punkdiff.visuals import display_scale, image_grid, save_gif, trajectory_frames
 
@@ -203,7 +203,7 @@ def sample(
     scheduler = _scheduler_name(scheduler)
     steps = _check_int("steps", steps, 1, info.num_train_timesteps)
     batch_size = _check_int("batch size", batch_size, 1, MAX_BATCH)
-    seed = _check_int("seed", seed, 0, 2**63 - 1)
+    seed = _check_int("seed", seed, 0, MAX_SAMPLING_SEED)
     if not 0.0 <= float(eta) <= 1.0:
         raise StudioError(f"eta must be between 0 (deterministic DDIM) and 1 (DDPM-like), got {eta}")
     out = pipe(
@@ -286,7 +286,7 @@ def inpaint(
     jump_length = _check_int("jump length", jump_length, 1, steps)
     jump_n_sample = _check_int("resampling", jump_n_sample, 1, 50)
     num_images = _check_int("number of fills", num_images, 1, 16)
-    seed = _check_int("seed", seed, 0, 2**63 - 1)
+    seed = _check_int("seed", seed, 0, MAX_SAMPLING_SEED)
     out = pipe.inpaint(
         [image] * num_images,
         mask,
@@ -312,7 +312,7 @@ def reconstruct(
     """Noise `image` to step `t_start`, denoise it back; return the result, its MSE to the input and a GIF."""
     t_start = _check_int("t", t_start, 0, info.num_train_timesteps - 1)
     steps = _check_int("steps", steps, 1, info.num_train_timesteps)
-    seed = _check_int("seed", seed, 0, 2**63 - 1)
+    seed = _check_int("seed", seed, 0, MAX_SAMPLING_SEED)
     try:
         out = pipe.reconstruct(
             image,
