@@ -27,6 +27,7 @@ from punkdiff.scripts.train import main as train_main
 from punkdiff.training.arguments import build_train_parser, resolve_training_config
 from punkdiff.training.checkpoints import find_checkpoint, list_checkpoints
 from punkdiff.training.loss import diffusion_loss
+from punkdiff.training.speed import cpu_has_native_bf16
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -404,7 +405,7 @@ def test_data_order_is_seeded_and_each_epoch_is_a_permutation(mnist_dir, cache_d
     assert other != first and set(other[0]) == set(first[0])
 
 
-def test_bf16_mixed_precision_tracks_the_fp32_run(mnist_dir, cache_dir, tmp_path):
+def test_bf16_mixed_precision_tracks_the_fp32_run(mnist_dir, cache_dir, tmp_path, capsys):
     """Same seed and data: bf16 autocast follows the fp32 losses closely and moves the weights the same way."""
 
     def losses_and_delta(precision: str) -> tuple[list[float], torch.Tensor]:
@@ -421,6 +422,12 @@ def test_bf16_mixed_precision_tracks_the_fp32_run(mnist_dir, cache_dir, tmp_path
     fp32_losses, fp32_delta = losses_and_delta("no")
     reset_accelerate_state()
     bf16_losses, bf16_delta = losses_and_delta("bf16")
+    summary = json.loads((tmp_path / "bf16" / "training_summary.json").read_text())
+    if not cpu_has_native_bf16():  # the loop's own capability check: float32 here, and the summary says why
+        assert summary["mixed_precision"] == "no" and "this CPU has no native bf16" in capsys.readouterr().out
+        assert bf16_losses == fp32_losses
+        return
+    assert summary["mixed_precision"] == "bf16"
     assert bf16_losses == pytest.approx(fp32_losses, rel=0.03)
     assert bf16_losses != fp32_losses  # bf16 really was used
     assert torch.nn.functional.cosine_similarity(bf16_delta, fp32_delta, dim=0) > 0.9

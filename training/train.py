@@ -39,6 +39,7 @@ from punkdiff.data import (
     stream_training_images,
     to_model_input,
 )
+from punkdiff.files import write_json
 from punkdiff.hub import ModelCardInfo, ModelFolderError, export_pipeline, push_to_hub
 from punkdiff.presets import PresetError
 from punkdiff.training import TrainingError
@@ -63,7 +64,6 @@ from punkdiff.training.reporting import (
     package_versions,
     peak_memory_mb,
     precision_used,
-    write_json,
 )
 from punkdiff.training.resources import check_run_outputs, cpu_threads_warning, out_of_memory_message
 from punkdiff.training.resume import check_resume, remove_previous_run

@@ -32,6 +32,7 @@ from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, Mo
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 from safetensors import safe_open
 
+from punkdiff.files import write_text
 from punkdiff.pipelines.punkdiff_pipeline import PALETTE_FILE, PunkDiffPipeline, read_palette
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -191,7 +192,7 @@ def write_model_card(folder: str | os.PathLike[str], info: ModelCardInfo | Mappi
         num_train_timesteps=info.num_train_timesteps or scheduler_config["num_train_timesteps"],
     )
     readme = folder / "README.md"
-    readme.write_text(render_model_card(info, has_samples=(folder / "samples.png").is_file()), encoding="utf-8")
+    write_text(readme, render_model_card(info, has_samples=(folder / "samples.png").is_file()))
     return readme
 
 

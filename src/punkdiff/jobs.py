@@ -29,6 +29,8 @@ from typing import Any, Literal
 
 import psutil
 
+from punkdiff.files import write_json
+
 JOB_FILE = "job.json"
 Status = Literal["running", "stopping", "finished", "stopped", "failed", "lost"]
 STATUS_TEXT = {
@@ -217,9 +219,7 @@ class Job:
             except (FileNotFoundError, json.JSONDecodeError):
                 data = {}
             change(data)
-            tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(data, indent=2))
-            os.replace(tmp, path)
+            write_json(path, data)
 
 
 def _create_time(pid: int) -> float | None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from punkdiff.data import default_cache_dir
+from punkdiff.files import atomic_path
 from punkdiff.metrics.reference import ReferenceData
 
 # bump when the architecture or the training recipe changes, so old cache entries are not reused
@@ -299,8 +299,7 @@ def load_or_train_classifier(
     classifier = Classifier(net, task, {})
     classifier.scores = held_out_scores(classifier, reference)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp),
-              metadata={"scores": json.dumps(classifier.scores), "task": json.dumps(asdict(task))})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp),
+                  metadata={"scores": json.dumps(classifier.scores), "task": json.dumps(asdict(task))})
     return classifier

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from punkdiff.files import write_json, write_text
 from punkdiff.metrics.evaluation import Evaluation
-from punkdiff.training.reporting import write_json
 from punkdiff.visuals import display_scale, image_grid
 
 
@@ -163,5 +163,5 @@ def write_report(
                 "reconstruction": "For each t: originals, noised, reconstructed"}
     lines += [f"**{captions[k]}**\n\n![{captions[k]}]({p.name})\n" for k, p in figures.items()]
     report = folder / "report.md"
-    report.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text(report, "\n".join(lines) + "\n")
     return report

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import os
 import platform
 from importlib import metadata
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -68,10 +65,3 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write via a temporary file so a reader never sees half a JSON document."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
