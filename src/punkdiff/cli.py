@@ -81,10 +81,8 @@ def _run_train(args: argparse.Namespace) -> int:
     return run(args)
 
 
-# Measured with `benchmarks/bench_demo.py` on the 2-core VM (README, Results): 2,000 steps of 32 trained in 275 s
-# (4.6 minutes), and without EMA: the cosine learning rate anneals to zero over so short a run, so the raw weights are
-# already settled while the EMA still carries weights from hundreds of steps earlier (90.0 % against 88.1 % of
-# samples confidently classified at 2,000 steps, 90.8 % against 88.9 % at 2,200).
+# Sized for a 5-minute budget on 2 CPU cores, and without EMA: the cosine learning rate anneals to zero over so short
+# a run that the raw weights are already settled while the EMA still carries older ones (docs/results.md, "The demo").
 DEMO_STEPS = 2000
 
 
@@ -363,7 +361,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=_seed, default=0, help="sample i uses seed+i; the metrics' draws use the seed too")
     p.add_argument("--inception-weights", default=None, metavar="PATH",
                    help="the FID Inception as .safetensors, for FID, KID and IS (default: $PUNKDIFF_INCEPTION_WEIGHTS; "
-                   "without it they are reported as not computed; see the README to convert the official .pth)")
+                   "without it they are reported as not computed; see docs/evaluation.md to convert the official .pth)")
     p.add_argument("--dinov2", default=None, metavar="PATH", help="a local transformers DINOv2 folder, for "
                    "FD-DINOv2 (default: $PUNKDIFF_DINOV2; without it, not computed)")
     p.add_argument("--update-card", action="store_true", help="also write the metrics into the model's card "

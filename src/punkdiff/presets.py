@@ -30,10 +30,8 @@ LR_SCHEDULERS = (
 )
 RESIZE_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos", "box")
 # The DDIM noise weight punkdiff samples with unless told otherwise (training grids, `punkdiff sample` and `eval`,
-# the app). Measured with the evaluation on every preset model trained here, DDIM-50 with eta 1 (ancestral, as
-# noisy as DDPM) beat eta 0: FD 2.60 against 5.16 on mnist-16 (floor 1.26), 12.4 against 23.1 on punks-24-cpu
-# (floor 1.95), 72 % against 66 % confident demo digits. The fresh noise at each step corrects what a small,
-# briefly trained model gets wrong; `PunkDiffPipeline` itself keeps Diffusers' deterministic default (eta 0).
+# the app): eta 1 draws fresh noise at each step, as DDPM does, which corrects what a small, briefly trained model
+# gets wrong (measured on every preset model: docs/results.md, "The sampler"). `PunkDiffPipeline` keeps eta 0.
 DDIM_ETA = 1.0
 # the largest sampling seed the CLI and the web app take: image i uses seed + i, and torch's generators take up to
 # 2**64 - 1, so this leaves room for any count
@@ -233,8 +231,8 @@ def _reaching_noise(preset: Preset) -> Preset:
     """The original projects' schedule, rescaled to zero terminal SNR with a v target (Lin et al. 2024).
 
     As the seeds had them, T = 300 ends at alpha_bar(T-1) = 0.048 and beta_end = 0.01 at 0.0063, while sampling
-    starts from pure noise. Measured at equal steps on MNIST (README, Results), this remedy beat both the
-    schedule as it was and betas x 1000/T. The seeds' settings stay one flag away:
+    starts from pure noise. At equal steps on MNIST this remedy beat both the schedule as it was and betas x 1000/T
+    (docs/results.md). The seeds' settings stay one flag away:
     `--set scheduler.rescale_betas_zero_snr=false --set scheduler.prediction_type=epsilon`.
     """
     scheduler = dataclasses.replace(preset.scheduler, rescale_betas_zero_snr=True, prediction_type="v_prediction")
@@ -250,7 +248,7 @@ PRESETS: dict[str, Preset] = {
     for p in [
         dataclasses.replace(
             _mnist16("mnist-16", "MNIST, tuned for quality per CPU minute: cosine schedule, v-prediction, lr 1e-3, "
-                     "min-SNR-5, EMA 0.999, 5,200 steps of 32 (13 min on 2 CPU cores)", 1000, 0.02, 1e-3),
+                     "min-SNR-5, EMA 0.999, 5,200 steps of 32, sized for a 15-minute CPU budget", 1000, 0.02, 1e-3),
             scheduler=SchedulerSpec(beta_schedule="cosine", prediction_type="v_prediction"),
             train=TrainSpec(learning_rate=1e-3, batch_size=32, max_steps=5200, lr_warmup_steps=100, snr_gamma=5.0,
                             ema_decay=0.999),
@@ -279,14 +277,14 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             name="punks-24-cpu",
-            description="CryptoPunks at native 24 px, sized for 30 minutes on 2 CPU cores: small UNet, cosine "
-                        "schedule, v-prediction, lr 1e-3, min-SNR-5, EMA 0.999, 15,000 steps of 16 in bf16 (27 min "
-                        "on a CPU with native bf16, 41 in float32 elsewhere)",
+            description="CryptoPunks at native 24 px, sized for a 30-minute budget on 2 CPU cores: small UNet, cosine "
+                        "schedule, v-prediction, lr 1e-3, min-SNR-5, EMA 0.999, 15,000 steps of 16 in bf16 (float32 "
+                        "on a CPU without native bf16)",
             model=ModelSpec(24, 3, 3, (32, 64, 128), layers_per_block=1, mid_attention=False, norm_num_groups=8),
             scheduler=SchedulerSpec(beta_schedule="cosine", prediction_type="v_prediction"),
             data=DataSpec(resolution=24, **_PUNKS_DATA),
-            # at equal wall time (5 minutes) more, smaller steps won: FD 609, 335, 232 (floor 24) at batch 64, 32, 16;
-            # bf16 autocast scored as float32 at equal steps (FD 229 against 232) in 201 s instead of 330
+            # at equal CPU time, more and smaller steps learn faster, and bf16 scores as float32 in less time
+            # (docs/results.md, "CryptoPunks on CPU")
             train=TrainSpec(learning_rate=1e-3, batch_size=16, max_steps=15000, lr_warmup_steps=100, snr_gamma=5.0,
                             ema_decay=0.999, mixed_precision="bf16"),
         ),

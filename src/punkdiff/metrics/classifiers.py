@@ -34,9 +34,8 @@ from punkdiff.metrics.reference import ReferenceData
 # bump when the architecture or the training recipe changes, so old cache entries are not reused
 _RECIPE_VERSION = 1
 # Every classifier sees at least this many training images (6 epochs of MNIST's 5,000), so one trained on a small
-# set is as well calibrated as MNIST's. Measured on the demo's 899 training digits: 6 epochs left the classifier
-# under-confident (calibration error 0.017, 93 % of held-out real digits at p >= 0.9 for 99.1 % accuracy); 34 epochs
-# (this rule) gave 0.006 and 98.7 % at 99.7 %. Tiny slices (tests, quick looks) stop at `_MAX_EPOCHS`.
+# set is as well calibrated as MNIST's (fewer left the demo's judge under-confident: docs/results.md, "The demo").
+# Tiny slices (tests, quick looks) stop at `_MAX_EPOCHS`.
 _MIN_IMAGES_SEEN = 30_000
 _MAX_EPOCHS = 40
 
@@ -149,7 +148,7 @@ def train_classifier(
     """Train a `SmallCNN` on uint8 images with integer `classes` `[N]` and optional binary `labels` `[N, L]`.
 
     Cross-entropy on the classes plus binary cross-entropy on the labels; AdamW with a one-cycle schedule, a few
-    epochs (about half a minute for 5,000 digits at 16 px on 2 CPU cores). Deterministic for a seed.
+    epochs (timing: docs/evaluation.md). Deterministic for a seed.
     """
     # about 40 steps an epoch whatever the data's size (128 images a batch at 5,000): a small slice still trains
     batch_size = batch_size or int(np.clip(len(images) // 40, 32, 128))

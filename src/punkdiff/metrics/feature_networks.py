@@ -9,7 +9,7 @@ loaded with `use_safetensors=True, local_files_only=True`.
 Where the weights live is a flag or an environment variable (`resolve_weights`): `PUNKDIFF_INCEPTION_WEIGHTS`
 (the FID Inception state dict as safetensors) and `PUNKDIFF_DINOV2` (a DINOv2 folder, e.g. a local copy of
 `facebook/dinov2-base`). The official torch-fidelity weights convert once, in an environment you trust, with
-the one-liner `CONVERT_INCEPTION` (also in the README and in every error about them).
+the one-liner `CONVERT_INCEPTION` (also in docs/evaluation.md and in every error about them).
 
 Both networks take uint8 images at any resolution, as the standard protocols do: grayscale is repeated to three
 channels; Inception upsamples to 299 px itself (torch-fidelity's TensorFlow-compatible bilinear resize); DINOv2

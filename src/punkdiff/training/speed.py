@@ -5,8 +5,8 @@
 - `--compile [BACKEND]` compiles the training forward only (`torch.compile`, inductor by default); EMA, previews,
   checkpoints and the export use the eager module, so they neither recompile nor change their keys.
 - bf16 autocast is Accelerate's `--mixed-precision bf16`. On a CPU it is asked for only where the CPU computes bf16
-  natively (AVX-512 BF16 or AMX): there it trains punks-24-cpu 1.6x faster than float32, and elsewhere oneDNN emulates
-  it about 10x slower, so such a CPU trains in float32 and says so (`precision_for`).
+  natively (AVX-512 BF16 or AMX), where it is faster than float32; elsewhere oneDNN emulates it, far slower, so such a
+  CPU trains in float32 and says so (`precision_for`; figures in docs/results.md, "CryptoPunks on CPU").
 - The whole decoded dataset sits on the GPU when it fits (`--data-on-device`), and otherwise comes through pinned
   memory with non-blocking copies.
 - `--log-every N` reads the loss back from the device every N steps (`step_log.StepLog`), not every step.
@@ -29,9 +29,8 @@ def cpu_has_native_bf16() -> bool:
 def precision_for(requested: str, device: torch.device) -> tuple[str, str | None]:
     """The mixed precision to ask Accelerate for on `device`, and why it differs from `requested` (None if not).
 
-    bf16 on a CPU without native bf16 becomes float32: with oneDNN held to AVX2 (`ONEDNN_MAX_CPU_ISA=AVX2
-    benchmarks/bench_train.py --presets punks-24-cpu --threads 2 [--bf16]`) the loop trained 7.9 img/s in bf16
-    against 97.2 in float32 on an AVX-512 BF16 CPU, which trains 1.6x faster in bf16 without the limit.
+    bf16 on a CPU without native bf16 becomes float32, because oneDNN's emulated bf16 is far slower than float32
+    there (measured with `ONEDNN_MAX_CPU_ISA=AVX2`: docs/results.md, "CryptoPunks on CPU").
 
     Examples:
         ```py
