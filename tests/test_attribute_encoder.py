@@ -1,0 +1,71 @@
+"""The attribute encoder: zero in, zero out; a UNet2DModel component that saves and loads as safetensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+
+from punkdiff.attribute_encoder import AttributeEncoder
+
+
+def tiny_identity_unet() -> UNet2DModel:
+    """A small UNet whose class embedding is added as given (`class_embed_type="identity"`); time embedding 64 wide."""
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=8, class_embed_type="identity")
+
+
+def trained_looking_encoder(num_attributes: int = 12, embedding_dim: int = 64) -> AttributeEncoder:
+    """An encoder whose weights are far from their initialisation, as after training."""
+    torch.manual_seed(1)
+    encoder = AttributeEncoder(num_attributes=num_attributes, embedding_dim=embedding_dim)
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.normal_(0.0, 2.0)
+    return encoder
+
+
+def test_the_null_condition_encodes_to_exactly_zero_and_a_real_one_does_not():
+    encoder = trained_looking_encoder()
+    assert torch.equal(encoder(torch.zeros(3, 12)), torch.zeros(3, 64))
+    condition = torch.zeros(3, 12)
+    condition[0, 2] = condition[1, 5] = condition[1, 7] = 1.0
+    out = encoder(condition)
+    assert out[0].abs().sum() > 0 and out[1].abs().sum() > 0 and torch.equal(out[2], torch.zeros(64))
+    assert not torch.allclose(out[0], out[1])
+    assert not any(name.endswith("bias") for name, _ in encoder.named_parameters())
+
+
+def test_the_encoder_saves_as_safetensors_and_loads_with_from_pretrained(tmp_path):
+    encoder = trained_looking_encoder(num_attributes=93, embedding_dim=64)
+    encoder.save_pretrained(tmp_path / "attribute_encoder")
+    files = sorted(p.name for p in (tmp_path / "attribute_encoder").iterdir())
+    assert files == ["config.json", "diffusion_pytorch_model.safetensors"]
+    loaded = AttributeEncoder.from_pretrained(tmp_path / "attribute_encoder", use_safetensors=True)
+    assert loaded.config.num_attributes == 93 and loaded.config.embedding_dim == 64
+    x = (torch.rand(4, 93, generator=torch.Generator().manual_seed(0)) > 0.9).float()
+    assert torch.equal(loaded(x), encoder(x))
+
+
+def test_an_identity_unet_takes_the_encoding_and_the_null_condition_is_class_labels_of_zeros():
+    unet, encoder = tiny_identity_unet().eval(), trained_looking_encoder()
+    sample = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        null = unet(sample, 10, class_labels=encoder(torch.zeros(2, 12))).sample
+        zeros = unet(sample, 10, class_labels=torch.zeros(2, unet.config.block_out_channels[0] * 4)).sample
+        condition = torch.zeros(2, 12)
+        condition[:, 3] = 1.0
+        conditioned = unet(sample, 10, class_labels=encoder(condition)).sample
+    assert null.shape == (2, 3, 8, 8)
+    assert torch.equal(null, zeros)
+    assert (conditioned - null).abs().max() > 1e-3  # the condition reaches the output
+
+
+def test_a_condition_of_the_wrong_width_is_refused_clearly():
+    encoder = AttributeEncoder(num_attributes=12, embedding_dim=64)
+    with pytest.raises(ValueError, match=r"expects attributes of shape \[batch, 12\], got \[2, 11\]"):
+        encoder(torch.zeros(2, 11))
+    with pytest.raises(ValueError, match="positive widths"):
+        AttributeEncoder(num_attributes=0, embedding_dim=64)
