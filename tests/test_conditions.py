@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datasets
+import numpy as np
 import pytest
 import torch
 
@@ -22,13 +23,20 @@ PUNK_TYPES = ("Alien", "Ape", "Zombie", "Female", "Male")
 
 
 @pytest.fixture(scope="module")
-def mnist_train(mnist_dir):
-    return datasets.load_dataset(str(mnist_dir), split="train")
+def splits(mnist_dir, punks_dir) -> dict[str, datasets.Dataset]:
+    """The mirrors' train splits: MNIST's 5,000 digits and the 10,000 punks."""
+    return {name: datasets.load_dataset(str(path), split="train") for name, path in
+            (("mnist", mnist_dir), ("punks", punks_dir))}
 
 
 @pytest.fixture(scope="module")
-def punks(punks_dir):
-    return datasets.load_dataset(str(punks_dir), split="train")
+def mnist_train(splits):
+    return splits["mnist"]
+
+
+@pytest.fixture(scope="module")
+def punks(splits):
+    return splits["punks"]
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +59,8 @@ def test_mnist_digits_are_one_class_index_with_a_null_class(mnist_train):
     rows = mnist_train.select(range(64)).select_columns(["label"]).to_dict()
     assert vocabulary.encode(rows).tolist() == rows["label"]
     assert vocabulary.encode_request(labels=[3, "7", None]).tolist() == [3, 7, 10]
+    assert vocabulary.encode_request(labels=np.array([3, 7])).tolist() == [3, 7]  # numpy integers are indices too
+    assert vocabulary.encode_request(labels=4).tolist() == [4]
     assert vocabulary.null(2).tolist() == [10, 10]
     assert vocabulary.decode(torch.tensor([3, 10])) == {"label": ["3", None]}
 

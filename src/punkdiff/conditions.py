@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -90,9 +91,10 @@ class ConditionGroup:
 
     def index(self, value: int | str) -> int:
         """A name, or an index into `names`, as an index; anything else is refused naming what is known."""
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
+        if isinstance(value, bool) or not isinstance(value, (numbers.Integral, str)):
             raise ConditionError(f"{self.column} value {value!r} is neither a name nor an index; {self._known()}")
-        if isinstance(value, int):
+        if isinstance(value, numbers.Integral):
+            value = int(value)
             if not 0 <= value < len(self.names):
                 raise ConditionError(f"{self.column} {value} is out of range: give an index in 0..{len(self.names) - 1}"
                                      f" or a name; {self._known()}")
@@ -285,7 +287,7 @@ class ConditionVocabulary:
         if (labels is None) == (attributes is None):
             raise ConditionError("give either labels=[...] or attributes={...}, not both or neither")
         if labels is not None:
-            if isinstance(labels, (str, int)):
+            if isinstance(labels, (str, numbers.Integral)):
                 labels = [labels]
             singles = [g.column for g in self.groups if g.kind == SINGLE]
             if len(singles) != 1:
@@ -357,7 +359,7 @@ class ConditionVocabulary:
 
 
 def _unspecified_if_negative(value: Any) -> Any:
-    return None if isinstance(value, int) and not isinstance(value, bool) and value < 0 else value
+    return None if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value < 0 else value
 
 
 # ---- which columns ------------------------------------------------------------------------------------------------
