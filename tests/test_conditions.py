@@ -75,6 +75,8 @@ def test_a_label_out_of_range_or_unknown_is_refused_naming_what_is_known(mnist_t
         vocabulary.encode_request(labels=["seven"])
     with pytest.raises(ConditionError, match="neither a name nor an index"):
         vocabulary.encode_request(labels=[True])
+    with pytest.raises(ConditionError, match=r"labels=\[\] asks for no images"):
+        vocabulary.encode_request(labels=[])
     with pytest.raises(ConditionError, match="either labels"):
         vocabulary.encode_request(labels=[1], attributes={"label": 1})
 

@@ -293,6 +293,8 @@ class ConditionVocabulary:
             if len(singles) != 1:
                 raise ConditionError(f"labels=... needs exactly one single-label column; this model is conditioned on "
                                      f"{self._describe_columns()}: use attributes={{column: value}}")
+            if not len(labels):
+                raise ConditionError("labels=[] asks for no images; give one label per image")
             return self._encode([{singles[0]: label} for label in labels])
         requests = [attributes] if isinstance(attributes, Mapping) else list(attributes)
         for request in requests:
@@ -302,6 +304,8 @@ class ConditionVocabulary:
             if unknown:
                 raise ConditionError(f"unknown attribute {unknown[0]!r}; this model is conditioned on "
                                      f"{self._describe_columns()}")
+        if not requests:
+            raise ConditionError("attributes=[] asks for no images; give one mapping per image")
         return self._encode([dict(r) for r in requests])
 
     def decode(self, condition: torch.Tensor) -> dict[str, list]:
