@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shlex
 import subprocess
-import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -17,19 +17,15 @@ REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
 
 
-@pytest.fixture(scope="module")
-def scripts():
-    sys.path.insert(0, str(BENCHMARKS))
-    import bench_sample
-    import bench_train
-    import check_env
-
-    yield check_env, bench_train, bench_sample
-    sys.path.remove(str(BENCHMARKS))
+@pytest.fixture
+def bench(monkeypatch):
+    """Imports a script of benchmarks/ by its module name."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module
 
 
-def test_unmet_requirements_names_each_requirement_the_installed_versions_miss(scripts, tmp_path, monkeypatch):
-    check_env, _, _ = scripts
+def test_unmet_requirements_names_each_requirement_the_installed_versions_miss(bench, tmp_path, monkeypatch):
+    check_env = bench("check_env")
     info = tmp_path / "fake_bench_dist-1.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("\n".join([
@@ -45,8 +41,8 @@ def test_unmet_requirements_names_each_requirement_the_installed_versions_miss(s
     ]
 
 
-def test_check_env_records_the_stack_and_stops_on_a_missing_package(scripts, tmp_path, monkeypatch, capsys):
-    check_env, _, _ = scripts
+def test_check_env_records_the_stack_and_stops_on_a_missing_package(bench, tmp_path, monkeypatch, capsys):
+    check_env = bench("check_env")
     out = tmp_path / "env.json"
     assert check_env.main(["--device", "cpu", "--out", str(out)]) == 0
     found = json.loads(out.read_text())
@@ -61,8 +57,8 @@ def test_check_env_records_the_stack_and_stops_on_a_missing_package(scripts, tmp
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="asserts the refusal where no GPU is visible")
-def test_check_env_refuses_cuda_where_no_gpu_is_visible(scripts, capsys):
-    check_env, _, _ = scripts
+def test_check_env_refuses_cuda_where_no_gpu_is_visible(bench, capsys):
+    check_env = bench("check_env")
     assert check_env.main(["--device", "cuda"]) == 1
     assert "no CUDA device is visible" in capsys.readouterr().err
 
@@ -82,8 +78,8 @@ def run_gpu_sh(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess,
 
 
 @pytest.mark.parametrize("device", ["cuda", "cpu"])
-def test_gpu_sh_runs_every_figure_with_arguments_the_benchmarks_accept(scripts, tmp_path, device):
-    _, bench_train, bench_sample = scripts
+def test_gpu_sh_runs_every_figure_with_arguments_the_benchmarks_accept(bench, tmp_path, device):
+    bench_train, bench_sample = bench("bench_train"), bench("bench_sample")
     done, calls = run_gpu_sh(tmp_path, "--device", device)
     assert done.returncode == 0, done.stdout + done.stderr
     runs = [c for c in calls if c[0].startswith("benchmarks/")]
