@@ -75,8 +75,8 @@ finish() {
 
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 if [ -d .whl ]; then
-    SITE=${TMPDIR:-/tmp}/punkdiff-gpu-site
-    rm -rf "$SITE"
+    SITE=$(mktemp -d "${TMPDIR:-/tmp}/punkdiff-gpu-site.XXXXXX") || exit 1
+    trap 'rm -rf "$SITE"' EXIT
     # the carried wheels and this tree (setup.cfg maps pipelines/, training/, app/ into the package), no index
     step install 90 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --no-build-isolation \
         --disable-pip-version-check --target "$SITE" .whl/*.whl . || finish
