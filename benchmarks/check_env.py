@@ -24,6 +24,8 @@ REQUIRED = {"torch": "torch", "accelerate": "accelerate", "diffusers": "diffuser
 OPTIONAL = {"denoising-diffusion-pytorch": "denoising_diffusion_pytorch"}
 # whose declared requirements are checked against what is installed
 CHECKED = ("punkdiff", "diffusers", "datasets", "accelerate", "denoising-diffusion-pytorch")
+# recorded beside them: what the stack runs on
+RECORDED = ("torchvision", "triton", "huggingface_hub", "safetensors", "numpy", "pyarrow", "fsspec", "transformers")
 
 
 def unmet_requirements(distribution: str) -> list[str]:
@@ -92,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     unmet = [problem for name in CHECKED if versions.get(name) for problem in unmet_requirements(name)]
     for problem in unmet:
         print(f"warning: {problem}", file=sys.stderr)
+    for name in RECORDED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
     found = {"python": platform.python_version(), "executable": sys.executable, "versions": versions,
              "import_errors": errors, "unmet_requirements": unmet, "accelerator": accelerator(args.device)}
     print(json.dumps(found, indent=2))
