@@ -5,7 +5,8 @@ speed does not depend on them), DDIM with `--steps` steps (eta 0) and the same p
 
 - punkdiff: `PunkDiffPipeline(unet, scheduler)(sampler="ddim", output_type="np")`;
 - bare: the `--steps` UNet forwards alone, timesteps already on the device (the floor: no sampler math at all);
-- stock: diffusers' `DDIMPipeline` as shipped (eager, whatever `--compile` says);
+- stock: diffusers' `DDIMPipeline` as shipped (eager, whatever `--compile` says; in bf16 its UNet takes and returns
+  float32, since the pipeline cannot turn a bf16 sample into numpy);
 - ddpm-pytorch: `GaussianDiffusion(..., sampling_timesteps=steps).sample()` with its own `Unet(dim=c0, ...)`.
 
 `--bf16` puts the UNets' weights in bf16 (ddpm-pytorch runs under bf16 autocast); `--compile` compiles the UNet that
@@ -91,7 +92,8 @@ def contenders_for(name: str, batch: int, opts: Options, wanted: list[str]) -> t
 
     punkdiff = PunkDiffPipeline(unet=fast, scheduler=scheduler)
     punkdiff.set_progress_bar_config(disable=True)
-    stock = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(scheduler.config))
+    stock = DDIMPipeline(unet=float_boundary(unet) if opts.bf16 else unet,
+                         scheduler=DDIMScheduler.from_config(scheduler.config))
     stock.set_progress_bar_config(disable=True)
     ddim = DDIMScheduler.from_config(scheduler.config)
     ddim.set_timesteps(opts.steps)
@@ -128,6 +130,18 @@ def contenders_for(name: str, batch: int, opts: Options, wanted: list[str]) -> t
 
         runners["ddpm-pytorch"] = ddpm_pytorch
     return {k: v for k, v in runners.items() if k in wanted}, flops
+
+
+def float_boundary(unet: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a bf16 UNet that takes and returns float32, for stock `DDIMPipeline`: it keeps its sample in the
+    UNet's dtype and turns it into numpy at the end, which has no bf16. The forward runs in bf16 as before; each step
+    adds two casts, and the scheduler's arithmetic runs in float32."""
+    from diffusers.models.unets.unet_2d import UNet2DOutput
+
+    boundary = copy.deepcopy(unet)
+    boundary.register_forward_pre_hook(lambda module, args: (args[0].to(module.dtype), *args[1:]))
+    boundary.register_forward_hook(lambda module, args, output: UNet2DOutput(sample=output.sample.float()))
+    return boundary
 
 
 def same_images(runners: dict[str, Callable[[], Any]]) -> float | None:

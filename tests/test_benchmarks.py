@@ -56,6 +56,18 @@ def test_bench_sample_punkdiff_gives_stock_ddim_images(benchmarks, tmp_path):
     assert result["count"]["images"] == 6  # whole batches of 2 until 5 exist
 
 
+def test_bench_sample_runs_stock_ddim_with_a_bf16_unet(benchmarks, tmp_path):
+    _, bench_sample, _ = benchmarks
+    out = tmp_path / "sample.json"
+    assert bench_sample.main(["--presets", "mnist-32-tiny", "--batch-sizes", "2", "--steps", "2", "--repeats", "1",
+                              "--contenders", "punkdiff", "stock", "--bf16", "--threads", "0", "--max-load", "1000",
+                              "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    (result,) = report["results"]
+    assert report["options"]["bf16"] and result["max_abs_diff_punkdiff_vs_stock"] is None  # compared in fp32 only
+    assert result["contenders"]["stock"]["images_per_s"]["median"] > 0
+
+
 def test_bench_data_paths_agree_and_decode_memory_is_measured(benchmarks, mnist_dir, tmp_path):
     _, _, bench_data = benchmarks
     out = tmp_path / "data.json"
