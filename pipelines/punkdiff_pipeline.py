@@ -2,8 +2,8 @@
 
 This file is the one source of the class. It imports only torch, diffusers, numpy, PIL and the standard
 library, so punkdiff's export copies it next to a model as `pipeline.py` and a Hub user without punkdiff can
-load it with `DiffusionPipeline.from_pretrained(repo, custom_pipeline=repo, trust_remote_code=True)`. Only
-writing the model card and pushing to the Hub reach for `punkdiff.hub`, and only where punkdiff is installed.
+load it with `DiffusionPipeline.from_pretrained(repo, custom_pipeline=repo, trust_remote_code=True)`. It knows
+nothing of punkdiff: the model card and punkdiff's checked push live in `punkdiff.hub`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_repaint import RePaintSchedulerOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
 from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import create_repo
 
 # diffusers' `custom_pipeline=<folder or repo id>` loads the pipeline class from this file name.
 CUSTOM_PIPELINE_FILE = "pipeline.py"
@@ -478,27 +480,25 @@ class PunkDiffPipeline(DiffusionPipeline):
         save_directory: str | os.PathLike[str],
         safe_serialization: bool = True,
         push_to_hub: bool = False,
-        model_card: Any = None,
         **kwargs: Any,
     ) -> None:
-        """Save like any diffusers pipeline (safetensors by default), loadable by stock diffusers, with a model card.
+        """Save like any diffusers pipeline (safetensors by default), loadable by stock diffusers.
 
         `model_index.json` names the stock `DDPMPipeline`, so `DiffusionPipeline.from_pretrained(folder)` works
         without running code shipped with the model, and this file is saved beside it as `pipeline.py`, so
         `DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder, trust_remote_code=True)` gives a
-        `PunkDiffPipeline` to a user without punkdiff installed. Where punkdiff is installed, its model card
-        (`model_card`: a `punkdiff.hub.ModelCardInfo` or a dict of its fields) is written as `README.md`, and
-        `push_to_hub=True` (with diffusers' `repo_id`, `private`, `token`, `commit_message`, `create_pr`) uploads the
-        finished folder through `punkdiff.hub.push_to_hub`, the one way punkdiff publishes a model.
+        `PunkDiffPipeline` to a user without punkdiff installed. A pixel-art model's palette is saved as
+        `palette.json`. `push_to_hub=True` (with diffusers' `repo_id`, `private`, `token`, `commit_message`,
+        `create_pr`) uploads the finished folder with diffusers' own Hub code and model card.
 
         Examples:
             ```py
-            >>> pipe.save_pretrained("my-model", model_card={"preset": "mnist-baseline-16", "dataset": "ylecun/mnist"})
+            >>> pipe.save_pretrained("my-model")
             >>> DDPMPipeline.from_pretrained("my-model")  # stock diffusers, no remote code
             ```
         """
         push_kwargs = {k: kwargs.pop(k) for k in _PUSH_KWARGS if k in kwargs}
-        # 1. diffusers' own save; never its push, which would upload before steps 2 to 4
+        # 1. diffusers' own save; its push would upload before steps 2 and 3, so it comes last
         super().save_pretrained(save_directory, safe_serialization=safe_serialization, **kwargs)
         # 2. stock metadata: any diffusers install loads the folder as a DDPMPipeline
         index = Path(save_directory) / "model_index.json"
@@ -509,40 +509,9 @@ class PunkDiffPipeline(DiffusionPipeline):
         shutil.copyfile(__file__, Path(save_directory) / CUSTOM_PIPELINE_FILE)
         if self.palette is not None:
             write_palette(Path(save_directory) / PALETTE_FILE, self.palette)
-        # 4. the model card and the push, where punkdiff is installed
-        hub = _punkdiff_hub()
-        if hub is not None:
-            hub.write_model_card(save_directory, model_card)
+        # 4. diffusers' push, as its `save_pretrained(push_to_hub=True)` does it, of the finished folder
         if push_to_hub:
-            self._require_punkdiff(hub).push_to_hub(save_directory, **push_kwargs)
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        commit_message: str | None = None,
-        private: bool | None = None,
-        token: str | None = None,
-        create_pr: bool = False,
-        model_card: Any = None,
-        **kwargs: Any,
-    ) -> str:
-        """Save to a temporary folder and upload it with `punkdiff.hub.push_to_hub`; returns the repo (or PR) URL.
-
-        The token defaults to your Hugging Face login (`hf auth login` or `HF_TOKEN`) and is never written anywhere.
-
-        Examples:
-            ```py
-            >>> pipe.push_to_hub("your-name/punkdiff-mnist", private=True)
-            ```
-        """
-        import tempfile
-
-        hub = self._require_punkdiff(_punkdiff_hub())
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, model_card=model_card, **kwargs)
-            return hub.push_to_hub(
-                folder, repo_id, private=private, token=token, commit_message=commit_message, create_pr=create_pr
-            )
+            self._push_folder(save_directory, **push_kwargs)
 
     @torch.no_grad()
     def __call__(
@@ -824,11 +793,20 @@ class PunkDiffPipeline(DiffusionPipeline):
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"Got {len(generator)} generators for a batch of {batch_size}; pass one per image.")
 
-    @staticmethod
-    def _require_punkdiff(hub: Any) -> Any:
-        if hub is None:
-            raise ImportError("Publishing a PunkDiffPipeline uses punkdiff's Hub code: `pip install punkdiff`.")
-        return hub
+    def _push_folder(
+        self,
+        folder: str | os.PathLike[str],
+        repo_id: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str | None = None,
+        create_pr: bool = False,
+    ) -> None:
+        """diffusers' `save_pretrained(push_to_hub=True)` upload: the repo, diffusers' model card, one commit."""
+        repo_id = create_repo(repo_id or Path(folder).name, exist_ok=True, private=private, token=token).repo_id
+        model_card = populate_model_card(load_or_create_model_card(repo_id, token=token, is_pipeline=True))
+        model_card.save(Path(folder) / "README.md")
+        self._upload_folder(folder, repo_id, token=token, commit_message=commit_message, create_pr=create_pr)
 
 
 def nearest_colour(images: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
@@ -871,15 +849,6 @@ def _palette_path(model: str | os.PathLike[str], revision: str | None) -> Path |
         return Path(hf_hub_download(str(model), PALETTE_FILE, revision=revision))
     except (EntryNotFoundError, LocalEntryNotFoundError):
         return None
-
-
-def _punkdiff_hub() -> Any:
-    """punkdiff's export module (model card, Hub push), or None where this file runs without punkdiff installed."""
-    try:
-        from punkdiff import hub
-    except ImportError:
-        return None
-    return hub
 
 
 def _predict_x0(sched: SchedulerMixin, model_output: torch.Tensor, t: torch.Tensor, sample: torch.Tensor):
