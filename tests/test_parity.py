@@ -1,4 +1,4 @@
-"""Parity: the diffusers sampling path against the from-scratch reference (`punkdiff.reference`).
+"""Parity: the diffusers sampling path against the from-scratch reference (`punkdiff.reference_sampler`).
 
 Three kinds of test:
 - parity, with tolerances: `add_noise` 1e-6, one `step` 1e-5, a full sampling run 1e-4 (max abs, float32);
@@ -22,7 +22,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from punkdiff import parity
-from punkdiff import reference as R
+from punkdiff import reference_sampler as R
 from punkdiff.parity import ADD_NOISE_TOL, SAMPLE_TOL, STEP_TOL
 
 pytestmark = pytest.mark.parity

@@ -415,7 +415,7 @@ def _run_gif(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from punkdiff.data import DataError, load_training_images, to_model_input
-    from punkdiff.metrics.reference import model_transform, training_dataset
+    from punkdiff.metrics.real_images import model_transform, training_dataset
     from punkdiff.presets import DataSpec
     from punkdiff.sampling import generate
     from punkdiff.visuals import denoising_gif, display_scale, image_grid, noising_gif
