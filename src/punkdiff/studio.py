@@ -36,7 +36,7 @@ from punkdiff.visuals import display_scale, image_grid, save_gif, trajectory_fra
 
 SCHEDULERS = {"DDPM": "ddpm", "DDIM": "ddim", "DPM-Solver++": "dpm++"}
 MAX_BATCH = 64
-Progress = Callable[[int, int], None]
+ProgressCallback = Callable[[int, int], None]
 
 
 class StudioError(ValueError):
@@ -194,7 +194,7 @@ def sample(
     seed: int,
     batch_size: int,
     out_dir: Path,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
 ) -> SampleResult:
     """Sample a batch; write the grid and the denoising animation (x_t beside the predicted x_0) to `out_dir`.
 
@@ -307,7 +307,7 @@ def reconstruct(
     steps: int,
     seed: int,
     out_dir: Path,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
 ) -> tuple[Image.Image, float, Path]:
     """Noise `image` to step `t_start`, denoise it back; return the result, its MSE to the input and a GIF."""
     t_start = _check_int("t", t_start, 0, info.num_train_timesteps - 1)
@@ -371,7 +371,7 @@ def _check_int(name: str, value, low: int, high: int) -> int:
     return int(number)
 
 
-def _callback(progress: Progress | None, total: int):
+def _callback(progress: ProgressCallback | None, total: int):
     if progress is None:
         return None
 
