@@ -77,6 +77,34 @@ def predicted_x0_and_epsilon(
     raise ValueError(f"prediction_type {prediction_type!r} must be epsilon, sample or v_prediction")
 
 
+def nearest_colour(images: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
+    """Every pixel of `images` `[N, C, H, W]` replaced by the nearest of `colours` `[P, C]` (same value scale).
+
+    Examples:
+        ```py
+        >>> nearest_colour(torch.tensor([[[[0.2]], [[0.9]]]]), torch.tensor([[0.0, 1.0], [1.0, 0.0]])).flatten()
+        tensor([0., 1.])
+        ```
+    """
+    pixels = images.movedim(1, -1)
+    nearest = torch.cdist(pixels.reshape(-1, pixels.shape[-1]), colours).argmin(dim=1)
+    return colours[nearest].reshape(pixels.shape).movedim(-1, 1)
+
+
+def read_palette(path: str | os.PathLike[str]) -> torch.Tensor:
+    """A `palette.json` (`{"colors": ["#rrggbb", ...]}`, or `"#gg"`-style one-channel values) -> uint8 `[P, C]`."""
+    colours = json.loads(Path(path).read_text())["colors"]
+    if not colours or not all(isinstance(c, str) and c.startswith("#") for c in colours):
+        raise ValueError(f"{path}: 'colors' must be a non-empty list of '#rrggbb' strings.")
+    return torch.tensor([list(bytes.fromhex(c[1:])) for c in colours], dtype=torch.uint8)
+
+
+def write_palette(path: str | os.PathLike[str], palette: torch.Tensor | np.ndarray) -> None:
+    """Write uint8 colours `[P, C]` as `palette.json`, the form `read_palette` reads."""
+    colours = ["#" + bytes(int(v) for v in colour).hex() for colour in np.asarray(palette, dtype=np.uint8)]
+    Path(path).write_text(json.dumps({"colors": colours}) + "\n")
+
+
 class _ExactTimesteps:
     """`set_timesteps` with exactly `num_inference_steps` timesteps, computed in exact arithmetic.
 
@@ -475,44 +503,6 @@ class PunkDiffPipeline(DiffusionPipeline):
             pipe.palette = read_palette(path)
         return pipe
 
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike[str],
-        safe_serialization: bool = True,
-        push_to_hub: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        """Save like any diffusers pipeline (safetensors by default), loadable by stock diffusers.
-
-        `model_index.json` names the stock `DDPMPipeline`, so `DiffusionPipeline.from_pretrained(folder)` works
-        without running code shipped with the model, and this file is saved beside it as `pipeline.py`, so
-        `DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder, trust_remote_code=True)` gives a
-        `PunkDiffPipeline` to a user without punkdiff installed. A pixel-art model's palette is saved as
-        `palette.json`. `push_to_hub=True` (with diffusers' `repo_id`, `private`, `token`, `commit_message`,
-        `create_pr`) uploads the finished folder with diffusers' own Hub code and model card.
-
-        Examples:
-            ```py
-            >>> pipe.save_pretrained("my-model")
-            >>> DDPMPipeline.from_pretrained("my-model")  # stock diffusers, no remote code
-            ```
-        """
-        push_kwargs = {k: kwargs.pop(k) for k in _PUSH_KWARGS if k in kwargs}
-        # 1. diffusers' own save; its push would upload before steps 2 and 3, so it comes last
-        super().save_pretrained(save_directory, safe_serialization=safe_serialization, **kwargs)
-        # 2. stock metadata: any diffusers install loads the folder as a DDPMPipeline
-        index = Path(save_directory) / "model_index.json"
-        config = json.loads(index.read_text())
-        config["_class_name"] = "DDPMPipeline"
-        index.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        # 3. this file, for the opt-in custom-pipeline route, and a pixel-art model's palette
-        shutil.copyfile(__file__, Path(save_directory) / CUSTOM_PIPELINE_FILE)
-        if self.palette is not None:
-            write_palette(Path(save_directory) / PALETTE_FILE, self.palette)
-        # 4. diffusers' push, as its `save_pretrained(push_to_hub=True)` does it, of the finished folder
-        if push_to_hub:
-            self._push_folder(save_directory, **push_kwargs)
-
     @torch.no_grad()
     def __call__(
         self,
@@ -564,9 +554,11 @@ class PunkDiffPipeline(DiffusionPipeline):
         )
         latents = latents * sched.init_noise_sigma
         # 3. denoise from x_T to x_0
-        return self._denoise(sched, sched.timesteps, latents, generator, eta, output_type, return_dict,
-                             return_trajectory, callback_on_step_end, callback_on_step_end_tensor_inputs,
-                             snap_to_palette)
+        return self._denoise(
+            sched, sched.timesteps, latents, generator=generator, eta=eta, output_type=output_type,
+            return_dict=return_dict, return_trajectory=return_trajectory, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, snap_to_palette=snap_to_palette,
+        )
 
     @torch.no_grad()
     def reconstruct(
@@ -621,9 +613,11 @@ class PunkDiffPipeline(DiffusionPipeline):
         noise = randn_tensor(original.shape, generator=generator, device=original.device, dtype=original.dtype)
         latents = sched.add_noise(original, noise, timesteps[:1])
         # 4. denoise from x_t to x_0
-        return self._denoise(sched, timesteps, latents, generator, eta, output_type, return_dict,
-                             return_trajectory, callback_on_step_end, callback_on_step_end_tensor_inputs,
-                             snap_to_palette)
+        return self._denoise(
+            sched, timesteps, latents, generator=generator, eta=eta, output_type=output_type,
+            return_dict=return_dict, return_trajectory=return_trajectory, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, snap_to_palette=snap_to_palette,
+        )
 
     @torch.no_grad()
     def inpaint(
@@ -693,11 +687,50 @@ class PunkDiffPipeline(DiffusionPipeline):
         self.maybe_free_model_hooks()
         return PunkDiffPipelineOutput(images=images) if return_dict else (images,)
 
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike[str],
+        safe_serialization: bool = True,
+        push_to_hub: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """Save like any diffusers pipeline (safetensors by default), loadable by stock diffusers.
+
+        `model_index.json` names the stock `DDPMPipeline`, so `DiffusionPipeline.from_pretrained(folder)` works
+        without running code shipped with the model, and this file is saved beside it as `pipeline.py`, so
+        `DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder, trust_remote_code=True)` gives a
+        `PunkDiffPipeline` to a user without punkdiff installed. A pixel-art model's palette is saved as
+        `palette.json`. `push_to_hub=True` (with diffusers' `repo_id`, `private`, `token`, `commit_message`,
+        `create_pr`) uploads the finished folder with diffusers' own Hub code and model card.
+
+        Examples:
+            ```py
+            >>> pipe.save_pretrained("my-model")
+            >>> DDPMPipeline.from_pretrained("my-model")  # stock diffusers, no remote code
+            ```
+        """
+        push_kwargs = {k: kwargs.pop(k) for k in _PUSH_KWARGS if k in kwargs}
+        # 1. diffusers' own save; its push would upload before steps 2 and 3, so it comes last
+        super().save_pretrained(save_directory, safe_serialization=safe_serialization, **kwargs)
+        # 2. stock metadata: any diffusers install loads the folder as a DDPMPipeline
+        index = Path(save_directory) / "model_index.json"
+        config = json.loads(index.read_text())
+        config["_class_name"] = "DDPMPipeline"
+        index.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        # 3. this file, for the opt-in custom-pipeline route, and a pixel-art model's palette
+        shutil.copyfile(__file__, Path(save_directory) / CUSTOM_PIPELINE_FILE)
+        if self.palette is not None:
+            write_palette(Path(save_directory) / PALETTE_FILE, self.palette)
+        # 4. diffusers' push, as its `save_pretrained(push_to_hub=True)` does it, of the finished folder
+        if push_to_hub:
+            self._push_folder(save_directory, **push_kwargs)
+
     def _denoise(
         self,
         sched: SchedulerMixin,
         timesteps: torch.Tensor,
         latents: torch.Tensor,
+        *,
         generator: Generator,
         eta: float,
         output_type: str,
@@ -705,9 +738,9 @@ class PunkDiffPipeline(DiffusionPipeline):
         return_trajectory: bool,
         callback_on_step_end: StepCallback | None,
         callback_on_step_end_tensor_inputs: list[str] | None,
-        snap: bool,
+        snap_to_palette: bool,
     ) -> PunkDiffPipelineOutput | tuple:
-        """The reverse process shared by sampling and reconstruction."""
+        """The reverse process shared by sampling and reconstruction: x_t at `timesteps[0]` -> images."""
         tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
         unknown = set(tensor_inputs) - set(self._callback_tensor_inputs)
         if unknown:
@@ -741,7 +774,7 @@ class PunkDiffPipeline(DiffusionPipeline):
             if return_trajectory:
                 trajectory.append(self.image_processor.postprocess(latents, output_type))
                 pred_x0s.append(self.image_processor.postprocess(pred_original_sample, output_type))
-        images = self._postprocess(latents, output_type, snap)
+        images = self._postprocess(latents, output_type, snap_to_palette)
         self.maybe_free_model_hooks()
         output = PunkDiffPipelineOutput(
             images=images,
@@ -807,34 +840,6 @@ class PunkDiffPipeline(DiffusionPipeline):
         model_card = populate_model_card(load_or_create_model_card(repo_id, token=token, is_pipeline=True))
         model_card.save(Path(folder) / "README.md")
         self._upload_folder(folder, repo_id, token=token, commit_message=commit_message, create_pr=create_pr)
-
-
-def nearest_colour(images: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
-    """Every pixel of `images` `[N, C, H, W]` replaced by the nearest of `colours` `[P, C]` (same value scale).
-
-    Examples:
-        ```py
-        >>> nearest_colour(torch.tensor([[[[0.2]], [[0.9]]]]), torch.tensor([[0.0, 1.0], [1.0, 0.0]])).flatten()
-        tensor([0., 1.])
-        ```
-    """
-    pixels = images.movedim(1, -1)
-    nearest = torch.cdist(pixels.reshape(-1, pixels.shape[-1]), colours).argmin(dim=1)
-    return colours[nearest].reshape(pixels.shape).movedim(-1, 1)
-
-
-def read_palette(path: str | os.PathLike[str]) -> torch.Tensor:
-    """A `palette.json` (`{"colors": ["#rrggbb", ...]}`, or `"#gg"`-style one-channel values) -> uint8 `[P, C]`."""
-    colours = json.loads(Path(path).read_text())["colors"]
-    if not colours or not all(isinstance(c, str) and c.startswith("#") for c in colours):
-        raise ValueError(f"{path}: 'colors' must be a non-empty list of '#rrggbb' strings.")
-    return torch.tensor([list(bytes.fromhex(c[1:])) for c in colours], dtype=torch.uint8)
-
-
-def write_palette(path: str | os.PathLike[str], palette: torch.Tensor | np.ndarray) -> None:
-    """Write uint8 colours `[P, C]` as `palette.json`, the form `read_palette` reads."""
-    colours = ["#" + bytes(int(v) for v in colour).hex() for colour in np.asarray(palette, dtype=np.uint8)]
-    Path(path).write_text(json.dumps({"colors": colours}) + "\n")
 
 
 def _palette_path(model: str | os.PathLike[str], revision: str | None) -> Path | None:
