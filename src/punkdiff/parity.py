@@ -59,24 +59,6 @@ def tiny_unet(in_channels: int = 1, sample_size: int = 8, seed: int = 0, output_
     return unet
 
 
-def gaussian_denoiser(ac: torch.Tensor, prediction_type: str = "epsilon", data_std: float = 0.5) -> Model:
-    """The exact optimal model for data x_0 ~ N(0, data_std^2 I): E[x_0 | x_t] = sqrt(ab) s^2 x_t / (ab s^2 + 1 - ab),
-    returned as the requested parameterisation. A cheap, well-conditioned stand-in for a trained network."""
-    s2 = data_std**2
-
-    def model(x: torch.Tensor, t: Any) -> torch.Tensor:
-        ab = ac[int(t)]
-        x0 = ab.sqrt() * s2 / (ab * s2 + 1 - ab) * x
-        eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()
-        if prediction_type == "epsilon":
-            return eps
-        if prediction_type == "sample":
-            return x0
-        return ab.sqrt() * eps - (1 - ab).sqrt() * x0
-
-    return model
-
-
 def unet_model(unet: UNet2DModel) -> Model:
     """Wrap a UNet as the `model(x_t, t)` callable both samplers take."""
     return lambda x, t: unet(x, t).sample
