@@ -493,8 +493,9 @@ def test_fuzzed_model_configs_are_refused_or_sample_finite_images(exported, fuzz
         path.write_text(json.dumps({**json.loads(path.read_text()), key: value}))
     try:
         pipe = load_pipeline(fuzz_folder)
-    except ModelFolderError as err:
-        assert str(err).strip()
+    except ModelFolderError as err:  # names the file and what to do about it
+        assert str(fuzz_folder) in str(err), str(err)
+        assert re.search(r"re-export|remove|delete|use a model folder|pass a folder|re-download", str(err), re.I), err
         return
     pipe.set_progress_bar_config(disable=True)
     images = pipe(batch_size=1, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
