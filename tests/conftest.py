@@ -39,9 +39,13 @@ def fresh_accelerate_state():
 
 
 def _mirror(name: str) -> Path:
+    """The dataset mirror's folder; without it the test skips, or fails where PUNKDIFF_REQUIRE_DATASETS=1 (CI)."""
     path = SHARED_DATASETS / name
     if not path.is_dir():
-        pytest.skip(f"dataset mirror {path} is absent (set PUNKDIFF_SHARED_DATASETS to its folder)")
+        message = f"dataset mirror {path} is absent (set PUNKDIFF_SHARED_DATASETS to its folder)"
+        if os.environ.get("PUNKDIFF_REQUIRE_DATASETS") == "1":
+            pytest.fail(f"{message}, and PUNKDIFF_REQUIRE_DATASETS=1 says this run must have it", pytrace=False)
+        pytest.skip(message)
     return path
 
 
