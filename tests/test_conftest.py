@@ -21,7 +21,7 @@ def test_a_missing_mirror_skips_unless_datasets_are_required(tmp_path, required,
     if required:
         env["PUNKDIFF_REQUIRE_DATASETS"] = required
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rsf", "-p", "no:cacheprovider", "--rootdir", str(tmp_path), str(tmp_path)],
+        [sys.executable, "-m", "pytest", "-q", "-rsf", "-p", "no:cacheprovider", "--rootdir", tmp_path, tmp_path],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
     )
     assert outcome in result.stdout, result.stdout + result.stderr
