@@ -1,9 +1,10 @@
 """`PunkDiffPipeline`: unconditional DDPM sampling, reconstruction and RePaint inpainting.
 
-This file is the one source of the class. It imports only torch, diffusers, numpy, PIL and the standard
-library, so punkdiff's export copies it next to a model as `pipeline.py` and a Hub user without punkdiff can
-load it with `DiffusionPipeline.from_pretrained(repo, custom_pipeline=repo, trust_remote_code=True)`. It knows
-nothing of punkdiff: the model card and punkdiff's checked push live in `punkdiff.hub`.
+This file is the one source of the class. It imports only torch, diffusers (and its huggingface_hub), numpy,
+PIL and the standard library, so punkdiff's export copies it next to a model as `pipeline.py` and a Hub user
+without punkdiff can load it with `DiffusionPipeline.from_pretrained(repo, custom_pipeline=repo,
+trust_remote_code=True)`. It knows nothing of punkdiff: the model card and punkdiff's checked push live in
+`punkdiff.hub`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from diffusers.schedulers.scheduling_repaint import RePaintSchedulerOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
 from diffusers.utils.torch_utils import randn_tensor
-from huggingface_hub import create_repo
+from huggingface_hub import create_repo, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
 # diffusers' `custom_pipeline=<folder or repo id>` loads the pipeline class from this file name.
 CUSTOM_PIPELINE_FILE = "pipeline.py"
@@ -847,9 +849,6 @@ def _palette_path(model: str | os.PathLike[str], revision: str | None) -> Path |
     if Path(model).is_dir():
         path = Path(model) / PALETTE_FILE
         return path if path.is_file() else None
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
     try:
         return Path(hf_hub_download(str(model), PALETTE_FILE, revision=revision))
     except (EntryNotFoundError, LocalEntryNotFoundError):
