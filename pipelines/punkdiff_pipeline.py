@@ -711,6 +711,11 @@ class PunkDiffPipeline(DiffusionPipeline):
             >>> DDPMPipeline.from_pretrained("my-model")  # stock diffusers, no remote code
             ```
         """
+        if "model_card" in kwargs:  # diffusers would drop it silently
+            raise TypeError(
+                "save_pretrained writes no model card; add punkdiff's to the saved folder with "
+                "`punkdiff.hub.write_model_card(folder, info)`, or export with `punkdiff.hub.export_pipeline`."
+            )
         push_kwargs = {k: kwargs.pop(k) for k in _PUSH_KWARGS if k in kwargs}
         # 1. diffusers' own save; its push would upload before steps 2 and 3, so it comes last
         super().save_pretrained(save_directory, safe_serialization=safe_serialization, **kwargs)

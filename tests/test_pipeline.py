@@ -434,6 +434,9 @@ def test_save_pretrained_writes_no_model_card(pipe, tmp_path):
     """The card is punkdiff.hub's (`export_pipeline`, `write_model_card`); a plain save writes the folder only."""
     pipe.save_pretrained(tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == {"model_index.json", "pipeline.py", "scheduler", "unet"}
+    with pytest.raises(TypeError, match=r"writes no model card.*punkdiff\.hub\.write_model_card\(folder, info\)"):
+        pipe.save_pretrained(tmp_path / "carded", model_card={"preset": "mnist-baseline-16"})
+    assert not (tmp_path / "carded").exists()  # refused before anything was written
 
 
 def test_push_to_hub_method_uploads_the_finished_folder_in_one_commit(pipe, tmp_path, monkeypatch):
