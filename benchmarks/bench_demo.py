@@ -28,7 +28,7 @@ from benchlib import machine
 from punkdiff.hub import load_pipeline
 from punkdiff.metrics.classifiers import load_or_train_classifier
 from punkdiff.metrics.evaluation import CONFIDENT
-from punkdiff.metrics.reference import load_reference, model_transform
+from punkdiff.metrics.real_images import load_reference, model_transform
 from punkdiff.presets import DDIM_ETA
 from punkdiff.sampling import generate
 

@@ -23,7 +23,7 @@ import torch
 from benchlib import machine
 
 from punkdiff.metrics.evaluation import evaluate
-from punkdiff.metrics.reference import load_reference, model_transform
+from punkdiff.metrics.real_images import load_reference, model_transform
 from punkdiff.presets import get_preset
 
 MIRRORS = [("mnist", "mnist-baseline-16"), ("mnist", "mnist-28"), ("cryptopunks", "punks-24"),

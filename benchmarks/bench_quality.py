@@ -40,7 +40,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from punkdiff import PunkDiffPipeline
 from punkdiff.metrics.evaluation import evaluate
-from punkdiff.metrics.reference import load_reference, model_transform
+from punkdiff.metrics.real_images import load_reference, model_transform
 from punkdiff.presets import SchedulerSpec, get_preset
 from punkdiff.sampling import generate
 from punkdiff.training.checkpoints import EMA_FOLDER, STATE_FILE, list_checkpoints

@@ -1,9 +1,10 @@
 """`PunkDiffPipeline`: unconditional DDPM sampling, reconstruction and RePaint inpainting.
 
-This file is the one source of the class. It imports only torch, diffusers, numpy, PIL and the standard
-library, so punkdiff's export copies it next to a model as `pipeline.py` and a Hub user without punkdiff can
-load it with `DiffusionPipeline.from_pretrained(repo, custom_pipeline=repo, trust_remote_code=True)`. Only
-writing the model card and pushing to the Hub reach for `punkdiff.hub`, and only where punkdiff is installed.
+This file is the one source of the class. It imports only torch, diffusers (and its huggingface_hub), numpy,
+PIL and the standard library, so punkdiff's export copies it next to a model as `pipeline.py` and a Hub user
+without punkdiff can load it with `DiffusionPipeline.from_pretrained(repo, custom_pipeline=repo,
+trust_remote_code=True)`. It knows nothing of punkdiff: the model card and punkdiff's checked push live in
+`punkdiff.hub`.
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_repaint import RePaintSchedulerOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
 from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import create_repo, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
 # diffusers' `custom_pipeline=<folder or repo id>` loads the pipeline class from this file name.
 CUSTOM_PIPELINE_FILE = "pipeline.py"
@@ -73,6 +77,34 @@ def predicted_x0_and_epsilon(
         return (alpha_prod_t**0.5 * sample - beta_prod_t**0.5 * model_output,
                 alpha_prod_t**0.5 * model_output + beta_prod_t**0.5 * sample)
     raise ValueError(f"prediction_type {prediction_type!r} must be epsilon, sample or v_prediction")
+
+
+def nearest_colour(images: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
+    """Every pixel of `images` `[N, C, H, W]` replaced by the nearest of `colours` `[P, C]` (same value scale).
+
+    Examples:
+        ```py
+        >>> nearest_colour(torch.tensor([[[[0.2]], [[0.9]]]]), torch.tensor([[0.0, 1.0], [1.0, 0.0]])).flatten()
+        tensor([0., 1.])
+        ```
+    """
+    pixels = images.movedim(1, -1)
+    nearest = torch.cdist(pixels.reshape(-1, pixels.shape[-1]), colours).argmin(dim=1)
+    return colours[nearest].reshape(pixels.shape).movedim(-1, 1)
+
+
+def read_palette(path: str | os.PathLike[str]) -> torch.Tensor:
+    """A `palette.json` (`{"colors": ["#rrggbb", ...]}`, or `"#gg"`-style one-channel values) -> uint8 `[P, C]`."""
+    colours = json.loads(Path(path).read_text())["colors"]
+    if not colours or not all(isinstance(c, str) and c.startswith("#") for c in colours):
+        raise ValueError(f"{path}: 'colors' must be a non-empty list of '#rrggbb' strings.")
+    return torch.tensor([list(bytes.fromhex(c[1:])) for c in colours], dtype=torch.uint8)
+
+
+def write_palette(path: str | os.PathLike[str], palette: torch.Tensor | np.ndarray) -> None:
+    """Write uint8 colours `[P, C]` as `palette.json`, the form `read_palette` reads."""
+    colours = ["#" + bytes(int(v) for v in colour).hex() for colour in np.asarray(palette, dtype=np.uint8)]
+    Path(path).write_text(json.dumps({"colors": colours}) + "\n")
 
 
 class _ExactTimesteps:
@@ -473,77 +505,6 @@ class PunkDiffPipeline(DiffusionPipeline):
             pipe.palette = read_palette(path)
         return pipe
 
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike[str],
-        safe_serialization: bool = True,
-        push_to_hub: bool = False,
-        model_card: Any = None,
-        **kwargs: Any,
-    ) -> None:
-        """Save like any diffusers pipeline (safetensors by default), loadable by stock diffusers, with a model card.
-
-        `model_index.json` names the stock `DDPMPipeline`, so `DiffusionPipeline.from_pretrained(folder)` works
-        without running code shipped with the model, and this file is saved beside it as `pipeline.py`, so
-        `DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder, trust_remote_code=True)` gives a
-        `PunkDiffPipeline` to a user without punkdiff installed. Where punkdiff is installed, its model card
-        (`model_card`: a `punkdiff.hub.ModelCardInfo` or a dict of its fields) is written as `README.md`, and
-        `push_to_hub=True` (with diffusers' `repo_id`, `private`, `token`, `commit_message`, `create_pr`) uploads the
-        finished folder through `punkdiff.hub.push_to_hub`, the one way punkdiff publishes a model.
-
-        Examples:
-            ```py
-            >>> pipe.save_pretrained("my-model", model_card={"preset": "mnist-baseline-16", "dataset": "ylecun/mnist"})
-            >>> DDPMPipeline.from_pretrained("my-model")  # stock diffusers, no remote code
-            ```
-        """
-        push_kwargs = {k: kwargs.pop(k) for k in _PUSH_KWARGS if k in kwargs}
-        # 1. diffusers' own save; never its push, which would upload before steps 2 to 4
-        super().save_pretrained(save_directory, safe_serialization=safe_serialization, **kwargs)
-        # 2. stock metadata: any diffusers install loads the folder as a DDPMPipeline
-        index = Path(save_directory) / "model_index.json"
-        config = json.loads(index.read_text())
-        config["_class_name"] = "DDPMPipeline"
-        index.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        # 3. this file, for the opt-in custom-pipeline route, and a pixel-art model's palette
-        shutil.copyfile(__file__, Path(save_directory) / CUSTOM_PIPELINE_FILE)
-        if self.palette is not None:
-            write_palette(Path(save_directory) / PALETTE_FILE, self.palette)
-        # 4. the model card and the push, where punkdiff is installed
-        hub = _punkdiff_hub()
-        if hub is not None:
-            hub.write_model_card(save_directory, model_card)
-        if push_to_hub:
-            self._require_punkdiff(hub).push_to_hub(save_directory, **push_kwargs)
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        commit_message: str | None = None,
-        private: bool | None = None,
-        token: str | None = None,
-        create_pr: bool = False,
-        model_card: Any = None,
-        **kwargs: Any,
-    ) -> str:
-        """Save to a temporary folder and upload it with `punkdiff.hub.push_to_hub`; returns the repo (or PR) URL.
-
-        The token defaults to your Hugging Face login (`hf auth login` or `HF_TOKEN`) and is never written anywhere.
-
-        Examples:
-            ```py
-            >>> pipe.push_to_hub("your-name/punkdiff-mnist", private=True)
-            ```
-        """
-        import tempfile
-
-        hub = self._require_punkdiff(_punkdiff_hub())
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, model_card=model_card, **kwargs)
-            return hub.push_to_hub(
-                folder, repo_id, private=private, token=token, commit_message=commit_message, create_pr=create_pr
-            )
-
     @torch.no_grad()
     def __call__(
         self,
@@ -595,9 +556,11 @@ class PunkDiffPipeline(DiffusionPipeline):
         )
         latents = latents * sched.init_noise_sigma
         # 3. denoise from x_T to x_0
-        return self._denoise(sched, sched.timesteps, latents, generator, eta, output_type, return_dict,
-                             return_trajectory, callback_on_step_end, callback_on_step_end_tensor_inputs,
-                             snap_to_palette)
+        return self._denoise(
+            sched, sched.timesteps, latents, generator=generator, eta=eta, output_type=output_type,
+            return_dict=return_dict, return_trajectory=return_trajectory, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, snap_to_palette=snap_to_palette,
+        )
 
     @torch.no_grad()
     def reconstruct(
@@ -652,9 +615,11 @@ class PunkDiffPipeline(DiffusionPipeline):
         noise = randn_tensor(original.shape, generator=generator, device=original.device, dtype=original.dtype)
         latents = sched.add_noise(original, noise, timesteps[:1])
         # 4. denoise from x_t to x_0
-        return self._denoise(sched, timesteps, latents, generator, eta, output_type, return_dict,
-                             return_trajectory, callback_on_step_end, callback_on_step_end_tensor_inputs,
-                             snap_to_palette)
+        return self._denoise(
+            sched, timesteps, latents, generator=generator, eta=eta, output_type=output_type,
+            return_dict=return_dict, return_trajectory=return_trajectory, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, snap_to_palette=snap_to_palette,
+        )
 
     @torch.no_grad()
     def inpaint(
@@ -724,11 +689,55 @@ class PunkDiffPipeline(DiffusionPipeline):
         self.maybe_free_model_hooks()
         return PunkDiffPipelineOutput(images=images) if return_dict else (images,)
 
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike[str],
+        safe_serialization: bool = True,
+        push_to_hub: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """Save like any diffusers pipeline (safetensors by default), loadable by stock diffusers.
+
+        `model_index.json` names the stock `DDPMPipeline`, so `DiffusionPipeline.from_pretrained(folder)` works
+        without running code shipped with the model, and this file is saved beside it as `pipeline.py`, so
+        `DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder, trust_remote_code=True)` gives a
+        `PunkDiffPipeline` to a user without punkdiff installed. A pixel-art model's palette is saved as
+        `palette.json`. `push_to_hub=True` (with diffusers' `repo_id`, `private`, `token`, `commit_message`,
+        `create_pr`) uploads the finished folder with diffusers' own Hub code and model card.
+
+        Examples:
+            ```py
+            >>> pipe.save_pretrained("my-model")
+            >>> DDPMPipeline.from_pretrained("my-model")  # stock diffusers, no remote code
+            ```
+        """
+        if "model_card" in kwargs:  # diffusers would drop it silently
+            raise TypeError(
+                "save_pretrained writes no model card; add punkdiff's to the saved folder with "
+                "`punkdiff.hub.write_model_card(folder, info)`, or export with `punkdiff.hub.export_pipeline`."
+            )
+        push_kwargs = {k: kwargs.pop(k) for k in _PUSH_KWARGS if k in kwargs}
+        # 1. diffusers' own save; its push would upload before steps 2 and 3, so it comes last
+        super().save_pretrained(save_directory, safe_serialization=safe_serialization, **kwargs)
+        # 2. stock metadata: any diffusers install loads the folder as a DDPMPipeline
+        index = Path(save_directory) / "model_index.json"
+        config = json.loads(index.read_text())
+        config["_class_name"] = "DDPMPipeline"
+        index.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        # 3. this file, for the opt-in custom-pipeline route, and a pixel-art model's palette
+        shutil.copyfile(__file__, Path(save_directory) / CUSTOM_PIPELINE_FILE)
+        if self.palette is not None:
+            write_palette(Path(save_directory) / PALETTE_FILE, self.palette)
+        # 4. diffusers' push, as its `save_pretrained(push_to_hub=True)` does it, of the finished folder
+        if push_to_hub:
+            self._push_folder(save_directory, **push_kwargs)
+
     def _denoise(
         self,
         sched: SchedulerMixin,
         timesteps: torch.Tensor,
         latents: torch.Tensor,
+        *,
         generator: Generator,
         eta: float,
         output_type: str,
@@ -736,9 +745,9 @@ class PunkDiffPipeline(DiffusionPipeline):
         return_trajectory: bool,
         callback_on_step_end: StepCallback | None,
         callback_on_step_end_tensor_inputs: list[str] | None,
-        snap: bool,
+        snap_to_palette: bool,
     ) -> PunkDiffPipelineOutput | tuple:
-        """The reverse process shared by sampling and reconstruction."""
+        """The reverse process shared by sampling and reconstruction: x_t at `timesteps[0]` -> images."""
         tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
         unknown = set(tensor_inputs) - set(self._callback_tensor_inputs)
         if unknown:
@@ -772,7 +781,7 @@ class PunkDiffPipeline(DiffusionPipeline):
             if return_trajectory:
                 trajectory.append(self.image_processor.postprocess(latents, output_type))
                 pred_x0s.append(self.image_processor.postprocess(pred_original_sample, output_type))
-        images = self._postprocess(latents, output_type, snap)
+        images = self._postprocess(latents, output_type, snap_to_palette)
         self.maybe_free_model_hooks()
         output = PunkDiffPipelineOutput(
             images=images,
@@ -824,39 +833,20 @@ class PunkDiffPipeline(DiffusionPipeline):
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"Got {len(generator)} generators for a batch of {batch_size}; pass one per image.")
 
-    @staticmethod
-    def _require_punkdiff(hub: Any) -> Any:
-        if hub is None:
-            raise ImportError("Publishing a PunkDiffPipeline uses punkdiff's Hub code: `pip install punkdiff`.")
-        return hub
-
-
-def nearest_colour(images: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
-    """Every pixel of `images` `[N, C, H, W]` replaced by the nearest of `colours` `[P, C]` (same value scale).
-
-    Examples:
-        ```py
-        >>> nearest_colour(torch.tensor([[[[0.2]], [[0.9]]]]), torch.tensor([[0.0, 1.0], [1.0, 0.0]])).flatten()
-        tensor([0., 1.])
-        ```
-    """
-    pixels = images.movedim(1, -1)
-    nearest = torch.cdist(pixels.reshape(-1, pixels.shape[-1]), colours).argmin(dim=1)
-    return colours[nearest].reshape(pixels.shape).movedim(-1, 1)
-
-
-def read_palette(path: str | os.PathLike[str]) -> torch.Tensor:
-    """A `palette.json` (`{"colors": ["#rrggbb", ...]}`, or `"#gg"`-style one-channel values) -> uint8 `[P, C]`."""
-    colours = json.loads(Path(path).read_text())["colors"]
-    if not colours or not all(isinstance(c, str) and c.startswith("#") for c in colours):
-        raise ValueError(f"{path}: 'colors' must be a non-empty list of '#rrggbb' strings.")
-    return torch.tensor([list(bytes.fromhex(c[1:])) for c in colours], dtype=torch.uint8)
-
-
-def write_palette(path: str | os.PathLike[str], palette: torch.Tensor | np.ndarray) -> None:
-    """Write uint8 colours `[P, C]` as `palette.json`, the form `read_palette` reads."""
-    colours = ["#" + bytes(int(v) for v in colour).hex() for colour in np.asarray(palette, dtype=np.uint8)]
-    Path(path).write_text(json.dumps({"colors": colours}) + "\n")
+    def _push_folder(
+        self,
+        folder: str | os.PathLike[str],
+        repo_id: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str | None = None,
+        create_pr: bool = False,
+    ) -> None:
+        """diffusers' `save_pretrained(push_to_hub=True)` upload: the repo, diffusers' model card, one commit."""
+        repo_id = create_repo(repo_id or Path(folder).name, exist_ok=True, private=private, token=token).repo_id
+        model_card = populate_model_card(load_or_create_model_card(repo_id, token=token, is_pipeline=True))
+        model_card.save(Path(folder) / "README.md")
+        self._upload_folder(folder, repo_id, token=token, commit_message=commit_message, create_pr=create_pr)
 
 
 def _palette_path(model: str | os.PathLike[str], revision: str | None) -> Path | None:
@@ -864,22 +854,10 @@ def _palette_path(model: str | os.PathLike[str], revision: str | None) -> Path |
     if Path(model).is_dir():
         path = Path(model) / PALETTE_FILE
         return path if path.is_file() else None
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
     try:
         return Path(hf_hub_download(str(model), PALETTE_FILE, revision=revision))
     except (EntryNotFoundError, LocalEntryNotFoundError):
         return None
-
-
-def _punkdiff_hub() -> Any:
-    """punkdiff's export module (model card, Hub push), or None where this file runs without punkdiff installed."""
-    try:
-        from punkdiff import hub
-    except ImportError:
-        return None
-    return hub
 
 
 def _predict_x0(sched: SchedulerMixin, model_output: torch.Tensor, t: torch.Tensor, sample: torch.Tensor):

@@ -39,9 +39,13 @@ def fresh_accelerate_state():
 
 
 def _mirror(name: str) -> Path:
+    """The dataset mirror's folder; without it the test skips, or fails where PUNKDIFF_REQUIRE_DATASETS=1 (CI)."""
     path = SHARED_DATASETS / name
     if not path.is_dir():
-        pytest.skip(f"dataset mirror {path} is absent (set PUNKDIFF_SHARED_DATASETS to its folder)")
+        message = f"dataset mirror {path} is absent (set PUNKDIFF_SHARED_DATASETS to its folder)"
+        if os.environ.get("PUNKDIFF_REQUIRE_DATASETS") == "1":
+            pytest.fail(f"{message}, and PUNKDIFF_REQUIRE_DATASETS=1 says this run must have it", pytrace=False)
+        pytest.skip(message)
     return path
 
 
@@ -73,7 +77,7 @@ def metrics_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def mnist16(mnist_dir, metrics_cache):
     """MNIST as `mnist-baseline-16` sees it (16 px, bilinear): the 5,000 train digits and the 10,000 test digits."""
     from punkdiff.data import ImageTransform
-    from punkdiff.metrics.reference import load_reference
+    from punkdiff.metrics.real_images import load_reference
 
     return load_reference(mnist_dir, ImageTransform(16, 1, resize_filter="bilinear"), cache_dir=metrics_cache,
                           progress=False)
@@ -90,7 +94,7 @@ def digit_classifier(mnist16, metrics_cache):
 def punks24(punks_dir, metrics_cache):
     """The first 2,000 punks at 24 px on their blue-grey background, halved at random into train and held out."""
     from punkdiff.data import ImageTransform
-    from punkdiff.metrics.reference import load_reference
+    from punkdiff.metrics.real_images import load_reference
 
     transform = ImageTransform(24, 3, background="#638596", resize_filter="nearest")
     return load_reference(punks_dir, transform, max_images=2000, cache_dir=metrics_cache, progress=False)

@@ -22,7 +22,7 @@ from huggingface_hub import ModelCard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
-from tiny_models import tiny_unet
+from tiny_models import tiny_pipeline, tiny_unet
 
 from punkdiff import PunkDiffPipeline
 from punkdiff.hub import (
@@ -34,6 +34,7 @@ from punkdiff.hub import (
     push_to_hub,
     render_model_card,
     update_model_card,
+    write_model_card,
 )
 from punkdiff.pipelines import punkdiff_pipeline
 
@@ -102,6 +103,18 @@ def test_model_card_metadata_and_content(exported):
     bare = ModelCard(render_model_card(info))
     assert "Not measured yet." in bare.text and "samples.png" not in bare.text and bare.data.eval_results is None
     assert bare.data.datasets is None and "| Dataset | sklearn-digits |" in bare.text  # not a Hub id: no metadata
+
+
+def test_the_card_of_a_saved_pipeline_reads_what_info_leaves_out_from_its_configs(tmp_path):
+    """`write_model_card` completes any `save_pretrained` folder, as `export_pipeline` does its own."""
+    tiny_pipeline(channels=3).save_pretrained(tmp_path / "plain")
+    assert not (tmp_path / "plain" / "README.md").exists()
+    card = ModelCard.load(write_model_card(tmp_path / "plain"))
+    assert card.data.library_name == "diffusers" and "punkdiff" in card.data.tags
+    assert "8x8 RGB images" in card.text and "`DDPMScheduler`, 1000 steps" in card.text
+    tiny_pipeline(channels=3).save_pretrained(tmp_path / "named")
+    named = write_model_card(tmp_path / "named", {"preset": "punks-24", "dataset": "huggingnft/cryptopunks"})
+    assert ModelCard.load(named).data.datasets == ["huggingnft/cryptopunks"] and "`punks-24`" in named.read_text()
 
 
 def test_update_model_card_without_a_card_or_a_metrics_section(tmp_path):
@@ -480,8 +493,9 @@ def test_fuzzed_model_configs_are_refused_or_sample_finite_images(exported, fuzz
         path.write_text(json.dumps({**json.loads(path.read_text()), key: value}))
     try:
         pipe = load_pipeline(fuzz_folder)
-    except ModelFolderError as err:
-        assert str(err).strip()
+    except ModelFolderError as err:  # names the file and what to do about it
+        assert str(fuzz_folder) in str(err), str(err)
+        assert re.search(r"re-export|remove|delete|use a model folder|pass a folder|re-download", str(err), re.I), err
         return
     pipe.set_progress_bar_config(disable=True)
     images = pipe(batch_size=1, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))

@@ -33,7 +33,7 @@ def test_a_classifier_of_a_small_set_is_as_confident_on_real_data_as_it_is_accur
     classifier was 0.017 less confident than accurate and only 93 % of held-out real digits reached p >= 0.9, the
     demo benchmark's bar for a recognisable digit."""
     from punkdiff.data import ImageTransform
-    from punkdiff.metrics.reference import load_reference
+    from punkdiff.metrics.real_images import load_reference
 
     digits = load_reference("sklearn-digits", ImageTransform(16, 1, resize_filter="bilinear"), cache_dir=metrics_cache,
                             progress=False)

@@ -3,21 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+from images import blurred, noise_like
 
 from punkdiff.metrics.frechet import frechet_distance, kernel_distance
-
-
-def blurred(images: np.ndarray) -> np.ndarray:
-    """A 5x5 box blur: the digits stay recognisable to a person but lose their strokes' edges."""
-    x = torch.as_tensor(images).float()
-    x = F.avg_pool2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), 5, stride=1)
-    return x.round().clamp(0, 255).to(torch.uint8).numpy()
-
-
-def noise_like(images: np.ndarray) -> np.ndarray:
-    return np.random.default_rng(0).integers(0, 256, images.shape, dtype=np.uint8)
 
 
 def test_real_vs_real_is_far_below_noise_and_blur(mnist16, digit_classifier):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from test_metrics_frechet import blurred, noise_like
+from images import blurred, noise_like
 
 from punkdiff.metrics.precision_recall import kth_neighbour_radii, precision_recall
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_metrics_frechet import blurred, noise_like
+from images import blurred, noise_like
 
 from punkdiff.metrics.swd import laplacian_pyramid, sliced_wasserstein_distance
 

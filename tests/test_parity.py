@@ -1,4 +1,4 @@
-"""Parity: the diffusers sampling path against the from-scratch reference (`punkdiff.reference`).
+"""Parity: the diffusers sampling path against the from-scratch reference (`punkdiff.reference_sampler`).
 
 Three kinds of test:
 - parity, with tolerances: `add_noise` 1e-6, one `step` 1e-5, a full sampling run 1e-4 (max abs, float32);
@@ -20,9 +20,10 @@ from fractions import Fraction
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
+from tiny_models import gaussian_denoiser
 
 from punkdiff import parity
-from punkdiff import reference as R
+from punkdiff import reference_sampler as R
 from punkdiff.parity import ADD_NOISE_TOL, SAMPLE_TOL, STEP_TOL
 
 pytestmark = pytest.mark.parity
@@ -421,7 +422,7 @@ def test_ddpm_sample(schedule, prediction_type, variance_type, T, n, spacing, pa
         timestep_spacing=spacing,
     )
     ac = _ac(sched)
-    model = parity.gaussian_denoiser(ac, prediction_type)
+    model = gaussian_denoiser(ac, prediction_type)
     got = parity.diffusers_sample(model, sched, SHAPE, _gen(0), n)
     timesteps = R.spaced_timesteps(T, n, spacing)
     ref = R.ddpm_sample(model, SHAPE, ac, timesteps, _gen(0), prediction_type, variance_type)
@@ -444,7 +445,7 @@ def test_ddim_sample(schedule, prediction_type, eta, T, n, parity_record):
     """Full DDIM runs ("leading" spacing: the one upstream DDIMScheduler gets right)."""
     sched = DDIMScheduler(num_train_timesteps=T, beta_schedule=schedule, prediction_type=prediction_type)
     ac = _ac(sched)
-    model = parity.gaussian_denoiser(ac, prediction_type)
+    model = gaussian_denoiser(ac, prediction_type)
     got = parity.diffusers_sample(model, sched, SHAPE, _gen(0), n, eta)
     timesteps = R.spaced_timesteps(T, n, "leading")
     ref = R.ddim_sample(model, SHAPE, ac, timesteps, _gen(0), eta, prediction_type)
@@ -509,7 +510,7 @@ def test_trailing_extra_step_sample_deviation(T, n, parity_record):
     """Deviation, end to end: with "trailing" and n = 61 diffusers runs 62 steps, the last at t = -1."""
     sched = DDIMScheduler(num_train_timesteps=T, timestep_spacing="trailing")
     ac = _ac(sched)
-    model = parity.gaussian_denoiser(ac)
+    model = gaussian_denoiser(ac)
     got = parity.diffusers_sample(model, sched, SHAPE, _gen(0), n)
     assert len(sched.timesteps) == n + 1
     ref = R.ddim_sample(model, SHAPE, ac, R.spaced_timesteps(T, n, "trailing"), _gen(0))

@@ -300,21 +300,40 @@ def test_repaint_jump_back_noises_to_the_level_above():
 
 
 def test_pipeline_file_imports_only_torch_diffusers_numpy_pil_and_stdlib():
-    """The file travels with models: punkdiff itself is reached only by `_punkdiff_hub`, which tolerates its absence
-    (huggingface_hub is diffusers' own dependency)."""
+    """The file travels with models (huggingface_hub is diffusers' own dependency)."""
     allowed = {"torch", "diffusers", "huggingface_hub", "numpy", "PIL"} | set(sys.stdlib_module_names)
     tree = ast.parse(PIPELINE_FILE.read_text())
-    optional = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_punkdiff_hub")
-    [guarded] = [n for n in ast.walk(optional) if isinstance(n, ast.Try)]
-    assert [h.type.id for h in guarded.handlers] == ["ImportError"]
-    optional_imports = {id(n) for n in ast.walk(guarded) if isinstance(n, (ast.Import, ast.ImportFrom))}
-    imports = [
-        n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in optional_imports
-    ]
+    imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
     imported = {alias.name for node in imports if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in imports if isinstance(node, ast.ImportFrom)}
     assert {name.split(".")[0] for name in imported} <= allowed
     assert PunkDiffPipeline.__module__ == "punkdiff.pipelines.punkdiff_pipeline"
+
+
+def punkdiff_references(source: str) -> list[str]:
+    """Every import of punkdiff in `source`, by statement or by name (`import_module("punkdiff.hub")`), and every
+    relative import that leaves the `pipelines` package."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names if alias.name.split(".")[0] == "punkdiff"]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level > 1 or (node.level == 0 and (node.module or "").split(".")[0] == "punkdiff"):
+                found.append("." * node.level + (node.module or ""))
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) in (
+            "import_module", "__import__", "find_spec"
+        ):
+            found += [a.value for a in node.args if isinstance(a, ast.Constant) and str(a.value).startswith("punkdiff")]
+    return found
+
+
+def test_no_module_under_pipelines_imports_punkdiff():
+    """Export goes hub -> pipeline, never back: the pipeline package knows nothing of the rest of punkdiff."""
+    modules = sorted(PIPELINE_FILE.parent.glob("**/*.py"))
+    assert PIPELINE_FILE in modules
+    assert {m.name: punkdiff_references(m.read_text()) for m in modules} == {m.name: [] for m in modules}
+    planted = "import os\nfrom punkdiff import hub\nfrom .. import files\nimportlib.import_module('punkdiff.hub')\n"
+    assert punkdiff_references(planted) == ["punkdiff", "..", "punkdiff.hub"]
 
 
 def test_save_pretrained_is_loadable_by_stock_diffusers(pipe, tmp_path):
@@ -379,9 +398,11 @@ def test_save_pretrained_push_to_hub_uploads_the_finished_folder(pipe, tmp_path,
     """diffusers' own push inside save_pretrained would upload before `_class_name` and pipeline.py are fixed."""
     import json
 
+    from huggingface_hub import ModelCard
+
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     save_dir = tmp_path / "saved"
-    with fake_hub() as hub:
+    with fake_hub(monkeypatch) as hub:
         pipe.save_pretrained(
             str(save_dir),  # a str: stock diffusers (the bug guarded against here) fails earlier on a Path
             push_to_hub=True,
@@ -389,14 +410,12 @@ def test_save_pretrained_push_to_hub_uploads_the_finished_folder(pipe, tmp_path,
             private=True,
             token="hf_test_token",
             commit_message="first",
-            create_pr=True,
         )
     [created] = hub.created
     assert created["organization"] == "someone" and created["name"] == "tiny"
     assert created.get("visibility") == "private" or created.get("private") is True
-    [pr] = hub.pull_requests
     [commit] = hub.commits
-    assert pr["title"] == "first" and commit["summary"] == "first" and commit["create_pr"]
+    assert commit["summary"] == "first" and not commit["create_pr"]
     assert json.loads(hub.uploaded["model_index.json"])["_class_name"] == "DDPMPipeline"
     assert hub.uploaded["pipeline.py"] == PIPELINE_FILE.read_bytes()
     assert {"README.md", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"} <= set(
@@ -406,33 +425,33 @@ def test_save_pretrained_push_to_hub_uploads_the_finished_folder(pipe, tmp_path,
     assert {r.headers.get("authorization") for r in hub.requests if r.url.path.startswith("/api/repos")} == {
         "Bearer hf_test_token"
     }
-    # the card is punkdiff's (the one `punkdiff push` uploads), naming the repo it was pushed to
-    assert 'DDPMPipeline.from_pretrained("someone/tiny")' in hub.uploaded["README.md"].decode()
+    # diffusers' own card: the pipeline knows nothing of punkdiff's (that one is written by punkdiff.hub's export)
+    card = ModelCard(hub.uploaded["README.md"].decode())
+    assert card.data.library_name == "diffusers" and "punkdiff" not in (card.data.tags or [])
 
 
-def test_save_pretrained_writes_the_punkdiff_model_card(pipe, tmp_path):
-    from huggingface_hub import ModelCard
-
-    pipe.save_pretrained(tmp_path / "plain")
-    card = ModelCard.load(tmp_path / "plain" / "README.md")
-    assert card.data.library_name == "diffusers" and "punkdiff" in card.data.tags
-    assert "8x8 RGB images" in card.text and "`DDPMScheduler`, 1000 steps" in card.text  # read from the configs
-    pipe.save_pretrained(tmp_path / "named", model_card={"preset": "punks-24", "dataset": "huggingnft/cryptopunks"})
-    named = ModelCard.load(tmp_path / "named" / "README.md")
-    assert named.data.datasets == ["huggingnft/cryptopunks"] and "`punks-24`" in named.text
+def test_save_pretrained_writes_no_model_card(pipe, tmp_path):
+    """The card is punkdiff.hub's (`export_pipeline`, `write_model_card`); a plain save writes the folder only."""
+    pipe.save_pretrained(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"model_index.json", "pipeline.py", "scheduler", "unet"}
+    with pytest.raises(TypeError, match=r"writes no model card.*punkdiff\.hub\.write_model_card\(folder, info\)"):
+        pipe.save_pretrained(tmp_path / "carded", model_card={"preset": "mnist-baseline-16"})
+    assert not (tmp_path / "carded").exists()  # refused before anything was written
 
 
-def test_push_to_hub_method_is_the_same_single_commit_as_punkdiff_push(pipe, tmp_path, monkeypatch):
+def test_push_to_hub_method_uploads_the_finished_folder_in_one_commit(pipe, tmp_path, monkeypatch):
+    """diffusers' inherited `push_to_hub` saves through this class's `save_pretrained`: the same files as punkdiff's
+    push of a saved folder, apart from the model card, in one commit."""
     from punkdiff.hub import push_to_hub
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    with fake_hub() as by_method:
-        url = pipe.push_to_hub("someone/tiny", model_card={"preset": "mnist-baseline-16"})
-    pipe.save_pretrained(tmp_path / "saved", model_card={"preset": "mnist-baseline-16"})
+    with fake_hub(monkeypatch) as by_method:
+        pipe.push_to_hub("someone/tiny")
+    pipe.save_pretrained(tmp_path / "saved")
     with fake_hub() as by_function:
         push_to_hub(tmp_path / "saved", "someone/tiny")
-    assert url == "https://huggingface.co/someone/tiny"
+    assert [(c["organization"], c["name"]) for c in by_method.created] == [("someone", "tiny")]
     assert len(by_method.commits) == len(by_function.commits) == 1
-    assert by_method.uploaded.keys() == by_function.uploaded.keys()
-    for name in by_method.uploaded:
+    assert by_method.uploaded.keys() == by_function.uploaded.keys() | {"README.md"}
+    for name in by_function.uploaded:
         assert by_method.uploaded[name] == by_function.uploaded[name], name

@@ -281,7 +281,7 @@ def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_reconstruct(args: argparse.Namespace) -> int:
-    import torch
+    from punkdiff.seeds import image_generators
 
     out = _image_path(args.out, "--out")
     pipe = _load_model(args)
@@ -289,7 +289,7 @@ def _run_reconstruct(args: argparse.Namespace) -> int:
     if not 0 <= args.t_start < num_train_timesteps:
         raise UsageError(f"--t-start must be in [0, {num_train_timesteps}), got {args.t_start}")
     originals = _read_images(args.images, pipe, args)
-    generators = [torch.Generator().manual_seed(args.seed + i) for i in range(len(originals))]
+    generators = image_generators(args.seed, len(originals))
     result = pipe.reconstruct(originals, args.t_start, generator=generators, num_inference_steps=args.steps,
                               eta=args.eta, sampler=args.scheduler).images
     originals = pipe.image_processor.postprocess(originals * 2 - 1, "pil")
@@ -316,6 +316,8 @@ def _run_inpaint(args: argparse.Namespace) -> int:
     import PIL.Image
     import torch
 
+    from punkdiff.seeds import image_generators
+
     out = _image_path(args.out, "--out")
     pipe = _load_model(args)
     image = _read_images([args.image], pipe, args)
@@ -326,7 +328,7 @@ def _run_inpaint(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as err:
         raise UsageError(f"--mask {args.mask} is not a readable image ({err})") from None
     batch = image.repeat(args.num_images, 1, 1, 1)
-    generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
+    generators = image_generators(args.seed, args.num_images)
     filled = pipe.inpaint(batch, mask, num_inference_steps=args.steps, jump_length=args.jump_length,
                           jump_n_sample=args.jump_n_sample, generator=generators).images
     keep = torch.from_numpy(np.asarray(mask) < 128)[None, None].float()
@@ -413,7 +415,7 @@ def _run_gif(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from punkdiff.data import DataError, load_training_images, to_model_input
-    from punkdiff.metrics.reference import model_transform, training_dataset
+    from punkdiff.metrics.real_images import model_transform, training_dataset
     from punkdiff.presets import DataSpec
     from punkdiff.sampling import generate
     from punkdiff.visuals import denoising_gif, display_scale, image_grid, noising_gif

@@ -169,7 +169,7 @@ def _metrics_table(metrics: Mapping[str, Any]) -> str:
 
 
 def write_model_card(folder: str | os.PathLike[str], info: ModelCardInfo | Mapping[str, Any] | None = None) -> Path:
-    """Write the model card `README.md` into a saved pipeline folder; `PunkDiffPipeline.save_pretrained` calls it.
+    """Write the model card `README.md` into a saved pipeline folder; `export_pipeline` calls it.
 
     Fields `info` leaves empty (resolution, channels, schedule length) are read from the folder's configs, and the
     card shows `samples.png` when the folder has one. This is punkdiff's one model card, for every way a model is
@@ -232,7 +232,8 @@ def export_pipeline(
             sample_grid.save(staging / "samples.png")
         pipe = PunkDiffPipeline(unet=unet, scheduler=DDPMScheduler.from_config(scheduler.config))
         pipe.palette = torch.as_tensor(palette) if palette is not None else None
-        pipe.save_pretrained(staging, safe_serialization=True, model_card=card)
+        pipe.save_pretrained(staging, safe_serialization=True)
+        write_model_card(staging, card)
         validate_model_folder(staging)
         _move_into_place(staging, output_dir)
     except BaseException:
@@ -489,11 +490,11 @@ def push_to_hub(
 ) -> str:
     """Upload a validated model folder to `repo_id` (created if needed) in one commit; returns its URL (or the PR's).
 
-    The one way punkdiff publishes a model: `punkdiff push`, `train --push-to-hub`, `PunkDiffPipeline.push_to_hub`
-    and `save_pretrained(push_to_hub=True)` all end here, with public `huggingface_hub` APIs only. The uploaded
-    README.md names the repo in its loading snippets (the local one says `LOCAL_MODEL_REF`, and is left unchanged);
-    every other file is uploaded as it is, without a copy. The token defaults to the usual Hugging Face login
-    (`hf auth login` or `HF_TOKEN`); punkdiff never stores it. Folders with pickle files are refused so that
+    The one way punkdiff publishes a model: `punkdiff push` and `train --push-to-hub` both end here, with public
+    `huggingface_hub` APIs only (`PunkDiffPipeline.push_to_hub` is diffusers' own, with diffusers' card). The
+    uploaded README.md names the repo in its loading snippets (the local one says `LOCAL_MODEL_REF`, and is left
+    unchanged); every other file is uploaded as it is, without a copy. The token defaults to the usual Hugging Face
+    login (`hf auth login` or `HF_TOKEN`); punkdiff never stores it. Folders with pickle files are refused so that
     nothing unsafe to load is published.
 
     Examples:

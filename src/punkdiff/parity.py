@@ -1,8 +1,8 @@
-"""Parity of the diffusers sampling path with the from-scratch reference in `punkdiff.reference`.
+"""Parity of the diffusers sampling path with the from-scratch reference in `punkdiff.reference_sampler`.
 
 `run_parity` is what `punkdiff parity` runs: a compact sweep on a small random UNet that a user can repeat on
 their own install (other torch/diffusers versions, other hardware). The full, parametrised suite lives in
-tests/test_parity.py (`pytest -m parity`) and asserts against `punkdiff.reference` directly; both use the
+tests/test_parity.py (`pytest -m parity`) and asserts against `punkdiff.reference_sampler` directly; both use the
 adapters below to run the two sides under the same conditions.
 """
 
@@ -17,7 +17,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
-from punkdiff import reference
+from punkdiff import reference_sampler
 
 Model = Callable[[torch.Tensor, Any], torch.Tensor]
 
@@ -59,24 +59,6 @@ def tiny_unet(in_channels: int = 1, sample_size: int = 8, seed: int = 0, output_
     return unet
 
 
-def gaussian_denoiser(ac: torch.Tensor, prediction_type: str = "epsilon", data_std: float = 0.5) -> Model:
-    """The exact optimal model for data x_0 ~ N(0, data_std^2 I): E[x_0 | x_t] = sqrt(ab) s^2 x_t / (ab s^2 + 1 - ab),
-    returned as the requested parameterisation. A cheap, well-conditioned stand-in for a trained network."""
-    s2 = data_std**2
-
-    def model(x: torch.Tensor, t: Any) -> torch.Tensor:
-        ab = ac[int(t)]
-        x0 = ab.sqrt() * s2 / (ab * s2 + 1 - ab) * x
-        eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()
-        if prediction_type == "epsilon":
-            return eps
-        if prediction_type == "sample":
-            return x0
-        return ab.sqrt() * eps - (1 - ab).sqrt() * x0
-
-    return model
-
-
 def unet_model(unet: UNet2DModel) -> Model:
     """Wrap a UNet as the `model(x_t, t)` callable both samplers take."""
     return lambda x, t: unet(x, t).sample
@@ -98,10 +80,10 @@ def reference_alphas_cumprod(config: Any) -> torch.Tensor:
     unsupported = {k: config[k] for k, v in _UNMODELLED.items() if k in config and config[k] != v}
     if unsupported:
         raise ValueError(f"the reference does not model {unsupported}")
-    betas = reference.make_betas(
+    betas = reference_sampler.make_betas(
         config["beta_schedule"], config["num_train_timesteps"], config["beta_start"], config["beta_end"]
     )
-    return reference.alphas_cumprod(betas, torch.float32)
+    return reference_sampler.alphas_cumprod(betas, torch.float32)
 
 
 def reference_sample(
@@ -109,22 +91,24 @@ def reference_sample(
     config: Any,
     sampler: str,
     shape: Sequence[int],
-    generator: reference.Generator,
+    generator: reference_sampler.Generator,
     num_inference_steps: int,
     eta: float = 0.0,
 ) -> torch.Tensor:
     """The reference sampler ("ddpm" or "ddim") for the schedule, spacing and parameterisation in `config`."""
     ac = reference_alphas_cumprod(config)
-    timesteps = reference.spaced_timesteps(
+    timesteps = reference_sampler.spaced_timesteps(
         config["num_train_timesteps"], num_inference_steps, config["timestep_spacing"], config["steps_offset"]
     )
     clip = config["clip_sample_range"] if config["clip_sample"] else None
     if sampler == "ddpm":
-        return reference.ddpm_sample(
+        return reference_sampler.ddpm_sample(
             model, shape, ac, timesteps, generator, config["prediction_type"], config["variance_type"], clip
         )
     if sampler == "ddim":
-        return reference.ddim_sample(model, shape, ac, timesteps, generator, eta, config["prediction_type"], clip)
+        return reference_sampler.ddim_sample(
+            model, shape, ac, timesteps, generator, eta, config["prediction_type"], clip
+        )
     raise ValueError(f"unknown sampler {sampler!r}")
 
 
@@ -132,7 +116,7 @@ def diffusers_sample(
     model: Model,
     scheduler: DDPMScheduler | DDIMScheduler,
     shape: Sequence[int],
-    generator: reference.Generator,
+    generator: reference_sampler.Generator,
     num_inference_steps: int,
     eta: float = 0.0,
 ) -> torch.Tensor:
@@ -170,7 +154,7 @@ def _add_noise_rows() -> list[ParityRow]:
             g = torch.Generator().manual_seed(0)
             x0, noise = torch.randn(2, 8, 3, 8, 8, generator=g)
             t = torch.randint(0, T, (8,), generator=g)
-            ref = reference.q_sample(x0, t, noise, reference_alphas_cumprod(sched.config))
+            ref = reference_sampler.q_sample(x0, t, noise, reference_alphas_cumprod(sched.config))
             rows.append(
                 ParityRow(
                     f"add_noise {schedule} T={T}", max_abs_diff(sched.add_noise(x0, noise, t), ref), ADD_NOISE_TOL
@@ -194,9 +178,9 @@ def _step_rows() -> list[ParityRow]:
         for t, t_prev in zip(ts, [*ts[1:], -1], strict=True):
             z = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
             got = ddpm.step(out, t, x, generator=torch.Generator().manual_seed(1)).prev_sample
-            ref = reference.ddpm_step(out, x, t, t_prev, ac, z if t_prev >= 0 else None, prediction_type)
+            ref = reference_sampler.ddpm_step(out, x, t, t_prev, ac, z if t_prev >= 0 else None, prediction_type)
             worst[0] = max(worst[0], max_abs_diff(got, ref))
-            ref = reference.ddim_step(out, x, t, t_prev, ac, 1.0, z, prediction_type)
+            ref = reference_sampler.ddim_step(out, x, t, t_prev, ac, 1.0, z, prediction_type)
             got = ddim.step(out, t, x, eta=1.0, generator=torch.Generator().manual_seed(1)).prev_sample
             worst[1] = max(worst[1], max_abs_diff(got, ref))
         rows.append(ParityRow(f"DDPM step cosine {prediction_type}", worst[0], STEP_TOL))

@@ -124,7 +124,7 @@ class TrainRequest:
 
 
 @dataclass
-class Progress:
+class RunProgress:
     """Where a run is, from its TensorBoard scalars; `None` where not known yet."""
 
     step: int = 0
@@ -156,11 +156,11 @@ class Run(JobFolder):
     def log_tail(self, max_lines: int = 25) -> str:
         return self.job.log_tail(max_lines)
 
-    def progress(self) -> Progress:
+    def progress(self) -> RunProgress:
         steps, losses, walls, speeds = _scalars(self.folder / "logs" / "punkdiff")
         total = self._total_steps()
         if not steps:
-            return Progress(total=total)
+            return RunProgress(total=total)
         eta = None
         if total is not None and self.status() == "running" and len(steps) > 1:
             recent = slice(max(0, len(steps) - 20), len(steps))
@@ -168,7 +168,7 @@ class Run(JobFolder):
             done = steps[recent][-1] - steps[recent][0]
             eta = (total - steps[-1]) * span / done if done > 0 and span > 0 else None
         speed = sum(speeds[-10:]) / len(speeds[-10:]) if speeds else None
-        return Progress(steps[-1], total, losses[-1], speed, eta, steps, losses)
+        return RunProgress(steps[-1], total, losses[-1], speed, eta, steps, losses)
 
     def samples(self) -> list[tuple[int, Path]]:
         """Sample grids saved during training, `(step, path)`, oldest first."""

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from punkdiff.pipelines import PunkDiffPipeline
 from punkdiff.presets import DDIM_ETA
+from punkdiff.seeds import image_generators
 
 
 def generate(
@@ -43,7 +44,7 @@ def generate(
     for first in tqdm(range(0, num_images, batch_size), total=math.ceil(num_images / batch_size), unit="batch",
                       desc="sampling", disable=not progress):
         count = min(batch_size, num_images - first)
-        generators = [torch.Generator().manual_seed(seed + first + i) for i in range(count)]
+        generators = image_generators(seed, count, first)
         batches.append(pipe(
             batch_size=count, generator=generators, sampler=sampler, num_inference_steps=num_inference_steps,
             eta=eta, output_type=output_type,

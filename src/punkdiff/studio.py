@@ -26,17 +26,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from punkdiff.data import BUILTIN_DATASETS, ImageTransform, load_image_dataset
 from punkdiff.presets import MAX_SAMPLING_SEED, PRESETS, DataSpec
 from punkdiff.roots import HUB_ID, PathOutsideRoots, Roots
+from punkdiff.seeds import image_generators
 from punkdiff.visuals import display_scale, image_grid, save_gif, trajectory_frames
 
 SCHEDULERS = {"DDPM": "ddpm", "DDIM": "ddim", "DPM-Solver++": "dpm++"}
 MAX_BATCH = 64
-Progress = Callable[[int, int], None]
+ProgressCallback = Callable[[int, int], None]
 
 
 class StudioError(ValueError):
@@ -194,7 +194,7 @@ def sample(
     seed: int,
     batch_size: int,
     out_dir: Path,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
 ) -> SampleResult:
     """Sample a batch; write the grid and the denoising animation (x_t beside the predicted x_0) to `out_dir`.
 
@@ -208,7 +208,7 @@ def sample(
         raise StudioError(f"eta must be between 0 (deterministic DDIM) and 1 (DDPM-like), got {eta}")
     out = pipe(
         batch_size=batch_size,
-        generator=[torch.Generator().manual_seed(seed + i) for i in range(batch_size)],
+        generator=image_generators(seed, batch_size),
         num_inference_steps=steps,
         eta=float(eta),
         sampler=scheduler,
@@ -293,7 +293,7 @@ def inpaint(
         num_inference_steps=steps,
         jump_length=jump_length,
         jump_n_sample=jump_n_sample,
-        generator=[torch.Generator().manual_seed(seed + i) for i in range(num_images)],
+        generator=image_generators(seed, num_images),
     )
     return out.images
 
@@ -307,7 +307,7 @@ def reconstruct(
     steps: int,
     seed: int,
     out_dir: Path,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
 ) -> tuple[Image.Image, float, Path]:
     """Noise `image` to step `t_start`, denoise it back; return the result, its MSE to the input and a GIF."""
     t_start = _check_int("t", t_start, 0, info.num_train_timesteps - 1)
@@ -317,7 +317,7 @@ def reconstruct(
         out = pipe.reconstruct(
             image,
             t_start=t_start,
-            generator=[torch.Generator().manual_seed(seed)],
+            generator=image_generators(seed, 1),
             num_inference_steps=steps,
             sampler=_scheduler_name(scheduler),
             return_trajectory=True,
@@ -371,7 +371,7 @@ def _check_int(name: str, value, low: int, high: int) -> int:
     return int(number)
 
 
-def _callback(progress: Progress | None, total: int):
+def _callback(progress: ProgressCallback | None, total: int):
     if progress is None:
         return None
 

@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageOps
 
 from punkdiff.presets import DDIM_ETA
+from punkdiff.seeds import image_generators
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -96,7 +97,7 @@ def denoising_gif(
     eta: float = DDIM_ETA,
 ) -> Path:
     """Animate DDIM sampling (punkdiff's default eta): each frame is the grid of x_t beside the predicted x_0."""
-    generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)]
+    generators = image_generators(seed, num_images)
     out = pipe(
         batch_size=num_images,
         generator=generators,

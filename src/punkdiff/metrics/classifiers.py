@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from punkdiff.data import default_cache_dir
 from punkdiff.files import atomic_path
-from punkdiff.metrics.reference import ReferenceData
+from punkdiff.metrics.real_images import ReferenceData
 
 # bump when the architecture or the training recipe changes, so old cache entries are not reused
 _RECIPE_VERSION = 1

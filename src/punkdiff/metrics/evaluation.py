@@ -25,7 +25,7 @@ from punkdiff.metrics.feature_networks import dinov2_features, inception_feature
 from punkdiff.metrics.frechet import frechet_distance, inception_score, kernel_distance
 from punkdiff.metrics.memorisation import memorisation, snap_to_palette
 from punkdiff.metrics.precision_recall import precision_recall
-from punkdiff.metrics.reference import ReferenceData
+from punkdiff.metrics.real_images import ReferenceData
 from punkdiff.metrics.swd import sliced_wasserstein_distance
 
 if TYPE_CHECKING:

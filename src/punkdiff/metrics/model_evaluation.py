@@ -26,7 +26,7 @@ from punkdiff.metrics.feature_networks import (
     load_inception,
     resolve_weights,
 )
-from punkdiff.metrics.reference import load_reference, model_transform, read_images
+from punkdiff.metrics.real_images import load_reference, model_transform, read_images
 from punkdiff.metrics.report import write_report
 from punkdiff.pipelines import PunkDiffPipeline
 from punkdiff.presets import DDIM_ETA

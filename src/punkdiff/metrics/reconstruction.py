@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from punkdiff.pipelines import PunkDiffPipeline
 from punkdiff.pipelines.punkdiff_pipeline import SAMPLERS
+from punkdiff.seeds import image_generators
 
 
 def scheduled_grid(pipe: PunkDiffPipeline, sampler: str, num_inference_steps: int, points: int) -> list[int]:
@@ -55,12 +56,12 @@ def reconstruction_study(
     original = torch.as_tensor(np.asarray(images)).double().div(255.0)
     result: dict[str, list] = {"t": [], "mse": [], "ssim": [], "noised": [], "reconstructed": []}
     for t in tqdm(list(timesteps), desc="reconstruction study", unit="t", disable=not progress):
-        generators = [torch.Generator().manual_seed(seed + i) for i in range(len(original))]
+        generators = image_generators(seed, len(original))
         out = pipe.reconstruct(original.float(), int(t), generator=generators, sampler=sampler,
                                num_inference_steps=num_inference_steps, output_type="pt").images.double().cpu()
         # the same forward noise `reconstruct` drew first from each generator, for the figure
-        noise = torch.stack([torch.randn(original.shape[1:], generator=torch.Generator().manual_seed(seed + i))
-                             for i in range(len(original))])
+        noise = torch.stack([torch.randn(original.shape[1:], generator=g)
+                             for g in image_generators(seed, len(original))])
         noised = pipe.scheduler.add_noise(original * 2 - 1, noise.double(), torch.tensor([int(t)]))
         result["t"].append(int(t))
         result["mse"].append(float(((out - original) ** 2).mean()))

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from punkdiff.presets import DDIM_ETA
+from punkdiff.seeds import image_generators
 from punkdiff.training.ema import averaged_weights
 from punkdiff.visuals import display_scale, image_grid
 
@@ -43,7 +44,7 @@ def ema_sample_grid(
         pipe.set_progress_bar_config(disable=True)
         images = pipe(
             batch_size=num_images,
-            generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)],
+            generator=image_generators(seed, num_images),
             sampler="ddim",
             num_inference_steps=num_inference_steps,
             eta=DDIM_ETA,

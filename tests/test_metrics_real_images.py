@@ -9,7 +9,7 @@ import PIL.Image
 import pytest
 
 from punkdiff.data import DataError, ImageTransform, load_training_images
-from punkdiff.metrics.reference import model_transform, read_images
+from punkdiff.metrics.real_images import model_transform, read_images
 from punkdiff.presets import DataSpec
 
 
@@ -30,7 +30,7 @@ def test_single_split_is_halved_into_disjoint_parts(punks24):
 
 def test_the_demos_built_in_digits_are_a_reference_offline(metrics_cache):
     """`punkdiff demo` learns the embedded scikit-learn digits: its evaluation needs them as a reference too."""
-    from punkdiff.metrics.reference import load_reference
+    from punkdiff.metrics.real_images import load_reference
 
     digits = load_reference("sklearn-digits", ImageTransform(16, 1, resize_filter="bilinear"), cache_dir=metrics_cache,
                             progress=False)

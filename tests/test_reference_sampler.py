@@ -1,6 +1,6 @@
 """The reference math on its own: closed forms, identities between the papers' equations, and properties.
 
-Nothing here imports diffusers: these tests check `punkdiff.reference` against the papers, so that the parity
+Nothing here imports diffusers: these tests check `punkdiff.reference_sampler` against the papers, so that the parity
 suite (tests/test_parity.py) compares diffusers with something known to be right.
 """
 
@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from punkdiff import reference as R
+from punkdiff import reference_sampler as R
 
 SCHEDULES = ("linear", "scaled_linear", "quadratic", "squaredcos_cap_v2")
 PREDICTIONS = ("epsilon", "sample", "v_prediction")
