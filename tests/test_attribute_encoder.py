@@ -7,26 +7,9 @@ import json
 import pytest
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DModel
+from tiny_models import tiny_identity_unet, trained_looking_encoder
 
 from punkdiff.attribute_encoder import AttributeEncoder
-
-
-def tiny_identity_unet() -> UNet2DModel:
-    """A small UNet whose class embedding is added as given (`class_embed_type="identity"`); time embedding 64 wide."""
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=8, class_embed_type="identity")
-
-
-def trained_looking_encoder(num_attributes: int = 12, embedding_dim: int = 64) -> AttributeEncoder:
-    """An encoder whose weights are far from their initialisation, as after training."""
-    torch.manual_seed(1)
-    encoder = AttributeEncoder(num_attributes=num_attributes, embedding_dim=embedding_dim)
-    with torch.no_grad():
-        for p in encoder.parameters():
-            p.normal_(0.0, 2.0)
-    return encoder
 
 
 def test_the_null_condition_encodes_to_exactly_zero_and_a_real_one_does_not():

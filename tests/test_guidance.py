@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from diffusers import UNet2DModel
-from test_attribute_encoder import tiny_identity_unet, trained_looking_encoder
+from tiny_models import tiny_identity_unet, trained_looking_encoder
 
 from punkdiff.guidance import check_guidance_scale, doubled_batch, guided_output, guided_prediction, split_doubled
 

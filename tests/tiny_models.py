@@ -9,6 +9,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from punkdiff import PunkDiffPipeline
+from punkdiff.attribute_encoder import AttributeEncoder
 
 
 def tiny_unet(channels: int = 3, sample_size: int = 8, seed: int = 0, **overrides) -> UNet2DModel:
@@ -85,3 +86,21 @@ def gaussian_denoiser(
         return ab.sqrt() * eps - (1 - ab).sqrt() * x0
 
     return model
+
+
+def tiny_identity_unet() -> UNet2DModel:
+    """A small UNet whose class embedding is added as given (`class_embed_type="identity"`); time embedding 64 wide."""
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=8, class_embed_type="identity")
+
+
+def trained_looking_encoder(num_attributes: int = 12, embedding_dim: int = 64) -> AttributeEncoder:
+    """An encoder whose weights are far from their initialisation, as after training."""
+    torch.manual_seed(1)
+    encoder = AttributeEncoder(num_attributes=num_attributes, embedding_dim=embedding_dim)
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.normal_(0.0, 2.0)
+    return encoder
