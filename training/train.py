@@ -41,6 +41,7 @@ from punkdiff.data import (
 )
 from punkdiff.files import write_json
 from punkdiff.hub import ModelCardInfo, ModelFolderError, export_pipeline, push_to_hub
+from punkdiff.interrupts import exit_on_interrupt
 from punkdiff.presets import PresetError
 from punkdiff.training import TrainingError
 from punkdiff.training.arguments import build_train_parser, hub_model_id, resolve_training_config
@@ -74,7 +75,8 @@ from punkdiff.visuals import plot_loss_curve
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run(build_train_parser().parse_args(argv))
+    args = build_train_parser().parse_args(argv)
+    return exit_on_interrupt(lambda: run(args), "train", lambda: resume_hint(args.output_dir))  # Ctrl-C: 130
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from punkdiff.interrupts import exit_on_interrupt, process_start_time, written_since
 from punkdiff.presets import DDIM_ETA, MAX_SAMPLING_SEED  # light: no torch, so the parser builds fast
 
 
@@ -540,12 +541,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        return exit_on_interrupt(lambda: int(args.func(args) or 0), f"punkdiff {args.command}", lambda: _kept(args))
     except Exception as err:
         if not _is_user_error(err):
             raise
         print(f"punkdiff {args.command}: {err}", file=sys.stderr)
         return 2
+
+
+def _kept(args: argparse.Namespace) -> str:
+    """What an interrupted command leaves: a run's last checkpoint, or the files this command wrote."""
+    if args.command == "train":
+        from punkdiff.training.checkpoints import resume_hint
+
+        return resume_hint(args.output_dir)
+    outputs = [getattr(args, name, None) for name in ("out", "out_dir", "gif", "output_dir")]
+    return written_since(outputs, process_start_time())
 
 
 def _is_user_error(err: Exception) -> bool:
