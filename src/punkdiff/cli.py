@@ -539,9 +539,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parsed: list[argparse.Namespace] = []
+
+    def run() -> int:
+        parsed.append(build_parser().parse_args(argv))
+        return _dispatch(parsed[0])
+
+    return exit_on_interrupt(run, lambda: f"punkdiff {parsed[0].command}" if parsed else "punkdiff",
+                             lambda: _kept(parsed[0]) if parsed else "nothing was written")
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
-        return exit_on_interrupt(lambda: int(args.func(args) or 0), f"punkdiff {args.command}", lambda: _kept(args))
+        return int(args.func(args) or 0)
     except Exception as err:
         if not _is_user_error(err):
             raise

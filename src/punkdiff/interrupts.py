@@ -19,20 +19,22 @@ import psutil
 INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command ended by Ctrl-C
 
 
-def exit_on_interrupt(work: Callable[[], int], name: str, kept: Callable[[], str]) -> int:
+def exit_on_interrupt(work: Callable[[], int], name: str | Callable[[], str], kept: Callable[[], str]) -> int:
     """`work()`'s exit status; on Ctrl-C, `name: interrupted (Ctrl-C); <kept()>` on stderr and 130.
 
+    `name` may be a function, for a command whose name is known only once its flags are parsed.
     A second Ctrl-C while the message is written is ignored, so it cannot end in a traceback either.
     """
     try:
         return work()
     except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             what = kept()
         except Exception as err:  # describing what is on disk must not turn an interrupt into a traceback
             what = f"what was written could not be listed ({type(err).__name__}: {err})"
-        print(f"{name}: interrupted (Ctrl-C); {what}", file=sys.stderr, flush=True)
+        print(f"{name() if callable(name) else name}: interrupted (Ctrl-C); {what}", file=sys.stderr, flush=True)
+        signal.signal(signal.SIGINT, previous)
         return INTERRUPTED
 
 
