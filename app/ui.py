@@ -10,15 +10,18 @@ from __future__ import annotations
 import functools
 import os
 import random
+import signal
+import threading
 import time
 import traceback
+import weakref
 from pathlib import Path
 
 import gradio as gr
 
 from punkdiff import studio
-from punkdiff.eval_runs import EvalManager, EvalRequest, default_reference, eval_available
-from punkdiff.jobs import STATUS_TEXT
+from punkdiff.eval_runs import MAX_SAMPLES, EvalManager, EvalRequest, default_reference, eval_available
+from punkdiff.jobs import STATUS_TEXT, stop_launched
 from punkdiff.presets import DDIM_ETA, PRESETS
 from punkdiff.roots import Roots, resolve_dataset
 from punkdiff.runs import RunManager, TrainRequest, suggest_dataset
@@ -34,10 +37,11 @@ REFRESH_S = 2.0
 # what a mistake in the page raises (a path outside the roots, a missing folder, a number out of range)
 _USER_ERRORS = (ValueError, PermissionError, FileNotFoundError, RuntimeError, OSError)
 _NO_EVALUATION = "No evaluation yet: check the reference and press **Evaluate**."
+_SERVED: weakref.WeakKeyDictionary[gr.Blocks, Roots] = weakref.WeakKeyDictionary()  # the folders each page serves
 
 
 def build_app(roots: Roots, max_runs: int = 1) -> gr.Blocks:
-    """The whole page for `roots`; at most `max_runs` trainings at a time."""
+    """The whole page for `roots`; at most `max_runs` trainings at a time. Serve it with `launch`."""
     # Gradio's copies of shown files go under the run root, like everything else the app writes.
     os.environ.setdefault("GRADIO_TEMP_DIR", str(roots.runs / ".gradio"))
     models = studio.ModelCache()
@@ -101,15 +105,31 @@ def build_app(roots: Roots, max_runs: int = 1) -> gr.Blocks:
             f"<small>Models from {folders} · data from {data} · runs and images written to `{roots.runs}`. "
             "Paths outside these folders are refused.</small>"
         )
+    _SERVED[demo] = roots
     return demo
 
 
 def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, share: bool = False, **kwargs):
-    """Serve the page; `host` None means GRADIO_SERVER_NAME or 127.0.0.1 (Gradio's own default)."""
-    return demo.launch(
-        server_name=host, server_port=port, share=share, theme=gr.themes.Default(), css=CSS,
-        footer_links=[], run_history=False, show_error=True, **kwargs,
-    )
+    """Serve the page; `host` None means GRADIO_SERVER_NAME or 127.0.0.1 (Gradio's own default).
+
+    Gradio serves the files the page shows (grids, animations, training samples) from the run root, wherever it
+    is, and nothing from the decoded-data cache in it. The trainings and evaluations the page started are stopped
+    when the server closes (Ctrl-C, or SIGTERM from a service manager): a training run saves a checkpoint first.
+    """
+    roots = _SERVED.get(demo)
+    if roots is not None:
+        kwargs.setdefault("allowed_paths", [str(roots.runs)])
+        kwargs.setdefault("blocked_paths", [str(roots.runs / ".cache")])
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _close_on_sigterm)
+    try:
+        return demo.launch(
+            server_name=host, server_port=port, share=share, theme=gr.themes.Default(), css=CSS,
+            footer_links=[], run_history=False, show_error=True, **kwargs,
+        )
+    finally:
+        if not kwargs.get("prevent_thread_lock"):  # the server has closed: nothing it started runs on unwatched
+            stop_launched()
 
 
 # --- tabs ---------------------------------------------------------------------------------------------
@@ -434,8 +454,8 @@ def _evaluate_tab(demo: gr.Blocks, model, roots: Roots, evaluations: EvalManager
             split = gr.Textbox("train", label="Split", info="the split the model was trained on",
                                elem_id="eval-split")
             num = gr.Number(1000, label="Samples", precision=0, elem_id="eval-samples",
-                            info="images sampled and compared, as many real ones for the floor (1000, as "
-                                 "`punkdiff eval`; fewer is quicker, and noisier)")
+                            info=f"images sampled and compared, as many real ones for the floor (1000, as "
+                                 f"`punkdiff eval`; fewer is quicker, and noisier; at most {MAX_SAMPLES:,})")
             with gr.Row():
                 scheduler = gr.Radio(["ddim", "ddpm", "dpm++"], value="ddim", label="Sampler")
                 steps = gr.Number(50, label="Steps", precision=0, elem_id="eval-steps")
@@ -443,7 +463,10 @@ def _evaluate_tab(demo: gr.Blocks, model, roots: Roots, evaluations: EvalManager
             start = gr.Button("Evaluate", variant="primary", elem_id="eval-start")
         with gr.Column(scale=2):
             names = [e.name for e in evaluations.evaluations()]
-            chosen = gr.Dropdown(names, value=names[0] if names else None, label="Evaluation", elem_id="eval-select")
+            with gr.Row():
+                chosen = gr.Dropdown(names, value=names[0] if names else None, label="Evaluation", scale=4,
+                                     elem_id="eval-select")
+                stop = gr.Button("■ Stop", variant="stop", size="sm", scale=0, min_width=90, elem_id="eval-stop")
             status = gr.Markdown(_NO_EVALUATION, elem_id="eval-status")
             report = gr.Markdown(elem_id="eval-report", elem_classes="pixelated")
             with gr.Accordion("metrics.json and log", open=False):
@@ -473,6 +496,15 @@ def _evaluate_tab(demo: gr.Blocks, model, roots: Roots, evaluations: EvalManager
         gr.Info(f"Started {started.name}: sampling, then scoring; the report appears here when it is written.")
         return gr.update(choices=[e.name for e in evaluations.evaluations()], value=started.name)
 
+    @_friendly
+    def stop_eval(name, progress=gr.Progress()):
+        if not name:
+            raise ValueError("No evaluation selected: pick the one to stop")
+        progress(None, desc="stopping")
+        status = evaluations.stop(name)
+        gr.Info(f"{name}: {STATUS_TEXT.get(status, status)}.")
+        return None
+
     def refresh(name, seen_before):
         if not name:
             return _NO_EVALUATION, gr.skip(), gr.skip(), "", None
@@ -497,11 +529,17 @@ def _evaluate_tab(demo: gr.Blocks, model, roots: Roots, evaluations: EvalManager
     reference.focus(lambda: gr.update(choices=dataset_choices()), outputs=reference, show_progress="hidden")
     start.click(start_eval, [model, reference, split, num, scheduler, steps, seed], chosen)
     outputs = [status, report, metrics, log, seen]
+    stop.click(stop_eval, chosen, seen)
     chosen.change(lambda name: refresh(name, None), chosen, outputs, show_progress="hidden")
     timer.tick(refresh, [chosen, seen], outputs, show_progress="hidden", concurrency_limit=None)
 
 
 # --- helpers ------------------------------------------------------------------------------------------
+
+
+def _close_on_sigterm(signum, frame) -> None:
+    """SIGTERM closes the server as Ctrl-C does (Gradio closes on KeyboardInterrupt), so its jobs are stopped."""
+    raise KeyboardInterrupt
 
 
 def _fit_steps(load, model_ref: str, steps):
