@@ -311,7 +311,7 @@ def _time_left(steps: list[int], walls: list[float], total: int, started: float 
     if started is None:
         since, base = walls[0], steps[0]
     else:  # a resumed launch: the steps logged before it are not its own
-        since, base = started, max((s for s, w in zip(steps, walls) if w < started), default=0)
+        since, base = started, max((s for s, w in zip(steps, walls, strict=True) if w < started), default=0)
     done, spent = steps[-1] - base, walls[-1] - since
     return (total - steps[-1]) * spent / done if done > 0 and spent > 0 else None
 
