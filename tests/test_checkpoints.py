@@ -100,7 +100,8 @@ def test_a_full_disk_during_a_checkpoint_removes_the_partial_one_and_says_how_mu
     checkpoints 2 and 4 are written, and the writers (safetensors', torch's) fail inside checkpoint-6."""
     out = small_disk(1700) / "run"
     keep_all = ["--set", "train.checkpoints_total_limit=null"]  # the space check then counts one kept checkpoint
-    assert train_main(tiny_args(mnist_dir, cache_dir, out, "--max-steps", "8", "--checkpoint-every", "2", *keep_all)) == 1
+    run = tiny_args(mnist_dir, cache_dir, out, "--max-steps", "8", "--checkpoint-every", "2", *keep_all)
+    assert train_main(run) == 1
     printed = capsys.readouterr().out
     assert f"could not write checkpoint-6: the disk holding {out / 'checkpoints'} is full (" in printed
     needed = float(re.search(r"a checkpoint of this run needs about ([\d.]+) MB", printed).group(1))
