@@ -151,6 +151,17 @@ def expect_message(page, text: str) -> None:
                            " return !document.querySelector('.toast-body'); }", timeout=30_000)
 
 
+def start_evaluation(page, samples: int, steps: int) -> str:
+    """Press Evaluate with these numbers; the running evaluation's folder name as its status shows it (Gradio may
+    prefix its own timer text, e.g. "0.1s")."""
+    set_number(page, "eval-samples", samples)
+    set_number(page, "eval-steps", steps)
+    page.click("#eval-start")
+    page.wait_for_function("() => /: running/.test(document.querySelector('#eval-status').innerText)",
+                           timeout=30_000)
+    return re.search(r"(\S+): running", page.inner_text("#eval-status")).group(1)
+
+
 def image_size(page, selector: str) -> tuple[int, int]:
     image = page.locator(selector).first
     image.wait_for(timeout=LONG)
@@ -288,12 +299,7 @@ def test_evaluate_the_model_to_its_report(page, roots):
     set_number(page, "eval-samples", 10**12)
     page.click("#eval-start")
     expect_message(page, "number of samples must be at most 50,000")
-    set_number(page, "eval-samples", 50_000)
-    set_number(page, "eval-steps", 100)
-    page.click("#eval-start")
-    page.wait_for_function("() => /: running/.test(document.querySelector('#eval-status').innerText)",
-                           timeout=30_000)
-    long_one = re.search(r"(\S+): running", page.inner_text("#eval-status")).group(1)
+    long_one = start_evaluation(page, 50_000, 100)
     page.screenshot(path=page.artifacts / "evaluate-running.png", full_page=True)
     page.click("#eval-stop")
     page.wait_for_function("() => /: stopped by you/.test(document.querySelector('#eval-status').innerText)",
@@ -303,13 +309,7 @@ def test_evaluate_the_model_to_its_report(page, roots):
     page.wait_for_timeout(1100)  # evaluation folders are named by the second
 
     # the real thing: a few samples in a few steps, scored against the training data, to the report
-    set_number(page, "eval-samples", 16)
-    set_number(page, "eval-steps", 3)
-    page.click("#eval-start")
-    page.wait_for_function("() => /: running/.test(document.querySelector('#eval-status').innerText)",
-                           timeout=30_000)
-    # the job's folder name as the status shows it (Gradio may prefix its own timer text, e.g. "0.1s")
-    name = re.search(r"(\S+): running", page.inner_text("#eval-status")).group(1)
+    name = start_evaluation(page, 16, 3)
     # about a minute on 2 idle cores; several on a loaded machine (sampling, a classifier, the metrics)
     page.wait_for_function("() => /: finished/.test(document.querySelector('#eval-status').innerText)",
                            timeout=5 * LONG)
@@ -342,13 +342,8 @@ def test_jobs_end_with_the_server(page, server, roots):
     page.get_by_role("tab", name="Evaluate").click()
     page.locator("#eval-reference input").fill("data/punks-120")
     page.locator("#eval-reference input").press("Enter")
-    set_number(page, "eval-samples", 50_000)
-    set_number(page, "eval-steps", 100)
     page.wait_for_timeout(1100)  # evaluation folders are named by the second
-    page.click("#eval-start")
-    page.wait_for_function("() => /: running/.test(document.querySelector('#eval-status').innerText)",
-                           timeout=30_000)
-    name = re.search(r"(\S+): running", page.inner_text("#eval-status")).group(1)
+    name = start_evaluation(page, 50_000, 100)
     job = Job(roots.runs / "evaluations" / name)
     pid = job.latest()["pid"]
     server.terminate()

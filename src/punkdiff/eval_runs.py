@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from punkdiff.jobs import STATUS_TEXT, Job, JobFolder
+from punkdiff.jobs import Job, JobFolder
 from punkdiff.roots import PathOutsideRoots, Roots, resolve_dataset
 
 EVAL_LOG = "eval.log"
@@ -190,11 +190,7 @@ class EvalManager:
 
     def stop(self, name: str, timeout: float = 30.0) -> str:
         """Stop a running evaluation (its process group); what it wrote so far stays. Returns the new status."""
-        evaluation = self.get(name)
-        if not evaluation.job.is_running():
-            raise ValueError(f"{name} is not running ({STATUS_TEXT.get(evaluation.status(), evaluation.status())})")
-        evaluation.job.stop(timeout)
-        return evaluation.status()
+        return self.get(name).stop(timeout)
 
     def start(self, request: EvalRequest) -> Evaluation:
         """Run `punkdiff eval` for `request` in a new folder named after the model and the time."""

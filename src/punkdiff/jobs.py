@@ -275,6 +275,16 @@ class JobFolder:
     def name(self) -> str:
         return self.folder.name
 
+    def status(self) -> str:
+        return self.job.status() or "unknown"
+
+    def stop(self, timeout: float = 60.0) -> str:
+        """Stop this folder's job (SIGTERM, then SIGKILL after `timeout` s); what it wrote stays. The new status."""
+        if not self.job.is_running():
+            raise ValueError(f"{self.name} is not running ({STATUS_TEXT.get(self.status(), self.status())})")
+        self.job.stop(timeout)
+        return self.status()
+
     def request(self):
         """The request of the latest launch from the app (None for a folder the command line filled)."""
         launch = self.job.latest()

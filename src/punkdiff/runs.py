@@ -277,11 +277,10 @@ class RunManager:
 
     def stop(self, name: str, timeout: float = 120.0) -> str:
         """Stop a run (SIGTERM, then SIGKILL after `timeout` s); its checkpoints stay. Returns the new status."""
-        run = self.get(name)
-        if not run.job.is_running():
-            raise RunError(f"{name} is not running ({run.status()})")
-        run.job.stop(timeout)
-        return run.status()
+        try:
+            return self.get(name).stop(timeout)
+        except ValueError as err:
+            raise RunError(str(err)) from None
 
     def _check_capacity(self) -> None:
         active = self.active()
