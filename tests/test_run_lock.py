@@ -88,3 +88,24 @@ def test_only_the_main_process_claims_the_folder(tmp_path, monkeypatch, rank):
     monkeypatch.setenv("RANK", rank)
     assert run_lock.claim_output_dir(tmp_path / "out") is None
     assert not (tmp_path / "out").exists()
+
+
+def test_a_killed_runs_leftover_child_holding_the_lock_is_waited_for(tmp_path, capsys):
+    """A run killed with SIGKILL whose forked worker still holds the lock for two seconds: the next claim waits for
+    it and takes the folder over, instead of calling the folder in use by a run that is gone."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / run_lock.INFO_NAME).write_text(json.dumps(
+        {"pid": dead.pid, "host": socket.gethostname(), "started": time.time() - 60, "argv": ["train"]}))
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True);"
+        " time.sleep(2)"), str(tmp_path / run_lock.LOCK_NAME)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    try:
+        asked = time.monotonic()
+        assert run_lock.claim_output_dir(tmp_path) is None
+        assert time.monotonic() - asked > 1.0  # it waited for the holder to let go, not ran over it
+        assert f"(PID {dead.pid} on host {socket.gethostname()}" in capsys.readouterr().err
+    finally:
+        run_lock._release(tmp_path.absolute())
+        holder.wait()

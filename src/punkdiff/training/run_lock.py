@@ -30,6 +30,7 @@ from punkdiff.files import write_json
 
 LOCK_NAME = ".punkdiff-train.lock"
 INFO_NAME = ".punkdiff-train.lock.json"
+_LEFTOVER_WAIT_S = 10.0
 _held: dict[Path, FileLock] = {}  # folders this process owns, so a second run() in one process keeps its claim
 
 
@@ -52,7 +53,13 @@ def claim_output_dir(output_dir: str | os.PathLike[str]) -> str | None:
     try:
         lock.acquire()
     except Timeout:
-        return _busy_message(folder, read_owner(folder))
+        owner = read_owner(folder)
+        if owner is None or _alive(owner):
+            return _busy_message(folder, owner)
+        try:  # its run is gone, but processes it forked (data workers) hold the lock a moment longer
+            lock.acquire(timeout=_LEFTOVER_WAIT_S)
+        except Timeout:
+            return _busy_message(folder, owner) + " (that run is gone, but processes it started still hold the lock)"
     except OSError:  # a read-only folder: nothing can be written there, the writability check says so
         return None
     previous = read_owner(folder)
