@@ -29,6 +29,29 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def small_disk(tmp_path):
+    """`small_disk(kib)`: a real file system of that size (a tmpfs mounted in tmp_path), so a write fills it as a
+    full disk does; skipped, with the reason, where mounting is not allowed (not root, or a container without it)."""
+    import subprocess
+
+    mounted = []
+
+    def mount(kib: int) -> Path:
+        folder = tmp_path / f"disk-{len(mounted)}"
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs to fill ({done.stderr.strip() or 'mount failed'})")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.fixture
 def fresh_accelerate_state():
     """Accelerate keeps process-wide singletons; each in-process training run starts from a clean slate."""
     from tiny_training import reset_accelerate_state

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -33,6 +34,7 @@ if CHROMIUM is None:
 
 from punkdiff.cli import main as punkdiff  # noqa: E402
 from punkdiff.eval_runs import eval_available  # noqa: E402
+from punkdiff.jobs import Job  # noqa: E402
 from punkdiff.roots import Roots  # noqa: E402
 
 ARTIFACTS = Path(os.environ.get("PUNKDIFF_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
@@ -70,25 +72,37 @@ def roots(tmp_path_factory, punks_dir, mnist_dir) -> Roots:
 
 
 @pytest.fixture(scope="module")
-def url(roots):
+def server(roots):
     """`punkdiff ui` in its own process, as a person starts it (default host: 127.0.0.1; Gradio picks a free port
-    itself, so no other process can take it between a choice here and the server's bind)."""
+    itself, so no other process can take it between a choice here and the server's bind), started in a working
+    directory and with a temporary folder (TMPDIR) that do not hold the run root: Gradio serves only those two
+    unless told, so every file the page shows proves the app passed its run root on."""
     log_path = roots.runs.parent / "ui.log"
     log = open(log_path, "wb")  # noqa: SIM115 (closed at teardown)
+    elsewhere = roots.runs.parent / "elsewhere"
+    (elsewhere / "tmp").mkdir(parents=True)
     server = subprocess.Popen(
         [sys.executable, "-m", "punkdiff.cli", "ui", *[f"--data-root={p}" for p in roots.of("data")],
          "--run-root", str(roots.runs)],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=log, stderr=subprocess.STDOUT, cwd=elsewhere,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(elsewhere / "tmp")},
     )
     deadline = time.time() + 120
     while not (match := re.search(r"Running on local URL:\s+(http://127\.0\.0\.1:\d+)", log_path.read_text())):
         assert server.poll() is None, log_path.read_text()
         assert time.time() < deadline, "punkdiff ui did not open its port in 120 s"
         time.sleep(0.5)
-    yield match.group(1)
+    server.url = match.group(1)
+    server.log_path = log_path
+    yield server
     server.terminate()
-    server.wait(30)
+    server.wait(120)
     log.close()
+
+
+@pytest.fixture(scope="module")
+def url(server) -> str:
+    return server.url
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +149,17 @@ def expect_message(page, text: str) -> None:
     page.locator(".toast-body", has_text=text).first.wait_for(timeout=60_000)
     page.wait_for_function("() => { document.querySelectorAll('.toast-close').forEach(b => b.click());"
                            " return !document.querySelector('.toast-body'); }", timeout=30_000)
+
+
+def start_evaluation(page, samples: int, steps: int) -> str:
+    """Press Evaluate with these numbers; the running evaluation's folder name as its status shows it (Gradio may
+    prefix its own timer text, e.g. "0.1s")."""
+    set_number(page, "eval-samples", samples)
+    set_number(page, "eval-steps", steps)
+    page.click("#eval-start")
+    page.wait_for_function("() => /: running/.test(document.querySelector('#eval-status').innerText)",
+                           timeout=30_000)
+    return re.search(r"(\S+): running", page.inner_text("#eval-status")).group(1)
 
 
 def image_size(page, selector: str) -> tuple[int, int]:
@@ -204,6 +229,7 @@ def test_train_watch_stop_and_the_checkpoint_listed(page, mnist_dir):
                            ("train-sample-every", 5), ("train-checkpoint-every", 3), ("train-max-images", 64)]:
         set_number(page, elem_id, value)
     page.fill("#train-overrides textarea", "\n".join(TINY))
+    clicked = time.time()
     page.click("#train-start")
     page.wait_for_function("() => /browser-run: running/.test(document.querySelector('#run-status').innerText)",
                            timeout=30_000)
@@ -219,6 +245,13 @@ def test_train_watch_stop_and_the_checkpoint_listed(page, mnist_dir):
                            f" > {first}", timeout=LONG)
     page.wait_for_function("() => document.querySelector('#run-checkpoints').innerText.includes('checkpoint-')",
                            timeout=LONG)
+    # time left: the launch's average pace over 100,000 steps (losses arrive in bursts; the last burst's pace
+    # once read "about 0:01 left" for a run of hours)
+    page.wait_for_function("() => / left/.test(document.querySelector('#run-status').innerText)", timeout=LONG)
+    status = page.inner_text("#run-status")
+    shown = _seconds(re.search(r"about ([\d:]+) left", status).group(1))
+    honest = (100_000 - step()) * (time.time() - clicked) / step()
+    assert honest / 3 < shown < honest * 3, (status, honest)
     page.screenshot(path=page.artifacts / "train-running.png", full_page=True)
     page.click("#train-stop")
     page.wait_for_function("() => /browser-run: stopped by you/.test(document.querySelector('#run-status').innerText)",
@@ -260,14 +293,23 @@ def test_evaluate_the_model_to_its_report(page, roots):
     assert "is empty (no images or data files)" in page.inner_text("#eval-status")
     page.screenshot(path=page.artifacts / "evaluate-failed.png", full_page=True)
 
-    # the real thing: a few samples in a few steps, scored against the training data, to the report
+    # too many samples: refused with the cap; a long evaluation stopped from the page never blocks the next one
     reference.fill("data/punks-120")
     reference.press("Enter")
+    set_number(page, "eval-samples", 10**12)
     page.click("#eval-start")
-    page.wait_for_function("() => /: running/.test(document.querySelector('#eval-status').innerText)",
-                           timeout=30_000)
-    # the job's folder name as the status shows it (Gradio may prefix its own timer text, e.g. "0.1s")
-    name = re.search(r"(\S+): running", page.inner_text("#eval-status")).group(1)
+    expect_message(page, "number of samples must be at most 50,000")
+    long_one = start_evaluation(page, 50_000, 100)
+    page.screenshot(path=page.artifacts / "evaluate-running.png", full_page=True)
+    page.click("#eval-stop")
+    page.wait_for_function("() => /: stopped by you/.test(document.querySelector('#eval-status').innerText)",
+                           timeout=LONG)
+    assert Job(roots.runs / "evaluations" / long_one).status() == "stopped"
+    page.screenshot(path=page.artifacts / "evaluate-stopped.png", full_page=True)
+    page.wait_for_timeout(1100)  # evaluation folders are named by the second
+
+    # the real thing: a few samples in a few steps, scored against the training data, to the report
+    name = start_evaluation(page, 16, 3)
     # about a minute on 2 idle cores; several on a loaded machine (sampling, a classifier, the metrics)
     page.wait_for_function("() => /: finished/.test(document.querySelector('#eval-status').innerText)",
                            timeout=5 * LONG)
@@ -291,6 +333,31 @@ def test_evaluate_the_model_to_its_report(page, roots):
         assert width > 100 and image.get_attribute("src").startswith("data:image/png;base64,")
     page.screenshot(path=page.artifacts / "evaluate-report.png", full_page=True)
     assert not page.outside_requests
+
+
+def test_jobs_end_with_the_server(page, server, roots):
+    """The last test: an evaluation started from the page is stopped when the server is stopped (SIGTERM)."""
+    if not eval_available():
+        pytest.skip("this punkdiff has no `punkdiff eval`")
+    page.get_by_role("tab", name="Evaluate").click()
+    page.locator("#eval-reference input").fill("data/punks-120")
+    page.locator("#eval-reference input").press("Enter")
+    page.wait_for_timeout(1100)  # evaluation folders are named by the second
+    name = start_evaluation(page, 50_000, 100)
+    job = Job(roots.runs / "evaluations" / name)
+    pid = job.latest()["pid"]
+    server.terminate()
+    assert server.wait(120) == 0, server.log_path.read_text()[-3000:]
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert job.status() == "stopped"
+
+
+def _seconds(text: str) -> int:
+    """`M:SS` or `H:MM:SS`, as the Train tab prints a duration, in seconds."""
+    seconds = 0
+    for part in text.split(":"):
+        seconds = 60 * seconds + int(part)
+    return seconds
 
 
 def _format(value) -> str:

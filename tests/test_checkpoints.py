@@ -4,6 +4,7 @@ ever written of non-finite weights, and a failed write keeps the last good one."
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -91,6 +92,25 @@ def test_failed_checkpoint_write_keeps_the_last_good_one_and_says_so(mnist_dir, 
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2"]
     assert checkpoint_problem(tmp_path / "checkpoints" / "checkpoint-2") is None
     assert not (tmp_path / "pipeline").exists()
+
+
+def test_a_full_disk_during_a_checkpoint_removes_the_partial_one_and_says_how_much_is_needed(
+        mnist_dir, cache_dir, small_disk, capsys):
+    """A real full disk (1.7 MB): the run's space check passes (two checkpoints and the export of 40k parameters fit),
+    checkpoints 2 and 4 are written, and the writers (safetensors', torch's) fail inside checkpoint-6."""
+    out = small_disk(1700) / "run"
+    keep_all = ["--set", "train.checkpoints_total_limit=null"]  # the space check then counts one kept checkpoint
+    run = tiny_args(mnist_dir, cache_dir, out, "--max-steps", "8", "--checkpoint-every", "2", *keep_all)
+    assert train_main(run) == 1
+    printed = capsys.readouterr().out
+    assert f"could not write checkpoint-6: the disk holding {out / 'checkpoints'} is full (" in printed
+    needed = float(re.search(r"a checkpoint of this run needs about ([\d.]+) MB", printed).group(1))
+    written = sum(p.stat().st_size for p in (out / "checkpoints" / "checkpoint-4").rglob("*") if p.is_file())
+    assert needed == pytest.approx(written / 2**20, abs=0.05)  # the size of the last checkpoint
+    assert "the partial checkpoint was removed" in printed and "checkpoint-4 is kept" in printed
+    assert "Traceback" not in printed
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    assert not list((out / "checkpoints").glob(".tmp-*"))
 
 
 def test_non_finite_weights_are_never_checkpointed():

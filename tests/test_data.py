@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 from pathlib import Path
 
@@ -456,6 +457,56 @@ def test_interrupted_cache_write_leaves_no_truncated_cache(tmp_path, punks_dir, 
     (complete,) = cache.glob("*.npy")
     np.testing.assert_array_equal(np.load(complete), images.images.numpy())
     np.testing.assert_array_equal(np.load(complete), load(subset, spec("punks-24"), cache, use_cache=False).images)
+
+
+def test_a_full_disk_during_the_cache_decode_removes_the_partial_cache_and_says_how_much_is_needed(
+        small_disk, mnist_train):
+    disk = small_disk(1024)
+    with pytest.raises(DataError) as caught:
+        load(mnist_train.select(range(5000)), spec("mnist-baseline-16"), disk / "cache")
+    message = str(caught.value)
+    assert f"the disk holding {disk / 'cache'} is full (1 MB free): the decoded image cache needs about 1.2 MB" \
+        in message  # 5,000 images of 16 x 16 x 1 bytes
+    assert "the partial cache was removed" in message and "--cache-dir" in message and "--streaming" in message
+    assert list((disk / "cache").iterdir()) == []
+
+
+KILLED_DECODE = textwrap.dedent("""
+    import sys
+    import datasets
+    import punkdiff.data as data
+    from punkdiff.presets import get_preset
+    data.DECODE_CHUNK = 16  # many small chunks: the test kills the parent while the workers decode
+    punks = datasets.load_dataset(sys.argv[1], split="train")
+    data.load_training_images(punks, get_preset("punks-24").data, cache_dir=sys.argv[2], progress=False,
+                              num_workers=2)
+""")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_kill_9_during_the_decode_leaves_no_worker_and_the_next_start_removes_its_temporary_cache(
+        tmp_path, punks_dir, punks_train):
+    import psutil
+
+    cache = tmp_path / "cache"
+    run = subprocess.Popen([sys.executable, "-c", KILLED_DECODE, str(punks_dir), str(cache)],
+                           env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    parent = psutil.Process(run.pid)
+    deadline = time.time() + 120
+    while not (list(cache.glob("*.tmp.npy")) and len(parent.children()) >= 2):
+        assert run.poll() is None and time.time() < deadline, "the decode ended before it could be killed"
+        time.sleep(0.02)
+    workers = parent.children()
+    run.kill()
+    run.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=20)
+    assert not alive, f"decode workers outlived their parent: {alive}"
+    (left,) = cache.glob("*.tmp.npy")
+    assert left.stat().st_size > 10000 * 24 * 24 * 3 // 2  # full size: the file is allocated at the start
+    # the next start removes the dead process's temporary cache, then builds its own
+    images = load(punks_train.select(range(100)), spec("punks-24"), cache)
+    assert len(images) == 100
+    assert not list(cache.glob("*.tmp.npy*"))
 
 
 # --- errors name the item and the fix; nothing is silently dropped ------------------------------------

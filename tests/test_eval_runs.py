@@ -99,3 +99,49 @@ def test_more_steps_than_the_noise_schedule_are_refused_before_anything_starts(t
     with pytest.raises(ValueError, match="steps must be at most 100, the length of this model's noise schedule"):
         EvalManager(roots).start(EvalRequest(str(model), "/d", steps=101))
     assert EvalManager(roots).evaluations() == []
+
+
+def test_the_sample_count_is_capped_with_a_message():
+    from punkdiff.eval_runs import MAX_SAMPLES
+
+    assert EvalRequest("/m", "/d", num_samples=MAX_SAMPLES).check().num_samples == 50_000
+    for too_many in (MAX_SAMPLES + 1, 10**12):
+        with pytest.raises(ValueError, match=rf"number of samples must be at most 50,000 .* got {too_many:,}: run "
+                                             r"`punkdiff eval` from the command line for more"):
+            EvalRequest("/m", "/d", num_samples=too_many).check()
+
+
+@pytest.mark.skipif(not eval_available(), reason="this punkdiff has no `punkdiff eval`")
+def test_a_running_evaluation_stops_and_neither_a_stopped_a_dead_nor_a_finished_one_blocks_the_next(tmp_path):
+    """A stand-in for `punkdiff eval` (a Python process that sleeps, or exits) through the manager's command."""
+    import signal
+    import sys
+    import time
+
+    roots = Roots(runs=tmp_path / "runs")
+    model = _model_folder(tmp_path / "runs" / "a", None)
+    sleeper = EvalManager(roots, command=[sys.executable, "-c", "import time; time.sleep(3600)", "--"])
+    first = sleeper.start(EvalRequest(str(model), "/d"))
+    with pytest.raises(RuntimeError, match=f"an evaluation is already running \\({first.name}\\)"):
+        sleeper.start(EvalRequest(str(model), "/d"))
+    assert sleeper.stop(first.name) == "stopped"
+    with pytest.raises(ValueError, match=f"{first.name} is not running \\(stopped by you\\)"):
+        sleeper.stop(first.name)
+    time.sleep(1.1)  # evaluation folders are named by the second
+    dead = sleeper.start(EvalRequest(str(model), "/d"))
+    os.killpg(dead.job.latest()["pid"], signal.SIGKILL)  # killed from outside: it ends as failed, never blocks
+    deadline = time.time() + 30
+    while dead.job.is_running() and time.time() < deadline:
+        time.sleep(0.05)
+    assert dead.status() == "failed"
+    time.sleep(1.1)
+    finisher = EvalManager(roots, command=[sys.executable, "-c", "pass", "--"])
+    finished = finisher.start(EvalRequest(str(model), "/d"))
+    while finished.job.is_running() and time.time() < deadline:
+        time.sleep(0.05)
+    assert finished.status() == "finished"
+    time.sleep(1.1)
+    assert sleeper.start(EvalRequest(str(model), "/d")).job.is_running()
+    from punkdiff.jobs import stop_launched
+
+    stop_launched(timeout=10)

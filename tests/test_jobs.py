@@ -114,3 +114,36 @@ def test_a_job_found_after_a_restart(tmp_path):
     (folder / JOB_FILE).write_text(json.dumps({"launches": [record]}))
     assert job.is_running() and job.status() == "running"
     assert Job(Path(tmp_path / "never")).status() is None
+
+
+def test_jobs_end_with_the_process_that_launched_them(tmp_path):
+    """A server (here a plain Python process) launches a job that would run for an hour, then exits: the job is
+    stopped (SIGTERM, recorded as a stop) by the time the server has exited, and a SIGTERM to the server does too."""
+    server = f"""
+        import sys, time
+        from punkdiff.jobs import Job
+        job = Job.launch({str(tmp_path / 'j')!r}, [sys.executable, "-c", "import time; time.sleep(3600)"], "out.log")
+        print(job.latest()["pid"], flush=True)
+    """
+    import subprocess
+
+    done = subprocess.run(python(server), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    pid = int(done.stdout.split()[0])
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    job = Job(tmp_path / "j")
+    assert job.status() == "stopped" and job.latest()["returncode"] is not None
+
+
+def test_stop_launched_stops_every_running_job_at_once_and_leaves_finished_ones(tmp_path):
+    from punkdiff.jobs import _launched, stop_launched
+
+    sleeper = python("import time; time.sleep(3600)")
+    jobs = [Job.launch(tmp_path / f"j{i}", sleeper, "out.log") for i in range(2)]
+    done = Job.launch(tmp_path / "done", python("pass"), "out.log")
+    wait_for(lambda: done.status() == "finished")
+    started = time.time()
+    stop_launched(timeout=20)
+    assert time.time() - started < 15  # SIGTERM to all at once, not one timeout after another
+    assert [j.status() for j in jobs] == ["stopped", "stopped"] and done.status() == "finished"
+    _launched.clear()

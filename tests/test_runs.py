@@ -118,3 +118,22 @@ def test_runs_started_elsewhere_are_listed(tmp_path):
         manager.resume("from-cli")
     with pytest.raises(RunError, match="not running"):
         manager.stop("from-cli")
+
+
+def test_time_left_is_the_launchs_average_pace_not_the_last_burst():
+    """Losses arrive in bursts: 30 steps logged at once every 60 s of a 30-minute, 900-step run."""
+    from punkdiff.runs import _time_left
+
+    started = 1000.0
+    steps, walls = [], []
+    for burst in range(1, 6):  # 5 minutes in: 150 steps done
+        steps += list(range(30 * burst - 29, 30 * burst + 1))
+        walls += [started + 60.0 * burst] * 30
+    assert _time_left(steps, walls, 900, started) == pytest.approx(750 * 300 / 150)  # 25 minutes
+    # resumed at step 150: only this launch's steps count, at its own pace (twice as fast)
+    resumed = started + 1000
+    more = list(range(151, 211))
+    assert _time_left(steps + more, walls + [resumed + 60.0] * 60, 900, resumed) == pytest.approx(690 * 60 / 60)
+    # a command-line run: timed from its first logged step; nothing done yet: no estimate
+    assert _time_left(steps, walls, 900, None) == pytest.approx(750 * 240 / 149)  # steps 1..150 over 240 s
+    assert _time_left([30] * 1, [started + 60], 900, started + 60) is None

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from tiny_models import tiny_unet
 
 from punkdiff import studio
 from punkdiff.hub import ModelCardInfo, export_pipeline
-from punkdiff.presets import DDIM_ETA
+from punkdiff.presets import DDIM_ETA, DataSpec
 from punkdiff.roots import PathOutsideRoots, Roots
 from punkdiff.sampling import generate
 
@@ -185,3 +186,20 @@ def test_pictures_for_the_page():
     assert shown.getpixel((0, 0)) == (255, 0, 255) and shown.getpixel((0, 5)) == (10, 20, 30)
     strip = studio.side_by_side([image, shown], target=64, gap=8)
     assert strip.size == (64 * 2 + 8, 64)
+
+
+def test_model_info_reads_the_cards_yaml_header_not_its_text(tmp_path, roots):
+    """A model without its run: the preset and dataset come from the card's YAML header (`punkdiff:`), not from the
+    Markdown table, which a person may rewrite; a header that is not YAML leaves the defaults, and the model loads."""
+    folder = Path(shutil.copytree(roots.resolve("punky", "models"), tmp_path / "punky"))
+    card = (folder / "README.md").read_text()
+    assert "punkdiff:\n  preset: punks-24\n  dataset: huggingnft/cryptopunks\n" in card
+    (folder / "README.md").write_text(card.replace("| Preset | `punks-24` |", "| Preset | `mnist-baseline-16` |"))
+    info = studio.model_info(folder)
+    assert info.data.background == "#638596" and info.trained_on == "huggingnft/cryptopunks"
+    header_only = card.replace("preset: punks-24", "preset: celeba-64").split("\n---\n")[0] + "\n---\n# renamed\n"
+    (folder / "README.md").write_text(header_only)
+    assert studio.model_info(folder).data.center_crop  # celeba-64 prepares faces by a centre crop
+    (folder / "README.md").write_text("---\npunkdiff: [unclosed\n---\n| Preset | `punks-24` |\n")
+    info = studio.model_info(folder)
+    assert (info.data.background, info.trained_on) == (DataSpec().background, None)

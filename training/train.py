@@ -41,6 +41,7 @@ from punkdiff.data import (
 )
 from punkdiff.files import write_json
 from punkdiff.hub import ModelCardInfo, ModelFolderError, export_pipeline, push_to_hub
+from punkdiff.interrupts import exit_on_interrupt
 from punkdiff.presets import PresetError
 from punkdiff.training import TrainingError
 from punkdiff.training.arguments import build_train_parser, hub_model_id, resolve_training_config
@@ -67,13 +68,15 @@ from punkdiff.training.reporting import (
 )
 from punkdiff.training.resources import check_run_outputs, cpu_threads_warning, out_of_memory_message
 from punkdiff.training.resume import check_resume, remove_previous_run
+from punkdiff.training.run_lock import claim_output_dir
 from punkdiff.training.speed import build_optimizer, precision_for
 from punkdiff.training.step_log import StepLog
 from punkdiff.visuals import plot_loss_curve
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run(build_train_parser().parse_args(argv))
+    args = build_train_parser().parse_args(argv)
+    return exit_on_interrupt(lambda: run(args), "train", lambda: resume_hint(args.output_dir))  # Ctrl-C: 130
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     train_spec = preset.train
     output_dir = Path(args.output_dir)
+    if (busy := claim_output_dir(output_dir)) is not None:  # two runs in one folder would claim one pipeline/
+        print(f"error: {busy}", file=sys.stderr)
+        return 2
 
     # `--multi_gpu` on a machine without a GPU: one run over gloo, not N independent runs writing over each other
     several_cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()

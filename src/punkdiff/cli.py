@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from punkdiff.interrupts import exit_on_interrupt, process_start_time, written_since
 from punkdiff.presets import DDIM_ETA, MAX_SAMPLING_SEED  # light: no torch, so the parser builds fast
 
 
@@ -538,7 +539,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parsed: list[argparse.Namespace] = []
+
+    def run() -> int:
+        parsed.append(build_parser().parse_args(argv))
+        return _dispatch(parsed[0])
+
+    return exit_on_interrupt(run, lambda: f"punkdiff {parsed[0].command}" if parsed else "punkdiff",
+                             lambda: _kept(parsed[0]) if parsed else "nothing was written")
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except Exception as err:
@@ -546,6 +557,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"punkdiff {args.command}: {err}", file=sys.stderr)
         return 2
+
+
+def _kept(args: argparse.Namespace) -> str:
+    """What an interrupted command leaves: a run's last checkpoint, or the files this command wrote."""
+    if args.command == "train":
+        from punkdiff.training.checkpoints import resume_hint
+
+        return resume_hint(args.output_dir)
+    outputs = [getattr(args, name, None) for name in ("out", "out_dir", "gif", "output_dir")]
+    return written_since(outputs, process_start_time())
 
 
 def _is_user_error(err: Exception) -> bool:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageColor
 
+from punkdiff.files import disk_full_message, is_disk_full
 from punkdiff.presets import DataSpec
 
 if TYPE_CHECKING:
@@ -295,12 +296,29 @@ def _chunk_runner(workers: int):
         return
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
         try:
             yield pool.submit
         except BaseException:  # a bad image, Ctrl-C: stop the queued chunks too
             pool.shutdown(wait=True, cancel_futures=True)
             raise
+
+
+def _die_with_parent(parent: int) -> None:
+    """In a decode worker: exit when the process that started it dies, even by SIGKILL (no orphan keeps decoding).
+
+    On Linux the kernel sends SIGKILL at the parent's death (`PR_SET_PDEATHSIG`); elsewhere a worker notices at its
+    next chunk, when the queue to its parent breaks.
+    """
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
 
 
 def _decode_chunk(items: list[dict], start: int, column: str, transform: ImageTransform,
@@ -379,6 +397,7 @@ def load_training_images(
     ).hexdigest()[:24]
     path = Path(cache_dir or default_cache_dir()) / f"images-{key}.npy"
     expected = (len(dataset), transform.channels, transform.resolution, transform.resolution)
+    remove_stale_temporary_caches(path.parent)
     try:
         if path.exists() and not _usable_cache(path, expected):
             _remove_cache(path)
@@ -406,17 +425,41 @@ def _build_cache(path: Path, dataset, column: str, transform: ImageTransform, pr
     time), never a cache whose checksum is missing or stale.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+    tmp = path.with_suffix(f".{os.getpid()}{_TMP_SUFFIX}")
     tmp_checksum = _checksum_path(tmp)
     try:
         decode_images(dataset, column, transform, progress, into=tmp, num_workers=num_workers)
         tmp_checksum.write_text(json.dumps({"xxh3_128": file_digest(tmp), "bytes": tmp.stat().st_size}))
         os.replace(tmp_checksum, _checksum_path(path))
         os.replace(tmp, path)
-    except BaseException:  # full disk, Ctrl-C: leave neither a truncated cache nor a stray temp file
+    except BaseException as err:  # full disk, Ctrl-C: leave neither a truncated cache nor a stray temp file
         tmp.unlink(missing_ok=True)
         tmp_checksum.unlink(missing_ok=True)
+        if isinstance(err, Exception) and is_disk_full(err):
+            needed = len(dataset) * transform.channels * transform.resolution ** 2
+            raise DataError(
+                f"{disk_full_message(path.parent, needed, 'the decoded image cache')}; the partial cache was removed. "
+                "Free some space, pass --cache-dir (or set PUNKDIFF_CACHE) to a disk with room, or train with "
+                "--streaming (no cache)") from err
         raise
+
+
+_TMP_SUFFIX = ".tmp.npy"  # images-<key>.<pid>.tmp.npy while a process decodes into it
+
+
+def remove_stale_temporary_caches(cache_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temporary caches (and checksums) of decodes whose process is gone (a `kill -9`, a power cut):
+    each is as large as the finished cache would be. Returns what was removed."""
+    import psutil
+
+    removed = []
+    for tmp in Path(cache_dir).glob(f"images-*.*{_TMP_SUFFIX}*"):
+        pid = tmp.name.split(".")[1]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            with contextlib.suppress(OSError):  # a folder this process may only read: left for its owner
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
 
 
 def _checksum_path(cache: Path) -> Path:

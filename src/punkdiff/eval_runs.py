@@ -34,6 +34,8 @@ EVAL_LOG = "eval.log"
 _IMAGE_LINK = re.compile(r"(!\[[^\]]*\]\()([^)\s]+)(\))|(<img\b[^>]*?\bsrc=[\"'])([^\"']+)([\"'])")
 _MIME = {".png": "image/png", ".gif": "image/gif", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 SCHEDULERS = ("ddim", "ddpm", "dpm++")
+# 50,000 is the count FID is usually reported at; more only makes one evaluation hold the machine for days
+MAX_SAMPLES = 50_000
 
 
 def eval_available() -> bool:
@@ -105,6 +107,9 @@ class EvalRequest:
         for label, value, low in (("number of samples", self.num_samples, 2), ("steps", self.steps, 1)):
             if not float(value).is_integer() or value < low:
                 raise ValueError(f"{label} must be a whole number of at least {low}, got {value}")
+        if self.num_samples > MAX_SAMPLES:
+            raise ValueError(f"number of samples must be at most {MAX_SAMPLES:,} (the count FID is reported at), got "
+                             f"{self.num_samples:,}: run `punkdiff eval` from the command line for more")
         return self
 
     def flags(self, out: Path) -> list[str]:
@@ -182,6 +187,10 @@ class EvalManager:
         if folder.parent != self.folder.resolve() or not folder.is_dir():
             raise FileNotFoundError(f"no evaluation named {name!r}")
         return Evaluation(folder)
+
+    def stop(self, name: str, timeout: float = 30.0) -> str:
+        """Stop a running evaluation (its process group); what it wrote so far stays. Returns the new status."""
+        return self.get(name).stop(timeout)
 
     def start(self, request: EvalRequest) -> Evaluation:
         """Run `punkdiff eval` for `request` in a new folder named after the model and the time."""

@@ -15,8 +15,10 @@ temporary file beside the target (created exclusively, so a planted link at the 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,3 +60,28 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
 def write_json(path: str | os.PathLike[str], data: Any, *, indent: int | None = 2, sort_keys: bool = False) -> None:
     """Write `data` as JSON atomically; values JSON cannot hold (paths, dates) are written as strings."""
     write_text(path, json.dumps(data, indent=indent, sort_keys=sort_keys, default=str) + "\n")
+
+
+# how writers that are not Python's own say "disk full": torch's zip writer, safetensors' Rust writer
+_FULL_DISK_WORDS = ("no space left on device", "disk quota exceeded", "file write failed")
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether `err` (an `OSError`, or the `RuntimeError` of torch's or safetensors' writer) means a full disk."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(word in str(err).lower() for word in _FULL_DISK_WORDS)
+
+
+def disk_full_message(folder: str | os.PathLike[str], needed: int, what: str) -> str:
+    """`the disk holding FOLDER is full (X MB free): WHAT needs about Y MB`, for a write that failed on a full disk."""
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**20:.0f} MB free"
+    except OSError:
+        free = "free space unknown"
+    return f"the disk holding {folder} is full ({free}): {what} needs about {max(needed, 1) / 2**20:.1f} MB"
+
+
+def folder_bytes(folder: str | os.PathLike[str]) -> int:
+    """The bytes of the files under `folder` (0 if it is gone)."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file()) if Path(folder).is_dir() else 0

@@ -94,6 +94,7 @@ def render_model_card(info: ModelCardInfo, *, has_samples: bool = False) -> str:
         tags=["diffusers", "unconditional-image-generation", "ddpm", "punkdiff", *info.tags],
         model_name=model_name if eval_results else None,
         eval_results=eval_results or None,
+        punkdiff={"preset": info.preset, "dataset": _dataset_name(info.dataset)},  # read back by the web app
     )
     template = resources.files("punkdiff.model_cards").joinpath("template.md").read_text(encoding="utf-8")
     card = ModelCard.from_template(

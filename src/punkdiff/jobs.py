@@ -2,7 +2,9 @@
 
 The web app starts training and evaluation this way, so a run outlives a browser tab, a crash in it never
 takes the server down, and the app can be restarted without losing track: everything about a job is in
-its folder (`job.json` and the captured log), not in the server's memory.
+its folder (`job.json` and the captured log), not in the server's memory. A job does not outlive the server
+that launched it: when that process exits, `stop_launched` stops its jobs as `Job.stop` does (a training run
+saves a checkpoint first), so no evaluation keeps a machine busy that nobody watches.
 
 Example:
     >>> job = Job.launch(Path("runs/demo"), ["punkdiff", "train", "--preset", "mnist-fast-16"], log_name="train.log")
@@ -14,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -45,6 +48,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _CLI_ERROR = re.compile(r"^punkdiff [a-z]+: ")  # how `punkdiff COMMAND` reports a mistake the user can fix
 _write_lock = threading.Lock()
 _watched: set[int] = set()  # pids whose exit a watcher thread of this process is about to record
+_launched: list[Job] = []  # the jobs this process started, stopped when it exits
 
 
 class Job:
@@ -97,6 +101,9 @@ class Job:
         }
         job._update(lambda data: data.setdefault("launches", []).append(launch))
         _watched.add(process.pid)
+        if not _launched:
+            atexit.register(stop_launched)
+        _launched.append(job)
         threading.Thread(target=job._watch, args=(process,), daemon=True, name=f"job-{process.pid}").start()
         return job
 
@@ -147,21 +154,16 @@ class Job:
         SIGTERM gives the training loop the chance to save a checkpoint before it exits; checkpoints already
         on disk are never touched either way (they are written to a temporary folder and renamed).
         """
-        launch = self.latest()
-        if launch is None or not self.is_running():
-            return self.status()
-        self._update(lambda data: data["launches"][-1].update(stop_requested=True))
-        pgid = launch["pid"]  # start_new_session: the group id is the leader's pid
-        _signal_group(pgid, signal.SIGTERM)
-        deadline = time.time() + timeout
-        while time.time() < deadline and self.is_running():
-            time.sleep(0.2)
-        if self.is_running():
-            _signal_group(pgid, signal.SIGKILL)
-            while self.is_running():
-                time.sleep(0.1)
-        self._wait_recorded()
+        stop_jobs([self], timeout)
         return self.status()
+
+    def send(self, sig: signal.Signals) -> None:
+        """Send `sig` to the job's process group if it runs; a SIGTERM is recorded as a stop the user asked for."""
+        launch = self.latest()
+        if launch is not None and self.is_running():
+            if sig == signal.SIGTERM:
+                self._update(lambda data: data["launches"][-1].update(stop_requested=True))
+            _signal_group(launch["pid"], sig)  # start_new_session: the group id is the leader's pid
 
     def log_tail(self, max_lines: int = 30, max_bytes: int = 65536) -> str:
         """The end of the captured log as a terminal would show it: each progress bar at its last state."""
@@ -222,6 +224,28 @@ class Job:
             write_json(path, data)
 
 
+def stop_launched(timeout: float = 60.0) -> None:
+    """Stop every job this process launched that still runs (see `stop_jobs`). Registered with `atexit` at the
+    first launch; the web app also calls it when its server closes."""
+    stop_jobs(_launched, timeout)
+
+
+def stop_jobs(jobs: Sequence[Job], timeout: float = 60.0) -> None:
+    """SIGTERM every running job at once, wait up to `timeout` s, SIGKILL what is left, and wait for the exits."""
+    running = [job for job in jobs if job.is_running()]
+    for job in running:
+        job.send(signal.SIGTERM)
+    deadline = time.time() + timeout
+    while time.time() < deadline and any(job.is_running() for job in running):
+        time.sleep(0.2)
+    for job in running:
+        job.send(signal.SIGKILL)
+    for job in running:
+        while job.is_running():
+            time.sleep(0.1)
+        job._wait_recorded()
+
+
 def _create_time(pid: int) -> float | None:
     try:
         return psutil.Process(pid).create_time()
@@ -250,6 +274,16 @@ class JobFolder:
     @property
     def name(self) -> str:
         return self.folder.name
+
+    def status(self) -> str:
+        return self.job.status() or "unknown"
+
+    def stop(self, timeout: float = 60.0) -> str:
+        """Stop this folder's job (SIGTERM, then SIGKILL after `timeout` s); what it wrote stays. The new status."""
+        if not self.job.is_running():
+            raise ValueError(f"{self.name} is not running ({STATUS_TEXT.get(self.status(), self.status())})")
+        self.job.stop(timeout)
+        return self.status()
 
     def request(self):
         """The request of the latest launch from the app (None for a folder the command line filled)."""

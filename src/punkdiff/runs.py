@@ -162,11 +162,8 @@ class Run(JobFolder):
         if not steps:
             return RunProgress(total=total)
         eta = None
-        if total is not None and self.status() == "running" and len(steps) > 1:
-            recent = slice(max(0, len(steps) - 20), len(steps))
-            span = walls[recent][-1] - walls[recent][0]
-            done = steps[recent][-1] - steps[recent][0]
-            eta = (total - steps[-1]) * span / done if done > 0 and span > 0 else None
+        if total is not None and self.status() == "running":
+            eta = _time_left(steps, walls, total, (self.job.latest() or {}).get("started"))
         speed = sum(speeds[-10:]) / len(speeds[-10:]) if speeds else None
         return RunProgress(steps[-1], total, losses[-1], speed, eta, steps, losses)
 
@@ -280,11 +277,10 @@ class RunManager:
 
     def stop(self, name: str, timeout: float = 120.0) -> str:
         """Stop a run (SIGTERM, then SIGKILL after `timeout` s); its checkpoints stay. Returns the new status."""
-        run = self.get(name)
-        if not run.job.is_running():
-            raise RunError(f"{name} is not running ({run.status()})")
-        run.job.stop(timeout)
-        return run.status()
+        try:
+            return self.get(name).stop(timeout)
+        except ValueError as err:
+            raise RunError(str(err)) from None
 
     def _check_capacity(self) -> None:
         active = self.active()
@@ -302,6 +298,21 @@ class RunManager:
         ]
         Job.launch(folder, argv, RUN_LOG, meta={"request": asdict(request)})
         return Run(folder)
+
+
+def _time_left(steps: list[int], walls: list[float], total: int, started: float | None) -> float | None:
+    """Seconds left at the average pace since this launch started: steps done over the wall time they took.
+
+    Losses reach the log in bursts (every few steps, all at once), so the pace between the last few points says
+    nothing; the whole launch's pace does, start-up and checkpoints included. A run started from the command line
+    (no launch time) is timed from its first logged step.
+    """
+    if started is None:
+        since, base = walls[0], steps[0]
+    else:  # a resumed launch: the steps logged before it are not its own
+        since, base = started, max((s for s, w in zip(steps, walls, strict=True) if w < started), default=0)
+    done, spent = steps[-1] - base, walls[-1] - since
+    return (total - steps[-1]) * spent / done if done > 0 and spent > 0 else None
 
 
 _SCALAR_CACHE: dict[Path, Any] = {}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import threading
 import time
 import uuid
@@ -26,6 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
 
 from punkdiff.data import BUILTIN_DATASETS, ImageTransform, load_image_dataset
@@ -173,12 +173,19 @@ def _training_data_spec(folder: Path) -> tuple[DataSpec, str | None]:
         data = json.loads(summary.read_text())["config"]["data"]
         return DataSpec(**{k: v for k, v in data.items() if k in DataSpec.__dataclass_fields__}), data.get("dataset")
     card = folder / "README.md"
-    if card.is_file():
-        text = card.read_text(errors="replace")
-        preset = re.search(r"\| Preset \| `([\w.-]+)` \|", text)
-        dataset = re.search(r"\| Dataset \| (.+?) \|", text)
-        if preset and preset.group(1) in PRESETS:
-            return replace(PRESETS[preset.group(1)].data), dataset.group(1) if dataset else None
+    if card.is_file():  # a model without its run: the card's YAML header names the preset and the data
+        from huggingface_hub import ModelCard
+
+        try:
+            header = ModelCard.load(card).data.to_dict()
+        except (ValueError, OSError, yaml.YAMLError):  # a header that is not YAML: the model still loads
+            return DataSpec(), None
+        meta = header.get("punkdiff") if isinstance(header.get("punkdiff"), dict) else {}
+        listed = header.get("datasets")
+        preset = meta.get("preset")
+        dataset = meta.get("dataset") or (listed[0] if isinstance(listed, list) and listed else None)
+        if isinstance(preset, str) and preset in PRESETS:
+            return replace(PRESETS[preset].data), dataset if isinstance(dataset, str) else None
     return DataSpec(), None
 
 

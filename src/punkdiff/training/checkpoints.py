@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from punkdiff.files import disk_full_message, folder_bytes, is_disk_full
 from punkdiff.training import TrainingError
+from punkdiff.training.resources import CHECKPOINT_BYTES_PER_PARAMETER
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -150,14 +152,29 @@ def save_checkpoint(
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-    except OSError as err:  # a full disk, a read-only or vanished folder: keep what was good, say so
-        shutil.rmtree(tmp, ignore_errors=True)
+    except Exception as err:  # a full disk (an OSError, or torch's or safetensors' writer), a read-only folder
+        if not isinstance(err, OSError) and not is_disk_full(err):
+            raise
+        written = folder_bytes(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint would keep the disk full
+        if is_disk_full(err):
+            previous = list_checkpoints(output_dir)
+            needed = folder_bytes(previous[-1]) if previous else max(written, _state_bytes(accelerator))
+            raise TrainingError(
+                f"could not write {final.name}: {disk_full_message(root, needed, 'a checkpoint of this run')}; the "
+                f"partial checkpoint was removed. Free some space, lower --checkpoints-total-limit or choose another "
+                f"--output-dir; {resume_hint(output_dir)}") from err
         raise TrainingError(f"could not write {final.name} ({err}); {resume_hint(output_dir)}") from err
     if accelerator.is_main_process and total_limit:
         for old in list_checkpoints(output_dir)[:-total_limit]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _state_bytes(accelerator: Accelerator) -> int:
+    """About the size of one checkpoint: float32 weights, AdamW's two moments and the EMA weights, per parameter."""
+    return CHECKPOINT_BYTES_PER_PARAMETER * sum(p.numel() for model in accelerator._models for p in model.parameters())
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path, noise_rng: torch.Generator) -> None:

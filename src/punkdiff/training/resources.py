@@ -15,7 +15,7 @@ from punkdiff.presets import Preset, count_parameters
 from punkdiff.training import TrainingError
 
 # bytes per parameter in one checkpoint: float32 weights, AdamW's two moments, float32 EMA weights
-_CHECKPOINT_BYTES_PER_PARAMETER = 4 + 8 + 4
+CHECKPOINT_BYTES_PER_PARAMETER = 4 + 8 + 4
 
 
 def check_writable(folder: str | os.PathLike[str], what: str) -> Path:
@@ -63,7 +63,7 @@ def check_run_outputs(output_dir: str | os.PathLike[str], cache_dir: str | os.Pa
     check_not_under_a_file(cache_dir, "--cache-dir")
     parameters = count_parameters(preset.model)
     kept = (preset.train.checkpoints_total_limit or 1) + 1
-    needed = parameters * (_CHECKPOINT_BYTES_PER_PARAMETER * kept + 4)
+    needed = parameters * (CHECKPOINT_BYTES_PER_PARAMETER * kept + 4)
     free = shutil.disk_usage(output_dir).free
     if free < needed:
         raise TrainingError(
