@@ -27,12 +27,12 @@ RESULTS = REPO / "benchmarks" / "results"
 # a preset's Hub dataset -> the folder of its offline mirror under the datasets root
 MIRRORS = {"ylecun/mnist": "mnist", "huggingnft/cryptopunks": "cryptopunks", "nielsr/CelebA-faces": "celeba-faces"}
 
-# Configurations that are not presets, as a preset plus overrides. `mnist-32-issue` is the UNet of issue 12's
-# measurements: channels 32/64/64, 2 layers per block, attention at the middle (16 px) level and in the mid
-# block, 1.62 M parameters, 0.75 GFLOP per image forward, MNIST at 32 px, batch 64.
+# Configurations that are not presets, as a preset plus overrides. `mnist-32-bench` is the UNet the training and
+# sampling comparisons share: channels 32/64/64, 2 layers per block, attention at the middle (16 px) level and in
+# the mid block, 1.62 M parameters, 0.75 GFLOP per image forward, MNIST at 32 px, batch 64.
 CONFIGS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
-    "mnist-32-issue": ("mnist-baseline-16", {
-        "name": "mnist-32-issue",
+    "mnist-32-bench": ("mnist-baseline-16", {
+        "name": "mnist-32-bench",
         "model": {"sample_size": 32, "layers_per_block": 2, "attention_resolutions": (16,), "mid_attention": True,
                   "norm_num_groups": 32},
         "data": {"resolution": 32},
@@ -317,6 +317,58 @@ def wait_for_quiet(max_load: float, timeout_s: float, log: Callable[[str], None]
         log(f"load {load:.2f} > {max_load}: waiting")
         time.sleep(min(30.0, max(0.0, deadline - time.monotonic())))
     return load
+
+
+class LoadWatch:
+    """The machine's 1-minute load average before, during and after a timed run, and whether a ratio may be trusted.
+
+    A benchmark's own threads raise the load by about their number; anything above `max_load + own_threads +
+    margin` at any sample means another job shared the cores during the run, so ratios measured then are refused.
+
+    Examples:
+        ```py
+        >>> watch = LoadWatch(max_load=0.5, timeout_s=900, log=print).wait()
+        >>> ...  # each repeat: watch.sample()
+        >>> watch.refusal(own_threads=2)   # None: quiet throughout
+        ```
+    """
+
+    def __init__(self, max_load: float, timeout_s: float, log: Callable[[str], None], margin: float = 0.5,
+                 checked: bool = True) -> None:
+        self.max_load, self.timeout_s, self.log, self.margin, self.checked = max_load, timeout_s, log, margin, checked
+        self.start: float | None = None
+        self.samples: list[float] = []
+
+    def wait(self) -> LoadWatch:
+        """Wait for the load to drop to `max_load` (not when unchecked); record it."""
+        self.start = wait_for_quiet(self.max_load, self.timeout_s, self.log) if self.checked else os.getloadavg()[0]
+        if self.checked and self.start > self.max_load:
+            self.log(f"load {self.start:.2f} still above {self.max_load} after {self.timeout_s:.0f} s: measuring "
+                     "anyway, but no ratio will be reported")
+        return self
+
+    def sample(self) -> float:
+        load = os.getloadavg()[0]
+        self.samples.append(load)
+        return load
+
+    def refusal(self, own_threads: int) -> str | None:
+        """Why ratios from this run must not be reported (None: the machine stayed quiet)."""
+        if not self.checked:
+            return "the load was not checked (--skip-load-wait)"
+        if self.start is not None and self.start > self.max_load:
+            return f"the load was {self.start:.2f} at the start, above --max-load {self.max_load}"
+        limit = self.max_load + own_threads + self.margin
+        peak = max(self.samples, default=0.0)
+        if peak > limit:
+            return (f"the load rose to {peak:.2f} during the run, above {limit:.2f} (--max-load {self.max_load} + "
+                    f"{own_threads} benchmark thread(s) + {self.margin}): another job shared the cores")
+        return None
+
+    def record(self) -> dict[str, Any]:
+        return {"loadavg_start": self.start, "loadavg_samples": self.samples,
+                "loadavg_end": self.samples[-1] if self.samples else None, "max_load": self.max_load,
+                "load_checked": self.checked}
 
 
 # ---- the machine ----------------------------------------------------------------------------------------
