@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import gc
 import io
-import json
 import shutil
 import statistics
 import sys
@@ -523,18 +522,13 @@ def main(argv: list[str] | None = None) -> int:
               "options": asdict(base), "contenders": contenders, "machine": info,
               "wall_s": time.perf_counter() - wall, "ratios_refused": refused, "results": results}
     out = args.out or RESULTS / f"train-{torch.device(args.device).type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(table(results, show_ratios=refused is None or not watch.checked))
-    print(f"\n{base.warmup_steps} warm-up + {base.steps} timed steps per run, {base.repeats} interleaved repeats, "
-          f"medians; ratios are medians of per-repeat ratios."
-          f"{' channels_last;' if base.channels_last else ''}{' compile;' if base.compile else ''} "
-          f"load {watch.start:.2f} -> {info['loadavg_end'] or 0:.2f} (peak {max(watch.samples, default=0):.2f}); "
-          f"wall {report['wall_s']:.0f} s; JSON: {out}")
-    if refused:
-        print(f"ratios {'not checked' if not watch.checked else 'refused'}: {refused}")
-    return 3 if refused and watch.checked else 0
-
+    note = (f"\n{base.warmup_steps} warm-up + {base.steps} timed steps per run, {base.repeats} interleaved repeats, "
+            f"medians; ratios are medians of per-repeat ratios."
+            f"{' channels_last;' if base.channels_last else ''}{' compile;' if base.compile else ''} "
+            f"load {watch.start:.2f} -> {info['loadavg_end'] or 0:.2f} (peak {max(watch.samples, default=0):.2f}); "
+            f"wall {report['wall_s']:.0f} s; JSON: {out}")
+    return watch.report(out, report, table(results, show_ratios=refused is None or not watch.checked), note, refused,
+                        "ratios")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,6 +6,7 @@ Not part of the package: `bench_data.py`, `bench_train.py` and `bench_sample.py`
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -369,6 +370,18 @@ class LoadWatch:
         return {"loadavg_start": self.start, "loadavg_samples": self.samples,
                 "loadavg_end": self.samples[-1] if self.samples else None, "max_load": self.max_load,
                 "load_checked": self.checked}
+
+    def report(self, out: Path, report: dict[str, Any], table: str, note: str, refused: str | None,
+               what: str) -> int:
+        """Write `report` as JSON to `out`, print the table, the note and why `what` (ratios, figures) are refused;
+        the exit status: 3 when they are refused, 0 otherwise (and for an unchecked smoke run)."""
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(table)
+        print(note)
+        if refused:
+            print(f"{what} {'not checked' if not self.checked else 'refused'}: {refused}")
+        return 3 if refused and self.checked else 0
 
 
 # ---- the machine ----------------------------------------------------------------------------------------
