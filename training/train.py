@@ -4,8 +4,9 @@
     accelerate launch --multi_gpu --num_processes 2 training/train.py --preset punks-32 ...
     punkdiff train ...            (same parser, same loop, one process)
 
-What the loop calls lives in `punkdiff.training`, one module per concern (arguments, resume, checkpoints, loss,
-progress, previews, monitor, reporting).
+What the loop calls lives in `punkdiff.training`, one module per concern (arguments, launch, batches, optimization,
+resume, checkpoints, loss, step_log, progress, previews, monitor, reporting, export); the loop body itself (forward,
+loss, backward, clip, step, EMA, and when to log, check, checkpoint and preview) stays here.
 """
 
 from __future__ import annotations
