@@ -122,9 +122,9 @@ def run(args: argparse.Namespace) -> int:
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:  # the norm stays on the device until the step log reads it
                         grad_norm = parts.clip_grad_norm_(parts.parameters, train_spec.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    lr_scheduler.step()  # Accelerate's: counts micro-batches, advances the LR once per step
                 step_log.add_loss(loss.detach())
                 progress.images_seen += clean.shape[0] * accelerator.num_processes
                 if not accelerator.sync_gradients:

@@ -1,8 +1,12 @@
 """What the loop optimizes: the UNet, its noise schedule, AdamW, the LR schedule and the EMA, prepared by Accelerate.
 
-The prepared objects are what the loop steps; `unet` and `parameters` are the underlying module and its parameter
-list, taken once here, so that the per-step EMA update and gradient clipping do not walk Accelerate's wrappers (or
-the module tree) again on every step.
+Accelerate prepares everything (and saves and restores it with each checkpoint); the loop steps the plainest object
+that does the same work. `unet` and `parameters` are the underlying module and its parameter list, taken once, so
+the per-step EMA update and gradient clipping do not walk the module tree again. Where Accelerate's optimizer and
+clipping wrappers would only call through (one process or DDP, no fp16 loss scaler), the loop calls AdamW and
+`torch.nn.utils.clip_grad_norm_` itself, once per optimizer step: the same arithmetic on the same tensors, without
+the wrappers' per-call look-ups (an installed-package probe per step, a signature inspection per `zero_grad`, a walk
+over every gradient looking for sharded ones).
 """
 
 from __future__ import annotations
@@ -34,8 +38,8 @@ class Trainables:
     parameters: list[torch.nn.Parameter]
     train_forward: Callable[..., Any]  # `model`, or its compiled forward (`--compile`)
     noise_scheduler: DDPMScheduler
-    optimizer: torch.optim.Optimizer
-    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    optimizer: torch.optim.Optimizer  # stepped once per optimizer step: AdamW itself, or Accelerate's wrapper
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler  # Accelerate's: stepped every micro-batch
     ema: EMAModel | None
     clip_grad_norm_: Callable[..., torch.Tensor]
     max_steps: int
@@ -87,24 +91,22 @@ def build_trainables(preset: Preset, accelerator: Accelerator, updates_per_epoch
         )
         ema.to(accelerator.device)
         register_ema_hooks(accelerator, ema)
+    plain = wrappers_only_call_through(accelerator)
     return Trainables(
         model=model, unet=unet, parameters=list(unet.parameters()), train_forward=train_forward,
-        noise_scheduler=noise_scheduler, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
-        clip_grad_norm_=gradient_clipper(accelerator), max_steps=max_steps,
-        num_epochs=math.ceil(max_steps / updates_per_epoch),
+        noise_scheduler=noise_scheduler, optimizer=optimizer.optimizer if plain else optimizer,
+        lr_scheduler=lr_scheduler, ema=ema,
+        clip_grad_norm_=torch.nn.utils.clip_grad_norm_ if plain else accelerator.clip_grad_norm_,
+        max_steps=max_steps, num_epochs=math.ceil(max_steps / updates_per_epoch),
     )
 
 
-def gradient_clipper(accelerator: Accelerator) -> Callable[..., torch.Tensor]:
-    """`torch.nn.utils.clip_grad_norm_` where Accelerate's wrapper would only call it (one process or DDP, no fp16
-    loss scaler), else `accelerator.clip_grad_norm_` (unscaling, FSDP, DeepSpeed, XLA).
-
-    Both return the total norm as a device tensor (no host synchronisation). The wrapper walks every parameter to
-    look for sharded (DTensor) gradients on each call; the plain function clips the same list the same way.
-    """
+def wrappers_only_call_through(accelerator: Accelerator) -> bool:
+    """Whether Accelerate's optimizer step, `zero_grad` and `clip_grad_norm_`, called once per optimizer step, only
+    call AdamW's and torch's: one process or DDP (gradients already all-reduced by `backward`) and no fp16 loss
+    scaler to unscale. FSDP, DeepSpeed, XLA and fp16 keep the wrappers. Either way the clipped norm stays a device
+    tensor (no host synchronisation)."""
     from accelerate.utils import DistributedType
 
     plain = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
-    if accelerator.scaler is None and accelerator.distributed_type in plain:
-        return torch.nn.utils.clip_grad_norm_
-    return accelerator.clip_grad_norm_
+    return accelerator.scaler is None and accelerator.distributed_type in plain
