@@ -83,7 +83,7 @@ def test_bench_train_refuses_its_ratios_when_another_job_loads_the_machine(bench
     assert "ratios refused: the load rose to 6.00" in printed and "punkdiff/bare per repeat" not in printed
 
 
-def test_profile_step_finds_no_per_step_accelerate_unwrap_or_clip_wrapper_in_punkdiffs_loop(mnist_dir, tmp_path):
+def test_profile_step_finds_no_per_step_accelerate_wrappers_in_punkdiffs_loop(mnist_dir, tmp_path):
     sys.path.insert(0, str(BENCHMARKS))
     try:
         import profile_step
@@ -97,8 +97,10 @@ def test_profile_step_finds_no_per_step_accelerate_unwrap_or_clip_wrapper_in_pun
     punkdiff, bare = row["punkdiff"]["costs_ms"], row["bare"]["costs_ms"]
     for cost in ("forward (UNet)", "backward", "optimizer step (AdamW)", "EMA", "grad norm + clip"):
         assert punkdiff[cost] > 0 and bare[cost] > 0, cost  # both loops' work is found where it is done
-    # the loop clips and updates the EMA on the parameter list taken once, not through Accelerate's wrappers
+    # the loop clips, steps AdamW and updates the EMA on the parameter list taken once, not through Accelerate's
+    # wrappers (one process, no fp16 scaler: they would only call through)
     assert punkdiff["clip wrapper (Accelerate)"] == 0 and punkdiff["unwrap_model (Accelerate)"] == 0
+    assert punkdiff["optimizer wrapper (Accelerate)"] == 0
     assert punkdiff["noise + timesteps"] > 0 and bare["step log (on device; read every N steps)"] == 0
 
 
