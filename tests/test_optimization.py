@@ -1,4 +1,4 @@
-"""What the loop optimizes (`punkdiff.training.optimization`): Accelerate prepares it, the loop steps the plain parts."""
+"""What the loop optimizes (`punkdiff.training.optimization`): prepared by Accelerate, stepped plainly."""
 
 from __future__ import annotations
 
