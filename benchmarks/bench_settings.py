@@ -33,7 +33,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from benchlib import DEFAULT_DATASETS, RESULTS, LoadWatch, StepClock, bench_preset, log, machine, mirror, rotated
+from benchlib import (
+    DEFAULT_DATASETS,
+    RESULTS,
+    LoadWatch,
+    add_load_arguments,
+    bench_preset,
+    log,
+    machine,
+    mirror,
+    rotated,
+)
 
 from punkdiff.training.speed import cpu_has_native_bf16
 
@@ -83,6 +93,8 @@ def run_setting(preset: str, setting: str, args: argparse.Namespace, workdir: Pa
 
 def worker(marks: Path, flags: list[str]) -> int:
     """Inside `accelerate launch`: train with `flags`, the first process writing each optimizer step's end time."""
+    from benchlib import StepClock
+
     from punkdiff.scripts.train import main as train_main
 
     clock = StepClock(torch.device("cpu"))
@@ -116,9 +128,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=10)
     p.add_argument("--steps", type=int, default=100, help="timed optimizer steps per run")
     p.add_argument("--repeats", type=int, default=1, help="interleaved repeats (medians reported)")
-    p.add_argument("--max-load", type=float, default=0.5, help="wait until the 1-minute load average is at most this")
-    p.add_argument("--wait-s", type=float, default=900.0, help="wait at most this long for the load to drop")
-    p.add_argument("--skip-load-wait", action="store_true", help="smoke runs: neither wait nor check the load")
+    add_load_arguments(p, "figures")
     p.add_argument("--datasets-root", type=Path, default=DEFAULT_DATASETS)
     p.add_argument("--out", type=Path, default=RESULTS / "settings-cpu.json")
     return p.parse_args(argv)

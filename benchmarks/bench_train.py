@@ -57,6 +57,7 @@ from benchlib import (
     RESULTS,
     LoadWatch,
     StepClock,
+    add_load_arguments,
     bench_preset,
     bf16_peak_tflops,
     ddpm_pytorch_unet,
@@ -471,12 +472,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats (ratios: median of per-repeat ratios)")
     p.add_argument("--threads", type=int, nargs="+", help="torch threads, one measurement per value (0: torch's "
                    "default; default: 1 on CPU, torch's default on CUDA)")
-    p.add_argument("--max-load", type=float, default=0.5, help="wait until the 1-minute load average is at most this; "
-                   "ratios are refused (exit 3) if it was above at the start or rose above this + the benchmark's "
-                   "threads + 0.5 during the run")
-    p.add_argument("--wait-s", type=float, default=900.0, help="wait at most this long for the load to drop")
-    p.add_argument("--skip-load-wait", action="store_true", help="smoke runs: neither wait nor check the load "
-                   "(ratios are printed, marked unchecked)")
+    add_load_arguments(p, "ratios")
     p.add_argument("--datasets-root", type=Path, default=DEFAULT_DATASETS)
     p.add_argument("--out", type=Path, help="JSON (default benchmarks/results/train-<device>.json)")
     args = p.parse_args(argv)

@@ -5,6 +5,7 @@ Not part of the package: `bench_data.py`, `bench_train.py` and `bench_sample.py`
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -318,6 +319,16 @@ def wait_for_quiet(max_load: float, timeout_s: float, log: Callable[[str], None]
         log(f"load {load:.2f} > {max_load}: waiting")
         time.sleep(min(30.0, max(0.0, deadline - time.monotonic())))
     return load
+
+
+def add_load_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """`--max-load`, `--wait-s`, `--skip-load-wait`: the flags of a `LoadWatch`; `what` names what is refused."""
+    parser.add_argument("--max-load", type=float, default=0.5, help="wait until the 1-minute load average is at most "
+                        f"this; {what} are refused (exit 3) if it was above at the start or rose above this + the "
+                        "benchmark's threads + 0.5 during the run")
+    parser.add_argument("--wait-s", type=float, default=900.0, help="wait at most this long for the load to drop")
+    parser.add_argument("--skip-load-wait", action="store_true", help=f"smoke runs: neither wait nor check the load "
+                        f"({what} are printed, marked unchecked)")
 
 
 class LoadWatch:

@@ -14,8 +14,9 @@ global optimizer hook that `bench_train.py` times with. Each cost is the cumulat
 - "other": the step's wall time not covered above (the loop's own Python, and the profiler's own overhead).
 
 The profiler adds a few microseconds per Python call, the same to both loops: read the shares and the differences,
-and check the totals against `bench_train.py` (without the profiler) on the same machine. Costs overlap where one
-function calls another across categories only as listed (a wrapper's own time is its time minus what it wraps).
+and check the totals against `bench_train.py` (without the profiler) on the same machine. A wrapper's own time is
+its time minus what it wraps. As `bench_train.py` does, it waits for a quiet machine first and refuses its figures
+(exit 3, `figures_refused` in the JSON) when the load rose during the run.
 
     .venv/bin/python benchmarks/profile_step.py                       # mnist-32-bench, 1 and 2 threads, fp32
     .venv/bin/python benchmarks/profile_step.py --threads 2 --bf16    # one setting
@@ -25,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import json
-import os
 import pstats
 import re
 import sys
@@ -35,9 +34,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import benchlib
 import torch
 from bench_train import Case, Options, run_bare, run_punkdiff
-from benchlib import DEFAULT_DATASETS, RESULTS, bench_preset, log, machine, mirror, require, wait_for_quiet
 
 from punkdiff.data import load_training_images
 
@@ -130,7 +129,7 @@ def profile(contender: str, case: Case, opts: Options) -> dict[str, Any]:
     runner = {"punkdiff": run_punkdiff, "bare": run_bare}[contender]
     with Window(opts.warmup_steps, opts.steps) as window:
         runner(case, opts, opts.warmup_steps + opts.steps)
-    require(window.seconds > 0, f"{contender}: the profiled window did not close ({window.count} steps seen)")
+    benchlib.require(window.seconds > 0, f"{contender}: the profiled window did not close ({window.count} steps seen)")
     step_ms = 1000 * window.seconds / opts.steps
     by_cost = costs(Profiled(pstats.Stats(window.profile)), opts.steps)
     by_cost["other"] = max(step_ms - sum(by_cost.values()), 0.0)
@@ -161,18 +160,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="default: the preset's own")
     p.add_argument("--warmup-steps", type=int, default=3)
     p.add_argument("--steps", type=int, default=20, help="profiled optimizer steps per run")
-    p.add_argument("--max-load", type=float, default=0.5, help="wait for the 1-minute load to drop to this first")
-    p.add_argument("--wait-s", type=float, default=600.0, help="at most this long (then profile anyway, flagged)")
-    p.add_argument("--datasets-root", type=Path, default=DEFAULT_DATASETS)
-    p.add_argument("--out", type=Path, default=RESULTS / "profile-step-cpu.json")
+    benchlib.add_load_arguments(p, "figures")
+    p.add_argument("--datasets-root", type=Path, default=benchlib.DEFAULT_DATASETS)
+    p.add_argument("--out", type=Path, default=benchlib.RESULTS / "profile-step-cpu.json")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    load = wait_for_quiet(args.max_load, args.wait_s, log)
-    preset = bench_preset(args.preset)
-    data_dir = mirror(preset, args.datasets_root)
+    watch = benchlib.LoadWatch(args.max_load, args.wait_s, benchlib.log, checked=not args.skip_load_wait).wait()
+    preset = benchlib.bench_preset(args.preset)
+    data_dir = benchlib.mirror(preset, args.datasets_root)
     rows = []
     with tempfile.TemporaryDirectory(prefix="profile-step-") as tmp:
         workdir = Path(tmp)
@@ -183,21 +181,19 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(threads)
             opts = Options("cpu", args.bf16, False, False, args.warmup_steps, args.steps, 1)
             setting = f"{args.preset}, batch {case.batch_size}, {'bf16' if args.bf16 else 'fp32'}, {threads} thread(s)"
-            log(f"profiling {setting}")
-            rows.append({"setting": setting, "threads": threads,
-                         **{c: profile(c, case, opts) for c in ("punkdiff", "bare")}})
-    info = machine(torch.device("cpu"))
-    info["loadavg_start"] = load
-    info["loadavg_end"] = os.getloadavg()[0]
+            benchlib.log(f"profiling {setting}")
+            row: dict[str, Any] = {"setting": setting, "threads": threads}
+            for contender in ("punkdiff", "bare"):
+                row[contender] = profile(contender, case, opts)
+                row[contender]["loadavg_after"] = watch.sample()
+            rows.append(row)
+    info = {**benchlib.machine(torch.device("cpu")), **watch.record()}
+    refused = watch.refusal(own_threads=max(args.threads))
     report = {"benchmark": "one training step, punkdiff vs bare, cost by cost (cProfile, ms per step)",
               "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "machine": info, "quiet": info["loadavg_end"] <= args.max_load + 0.5, "results": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(table(rows))
-    print(f"load {load:.2f} -> {info['loadavg_end']:.2f}; JSON: {args.out}")
-    return 0
-
+              "machine": info, "figures_refused": refused, "results": rows}
+    note = f"load {watch.start:.2f} -> peak {max(watch.samples, default=0):.2f}; JSON: {args.out}"
+    return watch.report(args.out, report, table(rows), note, refused, "figures")
 
 if __name__ == "__main__":
     sys.exit(main())
