@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from punkdiff.presets import DataSpec, ModelSpec, Preset, SchedulerSpec, TrainSpec
 from punkdiff.training import TrainingError
-from punkdiff.training.checkpoints import STATE_FILE, find_checkpoint, list_checkpoints
+from punkdiff.training.checkpoints import STATE_FILE, find_checkpoint, list_checkpoints, load_checkpoint
 from punkdiff.training.progress import LoopProgress
 
 if TYPE_CHECKING:
@@ -174,8 +174,6 @@ def restore_progress(args: argparse.Namespace, accelerator: Accelerator, resume:
     """The loop's position and the checkpoint it came from: model, optimizer, LR schedule, EMA, RNGs and the
     stream's position loaded from `resume`, or a fresh start. A `TrainingError` if the checkpoint is beyond the
     run's planned length."""
-    from punkdiff.training.checkpoints import load_checkpoint
-
     progress, resumed_from = LoopProgress(), None
     if resume is not None:
         checkpoint, state = resume
