@@ -16,9 +16,10 @@ machine, with the same `UNet2DModel` config, data, batch size and precision for 
 A quiet machine first: the benchmark waits (up to `--wait-s`) for the 1-minute load average to drop to `--max-load`
 (0.5), samples it after every run, and refuses to report ratios (exit status 3, `ratios_refused` in the JSON) when
 the load was above that at the start or rose above `--max-load` + its own threads + 0.5 during the run (another job
-shared the cores); `--skip-load-wait` is for smoke runs (and implied on a GPU, whose CUDA events do not
-depend on the host's load). `--threads 1 2` and `--precision fp32 bf16` measure each
-combination in turn (bf16 on a CPU only where it is native, as the loop itself decides).
+shared the cores). A run of fewer than 20 timed steps or 3 repeats is a smoke run, which neither waits nor
+reports a checked ratio; nor do `--skip-load-wait` and a GPU (CUDA events do not depend on the host's load).
+`--threads 1 2` and `--precision fp32 bf16` measure each combination in turn (on a CPU without native bf16
+punkdiff trains float32, as the loop decides, and the bf16 ratios are not reported).
 
 Every contender runs `--warmup-steps + --steps` optimizer steps; images/s is measured between the end of the last
 warm-up step and the end of the last step by one global optimizer post-step hook (`benchlib.StepClock`: host clock
@@ -425,9 +426,10 @@ def table(results: list[dict[str, Any]], show_ratios: bool = True) -> str:
     rows = [header, "-" * len(header)]
     keys = ("ratio_over_bare", "ratio_over_recipe", "cpu_ratio_over_bare", "cpu_ratio_over_recipe")
     for r in results:
+        shown = show_ratios and r.get("ratios_comparable", True)
         for name, c in r["contenders"].items():
             s = c["images_per_s"]
-            ratios = [f"{c[k]['median']:.3f}" if k in c and show_ratios else "-" for k in keys]
+            ratios = [f"{c[k]['median']:.3f}" if k in c and shown else "-" for k in keys]
             spread = f"{s['min']:.1f}-{s['max']:.1f}"
             cpu = "-" if c["images_per_cpu_s"] is None else f"{c['images_per_cpu_s']['median']:.1f}"
             mfu = "-" if c["mfu"] is None else f"{100 * c['mfu']:.1f}%"
@@ -437,7 +439,7 @@ def table(results: list[dict[str, Any]], show_ratios: bool = True) -> str:
                 f"{cpu:>9} {ratios[2]:>6} {ratios[3]:>7} {c['gflop_per_image_fwd_bwd']:>9.2f} {mfu:>6} {memory:>9}"
             )
         ratio = r["contenders"].get("punkdiff", {}).get("ratio_over_bare")
-        if ratio and show_ratios:
+        if ratio and shown:
             rows.append(f"{setting(r):<26} punkdiff/bare per repeat: {', '.join(f'{x:.3f}' for x in ratio['runs'])}; "
                         f"median {ratio['median']:.3f}")
         if r["memory"]:
@@ -494,7 +496,11 @@ def main(argv: list[str] | None = None) -> int:
     contenders = prepare_run(args.device, 0, args.contenders)
     base = Options(args.device, False, args.channels_last, args.compile, args.warmup_steps, args.steps, args.repeats)
 
-    watch = LoadWatch(args.max_load, args.wait_s, log, checked=not args.skip_load_wait).wait()
+    # fewer than 20 timed steps or 3 repeats is a smoke run, whose ratios are no measurement: no wait for it
+    smoke = args.steps < 20 or args.repeats < 3
+    watch = LoadWatch(args.max_load, args.wait_s, log, checked=not (args.skip_load_wait or smoke),
+                      unchecked_because="a smoke run: fewer than 20 timed steps or 3 repeats" if smoke and not
+                      args.skip_load_wait else "--skip-load-wait").wait()
     info = machine(torch.device(args.device))
     log(f"bench_train: {info['platform']}, {info['device']}, load {watch.start:.2f}")
     wall, results, own_threads = time.perf_counter(), [], 1
@@ -504,14 +510,16 @@ def main(argv: list[str] | None = None) -> int:
         own_threads = max(own_threads, torch.get_num_threads())
         for precision in args.precision:
             bf16 = precision == "bf16"
-            if bf16 and args.device == "cpu" and not cpu_has_native_bf16():
-                log("bf16 skipped: this CPU has no native bf16 (AVX-512 BF16 or AMX), where punkdiff trains in "
-                    "float32 and bf16 autocast is emulated about 10x slower, so the contenders would not compare")
-                continue
+            # without native bf16 punkdiff trains float32 (as a user's run would) while the others emulate bf16
+            comparable = not (bf16 and args.device == "cpu" and not cpu_has_native_bf16())
+            if not comparable:
+                log("bf16 on a CPU without native bf16 (AVX-512 BF16 or AMX): punkdiff trains float32, the others "
+                    "emulate bf16; their ratios are not reported")
             opts = replace(base, bf16=bf16)
             for name in args.presets:
                 result = bench_case(name, opts, contenders, args, log, watch)
-                results.append({**result, "threads": torch.get_num_threads(), "precision": precision})
+                results.append({**result, "threads": torch.get_num_threads(), "precision": precision,
+                                "ratios_comparable": comparable})
     info.update(watch.record())
     refused = watch.refusal(own_threads)
     report = {"benchmark": "training images/s: punkdiff vs diffusers recipe (reproduction) vs bare vs ddpm-pytorch",

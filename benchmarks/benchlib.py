@@ -346,8 +346,9 @@ class LoadWatch:
     """
 
     def __init__(self, max_load: float, timeout_s: float, log: Callable[[str], None], margin: float = 0.5,
-                 checked: bool = True) -> None:
+                 checked: bool = True, unchecked_because: str = "--skip-load-wait") -> None:
         self.max_load, self.timeout_s, self.log, self.margin, self.checked = max_load, timeout_s, log, margin, checked
+        self.unchecked_because = unchecked_because
         self.start: float | None = None
         self.samples: list[float] = []
 
@@ -367,7 +368,7 @@ class LoadWatch:
     def refusal(self, own_threads: int) -> str | None:
         """Why ratios from this run must not be reported (None: the machine stayed quiet)."""
         if not self.checked:
-            return "the load was not checked (--skip-load-wait)"
+            return f"the load was not checked ({self.unchecked_because})"
         if self.start is not None and self.start > self.max_load:
             return f"the load was {self.start:.2f} at the start, above --max-load {self.max_load}"
         limit = self.max_load + own_threads + self.margin

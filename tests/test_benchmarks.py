@@ -56,7 +56,7 @@ def test_bench_train_runs_every_contender_on_the_same_config(benchmarks, mnist_d
     out = tmp_path / "train.json"
     assert bench_train.main(["--presets", "mnist-32-tiny", "--contenders", "punkdiff", "recipe", "bare",
                              "--warmup-steps", "1", "--steps", "2", "--repeats", "1", "--threads", "0",
-                             "--skip-load-wait", "--datasets-root", str(mnist_dir.parent), "--out", str(out)]) == 0
+                             "--max-load", "1000", "--datasets-root", str(mnist_dir.parent), "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     (result,) = report["results"]
     assert result["config"] == "mnist-32-tiny" and result["batch_size"] == 16 and result["images"] == 256
@@ -75,12 +75,25 @@ def test_bench_train_refuses_its_ratios_when_another_job_loads_the_machine(bench
     monkeypatch.setattr(benchlib.os, "getloadavg", lambda: (next(loads), 0.0, 0.0))
     out = tmp_path / "train.json"
     assert bench_train.main(["--presets", "mnist-32-tiny", "--contenders", "punkdiff", "bare", "--warmup-steps", "1",
-                             "--steps", "2", "--repeats", "1", "--threads", "1", "--wait-s", "0",
+                             "--steps", "20", "--repeats", "3", "--threads", "1", "--wait-s", "0",
                              "--datasets-root", str(mnist_dir.parent), "--out", str(out)]) == 3
     report = json.loads(out.read_text())
     assert "rose to 6.00" in report["ratios_refused"] and report["machine"]["loadavg_start"] == 0.2
     printed = capsys.readouterr().out
     assert "ratios refused: the load rose to 6.00" in printed and "punkdiff/bare per repeat" not in printed
+
+
+def test_a_smoke_run_neither_waits_for_the_load_nor_reports_a_checked_ratio(benchmarks, benchlib, mnist_dir,
+                                                                           tmp_path, monkeypatch, capsys):
+    bench_train, _, _ = benchmarks
+    monkeypatch.setattr(benchlib.os, "getloadavg", lambda: (9.0, 9.0, 9.0))  # a busy machine: no wait all the same
+    out = tmp_path / "train.json"
+    assert bench_train.main(["--presets", "mnist-32-tiny", "--contenders", "punkdiff", "bare", "--warmup-steps", "1",
+                             "--steps", "2", "--repeats", "1", "--threads", "1", "--datasets-root",
+                             str(mnist_dir.parent), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert "a smoke run" in report["ratios_refused"] and report["machine"]["load_checked"] is False
+    assert "ratios not checked" in capsys.readouterr().out
 
 
 def test_profile_step_finds_no_per_step_accelerate_wrappers_in_punkdiffs_loop(mnist_dir, tmp_path):
