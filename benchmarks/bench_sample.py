@@ -1,6 +1,6 @@
 """DDIM sampling speed: punkdiff's pipeline vs bare UNet forwards, stock `DDIMPipeline` and denoising-diffusion-pytorch.
 
-Per configuration (a preset, or `mnist-32-issue`) and batch size, with the same `UNet2DModel` (same weights, random:
+Per configuration (a preset, or `mnist-32-bench`) and batch size, with the same `UNet2DModel` (same weights, random:
 speed does not depend on them), DDIM with `--steps` steps (eta 0) and the same precision for all:
 
 - punkdiff: `PunkDiffPipeline(unet, scheduler)(sampler="ddim", output_type="np")`;
@@ -17,7 +17,7 @@ another job on a shared machine does not inflate); ratios are medians of per-rep
 benchmark also checks that punkdiff and stock give the same images from the same noise. `--count N` also times N
 images with punkdiff in batches of the last `--batch-sizes` entry.
 
-    .venv/bin/python benchmarks/bench_sample.py                # CPU, mnist-32-issue, batch 16, DDIM-50
+    .venv/bin/python benchmarks/bench_sample.py                # CPU, mnist-32-bench, batch 16, DDIM-50
     python benchmarks/bench_sample.py --gpu                    # = --device cuda --presets celeba-64 punks-32
                                                                #   --batch-sizes 16 256 --bf16 --channels-last --compile
 """
@@ -233,7 +233,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gpu", action="store_true", help="shorthand: --device cuda --presets celeba-64 punks-32 "
                    "--batch-sizes 16 256 --bf16 --channels-last --compile")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--presets", nargs="+", default=["mnist-32-issue"])
+    p.add_argument("--presets", nargs="+", default=["mnist-32-bench"])
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[16])
     p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
@@ -252,7 +252,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.threads = 0 if args.gpu or args.device.startswith("cuda") else 1
     if args.gpu:
         args.device, args.bf16, args.channels_last, args.compile = "cuda", True, True, True
-        if args.presets == ["mnist-32-issue"]:
+        if args.presets == ["mnist-32-bench"]:
             args.presets = ["celeba-64", "punks-32"]
         if args.batch_sizes == [16]:
             args.batch_sizes = [16, 256]

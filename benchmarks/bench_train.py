@@ -1,7 +1,7 @@
 """Training images/s: punkdiff's loop vs the diffusers recipe, a bare loop (the ceiling) and ddpm-pytorch.
 
-Per configuration (a preset, or `mnist-32-issue`: issue 12's UNet on MNIST at 32 px, batch 64), on one machine, with
-the same `UNet2DModel` config, data, batch size and precision for all:
+Per configuration (a preset, or `mnist-32-bench`: a 1.62 M-parameter UNet on MNIST at 32 px, batch 64), on one
+machine, with the same `UNet2DModel` config, data, batch size and precision for all:
 
 - punkdiff: `training/train.py`'s `run()` itself (the real loop: Accelerate, EMA, clipping, LR schedule), on the
   preset's offline mirror through punkdiff's cached uint8 tensors;
@@ -13,6 +13,14 @@ the same `UNet2DModel` config, data, batch size and precision for all:
 - ddpm-pytorch: `denoising-diffusion-pytorch`'s own `Trainer` (from PyPI, `pip install -e '.[bench]'`) with its
   `Unet(dim=c0, dim_mults=channels / c0)`, the closest size to ours (FLOPs per image are reported beside).
 
+A quiet machine first: the benchmark waits (up to `--wait-s`) for the 1-minute load average to drop to `--max-load`
+(0.5), samples it after every run, and refuses to report ratios (exit status 3, `ratios_refused` in the JSON) when
+the load was above that at the start or rose above `--max-load` + its own threads + 0.5 during the run (another job
+shared the cores). A run of fewer than 20 timed steps or 3 repeats is a smoke run, which neither waits nor
+reports a checked ratio; nor do `--skip-load-wait` and a GPU (CUDA events do not depend on the host's load).
+`--threads 1 2` and `--precision fp32 bf16` measure each combination in turn (on a CPU without native bf16
+punkdiff trains float32, as the loop decides, and the bf16 ratios are not reported).
+
 Every contender runs `--warmup-steps + --steps` optimizer steps; images/s is measured between the end of the last
 warm-up step and the end of the last step by one global optimizer post-step hook (`benchlib.StepClock`: host clock
 on CPU, CUDA events on a GPU), so set-up, compilation and what a loop does after its last step are outside it.
@@ -22,7 +30,8 @@ a shared machine does not inflate (ddpm-pytorch's DataLoader workers are other p
 counted, which flatters it). On CUDA also: model FLOPs utilisation against the GPU's bf16 dense peak, peak memory
 per contender, and (`--memory`) the largest batch that fits.
 
-    .venv/bin/python benchmarks/bench_train.py                 # CPU, mnist-32-issue (about 10 min on 2 cores)
+    .venv/bin/python benchmarks/bench_train.py                 # CPU, mnist-32-bench, 1 thread, fp32
+    .venv/bin/python benchmarks/bench_train.py --contenders punkdiff bare --threads 1 2 --precision fp32 bf16
     python benchmarks/bench_train.py --gpu                     # = --device cuda --presets celeba-64 punks-32
                                                                #   --bf16 --channels-last --compile --memory
 """
@@ -32,8 +41,6 @@ from __future__ import annotations
 import argparse
 import gc
 import io
-import json
-import os
 import shutil
 import statistics
 import sys
@@ -49,7 +56,9 @@ import torch.nn.functional as F
 from benchlib import (
     DEFAULT_DATASETS,
     RESULTS,
+    LoadWatch,
     StepClock,
+    add_load_arguments,
     bench_preset,
     bf16_peak_tflops,
     ddpm_pytorch_unet,
@@ -64,11 +73,11 @@ from benchlib import (
     reset_accelerate,
     rotated,
     summary,
-    wait_for_quiet,
 )
 
 from punkdiff.data import load_training_images
 from punkdiff.presets import Preset
+from punkdiff.training.speed import cpu_has_native_bf16
 
 CONTENDERS = ("punkdiff", "recipe", "bare", "ddpm-pytorch")
 
@@ -198,24 +207,40 @@ def run_bare(case: Case, opts: Options, steps: int, batch_size: int | None = Non
         i = step % per_epoch
         if i == 0:
             order = torch.randperm(len(images), device=device, generator=generator)
-        x = images[order[i * batch:(i + 1) * batch]].float().div_(127.5).sub_(1.0)
-        if preset.data.random_flip:
-            flip = torch.rand(batch, 1, 1, 1, device=device, generator=generator) < 0.5
-            x = torch.where(flip, x.flip(-1), x)
-        if opts.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = bare_batch(images, order[i * batch:(i + 1) * batch], preset.data.random_flip, opts.channels_last,
+                       generator)
         noise = torch.randn(x.shape, device=device, generator=generator)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), device=device,
                                   generator=generator)
-        noisy = scheduler.add_noise(x, noise, timesteps)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts.bf16):
-            pred = forward(noisy, timesteps).sample
-        loss = F.mse_loss(pred.float(), noise)
+            loss = bare_loss(forward, scheduler, x, noise, timesteps)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        torch._foreach_lerp_(ema, params, 1.0 - cfg.ema_decay)
+        bare_ema(ema, params, cfg.ema_decay)
+
+
+def bare_batch(images: torch.Tensor, rows: torch.Tensor, random_flip: bool, channels_last: bool,
+               generator: torch.Generator) -> torch.Tensor:
+    """The bare loop's x_0: one gather of uint8 rows, scaled to [-1, 1], flipped per image."""
+    x = images[rows].float().div_(127.5).sub_(1.0)
+    if random_flip:
+        flip = torch.rand(len(rows), 1, 1, 1, device=x.device, generator=generator) < 0.5
+        x = torch.where(flip, x.flip(-1), x)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def bare_loss(forward: Callable[..., Any], scheduler: Any, x: torch.Tensor, noise: torch.Tensor,
+              timesteps: torch.Tensor) -> torch.Tensor:
+    """The bare loop's epsilon-prediction MSE (named, so that `profile_step.py` can attribute its time)."""
+    pred = forward(scheduler.add_noise(x, noise, timesteps), timesteps).sample
+    return F.mse_loss(pred.float(), noise)
+
+
+def bare_ema(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
+    """The bare loop's EMA: one in-place lerp of every parameter."""
+    torch._foreach_lerp_(ema, params, 1.0 - decay)
 
 
 def run_ddpm_pytorch(case: Case, opts: Options, steps: int) -> None:
@@ -329,7 +354,7 @@ def largest_batch(case: Case, opts: Options, limit: int = 1 << 15) -> dict[str, 
 
 
 def bench_case(name: str, opts: Options, contenders: list[str], args: argparse.Namespace,
-               log: Callable[[str], None]) -> dict[str, Any]:
+               log: Callable[[str], None], watch: LoadWatch) -> dict[str, Any]:
     preset = bench_preset(name)
     data_dir = mirror(preset, args.datasets_root)
     batch_size = args.batch_size or preset.train.batch_size
@@ -348,7 +373,8 @@ def bench_case(name: str, opts: Options, contenders: list[str], args: argparse.N
                 result = measure(case, opts, contender)
                 runs[contender].append(result)
                 cpu = "" if result["images_per_cpu_s"] is None else f", {result['images_per_cpu_s']:8.1f} img/cpu-s"
-                log(f"  repeat {repeat + 1}/{opts.repeats} {contender:<13} {result['images_per_s']:8.1f} img/s{cpu}")
+                log(f"  repeat {repeat + 1}/{opts.repeats} {contender:<13} {result['images_per_s']:8.1f} img/s{cpu}, "
+                    f"load {watch.sample():.2f}")
         memory = largest_batch(case, opts) if args.memory and opts.device.startswith("cuda") else None
     return case_result(case, opts, runs, flops, memory)
 
@@ -392,30 +418,41 @@ def case_result(case: Case, opts: Options, runs: dict[str, list[dict[str, float 
 # ---- report ----------------------------------------------------------------------------------------------
 
 
-def table(results: list[dict[str, Any]]) -> str:
-    """One row per configuration and contender: median images/s (min-max), ratios, GFLOP, MFU, memory."""
-    header = (f"{'config':<16} {'contender':<13} {'img/s':>9} {'min-max':>15} {'/bare':>6} {'/recipe':>7} "
+def table(results: list[dict[str, Any]], show_ratios: bool = True) -> str:
+    """One row per configuration and contender: median images/s (min-max), ratios (`-` where refused), GFLOP, MFU,
+    memory; then punkdiff/bare per repeat."""
+    header = (f"{'config':<26} {'contender':<13} {'img/s':>9} {'min-max':>15} {'/bare':>6} {'/recipe':>7} "
               f"{'img/cpu-s':>9} {'/bare':>6} {'/recipe':>7} {'GFLOP/img':>9} {'MFU':>6} {'peak MiB':>9}")
     rows = [header, "-" * len(header)]
     keys = ("ratio_over_bare", "ratio_over_recipe", "cpu_ratio_over_bare", "cpu_ratio_over_recipe")
     for r in results:
+        shown = show_ratios and r.get("ratios_comparable", True)
         for name, c in r["contenders"].items():
             s = c["images_per_s"]
-            ratios = [f"{c[k]['median']:.3f}" if k in c else "-" for k in keys]
+            ratios = [f"{c[k]['median']:.3f}" if k in c and shown else "-" for k in keys]
             spread = f"{s['min']:.1f}-{s['max']:.1f}"
             cpu = "-" if c["images_per_cpu_s"] is None else f"{c['images_per_cpu_s']['median']:.1f}"
             mfu = "-" if c["mfu"] is None else f"{100 * c['mfu']:.1f}%"
             memory = "-" if c["peak_memory_mib"] is None else f"{c['peak_memory_mib']:.0f}"
             rows.append(
-                f"{r['config']:<16} {name:<13} {s['median']:>9.1f} {spread:>15} {ratios[0]:>6} {ratios[1]:>7} "
+                f"{setting(r):<26} {name:<13} {s['median']:>9.1f} {spread:>15} {ratios[0]:>6} {ratios[1]:>7} "
                 f"{cpu:>9} {ratios[2]:>6} {ratios[3]:>7} {c['gflop_per_image_fwd_bwd']:>9.2f} {mfu:>6} {memory:>9}"
             )
+        ratio = r["contenders"].get("punkdiff", {}).get("ratio_over_bare")
+        if ratio and shown:
+            rows.append(f"{setting(r):<26} punkdiff/bare per repeat: {', '.join(f'{x:.3f}' for x in ratio['runs'])}; "
+                        f"median {ratio['median']:.3f}")
         if r["memory"]:
             m = r["memory"]
             capped = f", capped at {m['capped_at']}" if m["capped_at"] else ""
-            rows.append(f"{r['config']:<16} largest batch that fits (bare, eager): {m['largest_batch']} "
+            rows.append(f"{setting(r):<26} largest batch that fits (bare, eager): {m['largest_batch']} "
                         f"({m['peak_memory_mib']:.0f} MiB){capped}")
     return "\n".join(rows)
+
+
+def setting(result: dict[str, Any]) -> str:
+    """`config threads precision`, e.g. `mnist-32-bench 2t fp32`."""
+    return f"{result['config']} {result.get('threads', '?')}t {result.get('precision', '')}".strip()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -423,59 +460,79 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gpu", action="store_true", help="shorthand: --device cuda --presets celeba-64 punks-32 --bf16 "
                    "--channels-last --compile --memory")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--presets", nargs="+", default=["mnist-32-issue"], help="presets or benchlib.CONFIGS names")
+    p.add_argument("--presets", nargs="+", default=["mnist-32-bench"], help="presets or benchlib.CONFIGS names")
     p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
     p.add_argument("--batch-size", type=int, help="default: each preset's own")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for every contender")
+    p.add_argument("--bf16", action="store_true", help="shorthand for --precision bf16")
+    p.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), help="one measurement per value (default "
+                   "fp32; bf16: autocast for every contender, skipped on a CPU without native bf16)")
     p.add_argument("--channels-last", action="store_true", help="channels_last for punkdiff and bare")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet for punkdiff and bare")
     p.add_argument("--memory", action="store_true", help="CUDA: also find the largest batch that fits")
-    p.add_argument("--warmup-steps", type=int, default=2)
-    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per run")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, help="torch threads (0: torch's default; default: 1 on CPU, the steadiest "
-                   "on a shared machine, torch's default on CUDA)")
-    p.add_argument("--max-load", type=float, default=1.5, help="wait (up to --wait-s) for the load to drop first")
-    p.add_argument("--wait-s", type=float, default=0.0)
+    p.add_argument("--warmup-steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per run")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats (ratios: median of per-repeat ratios)")
+    p.add_argument("--threads", type=int, nargs="+", help="torch threads, one measurement per value (0: torch's "
+                   "default; default: 1 on CPU, torch's default on CUDA)")
+    add_load_arguments(p, "ratios")
     p.add_argument("--datasets-root", type=Path, default=DEFAULT_DATASETS)
     p.add_argument("--out", type=Path, help="JSON (default benchmarks/results/train-<device>.json)")
     args = p.parse_args(argv)
     if args.threads is None:
-        args.threads = 0 if args.gpu or args.device.startswith("cuda") else 1
+        args.threads = [0 if args.gpu or args.device.startswith("cuda") else 1]
     if args.gpu:
         args.device, args.bf16, args.channels_last, args.compile, args.memory = "cuda", True, True, True, True
-        if args.presets == ["mnist-32-issue"]:
+    if args.precision is None:
+        args.precision = ["bf16" if args.bf16 else "fp32"]
+    if args.device.startswith("cuda"):  # CUDA events time the device: the host's load is recorded, not waited for
+        args.skip_load_wait = True
+        if args.presets == ["mnist-32-bench"]:
             args.presets = ["celeba-64", "punks-32"]
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    contenders = prepare_run(args.device, args.threads, args.contenders)
-    opts = Options(args.device, args.bf16, args.channels_last, args.compile, args.warmup_steps, args.steps,
-                   args.repeats)
+    contenders = prepare_run(args.device, 0, args.contenders)
+    base = Options(args.device, False, args.channels_last, args.compile, args.warmup_steps, args.steps, args.repeats)
 
-    load_start = wait_for_quiet(args.max_load, args.wait_s, log)
+    # fewer than 20 timed steps or 3 repeats is a smoke run, whose ratios are no measurement: no wait for it
+    smoke = args.steps < 20 or args.repeats < 3
+    watch = LoadWatch(args.max_load, args.wait_s, log, checked=not (args.skip_load_wait or smoke),
+                      unchecked_because="a smoke run: fewer than 20 timed steps or 3 repeats" if smoke and not
+                      args.skip_load_wait else "--skip-load-wait").wait()
     info = machine(torch.device(args.device))
-    log(f"bench_train: {info['platform']}, {info['device']}, torch threads {info['torch_threads']}, "
-        f"load {load_start:.2f}")
-    wall = time.perf_counter()
-    results = [bench_case(name, opts, contenders, args, log) for name in args.presets]
-    info["loadavg_start"], info["loadavg_end"] = load_start, os.getloadavg()[0]
+    log(f"bench_train: {info['platform']}, {info['device']}, load {watch.start:.2f}")
+    wall, results, own_threads = time.perf_counter(), [], 1
+    for threads in args.threads:
+        if threads:
+            torch.set_num_threads(threads)
+        own_threads = max(own_threads, torch.get_num_threads())
+        for precision in args.precision:
+            bf16 = precision == "bf16"
+            # without native bf16 punkdiff trains float32 (as a user's run would) while the others emulate bf16
+            comparable = not (bf16 and args.device == "cpu" and not cpu_has_native_bf16())
+            if not comparable:
+                log("bf16 on a CPU without native bf16 (AVX-512 BF16 or AMX): punkdiff trains float32, the others "
+                    "emulate bf16; their ratios are not reported")
+            opts = replace(base, bf16=bf16)
+            for name in args.presets:
+                result = bench_case(name, opts, contenders, args, log, watch)
+                results.append({**result, "threads": torch.get_num_threads(), "precision": precision,
+                                "ratios_comparable": comparable})
+    info.update(watch.record())
+    refused = watch.refusal(own_threads)
     report = {"benchmark": "training images/s: punkdiff vs diffusers recipe (reproduction) vs bare vs ddpm-pytorch",
-              "options": asdict(opts), "contenders": contenders, "machine": info,
-              "wall_s": time.perf_counter() - wall, "results": results}
+              "options": asdict(base), "contenders": contenders, "machine": info,
+              "wall_s": time.perf_counter() - wall, "ratios_refused": refused, "results": results}
     out = args.out or RESULTS / f"train-{torch.device(args.device).type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(table(results))
-    print(f"\n{opts.warmup_steps} warm-up + {opts.steps} timed steps per run, {opts.repeats} interleaved repeats, "
-          f"medians; ratios are medians of per-repeat ratios. {'bf16' if opts.bf16 else 'fp32'}"
-          f"{', channels_last' if opts.channels_last else ''}{', compile' if opts.compile else ''}; "
-          f"torch threads {info['torch_threads']}; load {info['loadavg_start']:.2f} -> {info['loadavg_end']:.2f}; "
-          f"wall {report['wall_s']:.0f} s; JSON: {out}")
-    return 0
-
+    note = (f"\n{base.warmup_steps} warm-up + {base.steps} timed steps per run, {base.repeats} interleaved repeats, "
+            f"medians; ratios are medians of per-repeat ratios."
+            f"{' channels_last;' if base.channels_last else ''}{' compile;' if base.compile else ''} "
+            f"load {watch.start:.2f} -> {info['loadavg_end'] or 0:.2f} (peak {max(watch.samples, default=0):.2f}); "
+            f"wall {report['wall_s']:.0f} s; JSON: {out}")
+    return watch.report(out, report, table(results, show_ratios=refused is None or not watch.checked), note, refused,
+                        "ratios")
 
 if __name__ == "__main__":
     sys.exit(main())

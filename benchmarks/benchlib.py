@@ -5,7 +5,9 @@ Not part of the package: `bench_data.py`, `bench_train.py` and `bench_sample.py`
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -27,12 +29,12 @@ RESULTS = REPO / "benchmarks" / "results"
 # a preset's Hub dataset -> the folder of its offline mirror under the datasets root
 MIRRORS = {"ylecun/mnist": "mnist", "huggingnft/cryptopunks": "cryptopunks", "nielsr/CelebA-faces": "celeba-faces"}
 
-# Configurations that are not presets, as a preset plus overrides. `mnist-32-issue` is the UNet of issue 12's
-# measurements: channels 32/64/64, 2 layers per block, attention at the middle (16 px) level and in the mid
-# block, 1.62 M parameters, 0.75 GFLOP per image forward, MNIST at 32 px, batch 64.
+# Configurations that are not presets, as a preset plus overrides. `mnist-32-bench` is the UNet the training and
+# sampling comparisons share: channels 32/64/64, 2 layers per block, attention at the middle (16 px) level and in
+# the mid block, 1.62 M parameters, 0.75 GFLOP per image forward, MNIST at 32 px, batch 64.
 CONFIGS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
-    "mnist-32-issue": ("mnist-baseline-16", {
-        "name": "mnist-32-issue",
+    "mnist-32-bench": ("mnist-baseline-16", {
+        "name": "mnist-32-bench",
         "model": {"sample_size": 32, "layers_per_block": 2, "attention_resolutions": (16,), "mid_attention": True,
                   "norm_num_groups": 32},
         "data": {"resolution": 32},
@@ -317,6 +319,81 @@ def wait_for_quiet(max_load: float, timeout_s: float, log: Callable[[str], None]
         log(f"load {load:.2f} > {max_load}: waiting")
         time.sleep(min(30.0, max(0.0, deadline - time.monotonic())))
     return load
+
+
+def add_load_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """`--max-load`, `--wait-s`, `--skip-load-wait`: the flags of a `LoadWatch`; `what` names what is refused."""
+    parser.add_argument("--max-load", type=float, default=0.5, help="wait until the 1-minute load average is at most "
+                        f"this; {what} are refused (exit 3) if it was above at the start or rose above this + the "
+                        "benchmark's threads + 0.5 during the run")
+    parser.add_argument("--wait-s", type=float, default=900.0, help="wait at most this long for the load to drop")
+    parser.add_argument("--skip-load-wait", action="store_true", help=f"smoke runs: neither wait nor check the load "
+                        f"({what} are printed, marked unchecked)")
+
+
+class LoadWatch:
+    """The machine's 1-minute load average before, during and after a timed run, and whether a ratio may be trusted.
+
+    A benchmark's own threads raise the load by about their number; anything above `max_load + own_threads +
+    margin` at any sample means another job shared the cores during the run, so ratios measured then are refused.
+
+    Examples:
+        ```py
+        >>> watch = LoadWatch(max_load=0.5, timeout_s=900, log=print).wait()
+        >>> ...  # each repeat: watch.sample()
+        >>> watch.refusal(own_threads=2)   # None: quiet throughout
+        ```
+    """
+
+    def __init__(self, max_load: float, timeout_s: float, log: Callable[[str], None], margin: float = 0.5,
+                 checked: bool = True, unchecked_because: str = "--skip-load-wait") -> None:
+        self.max_load, self.timeout_s, self.log, self.margin, self.checked = max_load, timeout_s, log, margin, checked
+        self.unchecked_because = unchecked_because
+        self.start: float | None = None
+        self.samples: list[float] = []
+
+    def wait(self) -> LoadWatch:
+        """Wait for the load to drop to `max_load` (not when unchecked); record it."""
+        self.start = wait_for_quiet(self.max_load, self.timeout_s, self.log) if self.checked else os.getloadavg()[0]
+        if self.checked and self.start > self.max_load:
+            self.log(f"load {self.start:.2f} still above {self.max_load} after {self.timeout_s:.0f} s: measuring "
+                     "anyway, but no ratio will be reported")
+        return self
+
+    def sample(self) -> float:
+        load = os.getloadavg()[0]
+        self.samples.append(load)
+        return load
+
+    def refusal(self, own_threads: int) -> str | None:
+        """Why ratios from this run must not be reported (None: the machine stayed quiet)."""
+        if not self.checked:
+            return f"the load was not checked ({self.unchecked_because})"
+        if self.start is not None and self.start > self.max_load:
+            return f"the load was {self.start:.2f} at the start, above --max-load {self.max_load}"
+        limit = self.max_load + own_threads + self.margin
+        peak = max(self.samples, default=0.0)
+        if peak > limit:
+            return (f"the load rose to {peak:.2f} during the run, above {limit:.2f} (--max-load {self.max_load} + "
+                    f"{own_threads} benchmark thread(s) + {self.margin}): another job shared the cores")
+        return None
+
+    def record(self) -> dict[str, Any]:
+        return {"loadavg_start": self.start, "loadavg_samples": self.samples,
+                "loadavg_end": self.samples[-1] if self.samples else None, "max_load": self.max_load,
+                "load_checked": self.checked}
+
+    def report(self, out: Path, report: dict[str, Any], table: str, note: str, refused: str | None,
+               what: str) -> int:
+        """Write `report` as JSON to `out`, print the table, the note and why `what` (ratios, figures) are refused;
+        the exit status: 3 when they are refused, 0 otherwise (and for an unchecked smoke run)."""
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(table)
+        print(note)
+        if refused:
+            print(f"{what} {'not checked' if not self.checked else 'refused'}: {refused}")
+        return 3 if refused and self.checked else 0
 
 
 # ---- the machine ----------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ configuration, punkdiff's DDIM images equal stock `DDIMPipeline`'s from the same
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -27,6 +28,29 @@ def benchmarks():
     sys.path.remove(str(BENCHMARKS))
 
 
+@pytest.fixture
+def benchlib():
+    sys.path.insert(0, str(BENCHMARKS))
+    import benchlib
+
+    yield benchlib
+    sys.path.remove(str(BENCHMARKS))
+
+
+def test_a_ratio_is_refused_when_the_load_rose_or_was_high_at_the_start(benchlib):
+    quiet = benchlib.LoadWatch(max_load=0.5, timeout_s=0, log=print)
+    quiet.start, quiet.samples = 0.3, [1.2, 2.4, 2.9]  # the benchmark's own 2 threads: up to 0.5 + 2 + 0.5
+    assert quiet.refusal(own_threads=2) is None
+    disturbed = benchlib.LoadWatch(max_load=0.5, timeout_s=0, log=print)
+    disturbed.start, disturbed.samples = 0.3, [1.9, 3.4, 2.1]
+    assert "rose to 3.40" in disturbed.refusal(own_threads=2)
+    busy = benchlib.LoadWatch(max_load=0.5, timeout_s=0, log=print)
+    busy.start, busy.samples = 1.7, [1.8]
+    assert "1.70 at the start" in busy.refusal(own_threads=2)
+    unchecked = benchlib.LoadWatch(max_load=0.5, timeout_s=0, log=print, checked=False)
+    assert "--skip-load-wait" in unchecked.refusal(own_threads=1)
+
+
 def test_bench_train_runs_every_contender_on_the_same_config(benchmarks, mnist_dir, tmp_path):
     bench_train, _, _ = benchmarks
     out = tmp_path / "train.json"
@@ -42,6 +66,69 @@ def test_bench_train_runs_every_contender_on_the_same_config(benchmarks, mnist_d
     assert len({c["gflop_per_image_fwd_bwd"] for c in contenders.values()}) == 1  # one UNet for all three
     assert "ratio_over_bare" in contenders["punkdiff"] and "ratio_over_recipe" in contenders["punkdiff"]
     assert {"date", "platform", "versions", "loadavg_start"} <= set(report["machine"])
+
+
+def test_bench_train_refuses_its_ratios_when_another_job_loads_the_machine(benchmarks, benchlib, mnist_dir, tmp_path,
+                                                                           monkeypatch, capsys):
+    bench_train, _, _ = benchmarks
+    loads = itertools.chain([0.2], itertools.repeat(6.0))  # quiet at the start, then another job
+    monkeypatch.setattr(benchlib.os, "getloadavg", lambda: (next(loads), 0.0, 0.0))
+    out = tmp_path / "train.json"
+    assert bench_train.main(["--presets", "mnist-32-tiny", "--contenders", "punkdiff", "bare", "--warmup-steps", "1",
+                             "--steps", "20", "--repeats", "3", "--threads", "1", "--wait-s", "0",
+                             "--datasets-root", str(mnist_dir.parent), "--out", str(out)]) == 3
+    report = json.loads(out.read_text())
+    assert "rose to 6.00" in report["ratios_refused"] and report["machine"]["loadavg_start"] == 0.2
+    printed = capsys.readouterr().out
+    assert "ratios refused: the load rose to 6.00" in printed and "punkdiff/bare per repeat" not in printed
+
+
+def test_a_smoke_run_neither_waits_for_the_load_nor_reports_a_checked_ratio(benchmarks, benchlib, mnist_dir,
+                                                                           tmp_path, monkeypatch, capsys):
+    bench_train, _, _ = benchmarks
+    monkeypatch.setattr(benchlib.os, "getloadavg", lambda: (9.0, 9.0, 9.0))  # a busy machine: no wait all the same
+    out = tmp_path / "train.json"
+    assert bench_train.main(["--presets", "mnist-32-tiny", "--contenders", "punkdiff", "bare", "--warmup-steps", "1",
+                             "--steps", "2", "--repeats", "1", "--threads", "1", "--datasets-root",
+                             str(mnist_dir.parent), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert "a smoke run" in report["ratios_refused"] and report["machine"]["load_checked"] is False
+    assert "ratios not checked" in capsys.readouterr().out
+
+
+def test_profile_step_finds_no_per_step_accelerate_wrappers_in_punkdiffs_loop(mnist_dir, tmp_path):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import profile_step
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    out = tmp_path / "profile.json"
+    assert profile_step.main(["--preset", "mnist-32-tiny", "--threads", "1", "--warmup-steps", "1", "--steps", "3",
+                              "--max-load", "1000", "--wait-s", "0", "--datasets-root", str(mnist_dir.parent),
+                              "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    punkdiff, bare = row["punkdiff"]["costs_ms"], row["bare"]["costs_ms"]
+    for cost in ("forward (UNet)", "backward", "optimizer step (AdamW)", "EMA", "grad norm + clip"):
+        assert punkdiff[cost] > 0 and bare[cost] > 0, cost  # both loops' work is found where it is done
+    # the loop clips, steps AdamW and updates the EMA on the parameter list taken once, not through Accelerate's
+    # wrappers (one process, no fp16 scaler: they would only call through)
+    assert punkdiff["clip wrapper (Accelerate)"] == 0 and punkdiff["unwrap_model (Accelerate)"] == 0
+    assert punkdiff["optimizer wrapper (Accelerate)"] == 0
+    assert punkdiff["noise + timesteps"] > 0 and bare["step log (on device; read every N steps)"] == 0
+
+
+def test_bench_settings_times_two_processes_at_the_same_global_batch(mnist_dir, tmp_path):
+    import subprocess
+
+    out = tmp_path / "settings.json"
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_settings.py"), "--presets", "mnist-16",
+                           "--settings", "2x1", "--warmup-steps", "1", "--steps", "2", "--skip-load-wait",
+                           "--datasets-root", str(mnist_dir.parent), "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (result,) = json.loads(out.read_text())["results"]
+    assert (result["processes"], result["threads_per_process"], result["batch_per_process"]) == (2, 1, 16)
+    assert result["global_batch"] == 32 and result["timed_steps"] == 2 and result["images_per_s"]["median"] > 0
+    assert "mnist-16       2x1" in done.stdout
 
 
 def test_bench_sample_punkdiff_gives_stock_ddim_images(benchmarks, tmp_path):

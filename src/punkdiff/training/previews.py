@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
-from punkdiff.presets import DDIM_ETA
+from punkdiff.presets import DDIM_ETA, TrainSpec
 from punkdiff.seeds import image_generators
 from punkdiff.training.ema import averaged_weights
+from punkdiff.training.reporting import log_image
 from punkdiff.visuals import display_scale, image_grid
 
 if TYPE_CHECKING:
+    from accelerate import Accelerator
     from diffusers import DDPMScheduler, UNet2DModel
     from diffusers.training_utils import EMAModel
 
@@ -50,3 +53,32 @@ def ema_sample_grid(
             eta=DDIM_ETA,
         ).images
     return image_grid(images, scale=display_scale(unet.config.sample_size), gap=1)
+
+
+class SampleGrids:
+    """The run's preview grids: `grids(step)` draws `ema_sample_grid`, saves `samples/step-NNNNNNN.png` and logs it.
+
+    Examples:
+        ```py
+        >>> grids = SampleGrids(accelerator, output_dir, unet, ema, noise_scheduler, preset.train, seed=0)
+        >>> grids(1000).size
+        (154, 154)
+        ```
+    """
+
+    def __init__(self, accelerator: Accelerator, output_dir: Path, unet: UNet2DModel, ema: EMAModel | None,
+                 noise_scheduler: DDPMScheduler, train_spec: TrainSpec, seed: int,
+                 palette: np.ndarray | None = None) -> None:
+        self.accelerator, self.folder = accelerator, Path(output_dir) / "samples"
+        self.unet, self.ema, self.noise_scheduler = unet, ema, noise_scheduler
+        self.num_images, self.num_inference_steps = train_spec.num_sample_images, train_spec.sample_inference_steps
+        self.seed, self.palette = seed, palette
+
+    def __call__(self, step: int) -> Image.Image:
+        """A DDIM grid from the EMA weights with a fixed seed, saved and logged, comparable over time."""
+        grid = ema_sample_grid(self.unet, self.ema, self.noise_scheduler, self.num_images, self.num_inference_steps,
+                               self.seed, palette=self.palette)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        grid.save(self.folder / f"step-{step:07d}.png")
+        log_image(self.accelerator, "samples", grid, step)
+        return grid

@@ -9,10 +9,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from punkdiff.presets import Preset
 from punkdiff.training import TrainingError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 @dataclass
@@ -54,3 +57,15 @@ def steps_per_epoch(batches_per_epoch: int, gradient_accumulation_steps: int) ->
             "the dataset has fewer images than one global batch (batch size x processes): lower --batch-size"
         )
     return math.ceil(batches_per_epoch / gradient_accumulation_steps)
+
+
+def checkpoint_state(progress: LoopProgress, preset: Preset, accelerator: Accelerator, loader: Any, seed: int,
+                     streaming: bool) -> dict[str, Any]:
+    """What a checkpoint saves beside Accelerate's state: the position, config, process count, seed, and on a
+    streamed run every process's position in its shard (a collective, like the checkpoint itself)."""
+    state = {**progress.to_state(preset, accelerator.num_processes, len(loader)), "seed": seed}
+    if streaming:
+        from accelerate.utils import gather_object
+
+        state["stream"] = gather_object([loader.state_dict()])
+    return state

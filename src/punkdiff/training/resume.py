@@ -1,4 +1,4 @@
-"""Resume policy: which checkpoint a run continues from, and whether this run's settings allow it.
+"""Resume policy: which checkpoint a run continues from, whether this run's settings allow it, and restoring it.
 
 A resumed run must be the run that was interrupted: the same model, noise process, data and batching (the saved
 data position counts batches) and the same number of processes. Anything else is refused before any data loads,
@@ -8,15 +8,23 @@ shared by two runs.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from punkdiff.presets import DataSpec, ModelSpec, Preset, SchedulerSpec, TrainSpec
 from punkdiff.training import TrainingError
-from punkdiff.training.checkpoints import STATE_FILE, find_checkpoint, list_checkpoints
+from punkdiff.training.checkpoints import STATE_FILE, find_checkpoint, list_checkpoints, load_checkpoint
+from punkdiff.training.progress import LoopProgress
+
+if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
+    from diffusers import UNet2DModel
 
 # what may differ between a checkpoint and the run resuming it: where and how often things are saved and previewed.
 # Everything else (model, noise process, data, batching, optimizer, LR, EMA, precision, seed) is the run itself.
@@ -135,3 +143,51 @@ def remove_previous_run(output_dir: str | Path) -> None:
         (output_dir / name).unlink(missing_ok=True)
     if (output_dir / "pipeline" / "model_index.json").is_file():
         shutil.rmtree(output_dir / "pipeline")
+
+
+def prepare_start(args: argparse.Namespace, preset: Preset, accelerator: Accelerator,
+                  streaming: bool) -> tuple[tuple[Path, dict[str, Any]] | None, UNet2DModel | None]:
+    """What this run starts from, checked before any data loads: `(checkpoint and its state, or None; the
+    `--init-from` UNet, or None)`. Also proves the output folder writable and large enough, and clears an earlier
+    run's files for `--overwrite-output-dir`; every process waits until that is done."""
+    from punkdiff.data import default_cache_dir
+    from punkdiff.training.pretrained import load_initial_unet
+    from punkdiff.training.resources import check_run_outputs
+
+    output_dir = Path(args.output_dir)
+    resume = check_resume(
+        output_dir, args.resume_from_checkpoint, preset, accelerator.num_processes, args.overwrite_output_dir,
+        seed=args.seed, extend_schedule=args.extend_schedule, streaming=streaming,
+    )
+    if accelerator.is_main_process:  # an unwritable folder is found now, not at the first checkpoint
+        check_run_outputs(output_dir, args.cache_dir or default_cache_dir(), preset)
+    initial_unet = load_initial_unet(args.init_from, preset) if args.init_from and resume is None else None
+    if args.overwrite_output_dir and resume is None and accelerator.is_main_process:
+        remove_previous_run(output_dir)
+    accelerator.wait_for_everyone()
+    return resume, initial_unet
+
+
+def restore_progress(args: argparse.Namespace, accelerator: Accelerator, resume: tuple[Path, dict[str, Any]] | None,
+                     noise_rng: torch.Generator, loader: Any, streaming: bool, max_steps: int,
+                     last_lr: Callable[[], float]) -> tuple[LoopProgress, str | None]:
+    """The loop's position and the checkpoint it came from: model, optimizer, LR schedule, EMA, RNGs and the
+    stream's position loaded from `resume`, or a fresh start. A `TrainingError` if the checkpoint is beyond the
+    run's planned length."""
+    progress, resumed_from = LoopProgress(), None
+    if resume is not None:
+        checkpoint, state = resume
+        load_checkpoint(accelerator, checkpoint, noise_rng)
+        if streaming:  # the stream continues from its saved position (each process its own shard's)
+            loader.load_state_dict(state["stream"][accelerator.process_index])
+        progress, resumed_from = LoopProgress.from_state(state), str(checkpoint)
+        accelerator.print(f"resumed from {checkpoint} at step {progress.global_step}")
+    elif args.resume_from_checkpoint:
+        accelerator.print(f"no checkpoint in {Path(args.output_dir) / 'checkpoints'}: starting from scratch")
+    if progress.global_step > max_steps:
+        raise TrainingError(f"{resumed_from} is at step {progress.global_step}, beyond {max_steps} steps: resume with "
+                            "at least as many --max-steps or --epochs, or from an earlier checkpoint")
+    if resume is not None and args.extend_schedule and progress.history:
+        accelerator.print(f"--extend-schedule: the LR schedule is re-planned over {max_steps} steps; the LR goes "
+                          f"from {progress.history[-1][2]:.3e} to {last_lr():.3e} at step {progress.global_step}")
+    return progress, resumed_from
