@@ -99,9 +99,8 @@ def run(args: argparse.Namespace) -> int:
                         data.palette)
 
     # ---- 5. the loop -------------------------------------------------------------------------------------------
-    # the bar redraws at most once a second: a redraw per step is a terminal write per step
     progress_bar = tqdm(total=max_steps, initial=progress.global_step, desc="training", mininterval=1.0,
-                        disable=not accelerator.is_local_main_process)
+                        disable=not accelerator.is_local_main_process)  # redrawn at most once a second
     start, step_log = time.time(), StepLog(accelerator, args.log_every, advice=lambda: resume_hint(output_dir))
     last_grid, exit_code = None, 0
     stop = StopRequest().install()  # SIGTERM (preemption): checkpoint after the current step, then exit
@@ -120,8 +119,7 @@ def run(args: argparse.Namespace) -> int:
                 noise = torch.randn(clean.shape, generator=noise_rng, device=clean.device)
                 timesteps = torch.randint(0, parts.noise_scheduler.config.num_train_timesteps, (clean.shape[0],),
                                           generator=noise_rng, device=clean.device)
-                # 5.2 loss, backward, clip, step (the optimizer steps once per accumulated batch)
-                # (nothing here reads a device value back: the host queues steps ahead of the GPU)
+                # 5.2 loss, backward, clip, step once per accumulated batch; no device value is read back here
                 with accelerator.accumulate(model):
                     loss = diffusion_loss(parts.train_forward, parts.noise_scheduler, clean, noise, timesteps,
                                           train_spec.snr_gamma)
@@ -183,8 +181,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         stop.uninstall()
     progress_bar.close()
-    # every process must hold the same EMA weights (each updates its own copy after the all-reduce)
-    ema_in_sync = ema_weights_in_sync(accelerator, ema) if ema is not None else None
+    ema_in_sync = ema_weights_in_sync(accelerator, ema) if ema is not None else None  # the same EMA on every process
 
     # ---- 6. export: EMA weights by default, the last grid, the loss curve, a summary, the Hub -----------------
     if exit_code == 0 and accelerator.is_main_process:
