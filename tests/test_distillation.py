@@ -1,0 +1,80 @@
+"""Progressive distillation's target: one student step lands where two teacher DDIM steps land."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from tiny_models import tiny_unet
+
+from punkdiff.pipelines.punkdiff_pipeline import ExactDDIMScheduler
+from punkdiff.training.distillation import (
+    DistillationError,
+    halving_stages,
+    student_v_target,
+    trailing_timesteps,
+    x0_predictor,
+)
+
+
+@pytest.mark.parametrize("schedule", [
+    {"beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction"},
+    {"beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction", "rescale_betas_zero_snr": True},
+    {"beta_schedule": "linear", "prediction_type": "epsilon"},
+])
+@pytest.mark.parametrize("teacher_steps", [8, 16])
+def test_a_student_predicting_the_target_samples_the_teachers_images_in_half_the_steps(schedule, teacher_steps):
+    """The oracle student (its v is the target), DDIM in n/2 steps without clipping, equals the clipping teacher in n."""
+    torch.manual_seed(0)
+    teacher = tiny_unet(1, 8, seed=1).eval()
+    train_sched = DDPMScheduler(num_train_timesteps=1000, **schedule)
+    alphas_cumprod = train_sched.alphas_cumprod
+    predict = x0_predictor(teacher, alphas_cumprod, schedule["prediction_type"], train_sched.config.clip_sample_range)
+    x_T = torch.randn(3, 1, 8, 8)
+
+    def sample(steps: int, prediction_type: str, model, clip: bool) -> torch.Tensor:
+        sched = ExactDDIMScheduler.from_config(
+            train_sched.config, prediction_type=prediction_type, timestep_spacing="trailing", clip_sample=clip)
+        sched.set_timesteps(steps)
+        z = x_T.clone()
+        for t in sched.timesteps:
+            z = sched.step(model(z, t), t, z, eta=0.0).prev_sample
+        return z
+
+    with torch.no_grad():
+        by_teacher = sample(teacher_steps, schedule["prediction_type"], lambda z, t: teacher(z, t).sample, True)
+        grid = trailing_timesteps(1000, teacher_steps) + [-1]
+
+        def oracle_student(z, t):
+            i = grid.index(int(t))
+            b = torch.full((z.shape[0],), 1, dtype=torch.long)
+            return student_v_target(predict, z, b * grid[i], b * grid[i + 1], b * grid[i + 2], alphas_cumprod)
+
+        by_student = sample(teacher_steps // 2, "v_prediction", oracle_student, False)
+    assert by_teacher.abs().max() > 0.1  # a real image, not zeros
+    torch.testing.assert_close(by_student, by_teacher, atol=2e-4, rtol=1e-4)
+
+
+def test_the_trailing_grid_is_diffusers_own_where_the_step_count_divides_the_training_steps():
+    """Stock DDIMScheduler with "trailing" spacing samples the student's steps exactly as the export records them."""
+    for steps in (1, 2, 4, 8):
+        stock = DDIMScheduler(num_train_timesteps=1000, timestep_spacing="trailing")
+        stock.set_timesteps(steps)
+        assert stock.timesteps.tolist() == trailing_timesteps(1000, steps)
+
+
+def test_student_grids_nest_in_the_teachers():
+    for n in (64, 32, 16, 8, 4, 2):
+        teacher, student = trailing_timesteps(1000, n), trailing_timesteps(1000, n // 2)
+        assert teacher[::2] == student
+
+
+def test_halving_stages_and_the_step_counts_halving_cannot_reach():
+    assert halving_stages(64, 4) == [32, 16, 8, 4]
+    assert halving_stages(8, 1) == [4, 2, 1]
+    with pytest.raises(DistillationError, match="not reachable by halving.*choose one of 32, 16, 8, 4, 2, 1"):
+        halving_stages(64, 3)
+    with pytest.raises(DistillationError, match="below the teacher's 8"):
+        halving_stages(8, 8)
+    with pytest.raises(DistillationError, match="needs an epsilon- or v-prediction teacher"):
+        x0_predictor(tiny_unet(1, 8), DDPMScheduler().alphas_cumprod, "sample")
