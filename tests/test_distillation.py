@@ -24,7 +24,7 @@ from punkdiff.training.distillation import (
 ])
 @pytest.mark.parametrize("teacher_steps", [8, 16])
 def test_a_student_predicting_the_target_samples_the_teachers_images_in_half_the_steps(schedule, teacher_steps):
-    """The oracle student (its v is the target), DDIM in n/2 steps without clipping, equals the clipping teacher in n."""
+    """The oracle student (v = the target), DDIM in n/2 steps without clipping, equals the clipping teacher in n."""
     torch.manual_seed(0)
     teacher = tiny_unet(1, 8, seed=1).eval()
     train_sched = DDPMScheduler(num_train_timesteps=1000, **schedule)
