@@ -94,7 +94,8 @@ def test_overwrite_removes_the_earlier_export_and_summary(finished, tmp_path):
     out = Path(shutil.copytree(finished, tmp_path / "run"))
     (out / "notes.txt").write_text("mine")
     remove_previous_run(out)
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    # the run-folder lock is the overwriting run's own (it holds it while it clears the folder): it stays
+    assert sorted(p.name for p in out.iterdir()) == [".punkdiff-train.lock", ".punkdiff-train.lock.json", "notes.txt"]
     # a `pipeline` folder that is not an export is not ours to delete
     (out / "pipeline").mkdir()
     (out / "pipeline" / "data.csv").write_text("1,2")

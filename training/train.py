@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
+from diffusers import UNet2DModel
 from tqdm.auto import tqdm
 
 from punkdiff.data import DataError, to_model_input
@@ -33,7 +34,7 @@ from punkdiff.training.checkpoints import require_finite_weights, resume_hint, s
 from punkdiff.training.ema import ema_weights_in_sync
 from punkdiff.training.export import export_run, push_export
 from punkdiff.training.launch import make_accelerator, warn_about_device
-from punkdiff.training.loss import diffusion_loss
+from punkdiff.training.loss import LossFn, diffusion_loss
 from punkdiff.training.monitor import QualityMonitor
 from punkdiff.training.optimization import build_trainables
 from punkdiff.training.preemption import StopRequest
@@ -51,8 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return exit_on_interrupt(lambda: run(args), "train", lambda: resume_hint(args.output_dir))  # Ctrl-C: 130
 
 
-def run(args: argparse.Namespace) -> int:
-    """Train as `args` (from `build_train_parser`) says; 0 on success, 1 on a failed run, 2 on bad input."""
+def run(args: argparse.Namespace, loss_fn: LossFn = diffusion_loss, start_from: UNet2DModel | None = None) -> int:
+    """Train as `args` says (0 done, 1 failed, 2 bad input); `distill.py` gives each stage its loss and start UNet."""
     # ---- 1. configuration: every bad flag, preset or resume mismatch fails here, before any data -------------
     try:
         preset = resolve_training_config(args)
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     accelerator, precision, precision_fallback = make_accelerator(args, train_spec)  # bf16 only where native
     try:
         streaming = streaming_reason(args, preset)  # a dataset too big for the cache budget streams
-        resume, initial_unet = prepare_start(args, preset, accelerator, streaming is not None)
+        resume, initial_unet = prepare_start(args, preset, accelerator, streaming is not None, start_from)
         set_seed(args.seed, device_specific=True)  # dropout etc. differ per process, reproducibly
         # timesteps, noise, flips: our own generator, saved in each checkpoint, so a resumed run draws the same
         noise_rng = torch.Generator(accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
@@ -121,8 +122,8 @@ def run(args: argparse.Namespace) -> int:
                                           generator=noise_rng, device=clean.device)
                 # 5.2 loss, backward, clip, step once per accumulated batch; no device value is read back here
                 with accelerator.accumulate(model):
-                    loss = diffusion_loss(parts.train_forward, parts.noise_scheduler, clean, noise, timesteps,
-                                          train_spec.snr_gamma)
+                    loss = loss_fn(parts.train_forward, parts.noise_scheduler, clean, noise, timesteps,
+                                   train_spec.snr_gamma)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:  # the norm stays on the device until the step log reads it
                         grad_norm = parts.clip_grad_norm_(parts.parameters, train_spec.max_grad_norm)

@@ -82,6 +82,21 @@ def _run_train(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _add_distill(sub: argparse._SubParsersAction) -> None:
+    from punkdiff.training.arguments import add_distill_arguments
+
+    p = sub.add_parser("distill", help="distil a model into a few-step student (same flags as "
+                       "`accelerate launch training/distill.py`)")
+    add_distill_arguments(p)
+    p.set_defaults(func=_run_distill)
+
+
+def _run_distill(args: argparse.Namespace) -> int:
+    from punkdiff.scripts.distill import run
+
+    return run(args)
+
+
 # Sized for a 5-minute budget on 2 CPU cores, and without EMA: the cosine learning rate anneals to zero over so short
 # a run that the raw weights are already settled while the EMA still carries older ones (docs/results.md, "The demo").
 DEMO_STEPS = 2000
@@ -532,8 +547,8 @@ def _run_ui(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="punkdiff", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_presets, _add_train, _add_demo, _add_sample, _add_reconstruct, _add_inpaint, _add_eval, _add_gif,
-                _add_push, _add_parity, _add_ui):
+    for add in (_add_presets, _add_train, _add_distill, _add_demo, _add_sample, _add_reconstruct, _add_inpaint,
+                _add_eval, _add_gif, _add_push, _add_parity, _add_ui):
         add(sub)
     return parser
 
@@ -561,7 +576,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _kept(args: argparse.Namespace) -> str:
     """What an interrupted command leaves: a run's last checkpoint, or the files this command wrote."""
-    if args.command == "train":
+    if args.command in ("train", "distill"):
         from punkdiff.training.checkpoints import resume_hint
 
         return resume_hint(args.output_dir)

@@ -67,6 +67,8 @@ class ModelCardInfo:
         repo_id: Where the model will live, used in the card's loading snippets (default: `LOCAL_MODEL_REF`,
             which `push_to_hub` replaces with the repo id it pushes to).
         tags: Extra Hub tags.
+        distilled_from: A distilled student's teacher (folder or Hub id); the card then says how it samples.
+        distillation_stages: The student's step counts, teacher first (e.g. `[64, 32, 16, 8, 4]`).
     """
 
     preset: str = "custom"
@@ -80,6 +82,8 @@ class ModelCardInfo:
     model_name: str | None = None
     repo_id: str | None = None
     tags: list[str] = dataclasses.field(default_factory=list)
+    distilled_from: str | None = None
+    distillation_stages: list[int] | None = None
 
 
 def render_model_card(info: ModelCardInfo, *, has_samples: bool = False) -> str:
@@ -110,6 +114,9 @@ def render_model_card(info: ModelCardInfo, *, has_samples: bool = False) -> str:
         num_train_timesteps=info.num_train_timesteps,
         metrics_table=_metrics_table(info.metrics or {}),
         has_samples=has_samples,
+        distilled_from=info.distilled_from,
+        distillation_stages=" -> ".join(map(str, info.distillation_stages or [])),
+        sampling_steps=(info.distillation_stages or [None])[-1],
     )
     return str(card)
 

@@ -24,6 +24,7 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "quadratic", "
 _SCHEDULE_ALIASES = {"quadratic": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 # diffusers.optimization.SchedulerType values (a test keeps the two in step)
 LR_SCHEDULERS = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "piecewise_constant"
@@ -95,6 +96,8 @@ class SchedulerSpec:
     prediction_type: str = "epsilon"
     variance_type: str = "fixed_small"
     clip_sample: bool = True
+    # where a DDIM of n steps samples: "trailing" starts at t = T - 1, as a distilled student needs
+    timestep_spacing: str = "leading"
     # remedies for a forward process that ends short of pure noise (see `terminal_alpha_bar`):
     # improved-diffusion's betas scaled by 1000 / T, so a short schedule adds as much noise as T = 1000 does
     scale_betas_by_timesteps: bool = False
@@ -117,6 +120,7 @@ class SchedulerSpec:
             "prediction_type": self.prediction_type,
             "variance_type": self.variance_type,
             "clip_sample": self.clip_sample,
+            "timestep_spacing": self.timestep_spacing,
             "rescale_betas_zero_snr": self.rescale_betas_zero_snr,
         }
 
@@ -362,6 +366,8 @@ def _problems(preset: Preset) -> list[str]:
         problems.append(f"unknown prediction type {s.prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}")
     if s.variance_type not in VARIANCE_TYPES:
         problems.append(f"unknown variance type {s.variance_type!r}: use one of {', '.join(VARIANCE_TYPES)}")
+    if s.timestep_spacing not in TIMESTEP_SPACINGS:
+        problems.append(f"unknown timestep spacing {s.timestep_spacing!r}: use one of {', '.join(TIMESTEP_SPACINGS)}")
     if not 0 < s.betas_range()[0] < s.betas_range()[1] < 1:
         problems.append(f"betas must satisfy 0 < beta_start < beta_end < 1 (got {s.betas_range()})")
     if s.num_train_timesteps < 2:

@@ -87,6 +87,16 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo as private")
 
 
+def add_distill_arguments(p: argparse.ArgumentParser) -> None:
+    """The distillation flags: the teacher, the step counts, and every training flag (`--max-steps` per stage)."""
+    p.add_argument("teacher", metavar="MODEL", help="the teacher: an exported pipeline folder or Hub model id")
+    p.add_argument("--steps", type=int, default=4, help="sampling steps of the final student (default 4)")
+    p.add_argument("--teacher-steps", type=int, default=64,
+                   help="DDIM steps of the teacher the first student learns from; halved at each stage (default 64)")
+    add_train_arguments(p)
+    p.set_defaults(output_dir="outputs/distill")
+
+
 MAX_SEED = 2**32 - 1
 
 _FLAG_TO_FIELD = {

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from fractions import Fraction
 
 import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
 
 from punkdiff.pipelines.punkdiff_pipeline import predicted_x0_and_epsilon
 
@@ -129,3 +131,54 @@ def student_v_target(
     x_target = (z_next - ratio * z_t) / (alpha_next - ratio * alpha_t)
     eps_target = (z_t - alpha_t * x_target) / sigma_t
     return alpha_t * eps_target - sigma_t * x_target
+
+
+class DistillationLoss:
+    """The training loss of one distillation stage: MSE between the student's v and `student_v_target`.
+
+    Called as the training loop calls its loss, `loss(model, noise_scheduler, x_0, eps, timesteps)`: the loop's
+    uniform draw of t in [0, T) picks the student's timestep index i = floor(t n / T), so the draws (and exact
+    resume) are the loop's own. `z_t` is noised at the student's t_i; the teacher (frozen, fp32) takes the two DDIM
+    steps t_i -> t' -> t_{i+1}.
+
+    Examples:
+        ```py
+        >>> loss_fn = DistillationLoss(teacher, teacher_scheduler.config, student_steps=4)
+        >>> loss = loss_fn(student, student_scheduler, x0, torch.randn_like(x0), torch.randint(0, 1000, (8,)))
+        ```
+    """
+
+    def __init__(self, teacher: torch.nn.Module, teacher_config: dict, student_steps: int) -> None:
+        T = teacher_config["num_train_timesteps"]
+        grid = trailing_timesteps(T, 2 * student_steps) + [-1]
+        self.num_train_timesteps, self.student_steps = T, student_steps
+        self.t, self.t_mid, self.t_next = (torch.tensor(grid[i:2 * student_steps + 1:2][:student_steps])
+                                           for i in (0, 1, 2))
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.teacher_config = dict(teacher_config)
+
+    @staticmethod
+    def check_teacher(teacher_config: dict) -> None:
+        """Refuse a teacher progressive distillation cannot use, before any work (the DDIM step needs x_0 and eps)."""
+        if teacher_config.get("prediction_type") not in ("epsilon", "v_prediction"):
+            raise DistillationError(
+                f"the teacher predicts {teacher_config.get('prediction_type')!r}: progressive distillation needs an "
+                "epsilon- or v-prediction teacher")
+        if teacher_config.get("thresholding"):
+            raise DistillationError("the teacher's scheduler uses dynamic thresholding, which the student's DDIM "
+                                    "step cannot reproduce: distil a teacher without it")
+
+    def __call__(self, model: torch.nn.Module, noise_scheduler: DDPMScheduler, clean: torch.Tensor,
+                 noise: torch.Tensor, timesteps: torch.Tensor, snr_gamma: float | None = None) -> torch.Tensor:
+        """The stage's loss on one batch; `snr_gamma` is ignored (the v error already weighs x by SNR + 1)."""
+        device = clean.device
+        alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
+        index = (timesteps * self.student_steps // self.num_train_timesteps).cpu()
+        t, t_mid, t_next = (grid[index].to(device) for grid in (self.t, self.t_mid, self.t_next))
+        alpha, sigma = _alpha_sigma(alphas_cumprod, t)
+        z_t = alpha * clean.float() + sigma * noise.float()
+        clip = self.teacher_config.get("clip_sample_range", 1.0) if self.teacher_config.get("clip_sample") else None
+        teacher = x0_predictor(self.teacher.to(device), alphas_cumprod, self.teacher_config["prediction_type"], clip)
+        target = student_v_target(teacher, z_t, t, t_mid, t_next, alphas_cumprod)
+        prediction = model(z_t.to(clean.dtype), t).sample
+        return F.mse_loss(prediction.float(), target)

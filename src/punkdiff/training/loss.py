@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
+
+# What the loop calls on each micro-batch: (model, noise_scheduler, x_0, eps, timesteps, snr_gamma) -> loss.
+LossFn = Callable[[torch.nn.Module, DDPMScheduler, torch.Tensor, torch.Tensor, torch.Tensor, float | None],
+                  torch.Tensor]
 
 
 def diffusion_loss(

@@ -145,11 +145,13 @@ def remove_previous_run(output_dir: str | Path) -> None:
         shutil.rmtree(output_dir / "pipeline")
 
 
-def prepare_start(args: argparse.Namespace, preset: Preset, accelerator: Accelerator,
-                  streaming: bool) -> tuple[tuple[Path, dict[str, Any]] | None, UNet2DModel | None]:
+def prepare_start(
+    args: argparse.Namespace, preset: Preset, accelerator: Accelerator, streaming: bool,
+    start_from: UNet2DModel | None = None,
+) -> tuple[tuple[Path, dict[str, Any]] | None, UNet2DModel | None]:
     """What this run starts from, checked before any data loads: `(checkpoint and its state, or None; the
-    `--init-from` UNet, or None)`. Also proves the output folder writable and large enough, and clears an earlier
-    run's files for `--overwrite-output-dir`; every process waits until that is done."""
+    `--init-from` UNet or `start_from`, or None when resuming)`. Also proves the output folder writable and large
+    enough, and clears an earlier run's files for `--overwrite-output-dir`; every process waits until that is done."""
     from punkdiff.data import default_cache_dir
     from punkdiff.training.pretrained import load_initial_unet
     from punkdiff.training.resources import check_run_outputs
@@ -161,7 +163,8 @@ def prepare_start(args: argparse.Namespace, preset: Preset, accelerator: Acceler
     )
     if accelerator.is_main_process:  # an unwritable folder is found now, not at the first checkpoint
         check_run_outputs(output_dir, args.cache_dir or default_cache_dir(), preset)
-    initial_unet = load_initial_unet(args.init_from, preset) if args.init_from and resume is None else None
+    initial_unet = None if resume is not None else (
+        load_initial_unet(args.init_from, preset) if args.init_from else start_from)
     if args.overwrite_output_dir and resume is None and accelerator.is_main_process:
         remove_previous_run(output_dir)
     accelerator.wait_for_everyone()

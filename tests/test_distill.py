@@ -1,0 +1,115 @@
+"""`training/distill.py` / `punkdiff distill`: stages, the student export, stock loading, exact resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMPipeline, DDPMPipeline
+from tiny_training import exported_weights, max_diff, reset_accelerate_state, train_tiny
+
+from punkdiff import PunkDiffPipeline
+from punkdiff.hub import validate_model_folder
+from punkdiff.scripts.distill import main as distill_main
+
+
+def distill(teacher: Path, cache_dir: Path, out: Path, *extra: str) -> int:
+    """A tiny distillation (8 -> 4 -> 2 steps, 2 optimizer steps a stage) in this process."""
+    reset_accelerate_state()
+    try:
+        return distill_main([str(teacher), "--teacher-steps", "8", "--steps", "2", "--max-steps", "2",
+                             "--checkpoint-every", "1", "--report-to", "none", "--cache-dir", str(cache_dir),
+                             "--output-dir", str(out), *extra])
+    finally:
+        reset_accelerate_state()
+
+
+@pytest.fixture(scope="module")
+def teacher(mnist_dir, cache_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("teacher")
+    assert train_tiny(mnist_dir, cache_dir, out, "--max-steps", "3") == 0
+    return out / "pipeline"
+
+
+@pytest.fixture(scope="module")
+def student(teacher, cache_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("student")
+    assert distill(teacher, cache_dir, out) == 0
+    return out
+
+
+def test_each_stage_halves_the_steps_and_the_student_is_a_normal_export(student, teacher):
+    assert sorted(p.name for p in student.glob("stage-*")) == ["stage-2", "stage-4"]
+    for stage in ("stage-4", "stage-2"):
+        summary = json.loads((student / stage / "training_summary.json").read_text())
+        assert summary["steps"] == 2 and summary["config"]["scheduler"]["prediction_type"] == "v_prediction"
+        assert summary["config"]["data"]["max_samples"] == 64  # the teacher's own data pipeline
+    validate_model_folder(student / "pipeline")
+    config = json.loads((student / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
+    assert (config["timestep_spacing"], config["prediction_type"], config["clip_sample"]) == (
+        "trailing", "v_prediction", False)
+    card = (student / "pipeline" / "README.md").read_text()
+    assert f"distilled from `{teacher}`" in card and "8 -> 4 -> 2" in card and "num_inference_steps=2" in card
+    # the student moved away from its teacher's weights
+    teacher_weights = exported_weights(teacher.parent)
+    assert max_diff(exported_weights(student), teacher_weights) > 0
+
+
+def test_stock_ddim_samples_the_student_exactly_as_punkdiff_does(student):
+    ours = PunkDiffPipeline.from_pretrained(student / "pipeline")
+    stock = DDIMPipeline.from_pretrained(student / "pipeline")
+    stock.set_progress_bar_config(disable=True)
+    ours.set_progress_bar_config(disable=True)
+    a = ours(batch_size=3, generator=torch.Generator().manual_seed(0), sampler="ddim", num_inference_steps=2,
+             eta=0.0, output_type="np").images
+    b = stock(batch_size=3, generator=torch.Generator().manual_seed(0), num_inference_steps=2, eta=0.0,
+              output_type="np").images
+    assert np.array_equal(a, b)
+    assert DDPMPipeline.from_pretrained(student / "pipeline").unet.config.sample_size == 16  # every route loads it
+
+
+def test_an_interrupted_distillation_resumes_to_the_same_student(student, teacher, cache_dir, tmp_path):
+    out = Path(shutil.copytree(student, tmp_path / "run"))
+    finished_stage = (out / "stage-4" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    # killed in stage 2 after its first step: its later checkpoint, its export and the student are not there yet
+    for path in ("stage-2/checkpoints/checkpoint-2", "stage-2/pipeline", "pipeline"):
+        shutil.rmtree(out / path)
+    (out / "stage-2" / "training_summary.json").unlink()
+    assert distill(teacher, cache_dir, out, "--resume-from-checkpoint", "latest") == 0
+    assert max_diff(exported_weights(out), exported_weights(student)) == 0.0
+    stage_weights = out / "stage-4" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"
+    assert stage_weights.stat().st_mtime_ns == finished_stage  # the finished stage was not run again
+
+
+def test_bad_requests_are_refused_before_any_work(teacher, cache_dir, tmp_path, capsys):
+    assert distill(teacher, cache_dir, tmp_path / "a", "--steps", "3") == 2
+    assert "not reachable by halving the teacher's 8 steps: choose one of 4, 2, 1" in capsys.readouterr().err
+    assert distill(tmp_path / "nowhere", cache_dir, tmp_path / "b") == 2
+    assert "nowhere" in capsys.readouterr().err
+    x0_teacher = Path(shutil.copytree(teacher, tmp_path / "x0-teacher"))
+    config_path = x0_teacher / "scheduler" / "scheduler_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "prediction_type": "sample"}))
+    assert distill(x0_teacher, cache_dir, tmp_path / "c", "--preset", "mnist-baseline-16") == 2
+    assert "needs an epsilon- or v-prediction teacher" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c" / "stage-4").exists()
+
+
+def test_a_finished_student_is_not_overwritten(student, teacher, cache_dir, capsys):
+    before = exported_weights(student)
+    assert distill(teacher, cache_dir, student) == 2
+    assert "already holds a student" in capsys.readouterr().err
+    assert max_diff(exported_weights(student), before) == 0.0
+
+
+def test_distill_runs_the_teachers_data_pipeline_from_its_summary(mnist_dir, cache_dir, tmp_path):
+    """The stages train on what the teacher trained on, without --preset or --dataset on the command line."""
+    out = tmp_path / "t"
+    assert train_tiny(mnist_dir, cache_dir, out, "--max-steps", "1", "--max-train-samples", "16") == 0
+    assert distill(out / "pipeline", cache_dir, tmp_path / "s", "--steps", "4") == 0
+    summary = json.loads((tmp_path / "s" / "stage-4" / "training_summary.json").read_text())
+    assert summary["config"]["data"]["max_samples"] == 16
+    assert summary["config"]["data"]["dataset"] == str(mnist_dir)

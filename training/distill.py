@@ -1,0 +1,168 @@
+"""Distil a trained punkdiff model into a student that samples in a handful of steps: the stages, top to bottom.
+
+    accelerate launch training/distill.py outputs/mnist16/pipeline --steps 4 --dataset ../shared/datasets/mnist
+    punkdiff distill outputs/mnist16/pipeline --steps 4          (same parser, same stages, one process)
+
+Progressive distillation (Salimans & Ho 2022): at each stage a student learns to take one deterministic DDIM step
+where its teacher takes two (64 -> 32 -> 16 -> 8 -> 4 with the defaults), in v-prediction, on the teacher's own data
+pipeline. A stage is a run of `train.py`'s loop (EMA, checkpoints, exact resume, progress bar, TensorBoard) with
+the distillation loss, in `OUTPUT_DIR/stage-<n>/`; its EMA export teaches the next stage. The last stage's export is
+copied to `OUTPUT_DIR/pipeline/`: a normal export whose scheduler config says "trailing" spacing (so a stock
+`DDIMPipeline` samples it with `num_inference_steps=n`, no guesswork) and whose card names the teacher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from accelerate import PartialState
+from diffusers import DDPMScheduler, UNet2DModel
+
+from punkdiff.hub import ModelCardInfo, ModelFolderError, model_folder, validate_model_folder, write_model_card
+from punkdiff.interrupts import exit_on_interrupt
+from punkdiff.presets import PRESETS, PresetError
+from punkdiff.scripts.train import run as train_stage
+from punkdiff.training.arguments import add_distill_arguments, resolve_training_config
+from punkdiff.training.checkpoints import resume_hint
+from punkdiff.training.distillation import DistillationError, DistillationLoss, halving_stages
+
+
+def build_distill_parser(prog: str = "distill.py") -> argparse.ArgumentParser:
+    """The parser of `training/distill.py`; `punkdiff distill` adds the same flags to its subparser."""
+    p = argparse.ArgumentParser(prog=prog, description="Distil a punkdiff model into a few-step student.")
+    add_distill_arguments(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_distill_parser().parse_args(argv)
+    return exit_on_interrupt(lambda: run(args), "distill", lambda: resume_hint(args.output_dir))  # Ctrl-C: 130
+
+
+def run(args: argparse.Namespace) -> int:
+    """Distil as `args` says; 0 on success, 1 on a failed stage, 2 on bad input (found before any work)."""
+    # ---- 1. the teacher and the plan, checked before any data loads -------------------------------------------
+    output_dir = Path(args.output_dir)
+    try:
+        teacher = model_folder(args.teacher)
+        validate_model_folder(teacher)
+        teacher_config = dict(DDPMScheduler.from_pretrained(teacher / "scheduler").config)
+        stages = halving_stages(args.teacher_steps, args.steps)
+        DistillationLoss.check_teacher(teacher_config)
+        if (output_dir / "pipeline").exists() and not (args.overwrite_output_dir or args.resume_from_checkpoint):
+            raise DistillationError(f"{output_dir / 'pipeline'} already holds a student: pass --overwrite-output-dir "
+                                    "to distil again, --resume-from-checkpoint latest to finish it, or another "
+                                    "--output-dir")
+        base_preset = _teacher_preset(args, teacher, output_dir)
+        _stage_args(args, base_preset, output_dir / f"stage-{stages[0]}", stages[0], len(stages))  # flags checked
+    except (ModelFolderError, DistillationError, PresetError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    # ---- 2. the stages: each student starts from its teacher's weights and learns its two steps in one ------------
+    for steps in stages:
+        stage_dir = output_dir / f"stage-{steps}"
+        if _finished(stage_dir) and not args.overwrite_output_dir:  # done before an interruption: its export teaches
+            teacher = stage_dir / "pipeline"
+            continue
+        stage_args = _stage_args(args, base_preset, stage_dir, steps, len(stages))
+        student = UNet2DModel.from_pretrained(teacher / "unet", use_safetensors=True)
+        teacher_config = dict(DDPMScheduler.from_pretrained(teacher / "scheduler").config)
+        loss = DistillationLoss(copy.deepcopy(student), teacher_config, student_steps=steps)  # a frozen copy
+        print(f"distilling {2 * steps} -> {steps} steps into {stage_dir}", file=sys.stderr)
+        code = train_stage(stage_args, loss_fn=loss, start_from=student)
+        if code != 0:
+            return code
+        teacher = stage_dir / "pipeline"
+
+    # ---- 3. the student: the last stage's export, its card naming the teacher and the steps it samples in -------
+    state = PartialState()
+    if state.is_main_process:
+        _export_student(teacher.parent, output_dir, args, stages)
+        print(f"done: a {args.steps}-step student in {output_dir / 'pipeline'}", file=sys.stderr)
+    state.wait_for_everyone()
+    return 0
+
+
+def _teacher_preset(args: argparse.Namespace, teacher: Path, output_dir: Path) -> str | None:
+    """The teacher's own training configuration (its run's `training_summary.json`, else the preset its card
+    names), saved as `OUTPUT_DIR/teacher_config.json` for the stages; None when `--preset`/`--config` is given."""
+    if args.preset or args.config:
+        return None
+    summary = teacher.parent / "training_summary.json"
+    if summary.is_file():
+        saved = json.loads(summary.read_text())["config"]
+        config = {"preset": saved["name"], **{k: v for k, v in saved.items() if k not in ("name", "description")}}
+        if saved["name"] not in PRESETS:
+            raise PresetError(f"{summary} names preset {saved['name']!r}, which this punkdiff does not have: pass "
+                              "--preset and --dataset")
+    else:
+        from huggingface_hub import ModelCard
+
+        meta = ModelCard.load(teacher / "README.md").data.to_dict().get("punkdiff", {}) if (
+            teacher / "README.md").is_file() else {}
+        if meta.get("preset") not in PRESETS:
+            raise PresetError(f"{args.teacher} names no punkdiff preset (no training_summary.json beside it, no "
+                              "preset in its card): pass the --preset and --dataset it was trained with")
+        config = {"preset": meta["preset"]}
+        if meta.get("dataset"):
+            config["data"] = {"dataset": meta["dataset"]}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / "teacher_config.json"
+    path.write_text(json.dumps(config, indent=2))
+    return str(path)
+
+
+def _stage_args(args: argparse.Namespace, base_preset: str | None, stage_dir: Path, steps: int,
+                num_stages: int) -> argparse.Namespace:
+    """The training run of one stage: the teacher's data and model, a v-prediction student sampled by trailing
+    DDIM without clipping (its x target at high noise is not an image), previews at the stage's step count, and
+    without `--max-steps` the teacher's optimizer steps shared out over the stages."""
+    stage = copy.copy(args)
+    stage.output_dir = str(stage_dir)
+    stage.config = args.config or base_preset
+    stage.set = [*args.set, "scheduler.prediction_type=v_prediction", "scheduler.clip_sample=false",
+                 "scheduler.timestep_spacing=trailing", f"train.sample_inference_steps={steps}"]
+    stage.prediction_type = None
+    if args.max_steps is None and args.epochs is None:  # the teacher's steps, shared out over the stages
+        stage.max_steps = max(1, resolve_training_config(stage).train.max_steps // num_stages)
+    stage.resume_from_checkpoint = "latest" if args.resume_from_checkpoint and (stage_dir / "checkpoints").is_dir() \
+        else None
+    stage.init_from, stage.push_to_hub = None, False
+    return stage
+
+
+def _finished(stage_dir: Path) -> bool:
+    return (stage_dir / "training_summary.json").is_file() and (stage_dir / "pipeline" / "model_index.json").is_file()
+
+
+def _export_student(last_stage: Path, output_dir: Path, args: argparse.Namespace, stages: list[int]) -> None:
+    """Copy the last stage's export to `OUTPUT_DIR/pipeline` and write its card: the teacher, the steps."""
+    target = output_dir / "pipeline"
+    staging = output_dir / ".pipeline.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(last_stage / "pipeline", staging)
+    summary = json.loads((last_stage / "training_summary.json").read_text())
+    config = summary["config"]
+    write_model_card(staging, ModelCardInfo(
+        preset=config["name"],
+        dataset=str(config["data"]["dataset"]),
+        training_steps=summary["steps"],
+        resolution=config["data"]["resolution"],
+        license=config["data"].get("license", "apache-2.0"),
+        distilled_from=str(args.teacher),
+        distillation_stages=[args.teacher_steps, *stages],
+        model_name=f"punkdiff {config['name']}, {args.steps}-step student",
+    ))
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
