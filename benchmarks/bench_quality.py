@@ -15,7 +15,7 @@ with 500 warmup steps over its 100 epochs, AdamW betas 0.95/0.999, weight decay 
 (`--use_ema`, inverse gamma 1, power 3/4, max decay 0.9999), epsilon target, linear betas 1e-4..0.02 over T = 1000,
 DDPM-1000 sampling; run through punkdiff's loop, whose per-step cost equals the example's (benchmarks/bench_train.py).
 
-    python benchmarks/bench_quality.py                      # the budget: 15 min each (about an hour in all)
+    python benchmarks/bench_quality.py                      # 15 CPU-minutes each (about an hour in all)
     python benchmarks/bench_quality.py --budget-minutes 4 --num-samples 500 --recipe-sampler-points 0  # a look
 
 Prints a table; writes `benchmarks/results/quality_mnist16.json` and `quality_mnist16.png` (metric against wall
@@ -72,7 +72,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--work-dir", default=str(REPO / "benchmarks" / "work" / "quality"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eta", type=float, default=0.0,
-                   help="DDIM noise weight of the DDIM-50 points (0, as the README's table was measured)")
+                   help="DDIM noise weight of the DDIM-50 points (0, as docs/results.md's table was measured)")
     p.add_argument("--evaluate-only", action="store_true",
                    help="score the runs already in --work-dir (their launch times are in launched.json)")
     return p.parse_args()

@@ -239,7 +239,7 @@ def _pipeline_rows(unet: UNet2DModel) -> list[ParityRow]:
 
 
 def run_parity(num_train_timesteps: int = 1000) -> list[ParityRow]:
-    """A compact parity sweep (10-20 s on a CPU): add_noise, single steps, full sampling runs with a
+    """A compact parity sweep (seconds on a CPU): add_noise, single steps, full sampling runs with a
     small random UNet (DDPM over all `num_train_timesteps` steps), and PunkDiffPipeline's DDIM for every
     timestep spacing."""
     with single_thread(), torch.no_grad():
