@@ -421,6 +421,28 @@ def _weights(transform):
         (_edit_json("scheduler/scheduler_config.json", _set("prediction_type", "noise")), "prediction_type"),
         (_edit_json("scheduler/scheduler_config.json", _set("beta_end", "0.02")), "beta_end"),
         (_edit_json("scheduler/scheduler_config.json", lambda d: None), "must hold a JSON object"),
+        # what the samplers compute from the schedule, not only each field's type
+        (_edit_json("scheduler/scheduler_config.json", _set("trained_betas", [float("nan")] * 1000)), "trained_betas"),
+        (_edit_json("scheduler/scheduler_config.json", _set("trained_betas", [1.0] * 1000)), "trained_betas"),
+        (_edit_json("scheduler/scheduler_config.json", _set("trained_betas", [0.01] * 999)), "trained_betas must"),
+        (_edit_json("scheduler/scheduler_config.json", _set("trained_betas", "0.01")), "trained_betas must"),
+        (_edit_json("scheduler/scheduler_config.json", lambda d: {**d, "beta_start": 0.5, "beta_end": 0.9}),
+         r"alpha_bar .*must lie in \(0, 1\)"),
+        (_edit_json("scheduler/scheduler_config.json", lambda d: {**d, "beta_start": 1e-12, "beta_end": 1e-12}),
+         r"alpha_bar .*spans \[1, 1\] in float32: the first betas round to 0"),
+        (_edit_json("scheduler/scheduler_config.json", _set("trained_betas", [0.01] * 500 + [1e-12] * 500)),
+         "alpha_bar must strictly decrease, but steps 499 and 500"),
+        (_edit_json("scheduler/scheduler_config.json", lambda d: {**d, "num_train_timesteps": 100_000}),
+         r"alpha_bar .*must lie in \(0, 1\)"),
+        (_edit_json("scheduler/scheduler_config.json", _set("clip_sample_range", 0)), "clip_sample_range must be"),
+        (_edit_json("scheduler/scheduler_config.json", _set("clip_sample_range", float("inf"))), "clip_sample_range"),
+        (_edit_json("scheduler/scheduler_config.json", _set("timestep_spacing", "cubic")), "timestep_spacing must"),
+        (_edit_json("scheduler/scheduler_config.json", _set("steps_offset", 10**9)), r"steps_offset must .*\[0, 100\)"),
+        (_edit_json("scheduler/scheduler_config.json", _set("steps_offset", -1)), "steps_offset must"),
+        (_edit_json("scheduler/scheduler_config.json", _set("beta_end", float("nan"))), "beta_end must"),
+        (lambda f: (f / "model_index.json").write_text("[" * 100_000 + "]" * 100_000), "nested too deeply"),
+        (lambda f: (f / "palette.json").write_text('{"colors": ' + "[" * 100_000 + "]" * 100_000 + "}"),
+         "is not a palette .*RecursionError"),
         (lambda f: (f / "palette.json").write_text('{"colors": ["#zz0000"]}'), "is not a palette"),
         (lambda f: (f / "palette.json").write_text('["#000000"]'), "is not a palette"),
         (lambda f: (f / "palette.json").write_text('{"colors": ["#00", "#000000"]}'), "is not a palette"),
@@ -434,6 +456,82 @@ def test_hostile_model_folders_are_refused_by_the_folder_check(folder, damage, m
     damage(folder)
     with pytest.raises(ModelFolderError, match=message):
         load_pipeline(folder)
+
+
+def _shard(folder: Path, shards: int = 2, *, transform=None, names=None, keep_single: bool = False) -> list[Path]:
+    """Split the UNet weights into `shards` safetensors files and an index, as diffusers writes a large model."""
+    from safetensors.torch import save_file
+
+    single = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(single)
+    names = names or [f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
+    keys = sorted(tensors)
+    weight_map = {key: names[i * shards // len(keys)] for i, key in enumerate(keys)}
+    for i, name in enumerate(names):
+        part = {k: tensors[k] for k in keys if weight_map[k] == name}
+        if transform is not None and i == len(names) - 1:  # damage only the last shard
+            part = {k: transform(v) for k, v in part.items()}
+        save_file(part, folder / "unet" / name)
+    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    (folder / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    if not keep_single:
+        single.unlink()
+    return [folder / "unet" / name for name in names]
+
+
+def test_a_sharded_unet_loads_and_every_shard_is_checked(folder):
+    """diffusers prefers the index over the single file, so the index's shards are what the check must read."""
+    expected = load_pipeline(folder)(batch_size=1, num_inference_steps=2, output_type="np",
+                                     generator=torch.Generator().manual_seed(0)).images
+    _shard(folder, 3, keep_single=True)
+    images = load_pipeline(folder)(batch_size=1, num_inference_steps=2, output_type="np",
+                                   generator=torch.Generator().manual_seed(0)).images
+    np.testing.assert_array_equal(images, expected)
+
+    # a NaN last shard, with the good single file still beside the index: refused, naming the shard
+    shards = _shard(folder, 2, transform=lambda v: torch.full_like(v, float("nan")), keep_single=True)
+    with pytest.raises(ModelFolderError, match=re.escape(shards[-1].name) + ": tensor .* holds NaN or infinite"):
+        load_pipeline(folder)
+
+
+def test_a_sharded_index_naming_a_pickle_shard_is_refused_unopened(folder, tmp_path):
+    marker = tmp_path / "executed"
+    _shard(folder, 2)
+    index_path = folder / "unet" / "diffusion_pytorch_model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    key = next(iter(index["weight_map"]))
+    (folder / "unet" / "evil.bin").write_bytes(pickle.dumps(WritesMarker(marker)))
+    for shard in ("evil.bin", "../evil.safetensors", "sub/evil.safetensors"):
+        index_path.write_text(json.dumps({**index, "weight_map": {**index["weight_map"], key: shard}}))
+        with pytest.raises(ModelFolderError, match="every shard must be a .safetensors file beside the index"):
+            load_pipeline(folder)
+    assert not marker.exists()
+    index_path.write_text(json.dumps({**index, "weight_map": {**index["weight_map"], key: "gone.safetensors"}}))
+    with pytest.raises(ModelFolderError, match="names shards that are missing: gone.safetensors"):
+        load_pipeline(folder)
+    index_path.write_text(json.dumps({"weight_map": index["weight_map"]}))  # diffusers needs the metadata too
+    with pytest.raises(ModelFolderError, match="must hold"):
+        load_pipeline(folder)
+
+
+def test_update_card_never_writes_through_a_linked_readme(folder, tmp_path):
+    """A README.md that links elsewhere: refused, the link and the file it points to both unchanged."""
+    target = tmp_path / "someone-elses-file.md"
+    target.write_text("precious\n")
+    (folder / "README.md").unlink()
+    os.symlink(target, folder / "README.md")
+    with pytest.raises(ModelFolderError, match=r"README.md is a symbolic link .*never edits a card through a link"):
+        update_model_card(folder, {"swd": 1.0}, "ylecun/mnist")
+    assert target.read_text() == "precious\n" and (folder / "README.md").is_symlink()
+
+
+@pytest.mark.parametrize("header", ["license: [mit\n", "- a list\n", "model-index: 5\n", "a: *undefined\n"])
+def test_update_card_refuses_a_card_whose_yaml_header_does_not_parse(folder, header):
+    card = f"---\n{header}---\n\n# Mine\n"
+    (folder / "README.md").write_text(card)
+    with pytest.raises(ModelFolderError, match=r"README.md has a metadata header .* cannot be read"):
+        update_model_card(folder, {"swd": 1.0}, "ylecun/mnist")
+    assert (folder / "README.md").read_text() == card
 
 
 def test_pickle_named_safetensors_and_pipeline_py_never_run(folder, tmp_path):

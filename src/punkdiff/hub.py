@@ -487,12 +487,13 @@ def _alpha_bar_problems(config: dict[str, Any]) -> list[str]:
     if not np.isfinite(alpha_bar).all():
         return ["the schedule's alpha_bar (cumulative product of 1 - beta) holds NaN or infinite values"]
     if not (alpha_bar.min() > 0 and alpha_bar.max() < 1):
+        why = "the first betas round to 0" if alpha_bar.max() >= 1 else "the betas are too large or too many"
         return [f"the schedule's alpha_bar (cumulative product of 1 - beta) must lie in (0, 1), but spans "
-                f"[{alpha_bar.min():.3g}, {alpha_bar.max():.3g}]: the betas are too large or too many"]
+                f"[{alpha_bar.min():.3g}, {alpha_bar.max():.3g}] in float32: {why}"]
     flat = np.flatnonzero(np.diff(alpha_bar) >= 0)
     if flat.size:
         return [f"the schedule's alpha_bar must strictly decrease, but steps {int(flat[0])} and {int(flat[0]) + 1} "
-                "have the same noise level in float32: beta_start is too small"]
+                "have the same noise level in float32: a beta there rounds to 0"]
     return []
 
 
