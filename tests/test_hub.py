@@ -19,7 +19,7 @@ import torch
 from diffusers import DDIMPipeline, DDPMPipeline, DDPMScheduler, DiffusionPipeline
 from fake_hub import fake_hub
 from huggingface_hub import ModelCard
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 from tiny_models import tiny_unet
@@ -584,6 +584,89 @@ def test_fuzzed_model_configs_are_refused_or_sample_finite_images(exported, fuzz
     pipe.set_progress_bar_config(disable=True)
     images = pipe(batch_size=1, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
     assert np.isfinite(images.images).all()
+
+
+_FLOATS = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(-0.1, 1.1),
+                    st.floats(1e-12, 0.05), st.sampled_from([0, 1, -1, 1e-4, 0.02, 0.999, 1e-9]))
+_SCHEDULES = st.fixed_dictionaries({}, optional={
+    "num_train_timesteps": st.one_of(st.integers(-1, 2000), st.sampled_from([10, 1000, 100_000])),
+    "beta_start": _FLOATS, "beta_end": _FLOATS,
+    "beta_schedule": st.sampled_from(["linear", "scaled_linear", "squaredcos_cap_v2"]),
+    "trained_betas": st.one_of(st.none(), st.lists(_FLOATS, min_size=1, max_size=12)),
+    "clip_sample": st.booleans(), "clip_sample_range": _FLOATS,
+    "timestep_spacing": st.sampled_from(["leading", "linspace", "trailing", "cubic", "", "LEADING"]),
+    "steps_offset": st.one_of(st.integers(-2, 5), st.sampled_from([99, 100, 10**9])),
+    "prediction_type": st.sampled_from(["epsilon", "v_prediction", "sample"]),
+})
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(schedule=_SCHEDULES, steps=st.integers(1, 4), sampler=st.sampled_from(["ddpm", "ddim", "dpm++"]))
+def test_generated_scheduler_configs_are_refused_or_give_a_usable_schedule(exported, fuzz_folder, schedule, steps,
+                                                                            sampler):
+    """Any schedule: a ModelFolderError naming scheduler_config.json, or an alpha_bar that is finite, strictly
+    decreasing inside (0, 1), and a few sampling steps of every sampler that give finite images."""
+    name = "scheduler/scheduler_config.json"
+    if isinstance(schedule.get("trained_betas"), list) and schedule.get("num_train_timesteps", 1000) in range(2, 2001):
+        betas = schedule["trained_betas"]  # stretch to the schedule's length, so the values are what is tested
+        schedule["trained_betas"] = (betas * (schedule.get("num_train_timesteps", 1000) // len(betas) + 1))[
+            : schedule.get("num_train_timesteps", 1000)]
+    shutil.copyfile(exported / name, fuzz_folder / name)
+    (fuzz_folder / name).write_text(json.dumps({**json.loads((exported / name).read_text()), **schedule}))
+    try:
+        pipe = load_pipeline(fuzz_folder)
+    except ModelFolderError as err:
+        assert "scheduler_config.json is not a usable noise schedule" in str(err)
+        event("refused")
+        return
+    event("accepted and sampled")
+    alpha_bar = pipe.scheduler.alphas_cumprod.double()
+    assert torch.isfinite(alpha_bar).all() and alpha_bar.min() > 0 and alpha_bar.max() < 1
+    assert (alpha_bar.diff() < 0).all()
+    steps = min(steps, pipe.scheduler.config.num_train_timesteps // 10 or 1)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=1, num_inference_steps=steps, sampler=sampler, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert np.isfinite(images).all()
+
+
+_SHARD_DAMAGE = {
+    "none": None,
+    "nan": lambda f: _rewrite_shard(f, lambda v: torch.full_like(v, float("nan"))),
+    "inf": lambda f: _rewrite_shard(f, lambda v: torch.full_like(v, float("-inf"))),
+    "integer": lambda f: _rewrite_shard(f, lambda v: v.to(torch.int32)),
+    "truncated": lambda f: f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2]),
+    "pickle suffix": lambda f: f.rename(f.with_suffix(".bin")),
+    "missing": lambda f: f.unlink(),
+}
+
+
+def _rewrite_shard(path: Path, transform) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: transform(v) for k, v in load_file(path).items()}, path)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shards=st.integers(1, 4), damage=st.sampled_from(sorted(_SHARD_DAMAGE)), which=st.integers(0, 3),
+       keep_single=st.booleans())
+def test_generated_sharded_unets_are_refused_exactly_when_a_shard_is_bad(exported, tmp_path_factory, shards, damage,
+                                                                          which, keep_single):
+    """1 to 4 shards, one of them damaged or not, the single weights file beside them or not: a damaged shard is
+    refused (the message names it) even when the single file is good; intact shards load the same model."""
+    folder = Path(shutil.copytree(exported, tmp_path_factory.mktemp("shards") / "model"))
+    files = _shard(folder, shards, keep_single=keep_single)
+    shard = files[which % shards]
+    if _SHARD_DAMAGE[damage] is None:
+        assert load_pipeline(folder).unet.state_dict().keys() == load_pipeline(exported).unet.state_dict().keys()
+        return
+    _SHARD_DAMAGE[damage](shard)
+    if damage == "pickle suffix":  # the index names the renamed file, as a hostile index would
+        index = folder / "unet" / "diffusion_pytorch_model.safetensors.index.json"
+        index.write_text(index.read_text().replace(shard.name, shard.with_suffix(".bin").name))
+    with pytest.raises(ModelFolderError) as err:
+        load_pipeline(folder)
+    assert shard.stem in str(err.value)
 
 
 def test_card_names_a_local_dataset_without_its_machine_path(tmp_path):

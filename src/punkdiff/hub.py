@@ -375,6 +375,7 @@ _COMPONENTS = {"unet", "scheduler"}
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 # bounds shared with training presets: a sample size or schedule outside them is a broken or hostile file
 _MAX_SAMPLE_SIZE, _MAX_TIMESTEPS = 4096, 100_000
+_MAX_CLIP_RANGE = 1000
 _TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")  # the ones diffusers' schedulers implement
 
 
@@ -461,8 +462,8 @@ def _check_scheduler_config(path: Path, config: object) -> None:
         problems.append(f"steps_offset must be an integer in [0, {offset_limit}) (a tenth of num_train_timesteps), "
                         f"got {offset!r}")
     clip_range = config.get("clip_sample_range", 1.0)
-    if not (_is_number(clip_range) and 0 < clip_range < float("inf")):
-        problems.append(f"clip_sample_range must be a finite number above 0, got {clip_range!r}")
+    if not (_is_number(clip_range) and 0 < clip_range <= _MAX_CLIP_RANGE):  # pixels lie in [-1, 1]
+        problems.append(f"clip_sample_range must be a number in (0, {_MAX_CLIP_RANGE}], got {clip_range!r}")
     if not problems:
         problems = _alpha_bar_problems(config)
     if problems:
