@@ -19,7 +19,7 @@ import torch
 from diffusers import DDIMPipeline, DDPMPipeline, DDPMScheduler, DiffusionPipeline
 from fake_hub import fake_hub
 from huggingface_hub import ModelCard
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 from tiny_models import tiny_unet
@@ -650,6 +650,8 @@ def _rewrite_shard(path: Path, transform) -> None:
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(shards=st.integers(1, 4), damage=st.sampled_from(sorted(_SHARD_DAMAGE)), which=st.integers(0, 3),
        keep_single=st.booleans())
+@example(shards=3, damage="none", which=0, keep_single=False)
+@example(shards=2, damage="none", which=1, keep_single=True)
 def test_generated_sharded_unets_are_refused_exactly_when_a_shard_is_bad(exported, tmp_path_factory, shards, damage,
                                                                           which, keep_single):
     """1 to 4 shards, one of them damaged or not, the single weights file beside them or not: a damaged shard is
@@ -657,6 +659,7 @@ def test_generated_sharded_unets_are_refused_exactly_when_a_shard_is_bad(exporte
     folder = Path(shutil.copytree(exported, tmp_path_factory.mktemp("shards") / "model"))
     files = _shard(folder, shards, keep_single=keep_single)
     shard = files[which % shards]
+    event(f"shard damage: {damage}")
     if _SHARD_DAMAGE[damage] is None:
         assert load_pipeline(folder).unet.state_dict().keys() == load_pipeline(exported).unet.state_dict().keys()
         return

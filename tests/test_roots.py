@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from punkdiff.roots import ENV_DATA_ROOTS, ENV_MODEL_ROOTS, ENV_RUN_ROOT, PathOutsideRoots, Roots, resolve_dataset
@@ -157,7 +157,9 @@ def test_generated_links_inside_a_dataset_are_refused_exactly_when_one_leads_out
             outside.append(link)
     if not outside:
         assert resolve_dataset(roots, "ds") == str((base / "data/ds").resolve())
+        event("accepted: every link stays inside")
         return
+    event("refused: a link leads out")
     with pytest.raises(PathOutsideRoots) as err:
         resolve_dataset(roots, "ds")
     assert "outside the data folders" in str(err.value)
