@@ -4,6 +4,8 @@ The web app reads models from its model roots, datasets from its data roots, and
 images and evaluations under its run root. Every path a user types or a browser sends goes through
 `Roots.resolve` before anything opens it: the path is resolved with symlinks followed, so `..` tricks, an
 absolute path elsewhere and a symlink that points out of a root are all refused with `PathOutsideRoots`.
+A model or dataset folder is then walked by `Roots.check_tree` before anything reads it, so a weight file or an
+image inside it that links out of the roots is refused too.
 
 Example:
     >>> roots = Roots(models=["/srv/models"], data=["/srv/data"], runs="/srv/runs")
