@@ -36,6 +36,7 @@ from punkdiff.hub import (
     update_model_card,
 )
 from punkdiff.pipelines import punkdiff_pipeline
+from punkdiff.presets import PRESETS
 
 EXPORTED_FILES = {
     "README.md",
@@ -586,6 +587,14 @@ def test_fuzzed_model_configs_are_refused_or_sample_finite_images(exported, fuzz
     assert np.isfinite(images.images).all()
 
 
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_presets_noise_schedule_passes_the_folder_check(preset, tmp_path):
+    """What training can export, the folder check accepts (zero terminal SNR included)."""
+    scheduler = DDPMScheduler(**PRESETS[preset].scheduler.ddpm_config())
+    folder = export_pipeline(tiny_unet(channels=1), scheduler, tmp_path / "model")
+    assert load_pipeline(folder).scheduler.config.num_train_timesteps == PRESETS[preset].scheduler.num_train_timesteps
+
+
 _FLOATS = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(-0.1, 1.1),
                     st.floats(1e-12, 0.05), st.sampled_from([0, 1, -1, 1e-4, 0.02, 0.999, 1e-9]))
 _SCHEDULES = st.fixed_dictionaries({}, optional={
@@ -597,6 +606,7 @@ _SCHEDULES = st.fixed_dictionaries({}, optional={
     "timestep_spacing": st.sampled_from(["leading", "linspace", "trailing", "cubic", "", "LEADING"]),
     "steps_offset": st.one_of(st.integers(-2, 5), st.sampled_from([99, 100, 10**9])),
     "prediction_type": st.sampled_from(["epsilon", "v_prediction", "sample"]),
+    "rescale_betas_zero_snr": st.booleans(),
 })
 
 
@@ -621,6 +631,9 @@ def test_generated_scheduler_configs_are_refused_or_give_a_usable_schedule(expor
         return
     event("accepted and sampled")
     alpha_bar = pipe.scheduler.alphas_cumprod.double()
+    if pipe.scheduler.config.rescale_betas_zero_snr:  # zero terminal SNR: the last step is pure noise, by design
+        assert alpha_bar[-1] == 0
+        alpha_bar = alpha_bar[:-1]
     assert torch.isfinite(alpha_bar).all() and alpha_bar.min() > 0 and alpha_bar.max() < 1
     assert (alpha_bar.diff() < 0).all()
     steps = min(steps, pipe.scheduler.config.num_train_timesteps // 10 or 1)

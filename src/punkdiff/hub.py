@@ -480,13 +480,15 @@ def _is_number(value: object) -> bool:
 def _alpha_bar_problems(config: dict[str, Any]) -> list[str]:
     """What the samplers will compute from the schedule: alpha_bar_t = prod(1 - beta_s), finite, strictly
     decreasing and inside (0, 1), in the float32 the schedulers use (else x_0 = (x_t - ...) / sqrt(alpha_bar_t)
-    divides by zero, or two steps are the same noise level)."""
+    divides by zero, or two steps are the same noise level). A zero-terminal-SNR schedule ends at exactly 0."""
     try:
         alpha_bar = DDPMScheduler.from_config(config).alphas_cumprod.double().numpy()
     except Exception as e:  # diffusers raises NotImplementedError, ValueError ... for schedules it cannot build
         return [f"diffusers cannot build this schedule ({type(e).__name__}: {e})"]
     if not np.isfinite(alpha_bar).all():
         return ["the schedule's alpha_bar (cumulative product of 1 - beta) holds NaN or infinite values"]
+    if config.get("rescale_betas_zero_snr") is True and alpha_bar[-1] == 0:  # zero terminal SNR, by design
+        alpha_bar = alpha_bar[:-1]  # (Lin et al. 2024): only the last step reaches pure noise
     if not (alpha_bar.min() > 0 and alpha_bar.max() < 1):
         why = "the first betas round to 0" if alpha_bar.max() >= 1 else "the betas are too large or too many"
         return [f"the schedule's alpha_bar (cumulative product of 1 - beta) must lie in (0, 1), but spans "
