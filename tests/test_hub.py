@@ -621,7 +621,8 @@ def test_generated_scheduler_configs_are_refused_or_give_a_usable_schedule(expor
         betas = schedule["trained_betas"]  # stretch to the schedule's length, so the values are what is tested
         schedule["trained_betas"] = (betas * (schedule.get("num_train_timesteps", 1000) // len(betas) + 1))[
             : schedule.get("num_train_timesteps", 1000)]
-    shutil.copyfile(exported / name, fuzz_folder / name)
+    for restored in _JSON_FILES:  # the folder is shared with the other generators, which leave edits behind
+        shutil.copyfile(exported / restored, fuzz_folder / restored)
     (fuzz_folder / name).write_text(json.dumps({**json.loads((exported / name).read_text()), **schedule}))
     try:
         pipe = load_pipeline(fuzz_folder)
