@@ -30,6 +30,9 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
         (["--set", "model.norm_num_groups=0"], "norm_num_groups must be at least 1"),
         (["--set", "train.num_sample_images=200000"], "num_sample_images must be at most"),
         (["--set", "train.learning_rate=!!python/object/apply:os.system [true]"], "not valid YAML"),
+        (["--cache-budget", "inf"], r"--cache-budget must be a size in GB, 0 or more \(got inf\)"),
+        (["--cache-budget", "nan"], r"--cache-budget must be a size in GB, 0 or more \(got nan\)"),
+        (["--cache-budget", "-1"], r"--cache-budget must be a size in GB, 0 or more \(got -1.0\)"),
     ],
 )
 def test_hostile_flags_are_refused_before_any_data_loads(tmp_path, capsys, extra, message):
@@ -43,7 +46,7 @@ def test_hostile_flags_are_refused_before_any_data_loads(tmp_path, capsys, extra
 _TRAIN_FLAGS = ["--max-steps", "--epochs", "--batch-size", "--learning-rate", "--lr-warmup-steps",
                 "--gradient-accumulation-steps", "--mixed-precision", "--prediction-type", "--snr-gamma",
                 "--checkpoint-every", "--checkpoints-total-limit", "--sample-every", "--seed", "--max-train-samples",
-                "--resume-from-checkpoint", "--report-to", "--data-on-device", "--preset", "--split"]
+                "--resume-from-checkpoint", "--report-to", "--data-on-device", "--preset", "--split", "--cache-budget"]
 _VALUES = st.one_of(
     st.integers(-3, 10).map(str), st.integers(-(2**70), 2**70).map(str), st.floats().map(str),
     st.sampled_from(["nan", "inf", "-inf", "1e-4", "latest", "fp16", "v_prediction", "none", "punks-24", ""]),

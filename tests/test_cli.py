@@ -12,7 +12,7 @@ import pytest
 from diffusers import DDPMScheduler
 from fake_hub import fake_hub
 from huggingface_hub import ModelCard
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from tiny_models import tiny_unet
 
@@ -404,6 +404,85 @@ def test_eval_weights_errors_are_usage_errors(tmp_path, mnist_dir, capsys):
 def test_eval_without_model_or_samples_is_a_usage_error(tmp_path, capsys):
     assert main(["eval", "--reference", "x", "--out", str(tmp_path / "e")]) == 2
     assert "give a MODEL" in capsys.readouterr().err
+
+
+def test_eval_input_accidents_are_usage_errors_before_sampling(tmp_path, mnist_dir, capsys):
+    """A pickled .npy, a corrupt PNG, an --out under a file, a linked card: each `punkdiff eval: ...`, exit 2."""
+    model = export_pipeline(tiny_unet(channels=1, sample_size=16), DDPMScheduler(), tmp_path / "digits")
+    common = ["--reference", str(mnist_dir), "--preset", "mnist-baseline-16"]
+    np.save(tmp_path / "pickled.npy", np.array([None] * 12, dtype=object), allow_pickle=True)
+    (tmp_path / "pngs").mkdir()
+    (tmp_path / "pngs" / "0.png").write_bytes(b"not a png")
+    (tmp_path / "a-file").write_text("kept")
+    target = tmp_path / "elsewhere.md"
+    target.write_text("precious")
+    (model / "README.md").unlink()
+    (model / "README.md").symlink_to(target)
+    for argv, message in [
+        (["--samples", str(tmp_path / "pickled.npy")], "pickled.npy is not readable as a uint8 array"),
+        (["--samples", str(tmp_path / "pngs")], "0.png is not a readable image"),
+        ([str(model), "--out", str(tmp_path / "a-file" / "eval")], "a-file/eval cannot be written"),
+        ([str(model), "--update-card", "--out", str(tmp_path / "e")], "README.md is a symbolic link"),
+    ]:
+        assert main(["eval", *common, *argv]) == 2
+        err = capsys.readouterr().err
+        last = err.splitlines()[-1]  # after the loading progress bar
+        assert last.startswith("punkdiff eval: ") and message in last and "Traceback" not in err, err
+    assert target.read_text() == "precious" and not (tmp_path / "e").exists()
+
+
+_SHAPES = [(12, 16, 16), (12, 1, 16, 16), (12, 16, 16, 1), (10, 16, 16), (12, 3, 16, 16), (12, 16, 16, 3),
+           (9, 16, 16), (0, 16, 16), (12, 16), (12, 8, 8), (12, 1, 16, 16, 1), (16,)]
+_GOOD_SHAPES = {(12, 16, 16), (12, 1, 16, 16), (12, 16, 16, 1), (10, 16, 16)}
+_ENTRIES = ["good", "good", "wrong size", "corrupt", "truncated", "folder named .png", "notes.txt"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(["npy", "folder"]), shape=st.sampled_from(_SHAPES),
+       dtype=st.sampled_from(["uint8", "uint8", "float32", "int16", "object"]),
+       keep=st.none() | st.floats(0, 0.99), entries=st.lists(st.sampled_from(_ENTRIES), max_size=14))
+def test_generated_eval_samples_are_scored_or_refused_naming_them(tmp_path_factory, kind, shape, dtype, keep,
+                                                                   entries):
+    """Any .npy (dtype, shape, truncation, pickled) or folder of good, wrong, corrupt and odd entries: exit 2 with a
+    message about the samples when they are unusable, else the samples pass and the (missing) reference is what is
+    reported, so bad samples are always found before the reference loads."""
+    root = tmp_path_factory.mktemp("eval-fuzz")
+    if kind == "npy":
+        samples = root / "s.npy"
+        array = np.empty(shape, dtype=object) if dtype == "object" else np.full(shape, 7, dtype=dtype)
+        np.save(samples, array, allow_pickle=True)
+        if keep is not None:
+            samples.write_bytes(samples.read_bytes()[: int(len(samples.read_bytes()) * keep)])
+        usable = dtype == "uint8" and shape in _GOOD_SHAPES and keep is None
+    else:
+        samples = root / "pngs"
+        samples.mkdir()
+        for i, entry in enumerate(entries):
+            name = samples / (f"{i:03d}.png" if entry != "notes.txt" else "notes.txt")
+            if entry == "folder named .png":
+                name.mkdir()
+            elif entry in ("good", "wrong size"):
+                PIL.Image.new("L", (16, 16) if entry == "good" else (17, 16), 9).save(name)
+            elif entry == "truncated":
+                PIL.Image.new("L", (16, 16), 9).save(name)
+                name.write_bytes(name.read_bytes()[:40])
+            else:
+                name.write_bytes(b"corrupt" if entry == "corrupt" else b"a note")
+        images = [e for e in entries if e != "notes.txt"]
+        usable = len(images) >= 10 and all(e == "good" for e in images)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["eval", "--samples", str(samples), "--preset", "mnist-baseline-16", "--reference",
+                     str(root / "no-such-reference"), "--out", str(root / "out")])
+    message = err.getvalue()
+    assert code == 2 and message.startswith("punkdiff eval: ") and "Traceback" not in message, message
+    if usable:
+        assert "could not find dataset" in message and "no-such-reference" in message, message
+        event("samples accepted")
+    else:
+        assert str(samples) in message and "no-such-reference" not in message, message
+        event(f"{kind} refused")
+    assert not (root / "out").exists()
 
 
 def test_gif_writes_noise_sampling_and_grid(tmp_path, mnist_dir, metrics_cache, capsys):

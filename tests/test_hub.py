@@ -19,7 +19,7 @@ import torch
 from diffusers import DDIMPipeline, DDPMPipeline, DDPMScheduler, DiffusionPipeline
 from fake_hub import fake_hub
 from huggingface_hub import ModelCard
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 from tiny_models import tiny_pipeline, tiny_unet
@@ -37,6 +37,7 @@ from punkdiff.hub import (
     write_model_card,
 )
 from punkdiff.pipelines import punkdiff_pipeline
+from punkdiff.presets import PRESETS
 
 EXPORTED_FILES = {
     "README.md",
@@ -434,6 +435,28 @@ def _weights(transform):
         (_edit_json("scheduler/scheduler_config.json", _set("prediction_type", "noise")), "prediction_type"),
         (_edit_json("scheduler/scheduler_config.json", _set("beta_end", "0.02")), "beta_end"),
         (_edit_json("scheduler/scheduler_config.json", lambda d: None), "must hold a JSON object"),
+        # what the samplers compute from the schedule, not only each field's type
+        (_edit_json("scheduler/scheduler_config.json", _set("trained_betas", [float("nan")] * 1000)), "trained_betas"),
+        (_edit_json("scheduler/scheduler_config.json", _set("trained_betas", [1.0] * 1000)), "trained_betas"),
+        (_edit_json("scheduler/scheduler_config.json", _set("trained_betas", [0.01] * 999)), "trained_betas must"),
+        (_edit_json("scheduler/scheduler_config.json", _set("trained_betas", "0.01")), "trained_betas must"),
+        (_edit_json("scheduler/scheduler_config.json", lambda d: {**d, "beta_start": 0.5, "beta_end": 0.9}),
+         r"alpha_bar .*must lie in \(0, 1\)"),
+        (_edit_json("scheduler/scheduler_config.json", lambda d: {**d, "beta_start": 1e-12, "beta_end": 1e-12}),
+         r"alpha_bar .*spans \[1, 1\] in float32: the first betas round to 0"),
+        (_edit_json("scheduler/scheduler_config.json", _set("trained_betas", [0.01] * 500 + [1e-12] * 500)),
+         "alpha_bar must strictly decrease, but steps 499 and 500"),
+        (_edit_json("scheduler/scheduler_config.json", lambda d: {**d, "num_train_timesteps": 100_000}),
+         r"alpha_bar .*must lie in \(0, 1\)"),
+        (_edit_json("scheduler/scheduler_config.json", _set("clip_sample_range", 0)), "clip_sample_range must be"),
+        (_edit_json("scheduler/scheduler_config.json", _set("clip_sample_range", float("inf"))), "clip_sample_range"),
+        (_edit_json("scheduler/scheduler_config.json", _set("timestep_spacing", "cubic")), "timestep_spacing must"),
+        (_edit_json("scheduler/scheduler_config.json", _set("steps_offset", 10**9)), r"steps_offset must .*\[0, 100\)"),
+        (_edit_json("scheduler/scheduler_config.json", _set("steps_offset", -1)), "steps_offset must"),
+        (_edit_json("scheduler/scheduler_config.json", _set("beta_end", float("nan"))), "beta_end must"),
+        (lambda f: (f / "model_index.json").write_text("[" * 100_000 + "]" * 100_000), "nested too deeply"),
+        (lambda f: (f / "palette.json").write_text('{"colors": ' + "[" * 100_000 + "]" * 100_000 + "}"),
+         "is not a palette .*RecursionError"),
         (lambda f: (f / "palette.json").write_text('{"colors": ["#zz0000"]}'), "is not a palette"),
         (lambda f: (f / "palette.json").write_text('["#000000"]'), "is not a palette"),
         (lambda f: (f / "palette.json").write_text('{"colors": ["#00", "#000000"]}'), "is not a palette"),
@@ -447,6 +470,82 @@ def test_hostile_model_folders_are_refused_by_the_folder_check(folder, damage, m
     damage(folder)
     with pytest.raises(ModelFolderError, match=message):
         load_pipeline(folder)
+
+
+def _shard(folder: Path, shards: int = 2, *, transform=None, names=None, keep_single: bool = False) -> list[Path]:
+    """Split the UNet weights into `shards` safetensors files and an index, as diffusers writes a large model."""
+    from safetensors.torch import save_file
+
+    single = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(single)
+    names = names or [f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
+    keys = sorted(tensors)
+    weight_map = {key: names[i * shards // len(keys)] for i, key in enumerate(keys)}
+    for i, name in enumerate(names):
+        part = {k: tensors[k] for k in keys if weight_map[k] == name}
+        if transform is not None and i == len(names) - 1:  # damage only the last shard
+            part = {k: transform(v) for k, v in part.items()}
+        save_file(part, folder / "unet" / name)
+    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    (folder / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    if not keep_single:
+        single.unlink()
+    return [folder / "unet" / name for name in names]
+
+
+def test_a_sharded_unet_loads_and_every_shard_is_checked(folder):
+    """diffusers prefers the index over the single file, so the index's shards are what the check must read."""
+    expected = load_pipeline(folder)(batch_size=1, num_inference_steps=2, output_type="np",
+                                     generator=torch.Generator().manual_seed(0)).images
+    _shard(folder, 3, keep_single=True)
+    images = load_pipeline(folder)(batch_size=1, num_inference_steps=2, output_type="np",
+                                   generator=torch.Generator().manual_seed(0)).images
+    np.testing.assert_array_equal(images, expected)
+
+    # a NaN last shard, with the good single file still beside the index: refused, naming the shard
+    shards = _shard(folder, 2, transform=lambda v: torch.full_like(v, float("nan")), keep_single=True)
+    with pytest.raises(ModelFolderError, match=re.escape(shards[-1].name) + ": tensor .* holds NaN or infinite"):
+        load_pipeline(folder)
+
+
+def test_a_sharded_index_naming_a_pickle_shard_is_refused_unopened(folder, tmp_path):
+    marker = tmp_path / "executed"
+    _shard(folder, 2)
+    index_path = folder / "unet" / "diffusion_pytorch_model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    key = next(iter(index["weight_map"]))
+    (folder / "unet" / "evil.bin").write_bytes(pickle.dumps(WritesMarker(marker)))
+    for shard in ("evil.bin", "../evil.safetensors", "sub/evil.safetensors"):
+        index_path.write_text(json.dumps({**index, "weight_map": {**index["weight_map"], key: shard}}))
+        with pytest.raises(ModelFolderError, match="every shard must be a .safetensors file beside the index"):
+            load_pipeline(folder)
+    assert not marker.exists()
+    index_path.write_text(json.dumps({**index, "weight_map": {**index["weight_map"], key: "gone.safetensors"}}))
+    with pytest.raises(ModelFolderError, match="names shards that are missing: gone.safetensors"):
+        load_pipeline(folder)
+    index_path.write_text(json.dumps({"weight_map": index["weight_map"]}))  # diffusers needs the metadata too
+    with pytest.raises(ModelFolderError, match="must hold"):
+        load_pipeline(folder)
+
+
+def test_update_card_never_writes_through_a_linked_readme(folder, tmp_path):
+    """A README.md that links elsewhere: refused, the link and the file it points to both unchanged."""
+    target = tmp_path / "someone-elses-file.md"
+    target.write_text("precious\n")
+    (folder / "README.md").unlink()
+    os.symlink(target, folder / "README.md")
+    with pytest.raises(ModelFolderError, match=r"README.md is a symbolic link .*never edits a card through a link"):
+        update_model_card(folder, {"swd": 1.0}, "ylecun/mnist")
+    assert target.read_text() == "precious\n" and (folder / "README.md").is_symlink()
+
+
+@pytest.mark.parametrize("header", ["license: [mit\n", "- a list\n", "model-index: 5\n", "a: *undefined\n"])
+def test_update_card_refuses_a_card_whose_yaml_header_does_not_parse(folder, header):
+    card = f"---\n{header}---\n\n# Mine\n"
+    (folder / "README.md").write_text(card)
+    with pytest.raises(ModelFolderError, match=r"README.md has a metadata header .* cannot be read"):
+        update_model_card(folder, {"swd": 1.0}, "ylecun/mnist")
+    assert (folder / "README.md").read_text() == card
 
 
 def test_pickle_named_safetensors_and_pipeline_py_never_run(folder, tmp_path):
@@ -500,6 +599,105 @@ def test_fuzzed_model_configs_are_refused_or_sample_finite_images(exported, fuzz
     pipe.set_progress_bar_config(disable=True)
     images = pipe(batch_size=1, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
     assert np.isfinite(images.images).all()
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_presets_noise_schedule_passes_the_folder_check(preset, tmp_path):
+    """What training can export, the folder check accepts (zero terminal SNR included)."""
+    scheduler = DDPMScheduler(**PRESETS[preset].scheduler.ddpm_config())
+    folder = export_pipeline(tiny_unet(channels=1), scheduler, tmp_path / "model")
+    assert load_pipeline(folder).scheduler.config.num_train_timesteps == PRESETS[preset].scheduler.num_train_timesteps
+
+
+_FLOATS = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(-0.1, 1.1),
+                    st.floats(1e-12, 0.05), st.sampled_from([0, 1, -1, 1e-4, 0.02, 0.999, 1e-9]))
+_SCHEDULES = st.fixed_dictionaries({}, optional={
+    "num_train_timesteps": st.one_of(st.integers(-1, 2000), st.sampled_from([10, 1000, 100_000])),
+    "beta_start": _FLOATS, "beta_end": _FLOATS,
+    "beta_schedule": st.sampled_from(["linear", "scaled_linear", "squaredcos_cap_v2"]),
+    "trained_betas": st.one_of(st.none(), st.lists(_FLOATS, min_size=1, max_size=12)),
+    "clip_sample": st.booleans(), "clip_sample_range": _FLOATS,
+    "timestep_spacing": st.sampled_from(["leading", "linspace", "trailing", "cubic", "", "LEADING"]),
+    "steps_offset": st.one_of(st.integers(-2, 5), st.sampled_from([99, 100, 10**9])),
+    "prediction_type": st.sampled_from(["epsilon", "v_prediction", "sample"]),
+    "rescale_betas_zero_snr": st.booleans(),
+})
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(schedule=_SCHEDULES, steps=st.integers(1, 4), sampler=st.sampled_from(["ddpm", "ddim", "dpm++"]))
+def test_generated_scheduler_configs_are_refused_or_give_a_usable_schedule(exported, fuzz_folder, schedule, steps,
+                                                                            sampler):
+    """Any schedule: a ModelFolderError naming scheduler_config.json, or an alpha_bar that is finite, strictly
+    decreasing inside (0, 1), and a few sampling steps of every sampler that give finite images."""
+    name = "scheduler/scheduler_config.json"
+    if isinstance(schedule.get("trained_betas"), list) and schedule.get("num_train_timesteps", 1000) in range(2, 2001):
+        betas = schedule["trained_betas"]  # stretch to the schedule's length, so the values are what is tested
+        schedule["trained_betas"] = (betas * (schedule.get("num_train_timesteps", 1000) // len(betas) + 1))[
+            : schedule.get("num_train_timesteps", 1000)]
+    for restored in _JSON_FILES:  # the folder is shared with the other generators, which leave edits behind
+        shutil.copyfile(exported / restored, fuzz_folder / restored)
+    (fuzz_folder / name).write_text(json.dumps({**json.loads((exported / name).read_text()), **schedule}))
+    try:
+        pipe = load_pipeline(fuzz_folder)
+    except ModelFolderError as err:
+        assert "scheduler_config.json is not a usable noise schedule" in str(err)
+        event("refused")
+        return
+    event("accepted and sampled")
+    alpha_bar = pipe.scheduler.alphas_cumprod.double()
+    if pipe.scheduler.config.rescale_betas_zero_snr:  # zero terminal SNR: the last step is pure noise, by design
+        assert alpha_bar[-1] == 0
+        alpha_bar = alpha_bar[:-1]
+    assert torch.isfinite(alpha_bar).all() and alpha_bar.min() > 0 and alpha_bar.max() < 1
+    assert (alpha_bar.diff() < 0).all()
+    steps = min(steps, pipe.scheduler.config.num_train_timesteps // 10 or 1)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=1, num_inference_steps=steps, sampler=sampler, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert np.isfinite(images).all()
+
+
+_SHARD_DAMAGE = {
+    "none": None,
+    "nan": lambda f: _rewrite_shard(f, lambda v: torch.full_like(v, float("nan"))),
+    "inf": lambda f: _rewrite_shard(f, lambda v: torch.full_like(v, float("-inf"))),
+    "integer": lambda f: _rewrite_shard(f, lambda v: v.to(torch.int32)),
+    "truncated": lambda f: f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2]),
+    "pickle suffix": lambda f: f.rename(f.with_suffix(".bin")),
+    "missing": lambda f: f.unlink(),
+}
+
+
+def _rewrite_shard(path: Path, transform) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: transform(v) for k, v in load_file(path).items()}, path)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shards=st.integers(1, 4), damage=st.sampled_from(sorted(_SHARD_DAMAGE)), which=st.integers(0, 3),
+       keep_single=st.booleans())
+@example(shards=3, damage="none", which=0, keep_single=False)
+@example(shards=2, damage="none", which=1, keep_single=True)
+def test_generated_sharded_unets_are_refused_exactly_when_a_shard_is_bad(exported, tmp_path_factory, shards, damage,
+                                                                          which, keep_single):
+    """1 to 4 shards, one of them damaged or not, the single weights file beside them or not: a damaged shard is
+    refused (the message names it) even when the single file is good; intact shards load the same model."""
+    folder = Path(shutil.copytree(exported, tmp_path_factory.mktemp("shards") / "model"))
+    files = _shard(folder, shards, keep_single=keep_single)
+    shard = files[which % shards]
+    event(f"shard damage: {damage}")
+    if _SHARD_DAMAGE[damage] is None:
+        assert load_pipeline(folder).unet.state_dict().keys() == load_pipeline(exported).unet.state_dict().keys()
+        return
+    _SHARD_DAMAGE[damage](shard)
+    if damage == "pickle suffix":  # the index names the renamed file, as a hostile index would
+        index = folder / "unet" / "diffusion_pytorch_model.safetensors.index.json"
+        index.write_text(index.read_text().replace(shard.name, shard.with_suffix(".bin").name))
+    with pytest.raises(ModelFolderError) as err:
+        load_pipeline(folder)
+    assert shard.stem in str(err.value)
 
 
 def test_card_names_a_local_dataset_without_its_machine_path(tmp_path):

@@ -101,3 +101,25 @@ def test_dinov2_cls_features(dinov2_folder, tmp_path, mnist16):
     np.testing.assert_allclose(dinov2_features(model, digits, progress=False), features, rtol=1e-5, atol=1e-6)
     other = load_dinov2(tiny_dinov2(tmp_path / "other", seed=1))
     assert np.abs(dinov2_features(other, digits, progress=False) - features).max() > 1e-3
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_weights_with_the_right_shapes_but_non_finite_values_are_refused(inception_weights, tmp_path, value):
+    """Such Inception weights crashed the process in the math library (exit 139); now a WeightsError names them."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(inception_weights)
+    name = sorted(k for k, v in tensors.items() if v.is_floating_point())[len(tensors) // 2]
+    tensors[name].view(-1)[0] = value
+    save_file(tensors, tmp_path / "broken.safetensors")
+    with pytest.raises(WeightsError, match=rf"broken.safetensors: tensor {name} holds NaN or infinite values") as err:
+        load_inception(tmp_path / "broken.safetensors")
+    assert CONVERT_INCEPTION in str(err.value)
+
+    folder = tiny_dinov2(tmp_path / "dinov2")
+    dino = load_file(folder / "model.safetensors")
+    name = sorted(dino)[-1]
+    dino[name].view(-1)[-1] = value
+    save_file(dino, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(WeightsError, match=rf"model.safetensors: tensor {name} holds NaN or infinite values"):
+        load_dinov2(folder)

@@ -102,3 +102,64 @@ def test_bad_options_are_refused_before_any_work(options, tmp_path):
     options.steps = 5000
     with pytest.raises(EvaluationError, match="more than the model's 1000 training timesteps"):
         evaluate_model(options, progress=False)
+
+
+@pytest.fixture
+def no_sampling(monkeypatch):
+    """Fail the test if sampling starts: the inputs below must be refused before the slow part."""
+    from punkdiff.metrics import model_evaluation
+
+    def sample(*args, **kwargs):
+        raise AssertionError("sampling started before the inputs were checked")
+
+    monkeypatch.setattr(model_evaluation, "_sample", sample)
+
+
+def test_an_out_folder_that_cannot_be_written_is_refused_before_sampling(options, tmp_path, no_sampling):
+    (tmp_path / "a-file").write_text("kept")
+    options.out = tmp_path / "a-file" / "eval"
+    with pytest.raises(EvaluationError, match=r"--out .*a-file/eval cannot be written .*choose a folder you can"):
+        evaluate_model(options, progress=False)
+    assert (tmp_path / "a-file").read_text() == "kept"
+    options.out = tmp_path / "new" / "deeper" / "eval"
+    options.num_samples = 9
+    with pytest.raises(EvaluationError, match="--num-samples 9 is too few to score; use at least 10"):
+        evaluate_model(options, progress=False)
+    assert not (tmp_path / "new").exists()  # the writability test leaves no folder behind
+
+
+def test_too_few_samples_are_refused_before_the_reference_loads(options, tmp_path):
+    np.save(tmp_path / "five.npy", np.zeros((5, 16, 16), np.uint8))
+    few = EvalOptions("/no/such/reference", out=tmp_path / "e", samples=str(tmp_path / "five.npy"),
+                      preset="mnist-baseline-16")
+    with pytest.raises(EvaluationError, match=r"five.npy holds 5 images, too few to score; give at least 10"):
+        evaluate_model(few, progress=False)
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("card", ["link", "---\nlicense: [mit\n---\n# Mine\n"], ids=["linked", "bad-yaml"])
+def test_a_card_that_update_card_cannot_edit_is_refused_before_sampling(options, tmp_path, no_sampling, card):
+    from punkdiff.hub import ModelFolderError
+
+    readme = Path(options.model) / "README.md"
+    target = tmp_path / "someone-elses.md"
+    target.write_text("precious\n")
+    readme.unlink()
+    if card == "link":
+        readme.symlink_to(target)
+    else:
+        readme.write_text(card)
+    options.update_card = True
+    with pytest.raises(ModelFolderError, match="symbolic link" if card == "link" else "metadata header"):
+        evaluate_model(options, progress=False)
+    assert target.read_text() == "precious\n" and not options.out.exists()
+    assert readme.is_symlink() if card == "link" else readme.read_text() == card
+
+
+def test_an_invalid_training_summary_is_refused_before_sampling(options, no_sampling):
+    from punkdiff.data import DataError
+
+    (Path(options.model).parent / "training_summary.json").write_text('{"config": {"data": 3}}')
+    options.preset = None
+    with pytest.raises(DataError, match="training_summary.json is not a training summary"):
+        evaluate_model(options, progress=False)

@@ -61,3 +61,74 @@ def test_read_images_from_npy_and_folder(tmp_path, mnist16):
     PIL.Image.new("L", (28, 28)).save(folder / "9999.png")
     with pytest.raises(DataError, match="28x28.*16x16"):
         read_images(folder, transform)
+
+
+def test_a_grayscale_npy_without_a_channel_axis_is_one_channel(tmp_path, mnist16):
+    """uint8 [N, H, W], the most natural grayscale array, is read as [N, 1, H, W]."""
+    np.save(tmp_path / "gray.npy", mnist16.heldout[:5, 0])
+    images = read_images(tmp_path / "gray.npy", ImageTransform(16, 1, resize_filter="bilinear"))
+    np.testing.assert_array_equal(images, mnist16.heldout[:5])
+    with pytest.raises(DataError, match=r"images of shape \[1, 16, 16\], expected \[3, 16, 16\]"):
+        read_images(tmp_path / "gray.npy", ImageTransform(16, 3))
+
+
+def _npy_bytes(array) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=True)
+    return buffer.getvalue()
+
+
+class _Marker:
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"", r"not readable as a uint8 array .*EOFError|not readable as a uint8 array .*ValueError"),
+    (_npy_bytes(np.zeros((4, 16, 16), np.uint8))[:-100], r"not readable as a uint8 array .*ValueError"),
+    (_npy_bytes(np.array([_Marker()], dtype=object)), r"not readable as a uint8 array .*allow_pickle=False"),
+    (_npy_bytes(np.zeros((0, 16, 16), np.uint8)), r"holds no images \(shape \[0, 16, 16\]\)"),
+    (_npy_bytes(np.zeros((4, 16, 16), np.float32)), r"holds float32 \[4, 16, 16\]; expected a uint8 array"),
+    (_npy_bytes(np.zeros((4, 16), np.uint8)), r"holds uint8 \[4, 16\]; expected"),
+    (b"\x93NUMPY garbage", r"not readable as a uint8 array"),
+], ids=["empty", "truncated", "pickled", "no-images", "float", "2-d", "bad-header"])
+def test_unreadable_npy_samples_are_refused_without_unpickling(tmp_path, capfd, content, message):
+    (tmp_path / "s.npy").write_bytes(content)
+    with pytest.raises(DataError, match=message) as err:
+        read_images(tmp_path / "s.npy", ImageTransform(16, 1))
+    assert str(tmp_path / "s.npy") in str(err.value)
+    assert "unpickled!" not in capfd.readouterr().out
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda f: (f / "0003.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png"), r"0003.png is not a readable image"),
+    (lambda f: (f / "0003.png").write_bytes((f / "0000.png").read_bytes()[:60]), r"0003.png is not a readable image"),
+    (lambda f: (f / "x.png").mkdir(), r"x.png is not an image file \(a folder\?\); move it out"),
+], ids=["corrupt", "truncated", "folder-named-png"])
+def test_a_sample_folder_with_an_unreadable_entry_names_it(tmp_path, mnist16, damage, message):
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i, a in enumerate(mnist16.heldout[:3]):
+        PIL.Image.fromarray(a[0]).save(folder / f"{i:04d}.png")
+    damage(folder)
+    with pytest.raises(DataError, match=message):
+        read_images(folder, ImageTransform(16, 1))
+
+
+@pytest.mark.parametrize(("summary", "message"), [
+    ("{not json", "is not valid JSON"),
+    ("[" * 100_000 + "]" * 100_000, "is not valid JSON .*RecursionError"),
+    ('{"config": []}', "is not a training summary"),
+    ('{"config": {"data": {"background": "no-colour"}}}', "background 'no-colour' is not a colour"),
+    ('{"config": {"data": {"resize_filter": "fancy"}}}', "resize_filter must be one of"),
+    ('{"config": {"data": {"center_crop": "yes"}}}', "center_crop true or false"),
+], ids=["bad-json", "deep", "no-data", "background", "filter", "crop"])
+def test_an_invalid_training_summary_beside_a_model_is_a_clear_error(tmp_path, summary, message):
+    (tmp_path / "pipeline").mkdir()
+    (tmp_path / "training_summary.json").write_text(summary)
+    with pytest.raises(DataError, match=f"training_summary.json .*{message}.*or pass --preset"):
+        model_transform(24, 3, model_dir=tmp_path / "pipeline")
+    transform, origin = model_transform(16, 1, preset="mnist-baseline-16", model_dir=tmp_path / "pipeline")
+    assert origin == "preset 'mnist-baseline-16'"  # --preset says it all: the summary is not read

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from punkdiff.roots import ENV_DATA_ROOTS, ENV_MODEL_ROOTS, ENV_RUN_ROOT, PathOutsideRoots, Roots, resolve_dataset
 
@@ -88,3 +90,77 @@ def test_dataset_references(roots, tmp_path):
         resolve_dataset(roots, "../outside/secret", offline=False)
     with pytest.raises(PathOutsideRoots):
         resolve_dataset(roots, str(tmp_path / "outside" / "secret"), offline=False)
+
+
+def test_a_model_whose_files_link_out_of_the_roots_is_refused(roots, tmp_path):
+    """Only the folder was checked before: a weight file, config or run summary linked from elsewhere is refused."""
+    model = tmp_path / "models" / "a" / "pipeline"
+    (model / "unet").mkdir()
+    secret = tmp_path / "outside" / "secret" / "weights.safetensors"
+    secret.write_bytes(b"not read")
+    (model / "unet" / "config.json").write_text("{}")
+    (tmp_path / "models" / "shared.json").write_text("{}")
+    os.symlink(tmp_path / "models" / "shared.json", model / "scheduler.json")  # a link inside the roots is fine
+    assert roots.check_model(roots.resolve("a/pipeline", "models")) == model.resolve()
+
+    os.symlink(secret, model / "unet" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(PathOutsideRoots) as err:
+        roots.check_model(roots.resolve("a/pipeline", "models"))
+    assert "diffusion_pytorch_model.safetensors" in str(err.value) and str(secret) in str(err.value)
+    assert "outside the model folders" in str(err.value) and "--model-root" in str(err.value)
+
+    (model / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    os.symlink(tmp_path / "outside" / "secret" / "key.txt", model.parent / "training_summary.json")
+    with pytest.raises(PathOutsideRoots, match="training_summary.json"):
+        roots.check_model(model)
+
+
+def test_a_dataset_with_an_image_linked_from_outside_is_refused(roots, tmp_path):
+    images = tmp_path / "data" / "mnist"
+    (images / "0.png").write_bytes(b"png")
+    (images / "nested").mkdir()
+    os.symlink(images, images / "nested" / "loop")  # a loop inside the roots ends, and is allowed
+    assert resolve_dataset(roots, "mnist") == str(images.resolve())
+    os.symlink(tmp_path / "outside" / "secret" / "key.txt", images / "nested" / "1.png")
+    with pytest.raises(PathOutsideRoots, match=r"nested/1\.png leads to .*key\.txt, outside the data folders"):
+        resolve_dataset(roots, "mnist")
+
+
+_LINK_TARGETS = {  # name -> (target relative to tmp_path, leads outside the data roots)
+    "inside file": ("data/other/0.png", False), "inside folder": ("data/other", False),
+    "the dataset itself": ("data/ds", False), "dangling inside": ("data/missing.png", False),
+    "outside file": ("outside/secret/key.txt", True), "outside folder": ("outside/secret", True),
+    "dangling outside": ("outside/missing.png", True), "folder with a link out": ("data/dirty", True),
+    "parent of the roots": (".", True),
+}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(links=st.lists(st.tuples(st.sampled_from(["", "a", "a/b"]), st.sampled_from(sorted(_LINK_TARGETS)),
+                                st.booleans()), max_size=4))
+def test_generated_links_inside_a_dataset_are_refused_exactly_when_one_leads_out(tmp_path_factory, links):
+    """Links in any folder of a dataset, to files, folders, loops, other links or nothing: refused iff one of them
+    (or a folder it leads to) reaches outside the data roots, and the message names that link."""
+    base = tmp_path_factory.mktemp("links")
+    for name in ("data/ds/a/b", "data/other", "data/dirty", "outside/secret", "runs"):
+        (base / name).mkdir(parents=True)
+    (base / "data/other/0.png").write_bytes(b"png")
+    (base / "outside/secret/key.txt").write_text("no")
+    os.symlink(base / "outside/secret/key.txt", base / "data/dirty/1.png")
+    roots = Roots(data=[base / "data"], runs=base / "runs")
+    outside = []
+    for i, (where, target, relative) in enumerate(links):
+        destination, leads_out = _LINK_TARGETS[target]
+        link = base / "data/ds" / where / f"link{i}"
+        os.symlink(os.path.relpath(base / destination, link.parent) if relative else base / destination, link)
+        if leads_out:
+            outside.append(link)
+    if not outside:
+        assert resolve_dataset(roots, "ds") == str((base / "data/ds").resolve())
+        event("accepted: every link stays inside")
+        return
+    event("refused: a link leads out")
+    with pytest.raises(PathOutsideRoots) as err:
+        resolve_dataset(roots, "ds")
+    assert "outside the data folders" in str(err.value)
+    assert any(str(link) in str(err.value) for link in outside) or "dirty" in str(err.value)

@@ -56,6 +56,18 @@ def test_models_are_found_inside_the_roots_only(roots):
         studio.resolve_model("not-here", roots, allow_hub=False)
 
 
+def test_a_model_whose_weights_link_out_of_the_roots_is_not_loaded(roots, tmp_path):
+    """The folder lies inside the roots, its weight file does not: refused before anything reads the weights."""
+    model = shutil.copytree(roots.resolve("punky", "models"), tmp_path / "models" / "linked")
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    (tmp_path / "outside").mkdir()
+    weights.rename(tmp_path / "outside" / weights.name)
+    os.symlink(tmp_path / "outside" / weights.name, weights)
+    linked = Roots(models=[tmp_path / "models"], runs=tmp_path / "runs")
+    with pytest.raises(PathOutsideRoots, match=r"linked/unet/diffusion_pytorch_model\.safetensors leads to .*outside"):
+        studio.resolve_model("linked", linked)
+
+
 def test_a_model_asked_for_by_several_handlers_at_once_is_loaded_once(roots):
     # a page that opens asks for its model from several handlers in parallel threads
     cache, folder = studio.ModelCache(), studio.resolve_model("punky", roots)

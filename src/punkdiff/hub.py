@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
+import yaml
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
@@ -36,6 +38,7 @@ from punkdiff.files import write_text
 from punkdiff.pipelines.punkdiff_pipeline import PALETTE_FILE, PunkDiffPipeline, read_palette
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+WEIGHTS_INDEX_NAME = f"{WEIGHTS_NAME}.index.json"  # a sharded UNet's map of tensors to shards
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # What a card rendered without `repo_id` loads from; `push_to_hub` replaces the quoted token with the repo id.
 LOCAL_MODEL_REF = "path/to/this/folder"
@@ -137,10 +140,10 @@ def update_model_card(
         PosixPath('outputs/mnist16/pipeline/README.md')
         ```
     """
-    readme = Path(folder) / "README.md"
-    if not readme.is_file():
+    card = load_model_card(folder)
+    if card is None:
         return write_model_card(folder, ModelCardInfo(dataset=dataset, metrics=dict(metrics)))
-    card = ModelCard.load(readme)
+    readme = Path(folder) / "README.md"
     new = _eval_results(metrics, dataset)
     replaced = {(r.dataset_name, r.metric_name) for r in new}
     kept = [r for r in card.data.eval_results or [] if (r.dataset_name, r.metric_name) not in replaced]
@@ -153,8 +156,35 @@ def update_model_card(
         card.text = section.sub(lambda _: new_section, card.text, count=1)
     else:
         card.text = card.text.rstrip() + "\n\n" + new_section
-    card.save(readme)
+    write_text(readme, str(card))  # replaces the file; never writes through a link
     return readme
+
+
+def load_model_card(folder: str | os.PathLike[str]) -> ModelCard | None:
+    """The model card of a local folder for editing (None if it has none), or `ModelFolderError` saying why not.
+
+    A `README.md` that is a symbolic link is refused, never followed: editing it would rewrite whatever file the
+    link points to. A card whose YAML header does not parse is refused too, naming the error, so
+    `punkdiff eval --update-card` can check it before sampling.
+    """
+    readme = Path(folder) / "README.md"
+    if readme.is_symlink():
+        raise ModelFolderError(
+            f"{readme} is a symbolic link (to {os.readlink(readme)}); punkdiff never edits a card through a link, "
+            "which would rewrite the file it points to. Replace the link with a copy of the card, then run again."
+        )
+    if not readme.exists():
+        return None
+    if not readme.is_file():
+        raise ModelFolderError(f"{readme} is not a file; remove it (a new card is then written) or put the card there.")
+    try:
+        return ModelCard.load(readme)
+    except (yaml.YAMLError, ValueError, TypeError, KeyError, RecursionError, UnicodeDecodeError) as e:
+        detail = " ".join(str(e).split())[:300]
+        raise ModelFolderError(
+            f"{readme} has a metadata header (the YAML between the first two '---' lines) that cannot be read "
+            f"({type(e).__name__}: {detail}); fix or remove that header, then run again."
+        ) from None
 
 
 def _eval_results(metrics: Mapping[str, Any], dataset: str | None) -> list[EvalResult]:
@@ -271,24 +301,16 @@ def validate_model_folder(folder: str | os.PathLike[str]) -> Path:
     _check_unet_config(folder / "unet" / "config.json", unet_config)
     if (folder / PALETTE_FILE).exists():
         _check_palette(folder / PALETTE_FILE, unet_config["in_channels"])
-    weights = folder / "unet" / WEIGHTS_NAME
-    if not weights.is_file():
-        pickles = sorted(str(p.relative_to(folder)) for p in _pickle_files(folder))
-        if pickles:
+    weights = _unet_weight_files(folder)
+    found: dict[str, tuple[int, ...]] = {}
+    for file in weights:
+        try:
+            with safe_open(file, framework="pt") as f:
+                found.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})  # noqa: SIM118
+        except Exception as e:  # safetensors raises its own SafetensorError for truncated or corrupt files
             raise ModelFolderError(
-                f"{folder} has only pickle checkpoints ({', '.join(pickles)}), and punkdiff never unpickles "
-                "because that can run arbitrary code. Convert it in an environment you trust: load it with "
-                "diffusers and save it with `save_pretrained(dir, safe_serialization=True)` or "
-                f"`punkdiff.hub.export_pipeline`, which write {WEIGHTS_NAME}."
-            )
-        raise ModelFolderError(f"Missing weights {weights}; re-export the model with punkdiff.hub.export_pipeline.")
-    try:
-        with safe_open(weights, framework="pt") as f:
-            found = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
-    except Exception as e:  # safetensors raises its own SafetensorError for truncated or corrupt files
-        raise ModelFolderError(
-            f"{weights} is not a readable safetensors file ({e}); re-export or re-download it."
-        ) from e
+                f"{file} is not a readable safetensors file ({e}); re-export or re-download it."
+            ) from e
     try:
         with torch.device("meta"):  # shapes only: no memory, no initialisation
             expected = {k: tuple(v.shape) for k, v in UNet2DModel.from_config(unet_config).state_dict().items()}
@@ -304,11 +326,56 @@ def validate_model_folder(folder: str | os.PathLike[str]) -> Path:
     if problems:
         shown = "; ".join(sorted(problems)[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise ModelFolderError(
-            f"{folder / 'unet' / 'config.json'} does not match {weights} ({shown}). "
+            f"{folder / 'unet' / 'config.json'} does not match {', '.join(map(str, weights))} ({shown}). "
             "The config and weights come from different models; re-export them together."
         )
-    _check_weight_values(weights)
+    for file in weights:
+        _check_weight_values(file)
     return folder
+
+
+def _unet_weight_files(folder: Path) -> list[Path]:
+    """The UNet's safetensors files as diffusers will load them: the shards its index names, else the one file.
+
+    diffusers prefers `WEIGHTS_INDEX_NAME` when it exists, so the index is what is checked then; it may name only
+    plain `.safetensors` files beside it (a pickle shard is refused, never opened).
+    """
+    unet = folder / "unet"
+    index_path = unet / WEIGHTS_INDEX_NAME
+    if index_path.exists():
+        index = _read_json(index_path)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not (isinstance(weight_map, dict) and weight_map and isinstance(index.get("metadata"), dict)
+                and all(isinstance(v, str) for v in weight_map.values())):
+            raise ModelFolderError(
+                f"{index_path} must hold {{\"metadata\": {{...}}, \"weight_map\": {{tensor: shard file}}}} naming "
+                "at least one shard; re-export the model (or delete the index to load the single weights file)."
+            )
+        shards = sorted(set(weight_map.values()))
+        bad = [s for s in shards if Path(s).name != s or not s.endswith(".safetensors") or s.startswith(".")]
+        if bad:
+            raise ModelFolderError(
+                f"{index_path}: weight_map names {', '.join(map(repr, bad[:3]))}; every shard must be a "
+                ".safetensors file beside the index (punkdiff never opens pickle shards, which can run code). "
+                "Re-export the model with safe_serialization=True."
+            )
+        missing = [s for s in shards if not (unet / s).is_file()]
+        if missing:
+            raise ModelFolderError(f"{index_path} names shards that are missing: {', '.join(missing[:3])}; "
+                                   "download or re-export the whole model.")
+        return [unet / s for s in shards]
+    weights = unet / WEIGHTS_NAME
+    if weights.is_file():
+        return [weights]
+    pickles = sorted(str(p.relative_to(folder)) for p in _pickle_files(folder))
+    if pickles:
+        raise ModelFolderError(
+            f"{folder} has only pickle checkpoints ({', '.join(pickles)}), and punkdiff never unpickles "
+            "because that can run arbitrary code. Convert it in an environment you trust: load it with "
+            "diffusers and save it with `save_pretrained(dir, safe_serialization=True)` or "
+            f"`punkdiff.hub.export_pipeline`, which write {WEIGHTS_NAME}."
+        )
+    raise ModelFolderError(f"Missing weights {weights}; re-export the model with punkdiff.hub.export_pipeline.")
 
 
 # what a punkdiff model folder may name: the pipeline classes that load it, and its two components
@@ -317,12 +384,14 @@ _COMPONENTS = {"unet", "scheduler"}
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 # bounds shared with training presets: a sample size or schedule outside them is a broken or hostile file
 _MAX_SAMPLE_SIZE, _MAX_TIMESTEPS = 4096, 100_000
+_MAX_CLIP_RANGE = 1000
+_TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")  # the ones diffusers' schedulers implement
 
 
 def _check_palette(path: Path, channels: int) -> None:
     try:
         palette = read_palette(path)
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as e:
         raise ModelFolderError(
             f"{path} is not a palette ({type(e).__name__}: {e}); it should be "
             '{"colors": ["#rrggbb", ...]}: delete it (samples are then not snapped) or re-export the model.'
@@ -384,10 +453,60 @@ def _check_scheduler_config(path: Path, config: object) -> None:
         problems.append(f"prediction_type must be epsilon, v_prediction or sample, got {prediction!r}")
     for key in ("beta_start", "beta_end"):
         value = config.get(key, 0.01)
-        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1):
+        if not (_is_number(value) and 0 < value < 1):
             problems.append(f"{key} must be a number in (0, 1), got {value!r}")
+    betas = config.get("trained_betas")
+    if betas is not None and not (
+        isinstance(betas, list) and len(betas) == timesteps and all(_is_number(b) and 0 < b < 1 for b in betas)
+    ):
+        shown = betas if not isinstance(betas, list) else f"a list of {len(betas)}"
+        problems.append(f"trained_betas must be null or a list of num_train_timesteps ({timesteps!r}) numbers in "
+                        f"(0, 1), got {shown!r}"[:300])
+    spacing = config.get("timestep_spacing", "leading")
+    if spacing not in _TIMESTEP_SPACINGS:
+        problems.append(f"timestep_spacing must be one of {', '.join(_TIMESTEP_SPACINGS)}, got {spacing!r}")
+    offset = config.get("steps_offset", 0)
+    offset_limit = max(1, timesteps // 10) if isinstance(timesteps, int) else 1
+    if not (isinstance(offset, int) and not isinstance(offset, bool) and 0 <= offset < offset_limit):
+        problems.append(f"steps_offset must be an integer in [0, {offset_limit}) (a tenth of num_train_timesteps), "
+                        f"got {offset!r}")
+    clip_range = config.get("clip_sample_range", 1.0)
+    if not (_is_number(clip_range) and 0 < clip_range <= _MAX_CLIP_RANGE):  # pixels lie in [-1, 1]
+        problems.append(f"clip_sample_range must be a number in (0, {_MAX_CLIP_RANGE}], got {clip_range!r}")
+    if not problems:
+        problems = _alpha_bar_problems(config)
     if problems:
         raise ModelFolderError(f"{path} is not a usable noise schedule: {'; '.join(problems)}. Re-export the model.")
+
+
+def _is_number(value: object) -> bool:
+    """A JSON number that is finite (json reads NaN and Infinity as floats)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _alpha_bar_problems(config: dict[str, Any]) -> list[str]:
+    """What the samplers will compute from the schedule: alpha_bar_t = prod(1 - beta_s), finite, strictly
+    decreasing and inside (0, 1), in the float32 the schedulers use (else x_0 = (x_t - ...) / sqrt(alpha_bar_t)
+    divides by zero, or two steps are the same noise level). A zero-terminal-SNR schedule ends at exactly 0."""
+    try:
+        alpha_bar = DDPMScheduler.from_config(config).alphas_cumprod.double().numpy()
+    except Exception as e:  # diffusers raises NotImplementedError, ValueError ... for schedules it cannot build
+        return [f"diffusers cannot build this schedule ({type(e).__name__}: {e})"]
+    if not np.isfinite(alpha_bar).all():
+        return ["the schedule's alpha_bar (cumulative product of 1 - beta) holds NaN or infinite values"]
+    if config.get("rescale_betas_zero_snr") is True and alpha_bar[-1] == 0:  # zero terminal SNR, by design
+        alpha_bar = alpha_bar[:-1]  # (Lin et al. 2024): only the last step reaches pure noise
+    if not (alpha_bar.min() > 0 and alpha_bar.max() < 1):
+        why = "the first betas round to 0" if alpha_bar.max() >= 1 else "the betas are too large or too many"
+        return [f"the schedule's alpha_bar (cumulative product of 1 - beta) must lie in (0, 1), but spans "
+                f"[{alpha_bar.min():.3g}, {alpha_bar.max():.3g}] in float32: {why}"]
+    flat = np.flatnonzero(np.diff(alpha_bar) >= 0)
+    if flat.size:
+        return [f"the schedule's alpha_bar must strictly decrease, but steps {int(flat[0])} and {int(flat[0]) + 1} "
+                "have the same noise level in float32: a beta there rounds to 0"]
+    return []
 
 
 def _check_unet_config(path: Path, config: object) -> None:
@@ -568,6 +687,8 @@ def _read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelFolderError(f"{path} is not valid JSON ({e}); re-export the model.") from e
+    except RecursionError:  # JSON nested thousands deep: no config of ours is more than three levels
+        raise ModelFolderError(f"{path} is nested too deeply to be a model config; re-export the model.") from None
 
 
 def _pickle_files(folder: Path) -> list[Path]:

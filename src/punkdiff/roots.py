@@ -4,6 +4,8 @@ The web app reads models from its model roots, datasets from its data roots, and
 images and evaluations under its run root. Every path a user types or a browser sends goes through
 `Roots.resolve` before anything opens it: the path is resolved with symlinks followed, so `..` tricks, an
 absolute path elsewhere and a symlink that points out of a root are all refused with `PathOutsideRoots`.
+A model or dataset folder is then walked by `Roots.check_tree` before anything reads it, so a weight file or an
+image inside it that links out of the roots is refused too.
 
 Example:
     >>> roots = Roots(models=["/srv/models"], data=["/srv/data"], runs="/srv/runs")
@@ -104,6 +106,50 @@ class Roots:
                 return resolved
         raise FileNotFoundError(f"{text} does not exist in the {_NOUN[kind]} folders ({', '.join(map(str, roots))})")
 
+    def check_tree(self, folder: Path, kind: Kind, *, also: Sequence[Path] = ()) -> Path:
+        """`folder` again, once every file and folder under it (and each existing path in `also`, such as a run's
+        `training_summary.json` beside its model) resolves inside the roots of `kind`; else `PathOutsideRoots`
+        naming the first link that leads out.
+
+        `resolve` checks the folder a user names; this checks what will be read from it (weights, configs, a
+        dataset's images), so a weight file or an image linked from elsewhere is refused before anything opens it.
+        Links inside the roots are followed (each real folder once, so a link loop ends).
+        """
+        roots = self.of(kind)
+        seen: set[Path] = set()
+        pending = [Path(folder)]
+        for path in also:
+            if path.is_symlink() or path.exists():
+                self._check_inside(path, roots, kind)
+        while pending:
+            current = pending.pop()
+            real = self._check_inside(current, roots, kind)
+            if real in seen or not real.is_dir():
+                continue
+            seen.add(real)
+            try:
+                with os.scandir(current) as entries:  # plain files need no check: their folder is inside
+                    pending += [Path(e.path) for e in entries if e.is_symlink() or e.is_dir(follow_symlinks=False)]
+            except OSError:  # unreadable folder: nothing can be read from it either
+                continue
+        return Path(folder)
+
+    def check_model(self, folder: Path) -> Path:
+        """`check_tree` for a model folder: its weights, configs, palette and card, and the run's
+        `training_summary.json` beside it, which the app reads for the model's preprocessing."""
+        return self.check_tree(folder, "models", also=[Path(folder).parent / "training_summary.json"])
+
+    @staticmethod
+    def _check_inside(path: Path, roots: Sequence[Path], kind: Kind) -> Path:
+        real = path.resolve()
+        if not _inside(real, roots):
+            raise PathOutsideRoots(
+                f"{path} leads to {real}, outside the {_NOUN[kind]} folders this app may use "
+                f"({', '.join(map(str, roots))}): replace the link with a copy of the file, or restart the app with "
+                f"{_FLAG[kind]} naming the folder it points into"
+            )
+        return real
+
     def contains(self, path: str | os.PathLike[str], kind: Kind) -> bool:
         """Whether `path` (resolved, symlinks followed) lies inside a root of `kind`."""
         return _inside(Path(path).resolve(), self.of(kind))
@@ -134,10 +180,12 @@ def resolve_dataset(roots: Roots, text: str, *, offline: bool | None = None) -> 
     if text in BUILTIN_DATASETS:
         return text
     try:
-        return str(roots.resolve(text, "data"))
+        folder = roots.resolve(text, "data")
     except (FileNotFoundError, PathOutsideRoots):
         if not HUB_ID.match(text) or Path(text).is_absolute():
             raise
+    else:
+        return str(roots.check_tree(folder, "data"))
     if offline is None:
         flags = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
         offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in flags)

@@ -110,7 +110,7 @@ def resolve_model(ref: str, roots: Roots, *, allow_hub: bool | None = None) -> P
     """
     text = (ref or "").strip()
     try:
-        return roots.resolve(text, "models")
+        return roots.check_model(roots.resolve(text, "models"))  # every file in it, links followed
     except FileNotFoundError:
         if not HUB_ID.match(text):
             raise
@@ -125,7 +125,7 @@ def resolve_model(ref: str, roots: Roots, *, allow_hub: bool | None = None) -> P
         )
     from punkdiff.hub import model_folder
 
-    return model_folder(text, cache_dir=roots.runs / "hub")  # the download stays inside the run root
+    return roots.check_model(model_folder(text, cache_dir=roots.runs / "hub"))  # the download stays in the run root
 
 
 class ModelCache:

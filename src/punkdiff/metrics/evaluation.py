@@ -41,6 +41,7 @@ DIRECTION = {
     "near_copy_share_features": "lower", "exact_copy_rate": "lower",
     "fid": "lower", "kid_inception": "lower", "inception_score": "higher", "fd_dinov2": "lower",
 }
+MIN_IMAGES = 10  # fewer samples (or reference images) than this give no meaningful score
 CONFIDENT = 0.9  # a class probability at least this high counts as a confident classification
 WEIGHTS_UNAVAILABLE = "not computed: weights unavailable"
 INCEPTION_METRICS, DINOV2_METRICS = ("fid", "kid_inception", "inception_score"), ("fd_dinov2",)
@@ -109,8 +110,8 @@ def evaluate(
             f"{samples.dtype} {list(samples.shape)}: resize them to the model's resolution first"
         )
     n = min(len(samples), len(reference.train), len(reference.heldout))
-    if n < 10:
-        raise ValueError(f"too few images to score: {n} (need at least 10 samples and reference images)")
+    if n < MIN_IMAGES:
+        raise ValueError(f"too few images to score: {n} (need at least {MIN_IMAGES} samples and reference images)")
     palette = pixel_art_palette(np.concatenate([reference.train, reference.heldout]), reference.transform)
     if palette is not None:  # pixel art is scored as it is displayed
         samples = snap_to_palette(samples, palette)

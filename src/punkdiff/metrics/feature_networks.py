@@ -20,7 +20,7 @@ final layer norm) being the feature, as in Stein et al. 2023 (dgm-eval), who int
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -95,6 +95,7 @@ def load_inception(path: str | os.PathLike) -> InceptionFeatures:
         state_dict = load_file(path)
     except (SafetensorError, OSError, ValueError) as err:
         raise WeightsError(f"{path} is not a readable safetensors file ({err}); {convert}") from None
+    _check_finite(path, state_dict.items(), convert)
     try:
         return InceptionFeatures(state_dict)
     except RuntimeError as err:  # torch's load_state_dict: missing or unexpected keys, shape mismatches
@@ -123,11 +124,34 @@ def load_dinov2(path: str | os.PathLike) -> Dinov2Model:
             "no weights"
         raise WeightsError(f"{path} has {found}; save the model with `save_pretrained(folder)` (safetensors, the "
                            "default) in an environment you trust, or download model.safetensors")
+    for weights in sorted(path.glob("*.safetensors")):
+        _check_finite(weights, _safetensors_items(weights), "download or save the model again")
     try:
         model = Dinov2Model.from_pretrained(path, use_safetensors=True, local_files_only=True)
     except (OSError, ValueError) as err:
         raise WeightsError(f"{path} could not be loaded as a DINOv2 model: {err}") from None
     return model.eval().requires_grad_(False)
+
+
+def _check_finite(path: Path, tensors: Iterable[tuple[str, torch.Tensor]], fix: str) -> None:
+    """Refuse weights with NaN or infinite values before a network is built from them: the names and shapes can be
+    right while the values are not, and such weights crash the process inside the math library (no report)."""
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise WeightsError(f"{path}: tensor {name} holds NaN or infinite values, so these are not usable "
+                               f"weights; {fix}")
+
+
+def _safetensors_items(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each tensor of a safetensors file, one at a time (a large model is never held twice in memory)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118
+                yield key, f.get_tensor(key)
+    except (SafetensorError, OSError) as err:
+        raise WeightsError(f"{path} is not a readable safetensors file ({err}); download or save it again") from None
 
 
 def inception_features(

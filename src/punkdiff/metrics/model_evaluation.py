@@ -11,6 +11,8 @@ mistake costs seconds, not the run.
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from punkdiff.metrics.evaluation import Evaluation, evaluate
+from punkdiff.files import atomic_path
+from punkdiff.metrics.evaluation import MIN_IMAGES, Evaluation, evaluate
 from punkdiff.metrics.feature_networks import (
     DINOV2_ENV,
     INCEPTION_ENV,
@@ -113,6 +116,9 @@ def evaluate_model(
     out = Path(o.out)
     if out.is_file():
         raise EvaluationError(f"--out {out} is a file; give a folder (created if missing)")
+    if o.samples is None and o.num_samples < MIN_IMAGES:
+        raise EvaluationError(f"--num-samples {o.num_samples} is too few to score; use at least {MIN_IMAGES}")
+    _check_writable(out)  # before sampling, so the samples always have a place to go
     card_folder = _card_folder(o) if o.update_card else None
     networks = _feature_networks(o)
     if pipe is None and o.model is not None:
@@ -128,14 +134,19 @@ def evaluate_model(
     else:
         resolution, channels = get_preset(o.preset).data.resolution, get_preset(o.preset).data.channels
     transform, origin = model_transform(resolution, channels, preset=o.preset, model_dir=o.model)
+    samples = read_images(o.samples, transform) if o.samples else None
+    if samples is not None and len(samples) < MIN_IMAGES:
+        raise EvaluationError(f"--samples {o.samples} holds {len(samples)} images, too few to score; give at least "
+                              f"{MIN_IMAGES}")
     reference = load_reference(o.reference, transform, split=o.split, heldout_split=o.heldout_split, seed=o.seed,
                                cache_dir=o.cache_dir, progress=progress)
     start = time.perf_counter()
-    samples = read_images(o.samples, transform) if o.samples else _sample(pipe, o, progress)
-    sampling_s = time.perf_counter() - start
-    if not o.samples:  # the sampling is the slow part: keep it, so `--samples OUT/samples.npy` re-scores it
+    if samples is None:  # the sampling is the slow part: keep it, so `--samples OUT/samples.npy` re-scores it
+        samples = _sample(pipe, o, progress)
         out.mkdir(parents=True, exist_ok=True)
-        np.save(out / SAMPLES_FILE, samples, allow_pickle=False)
+        with atomic_path(out / SAMPLES_FILE) as tmp, open(tmp, "wb") as handle:
+            np.save(handle, samples, allow_pickle=False)
+    sampling_s = time.perf_counter() - start
     result = evaluate(samples, reference, seed=o.seed, cache_dir=o.cache_dir, progress=progress, **networks)
     study = None
     if pipe is not None and o.reconstruction_images > 0:
@@ -201,7 +212,27 @@ def _card_folder(o: EvalOptions) -> Path:
     if any(part.startswith("models--") for part in path.resolve().parts):
         raise EvaluationError(f"{o.model} is a snapshot in the Hugging Face cache, not a folder of yours; copy it "
                               "(`hf download ID --local-dir DIR`) and evaluate the copy")
+    from punkdiff.hub import load_model_card
+
+    load_model_card(path)  # a linked card or an unreadable header is refused now, not after the sampling
     return path
+
+
+def _check_writable(out: Path) -> None:
+    """Write a file in `out` (creating it), so a folder that cannot hold the results is refused before any work;
+    the folders created for the test are removed again, so a refused evaluation leaves nothing behind."""
+    created = [p for p in (out, *out.parents) if not p.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise EvaluationError(f"--out {out} cannot be written ({type(err).__name__}: {err.strerror or err}); "
+                              "choose a folder you can write to") from None
+    finally:
+        for folder in created:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def _feature_networks(o: EvalOptions) -> dict[str, Any]:

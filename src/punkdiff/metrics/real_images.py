@@ -130,7 +130,7 @@ def model_transform(
     from punkdiff.presets import get_preset
 
     data, origin = None, "defaults (no --preset, no training_summary.json beside the model)"
-    summary = _run_summary(model_dir) if model_dir is not None else None
+    summary = _run_summary(model_dir) if model_dir is not None and preset is None else None
     if preset is not None:
         data, origin = asdict(get_preset(preset).data), f"preset {preset!r}"
     elif summary is not None:
@@ -142,13 +142,13 @@ def model_transform(
 
 def read_images(path: str | Path, transform: ImageTransform) -> np.ndarray:
     """Images to score, as uint8 `[N, C, H, W]`: a folder of image files (sorted by name) or a uint8 `.npy` array
-    (`[N, H, W, C]` or `[N, C, H, W]`). They must already be at the transform's resolution."""
+    (`[N, H, W, C]`, `[N, C, H, W]`, or `[N, H, W]` for grayscale). They must already be at the transform's
+    resolution. Anything else is a `DataError` naming the file; a `.npy` is read without unpickling."""
     path = Path(path)
     if path.suffix == ".npy":
-        array = np.load(path, allow_pickle=False)
-        if array.dtype != np.uint8 or array.ndim != 4:
-            raise DataError(f"{path} holds {array.dtype} {list(array.shape)}; expected uint8 [N, H, W, C] or "
-                            "[N, C, H, W]")
+        array = _read_npy(path)
+        if array.ndim == 3:  # [N, H, W]: grayscale, one channel
+            array = array[:, None]
         if array.shape[-1] in (1, 3) and array.shape[1] not in (1, 3):
             array = np.moveaxis(array, -1, 1)
     elif path.is_dir():
@@ -159,11 +159,19 @@ def read_images(path: str | Path, transform: ImageTransform) -> np.ndarray:
             raise DataError(f"{path} holds no image files")
         arrays = []
         for file in files:
-            with Image.open(file) as image:
-                if image.size != (transform.resolution, transform.resolution):
-                    raise DataError(f"{file} is {image.size[0]}x{image.size[1]}; samples are scored at the model's "
-                                    f"{transform.resolution}x{transform.resolution}")
-                arrays.append(transform(image))
+            if not file.is_file():
+                raise DataError(f"{file} is not an image file (a folder?); move it out of {path}")
+            try:
+                with Image.open(file) as image:
+                    if image.size != (transform.resolution, transform.resolution):
+                        raise DataError(f"{file} is {image.size[0]}x{image.size[1]}; samples are scored at the "
+                                        f"model's {transform.resolution}x{transform.resolution}")
+                    arrays.append(transform(image))
+            except (OSError, ValueError, SyntaxError) as err:  # PIL: unidentified, truncated or corrupt files
+                if isinstance(err, DataError):
+                    raise
+                raise DataError(f"{file} is not a readable image ({type(err).__name__}: {err}); replace or remove "
+                                "it") from None
         array = np.stack(arrays)
     else:
         raise DataError(f"--samples {path}: give a folder of images or a .npy file")
@@ -173,6 +181,21 @@ def read_images(path: str | Path, transform: ImageTransform) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+def _read_npy(path: Path) -> np.ndarray:
+    """A uint8 image array from a `.npy` file, never unpickled; empty, truncated or object arrays are refused."""
+    expected = "a uint8 array [N, H, W, C], [N, C, H, W] or [N, H, W], as np.save writes it"
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, EOFError, OSError) as err:  # empty, truncated, object dtype (a pickle), not a file
+        raise DataError(f"{path} is not readable as {expected} ({type(err).__name__}: {err})") from None
+    if not isinstance(array, np.ndarray) or array.dtype != np.uint8 or array.ndim not in (3, 4):
+        shown = f"{array.dtype} {list(array.shape)}" if isinstance(array, np.ndarray) else type(array).__name__
+        raise DataError(f"{path} holds {shown}; expected {expected}")
+    if len(array) == 0:
+        raise DataError(f"{path} holds no images (shape {list(array.shape)})")
+    return array
+
+
 def training_dataset(model_dir: str | Path) -> str | None:
     """The dataset the run that exported `model_dir` trained on, from its `training_summary.json` (or None)."""
     summary = _run_summary(model_dir)
@@ -180,8 +203,42 @@ def training_dataset(model_dir: str | Path) -> str | None:
 
 
 def _run_summary(model_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
-    """`training_summary.json` in the model folder or beside it (a run's `pipeline/` export), parsed."""
+    """`training_summary.json` in the model folder or beside it (a run's `pipeline/` export), parsed and checked
+    for the fields read from it; a summary that is not one is a `DataError` naming the file."""
     for candidate in (Path(model_dir) / "training_summary.json", Path(model_dir).parent / "training_summary.json"):
         if candidate.is_file():
-            return candidate, json.loads(candidate.read_text())
+            try:
+                summary = json.loads(candidate.read_text(encoding="utf-8"))
+            except (ValueError, RecursionError) as err:  # bad JSON or UTF-8, or nested thousands deep
+                problem = f"not valid JSON ({type(err).__name__}: {str(err)[:200]})"
+            else:
+                problem = _summary_problem(summary)
+            if problem:
+                raise DataError(f"{candidate} is {problem}; fix or delete it, or pass --preset to say how the "
+                                "training images were prepared")
+            return candidate, summary
+    return None
+
+
+def _summary_problem(summary: object) -> str | None:
+    """What is wrong with a parsed training summary's `config.data` (the preprocessing read from it), or None."""
+    from PIL import ImageColor
+
+    from punkdiff.presets import RESIZE_FILTERS
+
+    data = summary.get("config", {}).get("data") if isinstance(summary, dict) and isinstance(
+        summary.get("config"), dict) else None
+    if not isinstance(data, dict):
+        return "not a training summary (it needs a \"config\": {\"data\": {...}} object)"
+    background, resize, crop = data.get("background", "#ffffff"), data.get("resize_filter", "bicubic"), \
+        data.get("center_crop", False)
+    try:
+        ImageColor.getrgb(background if isinstance(background, str) else "")
+    except ValueError:
+        return f"not usable: config.data.background {background!r} is not a colour such as '#ffffff'"
+    if resize not in RESIZE_FILTERS or not isinstance(crop, bool):
+        return (f"not usable: config.data.resize_filter must be one of {', '.join(RESIZE_FILTERS)} and "
+                f"center_crop true or false (got {resize!r}, {crop!r})")
+    if not isinstance(data.get("dataset"), (str, type(None))):
+        return f"not usable: config.data.dataset must be a dataset name or path (got {data.get('dataset')!r})"
     return None

@@ -144,7 +144,7 @@ def resolve_training_config(args: argparse.Namespace) -> Preset:
         raise PresetError("--report-to wandb needs wandb: pip install 'punkdiff[wandb]' (or use tensorboard)")
     if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
         raise PresetError(f"--resume-from-checkpoint {args.resume_from_checkpoint}: no such checkpoint folder")
-    if args.cache_budget is not None and not args.cache_budget >= 0:
+    if args.cache_budget is not None and not 0 <= args.cache_budget < float("inf"):
         raise PresetError(f"--cache-budget must be a size in GB, 0 or more (got {args.cache_budget})")
     if args.log_every <= 0:
         raise PresetError(f"--log-every must be positive (got {args.log_every})")
