@@ -55,22 +55,15 @@ def halving_stages(teacher_steps: int, student_steps: int) -> list[int]:
     if student_steps < 1 or teacher_steps <= student_steps:
         raise DistillationError(
             f"--steps {student_steps} must be at least 1 and below the teacher's {teacher_steps} sampling steps")
-    stages, n = [], teacher_steps
-    while n > student_steps:
-        if n % 2:
-            break
+    reachable, n = [], teacher_steps
+    while n % 2 == 0:
         n //= 2
-        stages.append(n)
-    if not stages or stages[-1] != student_steps:
-        reachable = []
-        n = teacher_steps
-        while n % 2 == 0 and n > 1:
-            n //= 2
-            reachable.append(n)
+        reachable.append(n)
+    if student_steps not in reachable:
         raise DistillationError(
             f"--steps {student_steps} is not reachable by halving the teacher's {teacher_steps} steps: choose one of "
             f"{', '.join(map(str, reachable)) or 'none (the teacher step count is odd)'}, or another --teacher-steps")
-    return stages
+    return reachable[:reachable.index(student_steps) + 1]
 
 
 def _alpha_sigma(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
