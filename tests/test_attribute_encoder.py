@@ -9,7 +9,7 @@ import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DModel
 from tiny_models import tiny_identity_unet, trained_looking_encoder
 
-from punkdiff.attribute_encoder import AttributeEncoder
+from punkdiff.pipelines.punkdiff_pipeline import AttributeEncoder
 
 
 def test_the_null_condition_encodes_to_exactly_zero_and_a_real_one_does_not():

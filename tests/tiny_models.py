@@ -9,7 +9,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from punkdiff import PunkDiffPipeline
-from punkdiff.attribute_encoder import AttributeEncoder
+from punkdiff.pipelines.punkdiff_pipeline import AttributeEncoder
 
 
 def tiny_unet(channels: int = 3, sample_size: int = 8, seed: int = 0, **overrides) -> UNet2DModel:
