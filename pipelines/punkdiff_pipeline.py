@@ -883,6 +883,11 @@ class _Guidance:
     scale: float = 1.0
 
 
+def _is_conditional(unet: UNet2DModel) -> bool:
+    """Whether the UNet has a class embedding, i.e. needs `class_labels`."""
+    return unet.config.class_embed_type is not None or unet.config.num_class_embeds is not None
+
+
 def _check_conditional_parts(
     unet: UNet2DModel, attribute_encoder: AttributeEncoder | None, condition: ConditionVocabulary | None
 ) -> None:
@@ -976,7 +981,7 @@ class PunkDiffPipeline(DiffusionPipeline):
         # an absent encoder is registered as None (diffusers' `components` expects every optional component) and
         # left out of `model_index.json` by `save_pretrained`, so unconditional folders stay stock ones
         self.register_modules(unet=unet, scheduler=scheduler, attribute_encoder=attribute_encoder)
-        if unet is not None:
+        if unet is not None and condition is not None:
             _check_conditional_parts(unet, attribute_encoder, condition)
         self.condition = condition
         grayscale = unet is not None and unet.config.in_channels == 1
@@ -1008,6 +1013,21 @@ class PunkDiffPipeline(DiffusionPipeline):
         if path is not None:
             pipe.palette = read_palette(path)
         return pipe
+
+    def register_to_config(self, **kwargs: Any) -> None:
+        """diffusers' `register_to_config`. When `from_pretrained` records where the pipeline came from (every
+        route: this class's and diffusers' `custom_pipeline=`), a class-conditional UNet's `condition.json` is read
+        from there, so a Hub user without punkdiff gets the vocabulary too."""
+        super().register_to_config(**kwargs)
+        source = kwargs.get("_name_or_path")
+        unet = getattr(self, "unet", None)
+        if source is None or getattr(self, "condition", None) is not None or unet is None or not _is_conditional(unet):
+            return
+        path = _model_file(source, CONDITION_FILE, None)
+        if path is not None:
+            condition = ConditionVocabulary.from_json(path.read_text())
+            _check_conditional_parts(unet, self.attribute_encoder, condition)
+            self.condition = condition
 
     @torch.no_grad()
     def __call__(
@@ -1267,6 +1287,9 @@ class PunkDiffPipeline(DiffusionPipeline):
         index.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         # 3. this file (the opt-in custom-pipeline route), a pixel-art model's palette, a conditional model's vocabulary
         shutil.copyfile(__file__, Path(save_directory) / CUSTOM_PIPELINE_FILE)
+        if self.attribute_encoder is not None:  # diffusers' custom-component route reads `<library>.py` there
+            library = config["attribute_encoder"][0]
+            shutil.copyfile(__file__, Path(save_directory) / "attribute_encoder" / f"{library}.py")
         if self.palette is not None:
             write_palette(Path(save_directory) / PALETTE_FILE, self.palette)
         if self.condition is not None:
@@ -1356,7 +1379,7 @@ class PunkDiffPipeline(DiffusionPipeline):
             if scale != 1.0:
                 raise ValueError(f"guidance_scale={scale} needs a condition, and this model is unconditional; "
                                  "leave guidance_scale at 1")
-            if self.unet.config.class_embed_type is not None or self.unet.config.num_class_embeds is not None:
+            if _is_conditional(self.unet):
                 raise ValueError("this UNet is class-conditional but the pipeline has no condition vocabulary: "
                                  f"put the model's {CONDITION_FILE} beside it, or pass condition=ConditionVocabulary")
             return _Guidance(batch_size or 1)
