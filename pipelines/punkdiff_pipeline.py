@@ -1020,13 +1020,12 @@ class PunkDiffPipeline(DiffusionPipeline):
         from there, so a Hub user without punkdiff gets the vocabulary too."""
         super().register_to_config(**kwargs)
         source = kwargs.get("_name_or_path")
-        unet = getattr(self, "unet", None)
-        if source is None or getattr(self, "condition", None) is not None or unet is None or not _is_conditional(unet):
+        if source is None or getattr(self, "condition", None) is not None or not _is_conditional(self.unet):
             return
         path = _model_file(source, CONDITION_FILE, None)
         if path is not None:
             condition = ConditionVocabulary.from_json(path.read_text())
-            _check_conditional_parts(unet, self.attribute_encoder, condition)
+            _check_conditional_parts(self.unet, self.attribute_encoder, condition)
             self.condition = condition
 
     @torch.no_grad()
