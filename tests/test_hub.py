@@ -155,9 +155,10 @@ def test_custom_pipeline_needs_explicit_trust(exported):
         DiffusionPipeline.from_pretrained(exported, custom_pipeline=str(exported))
 
 
-def test_custom_pipeline_route_works_without_punkdiff(exported, tmp_path):
-    """A Hub user's view: punkdiff cannot be imported, the class comes from the exported pipeline.py."""
-    script = textwrap.dedent(
+def run_without_punkdiff(script: str, folder: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    """Run `script` (with the model folder as `sys.argv[1]`) in a fresh, isolated Python where punkdiff cannot be
+    imported: a Hub user's view of an exported model."""
+    hide = textwrap.dedent(
         """
         import importlib.abc, sys
 
@@ -167,6 +168,17 @@ def test_custom_pipeline_route_works_without_punkdiff(exported, tmp_path):
                     raise ModuleNotFoundError(name)
 
         sys.meta_path.insert(0, HidePunkdiff())
+        """
+    )
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-I", "-c", hide + script, str(folder)], capture_output=True, text=True,
+                          env=env, cwd=tmp_path)
+
+
+def test_custom_pipeline_route_works_without_punkdiff(exported, tmp_path):
+    """A Hub user's view: punkdiff cannot be imported, the class comes from the exported pipeline.py."""
+    script = textwrap.dedent(
+        """
         try:
             import punkdiff
             raise SystemExit("punkdiff is importable")
@@ -181,10 +193,7 @@ def test_custom_pipeline_route_works_without_punkdiff(exported, tmp_path):
         print(type(pipe).__name__, type(pipe).__module__, images.shape, recon.shape)
         """
     )
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-I", "-c", script, str(exported)], capture_output=True, text=True, env=env, cwd=tmp_path
-    )
+    result = run_without_punkdiff(script, exported, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     name, module, *shapes = result.stdout.split()
     assert name == "PunkDiffPipeline" and module.startswith("diffusers_modules.")
@@ -578,14 +587,6 @@ def test_custom_pipeline_route_samples_a_conditional_model_without_punkdiff(expo
     """A Hub user's view of a conditional model: the vocabulary and the encoder come without punkdiff installed."""
     script = textwrap.dedent(
         """
-        import importlib.abc, sys
-
-        class HidePunkdiff(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] == "punkdiff":
-                    raise ModuleNotFoundError(name)
-
-        sys.meta_path.insert(0, HidePunkdiff())
         from diffusers import DiffusionPipeline
 
         pipe = DiffusionPipeline.from_pretrained(sys.argv[1], custom_pipeline=sys.argv[1], trust_remote_code=True)
@@ -599,11 +600,7 @@ def test_custom_pipeline_route_samples_a_conditional_model_without_punkdiff(expo
         print(type(pipe).__name__, pipe.condition.columns, type(pipe.attribute_encoder).__name__, images.shape)
         """
     )
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-I", "-c", script, str(exported_punks)], capture_output=True, text=True, env=env,
-        cwd=tmp_path,
-    )
+    result = run_without_punkdiff(script, exported_punks, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.splitlines() == [
         "refused: unknown type 'Apex'",
