@@ -1004,9 +1004,15 @@ class PunkDiffPipeline(DiffusionPipeline):
             kwargs["condition"] = ConditionVocabulary.from_json(path.read_text())
         if kwargs.get("condition") is not None and kwargs["condition"].encoding == MULTI_HOT:
             # loaded here, so the component's module name in `model_index.json` never has to be importable
+            encoder_kwargs = {k: kwargs[k] for k in ("cache_dir", "token", "local_files_only", "use_safetensors")
+                              if k in kwargs}
+            dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+            if isinstance(dtype, Mapping):  # diffusers' per-component dtypes
+                dtype = dtype.get("attribute_encoder", dtype.get("default"))
+            if dtype is not None:
+                encoder_kwargs["dtype"] = dtype
             kwargs.setdefault("attribute_encoder", AttributeEncoder.from_pretrained(
-                pretrained_model_name_or_path, subfolder="attribute_encoder", revision=revision,
-                **{k: kwargs[k] for k in ("torch_dtype", "cache_dir", "token", "local_files_only") if k in kwargs},
+                pretrained_model_name_or_path, subfolder="attribute_encoder", revision=revision, **encoder_kwargs
             ))
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         path = _model_file(pretrained_model_name_or_path, PALETTE_FILE, revision)

@@ -653,6 +653,11 @@ def test_a_conditional_model_saves_its_vocabulary_and_loads_back_to_the_same_ima
         assert loaded.condition == model.condition
         before = model(**kwargs, guidance_scale=3.0, generator=generators(0, 1), **DDIM4).images
         assert torch.equal(loaded(**kwargs, guidance_scale=3.0, generator=generators(0, 1), **DDIM4).images, before)
+    half = PunkDiffPipeline.from_pretrained(tmp_path / "punks", dtype=torch.bfloat16)
+    assert half.attribute_encoder.dtype == torch.bfloat16 == half.unet.dtype
+    half.set_progress_bar_config(disable=True)
+    assert half(attributes=request, guidance_scale=3.0, num_inference_steps=2, sampler="ddim",
+                output_type="pt").images.isfinite().all()
     index = json.loads((tmp_path / "punks" / "model_index.json").read_text())
     assert index["attribute_encoder"] == ["punkdiff.pipelines.punkdiff_pipeline", "AttributeEncoder"]
     assert "attribute_encoder" not in json.loads((tmp_path / "digits" / "model_index.json").read_text())
