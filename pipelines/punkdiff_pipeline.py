@@ -50,11 +50,6 @@ from torch import nn
 CUSTOM_PIPELINE_FILE = "pipeline.py"
 # Pixel-art models keep their training palette here (`{"colors": ["#rrggbb", ...]}`); stock diffusers ignores it.
 PALETTE_FILE = "palette.json"
-# How to load a conditional model, which stock `DDPMPipeline` cannot sample (it passes no class labels).
-CONDITIONAL_LOADING = (
-    "load it with `PunkDiffPipeline.from_pretrained(path)` (punkdiff installed) or "
-    "`DiffusionPipeline.from_pretrained(path, custom_pipeline=path, trust_remote_code=True)`"
-)
 # The `save_pretrained(push_to_hub=True, ...)` arguments diffusers takes from its kwargs.
 _PUSH_KWARGS = ("repo_id", "private", "token", "commit_message", "create_pr")
 
@@ -1265,9 +1260,9 @@ class PunkDiffPipeline(DiffusionPipeline):
         `PunkDiffPipeline` to a user without punkdiff installed. A pixel-art model's palette is saved as
         `palette.json`. A conditional model also saves its vocabulary as `condition.json` and, for attributes, the
         `attribute_encoder` component (safetensors); stock `DDPMPipeline` loads such a folder but cannot sample it
-        (its UNet needs class labels), so load it as `CONDITIONAL_LOADING` says. `push_to_hub=True` (with
-        diffusers' `repo_id`, `private`, `token`, `commit_message`, `create_pr`) uploads the finished folder with
-        diffusers' own Hub code and model card.
+        (its UNet needs class labels): load it with this class, or with `custom_pipeline=` as above.
+        `push_to_hub=True` (with diffusers' `repo_id`, `private`, `token`, `commit_message`, `create_pr`) uploads
+        the finished folder with diffusers' own Hub code and model card.
 
         Examples:
             ```py
