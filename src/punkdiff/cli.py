@@ -232,7 +232,9 @@ def _condition(args: argparse.Namespace, pipe, num_images: int) -> dict:
 
 def _label(text: str, condition) -> int | str:
     """A --label value: a name of the model's label column, or else an index."""
-    names = next((g.names for g in condition.groups if g.kind != "multi"), ())
+    from punkdiff.pipelines.punkdiff_pipeline import SINGLE
+
+    names = next((g.names for g in condition.groups if g.kind == SINGLE), ())
     return int(text) if text not in names and text.isdigit() else text
 
 
