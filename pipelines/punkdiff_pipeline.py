@@ -1,19 +1,23 @@
-"""`PunkDiffPipeline`: unconditional DDPM sampling, reconstruction and RePaint inpainting.
+"""`PunkDiffPipeline`: DDPM sampling, reconstruction and RePaint inpainting, unconditional or classifier-free guided.
 
 This file is the one source of the class. It imports only torch, diffusers (and its huggingface_hub), numpy,
 PIL and the standard library, so punkdiff's export copies it next to a model as `pipeline.py` and a Hub user
 without punkdiff can load it with `DiffusionPipeline.from_pretrained(repo, custom_pipeline=repo,
 trust_remote_code=True)`. It knows nothing of punkdiff: the model card and punkdiff's checked push live in
-`punkdiff.hub`.
+`punkdiff.hub`. A conditional model's parts travel here too: its vocabulary (`ConditionVocabulary`, saved as
+`condition.json`), the `AttributeEncoder` component and the classifier-free guidance step.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
+import math
+import numbers
 import os
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -30,7 +34,9 @@ from diffusers import (
     RePaintScheduler,
     UNet2DModel,
 )
+from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_repaint import RePaintSchedulerOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -38,6 +44,7 @@ from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import create_repo, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+from torch import nn
 
 # diffusers' `custom_pipeline=<folder or repo id>` loads the pipeline class from this file name.
 CUSTOM_PIPELINE_FILE = "pipeline.py"
@@ -48,6 +55,8 @@ _PUSH_KWARGS = ("repo_id", "private", "token", "commit_message", "create_pr")
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | list[PIL.Image.Image] | list[np.ndarray]
 Generator = torch.Generator | list[torch.Generator] | None
+Labels = int | str | Sequence[int | str | None] | None
+Attributes = Mapping[str, Any] | Sequence[Mapping[str, Any]] | None
 StepCallback = Callable[[DiffusionPipeline, int, torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
@@ -105,6 +114,427 @@ def write_palette(path: str | os.PathLike[str], palette: torch.Tensor | np.ndarr
     """Write uint8 colours `[P, C]` as `palette.json`, the form `read_palette` reads."""
     colours = ["#" + bytes(int(v) for v in colour).hex() for colour in np.asarray(palette, dtype=np.uint8)]
     Path(path).write_text(json.dumps({"colors": colours}) + "\n")
+
+
+# ---- the condition of a conditional model: its vocabulary, and requests as tensors --------------------------------
+#
+# A condition is one or more *groups*, each a dataset column: a **single-label** group (MNIST's `label`, the punks'
+# `type`) gives one name per image, a **multi-label** group (the punks' `accessories`) a set of names. A lone
+# single-label group is encoded as the class index, for `UNet2DModel`'s own class embedding (`num_class_embeds =
+# num_classes + 1`, the last index the null class, "unspecified"); anything else as a multi-hot vector, a block per
+# group (a multi-label block ends with a "nothing" slot for an explicitly empty set), where an all-zero block means
+# "unspecified" and the all-zero vector is the null condition, mapped to the UNet by the `AttributeEncoder`.
+
+SINGLE, MULTI = "single", "multi"
+CLASS_INDEX, MULTI_HOT = "class_index", "multi_hot"
+# the file a conditional model's vocabulary is saved in, beside its components
+CONDITION_FILE = "condition.json"
+_FORMAT, _VERSION = "punkdiff-condition", 1
+
+
+class ConditionError(ValueError):
+    """A condition that cannot be built or encoded; the message says what was wrong and what is accepted."""
+
+
+@dataclass(frozen=True)
+class ConditionGroup:
+    """One conditioning column: its kind (`"single"` or `"multi"`), its names and how many training rows have each."""
+
+    column: str
+    kind: str
+    names: tuple[str, ...]
+    counts: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in (SINGLE, MULTI):
+            raise ConditionError(f"condition group {self.column!r} has kind {self.kind!r}; expected {SINGLE!r} or "
+                                 f"{MULTI!r}")
+        if not self.names:
+            raise ConditionError(f"condition column {self.column!r} has no values to condition on")
+        if len(set(self.names)) != len(self.names):
+            raise ConditionError(f"condition column {self.column!r} repeats names: {list(self.names)}")
+        if self.counts and len(self.counts) != len(self.names):
+            raise ConditionError(f"condition column {self.column!r} has {len(self.names)} names but "
+                                 f"{len(self.counts)} counts")
+
+    @property
+    def width(self) -> int:
+        """Its block's width in the multi-hot vector: a multi-label block ends with the "nothing" slot."""
+        return len(self.names) + (self.kind == MULTI)
+
+    def index(self, value: int | str) -> int:
+        """A name, or an index into `names`, as an index; anything else is refused naming what is known."""
+        if isinstance(value, bool) or not isinstance(value, (numbers.Integral, str)):
+            raise ConditionError(f"{self.column} value {value!r} is neither a name nor an index; {self._known()}")
+        if isinstance(value, numbers.Integral):
+            value = int(value)
+            if not 0 <= value < len(self.names):
+                raise ConditionError(f"{self.column} {value} is out of range: give an index in 0..{len(self.names) - 1}"
+                                     f" or a name; {self._known()}")
+            return value
+        try:
+            return self.names.index(value)
+        except ValueError:
+            close = difflib.get_close_matches(value, self.names, n=5, cutoff=0.5)
+            hint = f"closest: {', '.join(map(repr, close))}; " if close else ""
+            raise ConditionError(f"unknown {self.column} {value!r}; {hint}{self._known()}") from None
+
+    def _known(self) -> str:
+        return f"known {self.column} values ({len(self.names)}): {', '.join(self.names)}"
+
+
+@dataclass(frozen=True)
+class ConditionVocabulary:
+    """What a conditional model is told: its groups, in order, and how many training rows they were counted on.
+
+    Saved with the model as `condition.json` (`to_json`), read back with `from_json`; training builds it from a
+    dataset's columns. Sampling needs only this side of it: `encode_request` turns what a user asks for into the
+    condition tensor, `null` gives the "unspecified" condition that guidance extrapolates from.
+
+    Examples:
+        ```py
+        >>> digits = ConditionVocabulary((ConditionGroup("label", "single", tuple("0123456789")),))
+        >>> digits.encoding, digits.encode_request(labels=[3, "7"]).tolist(), digits.null(2).tolist()
+        ('class_index', [3, 7], [10, 10])
+        ```
+    """
+
+    groups: tuple[ConditionGroup, ...]
+    num_rows: int = 0
+    _offsets: tuple[int, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.groups:
+            raise ConditionError("a condition needs at least one column")
+        columns = [g.column for g in self.groups]
+        if len(set(columns)) != len(columns):
+            raise ConditionError(f"condition columns repeat: {columns}")
+        offsets = [0]
+        for group in self.groups:
+            offsets.append(offsets[-1] + group.width)
+        object.__setattr__(self, "_offsets", tuple(offsets))
+
+    # ---- saving ------------------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": _FORMAT, "version": _VERSION, "encoding": self.encoding, "num_rows": self.num_rows,
+                "groups": [asdict(g) for g in self.groups]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ConditionVocabulary:
+        """Read back `to_dict`'s output; a file that is not one, or of a newer version, is refused."""
+        if not isinstance(data, Mapping) or data.get("format") != _FORMAT:
+            raise ConditionError(f"not a punkdiff condition (expected \"format\": {_FORMAT!r}); was it written by "
+                                 "ConditionVocabulary.to_json?")
+        if data.get("version") != _VERSION:
+            raise ConditionError(f"condition version {data.get('version')!r} is not {_VERSION}; upgrade punkdiff")
+        try:
+            groups = tuple(ConditionGroup(g["column"], g["kind"], tuple(g["names"]), tuple(g.get("counts", ())))
+                           for g in data["groups"])
+            vocabulary = cls(groups, int(data.get("num_rows", 0)))
+        except (KeyError, TypeError) as err:
+            raise ConditionError(f"malformed condition: {err!r} (each group needs column, kind and names)") from err
+        if data.get("encoding", vocabulary.encoding) != vocabulary.encoding:
+            raise ConditionError(f"condition says encoding {data['encoding']!r} but its groups give "
+                                 f"{vocabulary.encoding!r}")
+        return vocabulary
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> ConditionVocabulary:
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as err:
+            raise ConditionError(f"{CONDITION_FILE} is not valid JSON: {err}") from err
+
+    def markdown(self) -> str:
+        """The vocabulary for a model card: each column, its kind, and its names with their training counts."""
+        lines = []
+        for g in self.groups:
+            kind = "one of" if g.kind == SINGLE else "any set of"
+            named = [f"{n} ({c:,})" for n, c in zip(g.names, g.counts, strict=True)] if g.counts else list(g.names)
+            lines.append(f"- `{g.column}`: {kind} {len(g.names)}: {', '.join(named)}")
+        return "\n".join(lines)
+
+    # ---- shape of the encoding ------------------------------------------------------------------------------------
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return tuple(g.column for g in self.groups)
+
+    @property
+    def encoding(self) -> str:
+        """`"class_index"` for a lone single-label column, else `"multi_hot"`."""
+        return CLASS_INDEX if len(self.groups) == 1 and self.groups[0].kind == SINGLE else MULTI_HOT
+
+    @property
+    def width(self) -> int:
+        """Length of the multi-hot vector (the attribute encoder's input); the number of classes for class indices."""
+        return self._offsets[-1]
+
+    @property
+    def null_class(self) -> int:
+        """The class index that means "unspecified" (class-index encoding only): one past the real classes."""
+        self._require(CLASS_INDEX)
+        return len(self.groups[0].names)
+
+    def unet_kwargs(self) -> dict[str, Any]:
+        """`UNet2DModel` kwargs for this condition: its own class embedding with the null class, or `"identity"`
+        for the attribute encoder's output."""
+        if self.encoding == CLASS_INDEX:
+            return {"num_class_embeds": self.null_class + 1}
+        return {"class_embed_type": "identity"}
+
+    def block(self, column: str) -> slice:
+        """Where `column`'s block lies in the multi-hot vector."""
+        self._require(MULTI_HOT)
+        i = self._group_position(column)
+        return slice(self._offsets[i], self._offsets[i + 1])
+
+    def null(self, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """The null ("unspecified") condition for `batch_size` images."""
+        if self.encoding == CLASS_INDEX:
+            return torch.full((batch_size,), self.null_class, dtype=torch.long, device=device)
+        return torch.zeros(batch_size, self.width, device=device)
+
+    # ---- encoding ---------------------------------------------------------------------------------------------------
+
+    def encode(self, rows: Mapping[str, Sequence]) -> torch.Tensor:
+        """Dataset rows (column -> values, as `datasets` gives a batch) -> the condition tensor `[N]` or `[N, width]`.
+
+        A ClassLabel value is its index (or name); a multi-label value is a list of names (or indices for a sequence
+        of ClassLabels). A single label of -1 or None, and a multi-label None, are "unspecified".
+        """
+        missing = [c for c in self.columns if c not in rows]
+        if missing:
+            raise ConditionError(f"rows lack the condition columns {missing}; they have {list(rows)}")
+        lengths = {len(rows[c]) for c in self.columns}
+        if len(lengths) > 1:
+            raise ConditionError(f"condition columns have different lengths: {[len(rows[c]) for c in self.columns]}")
+        return self._encode([{c: _unspecified_if_negative(rows[c][i]) for c in self.columns}
+                             for i in range(lengths.pop())])
+
+    def encode_request(
+        self,
+        labels: Sequence[int | str | None] | None = None,
+        attributes: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+    ) -> torch.Tensor:
+        """What a user asked for -> the condition tensor, one row per label or per attributes mapping.
+
+        `labels` are names or indices of the single-label column (`[3, 7]`, `["Ape"]`); `attributes` maps columns
+        to a name (single-label) or a list of names (multi-label), e.g. `{"type": "Ape", "accessories": ["Cap"]}`.
+        A column left out, or None, is unspecified; an empty list asks for none of that group's names. Unknown
+        columns and names and out-of-range indices are refused with what is known.
+        """
+        if (labels is None) == (attributes is None):
+            raise ConditionError("give either labels=[...] or attributes={...}, not both or neither")
+        if labels is not None:
+            if isinstance(labels, (str, numbers.Integral)):
+                labels = [labels]
+            singles = [g.column for g in self.groups if g.kind == SINGLE]
+            if len(singles) != 1:
+                raise ConditionError(f"labels=... needs exactly one single-label column; this model is conditioned on "
+                                     f"{self._describe_columns()}: use attributes={{column: value}}")
+            if not len(labels):
+                raise ConditionError("labels=[] asks for no images; give one label per image")
+            return self._encode([{singles[0]: label} for label in labels])
+        requests = [attributes] if isinstance(attributes, Mapping) else list(attributes)
+        for request in requests:
+            if not isinstance(request, Mapping):
+                raise ConditionError(f"attributes must be a mapping of column to value(s), got {request!r}")
+            unknown = [k for k in request if k not in self.columns]
+            if unknown:
+                raise ConditionError(f"unknown attribute {unknown[0]!r}; this model is conditioned on "
+                                     f"{self._describe_columns()}")
+        if not requests:
+            raise ConditionError("attributes=[] asks for no images; give one mapping per image")
+        return self._encode([dict(r) for r in requests])
+
+    def decode(self, condition: torch.Tensor) -> dict[str, list]:
+        """The condition tensor back to names, column -> values (None where unspecified), as `encode` reads them."""
+        if self.encoding == CLASS_INDEX:
+            names = self.groups[0].names
+            return {self.groups[0].column: [names[i] if i < len(names) else None for i in condition.tolist()]}
+        out: dict[str, list] = {}
+        for group in self.groups:
+            block = condition[:, self.block(group.column)] > 0.5
+            values = []
+            for row in block.tolist():
+                chosen = [group.names[i] for i, on in enumerate(row[:len(group.names)]) if on]
+                if group.kind == SINGLE:
+                    values.append(chosen[0] if chosen else None)
+                else:
+                    values.append(chosen if any(row) else None)
+            out[group.column] = values
+        return out
+
+    def _encode(self, requests: list[dict[str, Any]]) -> torch.Tensor:
+        if self.encoding == CLASS_INDEX:
+            group = self.groups[0]
+            return torch.tensor(
+                [self.null_class if r.get(group.column) is None else group.index(r[group.column]) for r in requests],
+                dtype=torch.long,
+            ).reshape(len(requests))
+        out = torch.zeros(len(requests), self.width)
+        for group, start in zip(self.groups, self._offsets[:-1], strict=True):
+            for row, request in enumerate(requests):
+                value = request.get(group.column)
+                if value is None:
+                    continue
+                if group.kind == SINGLE:
+                    out[row, start + group.index(value)] = 1.0
+                    continue
+                values = [value] if isinstance(value, str) else list(value)
+                if not values:
+                    out[row, start + len(group.names)] = 1.0  # the "nothing" slot
+                for v in values:
+                    out[row, start + group.index(v)] = 1.0
+        return out
+
+    def _require(self, encoding: str) -> None:
+        if self.encoding != encoding:
+            raise ConditionError(f"this condition is encoded as {self.encoding!r}, not {encoding!r}")
+
+    def _group_position(self, column: str) -> int:
+        if column not in self.columns:
+            raise ConditionError(f"no condition column {column!r}; the condition is {self._describe_columns()}")
+        return self.columns.index(column)
+
+    def _describe_columns(self) -> str:
+        return ", ".join(f"{g.column} ({g.kind}-label)" for g in self.groups)
+
+
+def _unspecified_if_negative(value: Any) -> Any:
+    return None if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value < 0 else value
+
+
+
+# ---- the attribute encoder: a multi-hot condition -> the UNet's class embedding ----------------------------------
+
+
+class AttributeEncoder(ModelMixin, ConfigMixin):
+    r"""Multi-hot attributes `[B, num_attributes]` -> class embedding `[B, embedding_dim]`: a bias-free two-layer MLP.
+
+    Args:
+        num_attributes (`int`): Width of the multi-hot condition vector.
+        embedding_dim (`int`): The UNet's time-embedding width, `4 * unet.config.block_out_channels[0]`.
+        hidden_dim (`int`, *optional*): Hidden width; defaults to `embedding_dim`.
+
+    Examples:
+        ```py
+        >>> encoder = AttributeEncoder(num_attributes=93, embedding_dim=128)
+        >>> encoder(torch.zeros(2, 93)).abs().max().item()  # the null condition adds nothing
+        0.0
+        >>> encoder.save_pretrained("attribute_encoder")  # config.json + diffusion_pytorch_model.safetensors
+        >>> AttributeEncoder.from_pretrained("attribute_encoder").config.num_attributes
+        93
+        ```
+    """
+
+    @register_to_config
+    def __init__(self, num_attributes: int, embedding_dim: int, hidden_dim: int | None = None) -> None:
+        super().__init__()
+        if num_attributes < 1 or embedding_dim < 1 or (hidden_dim is not None and hidden_dim < 1):
+            raise ValueError(f"AttributeEncoder needs positive widths, got num_attributes={num_attributes}, "
+                             f"embedding_dim={embedding_dim}, hidden_dim={hidden_dim}")
+        hidden_dim = hidden_dim or embedding_dim
+        self.linear_1 = nn.Linear(num_attributes, hidden_dim, bias=False)
+        self.act = nn.SiLU()
+        self.linear_2 = nn.Linear(hidden_dim, embedding_dim, bias=False)
+
+    def forward(self, attributes: torch.Tensor) -> torch.Tensor:
+        """`[B, num_attributes]` multi-hot (0/1, or fractions) -> `[B, embedding_dim]`, zero rows to zero rows."""
+        if attributes.ndim != 2 or attributes.shape[1] != self.config.num_attributes:
+            raise ValueError(f"AttributeEncoder expects attributes of shape [batch, {self.config.num_attributes}], "
+                             f"got {list(attributes.shape)}; encode the request with the model's condition vocabulary")
+        return self.linear_2(self.act(self.linear_1(attributes.to(self.linear_1.weight.dtype))))
+
+
+# ---- classifier-free guidance (Ho & Salimans 2022) ---------------------------------------------------------------
+#
+# With the conditional prediction `cond` and the unconditional one `uncond` (the null condition), the guided
+# prediction is `uncond + w * (cond - uncond)`. The paper writes it `(1 + w') cond - w' uncond`; here, as in
+# diffusers, `w = 1 + w'`: `w = 1` is the conditional model alone, `w = 0` the unconditional one, `w > 1` pushes
+# samples towards what the condition makes likelier. Linear in the prediction, so it applies to epsilon, v or sample
+# predictions alike. Both predictions come from one batched forward: the noisy sample twice, conditioned then null
+# (`doubled_batch`), split back afterwards (`split_doubled`).
+
+
+def check_guidance_scale(guidance_scale: float) -> float:
+    """The guidance scale as a float, or a ValueError that says what is accepted."""
+    try:
+        scale = float(guidance_scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance scale must be a number >= 0, got {guidance_scale!r}") from None
+    if not math.isfinite(scale) or scale < 0:
+        raise ValueError(f"guidance scale must be a finite number >= 0 (1 = the conditional model alone, 0 = the "
+                         f"unconditional one, 2-5 = typical guidance), got {guidance_scale!r}")
+    return scale
+
+
+def guided_output(
+    model_output_cond: torch.Tensor, model_output_uncond: torch.Tensor, guidance_scale: float
+) -> torch.Tensor:
+    """`uncond + w * (cond - uncond)`: the classifier-free guided prediction.
+
+    Examples:
+        ```py
+        >>> guided_output(torch.tensor([3.0]), torch.tensor([1.0]), 2.0)
+        tensor([5.])
+        ```
+    """
+    scale = check_guidance_scale(guidance_scale)
+    return model_output_uncond + scale * (model_output_cond - model_output_uncond)
+
+
+def doubled_batch(
+    sample: torch.Tensor, condition: torch.Tensor, null_condition: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(sample, sample)` and `(condition, null_condition)` stacked along the batch: one forward gives both."""
+    if condition.shape != null_condition.shape or condition.shape[0] != sample.shape[0]:
+        raise ValueError(f"condition {list(condition.shape)} and null condition {list(null_condition.shape)} must "
+                         f"match each other and the batch of {sample.shape[0]} samples")
+    return torch.cat([sample, sample]), torch.cat([condition, null_condition.to(condition.device, condition.dtype)])
+
+
+def split_doubled(model_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A doubled batch's output -> `(cond, uncond)`."""
+    cond, uncond = model_output.chunk(2)
+    return cond, uncond
+
+
+def guided_prediction(
+    unet: Callable[..., Any],
+    sample: torch.Tensor,
+    timestep: torch.Tensor | int,
+    condition: torch.Tensor,
+    null_condition: torch.Tensor,
+    guidance_scale: float,
+    encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The guided prediction of a `UNet2DModel` at `timestep`, from one forward.
+
+    `condition` is what `ConditionVocabulary` encodes (class indices or multi-hot); `encode` turns it into the
+    UNet's `class_labels` (the attribute encoder; None for class indices). At `w = 1` only the conditional
+    prediction is computed, at `w = 0` only the unconditional one.
+    """
+    scale = check_guidance_scale(guidance_scale)
+    encode = encode or (lambda c: c)
+
+    def forward(x: torch.Tensor, t: torch.Tensor | int, c: torch.Tensor) -> torch.Tensor:
+        return unet(x, t, class_labels=encode(c)).sample
+
+    if scale == 1.0:
+        return forward(sample, timestep, condition)
+    if scale == 0.0:
+        return forward(sample, timestep, null_condition)
+    samples, conditions = doubled_batch(sample, condition, null_condition)
+    if torch.is_tensor(timestep) and timestep.ndim == 1 and timestep.shape[0] == sample.shape[0]:
+        timestep = torch.cat([timestep, timestep])
+    cond, uncond = split_doubled(forward(samples, timestep, conditions))
+    return guided_output(cond, uncond, scale)
 
 
 class _ExactTimesteps:
@@ -438,6 +868,48 @@ SAMPLERS: dict[str, type[SchedulerMixin]] = {
 _EXACT = {DDPMScheduler: ExactDDPMScheduler, DDIMScheduler: ExactDDIMScheduler}
 
 
+@dataclass(frozen=True)
+class _Guidance:
+    """One call's condition: None for an unconditional model; else the encoded request, the null condition and w."""
+
+    batch_size: int
+    condition: torch.Tensor | None = None
+    null_condition: torch.Tensor | None = None
+    scale: float = 1.0
+
+
+def _is_conditional(unet: UNet2DModel) -> bool:
+    """Whether the UNet has a class embedding, i.e. needs `class_labels`."""
+    return unet.config.class_embed_type is not None or unet.config.num_class_embeds is not None
+
+
+def _check_conditional_parts(
+    unet: UNet2DModel, attribute_encoder: AttributeEncoder | None, condition: ConditionVocabulary | None
+) -> None:
+    """Refuse a condition, an encoder and a UNet that do not fit together, saying what each has."""
+    if condition is None:
+        if attribute_encoder is not None:
+            raise ValueError("an attribute_encoder needs the condition vocabulary it encodes: pass condition=")
+        return
+    config = unet.config
+    if condition.encoding == CLASS_INDEX:
+        if attribute_encoder is not None or config.class_embed_type is not None \
+                or config.num_class_embeds != condition.null_class + 1:
+            raise ValueError(
+                f"a condition of {condition.null_class} classes needs a UNet with its own class embedding, "
+                f"num_class_embeds={condition.null_class + 1} (the last the null class) and no attribute_encoder; "
+                f"got num_class_embeds={config.num_class_embeds}, class_embed_type={config.class_embed_type!r}"
+            )
+        return
+    if attribute_encoder is None or config.class_embed_type != "identity":
+        raise ValueError(f"a condition of attributes ({condition._describe_columns()}) needs an attribute_encoder "
+                         f"and a UNet with class_embed_type='identity'; got class_embed_type="
+                         f"{config.class_embed_type!r} and {'an' if attribute_encoder else 'no'} encoder")
+    if attribute_encoder.config.num_attributes != condition.width:
+        raise ValueError(f"the attribute_encoder takes {attribute_encoder.config.num_attributes} attributes but the "
+                         f"condition is {condition.width} wide")
+
+
 @dataclass
 class PunkDiffPipelineOutput(ImagePipelineOutput):
     """Images, plus, with `return_trajectory=True`, x_t and the predicted x_0 after every step (for GIFs).
@@ -453,7 +925,7 @@ class PunkDiffPipelineOutput(ImagePipelineOutput):
 
 
 class PunkDiffPipeline(DiffusionPipeline):
-    r"""Pipeline for unconditional image generation, reconstruction and inpainting with one DDPM-trained UNet.
+    r"""Pipeline for image generation, reconstruction and inpainting with one DDPM-trained UNet.
 
     The sampler is chosen per call (`"ddpm"`, `"ddim"`, `"dpm++"` or a scheduler instance) and built with
     `from_config` from the saved scheduler, so a call never changes `self.scheduler` or its config. DDPM and DDIM
@@ -464,9 +936,18 @@ class PunkDiffPipeline(DiffusionPipeline):
     `palette` (uint8 `[P, C]`, the training images' colours, saved beside the model as `palette.json`) snaps
     every pixel of its final images to the nearest palette colour, unless a call passes `snap_to_palette=False`.
 
+    A conditional model (classifier-free guidance, Ho & Salimans 2022) carries its `condition`, the vocabulary it
+    was trained on (saved as `condition.json`): a single-label model (digits) uses the UNet's own class embedding,
+    whose last class is the null condition; an attribute model (punk type and accessories) also has an
+    `attribute_encoder` that maps the multi-hot condition to the UNet's class embedding (`class_embed_type=
+    "identity"`). Calls then take `labels=` or `attributes=` and a `guidance_scale`.
+
     Args:
         unet ([`UNet2DModel`]): The denoiser, trained in [-1, 1] pixel space with 1 (grayscale) or 3 channels.
         scheduler ([`SchedulerMixin`]): The training noise schedule, usually a [`DDPMScheduler`].
+        attribute_encoder ([`AttributeEncoder`], *optional*): For attribute models: multi-hot -> class embedding.
+        condition ([`ConditionVocabulary`], *optional*): What a conditional model is told; None for an
+            unconditional model.
 
     Examples:
         ```py
@@ -480,12 +961,24 @@ class PunkDiffPipeline(DiffusionPipeline):
         ```
     """
 
-    model_cpu_offload_seq = "unet"
+    model_cpu_offload_seq = "attribute_encoder->unet"
+    _optional_components = ["attribute_encoder"]
     _callback_tensor_inputs = ["latents", "pred_original_sample"]
 
-    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
+    def __init__(
+        self,
+        unet: UNet2DModel,
+        scheduler: SchedulerMixin,
+        attribute_encoder: AttributeEncoder | None = None,
+        condition: ConditionVocabulary | None = None,
+    ):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
+        # an absent encoder is registered as None (diffusers' `components` expects every optional component) and
+        # left out of `model_index.json` by `save_pretrained`, so unconditional folders stay stock ones
+        self.register_modules(unet=unet, scheduler=scheduler, attribute_encoder=attribute_encoder)
+        if unet is not None and condition is not None:
+            _check_conditional_parts(unet, attribute_encoder, condition)
+        self.condition = condition
         grayscale = unet is not None and unet.config.in_channels == 1
         # No resizing: the model works at its own resolution, and a wrong-sized input is an error, not a guess.
         self.image_processor = VaeImageProcessor(
@@ -498,17 +991,51 @@ class PunkDiffPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike[str], **kwargs: Any) -> PunkDiffPipeline:
-        """diffusers' `from_pretrained`, plus the folder's `palette.json` when the model is pixel art."""
+        """diffusers' `from_pretrained`, plus the folder's `palette.json` when the model is pixel art, and its
+        `condition.json` and `attribute_encoder` when it is conditional."""
+        revision = kwargs.get("revision")
+        path = _model_file(pretrained_model_name_or_path, CONDITION_FILE, revision)
+        if path is not None and "condition" not in kwargs:
+            kwargs["condition"] = ConditionVocabulary.from_json(path.read_text())
+        if kwargs.get("condition") is not None and kwargs["condition"].encoding == MULTI_HOT:
+            # loaded here, so the component's module name in `model_index.json` never has to be importable
+            encoder_kwargs = {k: kwargs[k] for k in ("cache_dir", "token", "local_files_only", "use_safetensors")
+                              if k in kwargs}
+            dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+            if isinstance(dtype, Mapping):  # diffusers' per-component dtypes
+                dtype = dtype.get("attribute_encoder", dtype.get("default"))
+            if dtype is not None:
+                encoder_kwargs["dtype"] = dtype
+            kwargs.setdefault("attribute_encoder", AttributeEncoder.from_pretrained(
+                pretrained_model_name_or_path, subfolder="attribute_encoder", revision=revision, **encoder_kwargs
+            ))
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        path = _palette_path(pretrained_model_name_or_path, kwargs.get("revision"))
+        path = _model_file(pretrained_model_name_or_path, PALETTE_FILE, revision)
         if path is not None:
             pipe.palette = read_palette(path)
         return pipe
 
+    def register_to_config(self, **kwargs: Any) -> None:
+        """diffusers' `register_to_config`. When `from_pretrained` records where the pipeline came from (every
+        route: this class's and diffusers' `custom_pipeline=`), a class-conditional UNet's `condition.json` is read
+        from there, so a Hub user without punkdiff gets the vocabulary too."""
+        super().register_to_config(**kwargs)
+        source = kwargs.get("_name_or_path")
+        if source is None or getattr(self, "condition", None) is not None or not _is_conditional(self.unet):
+            return
+        path = _model_file(source, CONDITION_FILE, None)
+        if path is not None:
+            condition = ConditionVocabulary.from_json(path.read_text())
+            _check_conditional_parts(self.unet, self.attribute_encoder, condition)
+            self.condition = condition
+
     @torch.no_grad()
     def __call__(
         self,
-        batch_size: int = 1,
+        batch_size: int | None = None,
+        labels: Labels = None,
+        attributes: Attributes = None,
+        guidance_scale: float = 1.0,
         generator: Generator = None,
         num_inference_steps: int | None = None,
         eta: float = 0.0,
@@ -520,10 +1047,20 @@ class PunkDiffPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         snap_to_palette: bool = True,
     ) -> PunkDiffPipelineOutput | tuple:
-        r"""Sample images from pure noise.
+        r"""Sample images from pure noise, of what `labels` or `attributes` ask for when the model is conditional.
 
         Args:
-            batch_size: Number of images.
+            batch_size: Number of images; by default one per request of a list of `labels`/`attributes`, else 1.
+            labels: For a single-label model (digits): one label (name or index) for the whole batch, or a list
+                with one per image, e.g. `[3, 7]`; None leaves the label unspecified.
+            attributes: For an attribute model: one request for the whole batch, e.g. `{"type": "Ape",
+                "accessories": ["Cap", "3D Glasses"]}`, or a list with one per image. A column left out is
+                unspecified; an empty list asks for none of that column's names.
+            guidance_scale: Classifier-free guidance weight w, as in diffusers: the prediction is `uncond + w *
+                (cond - uncond)`, so 1 is the conditional model alone (one forward per step), 0 the unconditional
+                one, and w > 1 follows the condition more closely (both predictions from one forward on a doubled
+                batch). A conditional model called without `labels`/`attributes` samples its null condition,
+                unguided.
             generator: One `torch.Generator`, or a list with one per image; with a list, image i depends only on
                 `generator[i]`, so it is the same whatever the batch size.
             num_inference_steps: Denoising steps; `None` means every training step for DDPM and 50 otherwise.
@@ -544,9 +1081,15 @@ class PunkDiffPipeline(DiffusionPipeline):
             >>> pipe = PunkDiffPipeline.from_pretrained("path/to/export")
             >>> generator = [torch.Generator().manual_seed(i) for i in range(4)]
             >>> images = pipe(batch_size=4, generator=generator, sampler="ddim", num_inference_steps=50).images
+            >>> digits = PunkDiffPipeline.from_pretrained("path/to/digits")  # a conditional model
+            >>> sevens = digits(labels=7, batch_size=4, guidance_scale=3.0).images
+            >>> punks = PunkDiffPipeline.from_pretrained("path/to/punks")
+            >>> apes = punks(attributes={"type": "Ape", "accessories": ["Cap"]}, batch_size=4, guidance_scale=3.0)
             ```
         """
-        # 1. check the inputs, and build this call's sampler from the saved config
+        # 1. check the inputs, encode the condition, and build this call's sampler from the saved config
+        guidance = self._prepare_condition(labels, attributes, guidance_scale, batch_size)
+        batch_size = guidance.batch_size
         self._check_generator(generator, batch_size)
         sched = self._make_sampler(sampler)
         sched.set_timesteps(self._default_steps(sched, num_inference_steps))
@@ -557,7 +1100,7 @@ class PunkDiffPipeline(DiffusionPipeline):
         latents = latents * sched.init_noise_sigma
         # 3. denoise from x_T to x_0
         return self._denoise(
-            sched, sched.timesteps, latents, generator=generator, eta=eta, output_type=output_type,
+            sched, sched.timesteps, latents, guidance, generator=generator, eta=eta, output_type=output_type,
             return_dict=return_dict, return_trajectory=return_trajectory, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, snap_to_palette=snap_to_palette,
         )
@@ -567,6 +1110,9 @@ class PunkDiffPipeline(DiffusionPipeline):
         self,
         image: ImageInput,
         t_start: int,
+        labels: Labels = None,
+        attributes: Attributes = None,
+        guidance_scale: float = 1.0,
         generator: Generator = None,
         num_inference_steps: int | None = None,
         eta: float = 0.0,
@@ -587,6 +1133,8 @@ class PunkDiffPipeline(DiffusionPipeline):
         Args:
             image: Images in [0, 1] at the model's resolution (PIL, `(B, H, W, C)` array or `(B, C, H, W)` tensor).
             t_start: Training timestep to noise to, in `[0, num_train_timesteps)`.
+            labels, attributes, guidance_scale: The condition to denoise towards, as in `__call__` (one request,
+                or one per image).
             generator: As in `__call__`; draws the forward noise first, then the sampler's noise.
             Other arguments: As in `__call__`.
 
@@ -596,8 +1144,9 @@ class PunkDiffPipeline(DiffusionPipeline):
             >>> pipe.reconstruct(digit, t_start=300, sampler="ddim", num_inference_steps=50).images[0]
             ```
         """
-        # 1. check the inputs
+        # 1. check the inputs and encode the condition
         original = self._preprocess(image)
+        guidance = self._prepare_condition(labels, attributes, guidance_scale, original.shape[0])
         self._check_generator(generator, original.shape[0])
         num_train_timesteps = self.scheduler.config.num_train_timesteps
         if not 0 <= t_start < num_train_timesteps:
@@ -616,7 +1165,7 @@ class PunkDiffPipeline(DiffusionPipeline):
         latents = sched.add_noise(original, noise, timesteps[:1])
         # 4. denoise from x_t to x_0
         return self._denoise(
-            sched, timesteps, latents, generator=generator, eta=eta, output_type=output_type,
+            sched, timesteps, latents, guidance, generator=generator, eta=eta, output_type=output_type,
             return_dict=return_dict, return_trajectory=return_trajectory, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, snap_to_palette=snap_to_palette,
         )
@@ -626,6 +1175,9 @@ class PunkDiffPipeline(DiffusionPipeline):
         self,
         image: ImageInput,
         mask: ImageInput,
+        labels: Labels = None,
+        attributes: Attributes = None,
+        guidance_scale: float = 1.0,
         num_inference_steps: int = 250,
         jump_length: int = 10,
         jump_n_sample: int = 10,
@@ -635,7 +1187,7 @@ class PunkDiffPipeline(DiffusionPipeline):
         return_dict: bool = True,
         snap_to_palette: bool = True,
     ) -> PunkDiffPipelineOutput | tuple:
-        r"""Fill the masked region of `image` with the unconditional model (RePaint, Lugmayr et al. 2022).
+        r"""Fill the masked region of `image` with the model (RePaint, Lugmayr et al. 2022), guided by a condition.
 
         Uses [`ExactRePaintScheduler`] (diffusers' RePaint, starting at t = T - 1 for any step count): at each step
         the known region is the forward-noised original and the masked region comes from the model; jumping back
@@ -647,6 +1199,8 @@ class PunkDiffPipeline(DiffusionPipeline):
             image: Images in [0, 1] at the model's resolution.
             mask: Same size; 1 (white) marks the pixels to generate, 0 (black) those to keep, as in diffusers'
                 inpainting pipelines. Binarised at 0.5; one mask may serve a whole batch.
+            labels, attributes, guidance_scale: What the filled region should make of the image, as in `__call__`
+                ("give this punk a cap": `attributes={"type": "Male", "accessories": ["Cap"]}`).
             num_inference_steps: Denoising steps before resampling jumps.
             jump_length: Steps to go back in time per jump ("j" in the paper).
             jump_n_sample: How many times each jump is repeated ("r" in the paper).
@@ -659,13 +1213,15 @@ class PunkDiffPipeline(DiffusionPipeline):
             >>> hat = PIL.Image.new("L", punk.size, 0)
             >>> hat.paste(255, (4, 0, 20, 8))  # white: regenerate the top rows
             >>> pipe.inpaint(punk, hat, num_inference_steps=100, generator=torch.Generator().manual_seed(0)).images[0]
+            >>> capped = pipe.inpaint(punk, hat, attributes={"type": "Male", "accessories": ["Cap"]}, guidance_scale=3)
             ```
         """
-        # 1. check the inputs; the mask becomes "known" = 1 where the original is kept
+        # 1. check the inputs and encode the condition; the mask becomes "known" = 1 where the original is kept
         prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"RePaint inpainting needs an epsilon- or v-prediction model, not {prediction_type!r}.")
         original = self._preprocess(image)
+        guidance = self._prepare_condition(labels, attributes, guidance_scale, original.shape[0])
         self._check_generator(generator, original.shape[0])
         known = 1.0 - self.mask_processor.preprocess(mask).to(original.device, original.dtype)
         # 2. the RePaint schedule from t = T - 1, with its jumps back in time
@@ -679,7 +1235,7 @@ class PunkDiffPipeline(DiffusionPipeline):
         t_last = sched.timesteps[0] + 1
         for t in self.progress_bar(sched.timesteps):
             if t < t_last:
-                model_output = self.unet(latents, t).sample
+                model_output = self._model_output(latents, t, guidance)
                 latents = sched.step(model_output, t, latents, original, known, generator).prev_sample
             else:
                 latents = sched.undo_step(latents, t_last, generator)
@@ -702,8 +1258,11 @@ class PunkDiffPipeline(DiffusionPipeline):
         without running code shipped with the model, and this file is saved beside it as `pipeline.py`, so
         `DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder, trust_remote_code=True)` gives a
         `PunkDiffPipeline` to a user without punkdiff installed. A pixel-art model's palette is saved as
-        `palette.json`. `push_to_hub=True` (with diffusers' `repo_id`, `private`, `token`, `commit_message`,
-        `create_pr`) uploads the finished folder with diffusers' own Hub code and model card.
+        `palette.json`. A conditional model also saves its vocabulary as `condition.json` and, for attributes, the
+        `attribute_encoder` component (safetensors); stock `DDPMPipeline` loads such a folder but cannot sample it
+        (its UNet needs class labels): load it with this class, or with `custom_pipeline=` as above.
+        `push_to_hub=True` (with diffusers' `repo_id`, `private`, `token`, `commit_message`, `create_pr`) uploads
+        the finished folder with diffusers' own Hub code and model card.
 
         Examples:
             ```py
@@ -719,15 +1278,22 @@ class PunkDiffPipeline(DiffusionPipeline):
         push_kwargs = {k: kwargs.pop(k) for k in _PUSH_KWARGS if k in kwargs}
         # 1. diffusers' own save; its push would upload before steps 2 and 3, so it comes last
         super().save_pretrained(save_directory, safe_serialization=safe_serialization, **kwargs)
-        # 2. stock metadata: any diffusers install loads the folder as a DDPMPipeline
+        # 2. stock metadata: any diffusers install loads the folder as a DDPMPipeline; an absent encoder has no entry
         index = Path(save_directory) / "model_index.json"
         config = json.loads(index.read_text())
         config["_class_name"] = "DDPMPipeline"
+        if self.attribute_encoder is None:
+            config.pop("attribute_encoder", None)
         index.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        # 3. this file, for the opt-in custom-pipeline route, and a pixel-art model's palette
+        # 3. this file (the opt-in custom-pipeline route), a pixel-art model's palette, a conditional model's vocabulary
         shutil.copyfile(__file__, Path(save_directory) / CUSTOM_PIPELINE_FILE)
+        if self.attribute_encoder is not None:  # diffusers' custom-component route reads `<library>.py` there
+            library = config["attribute_encoder"][0]
+            shutil.copyfile(__file__, Path(save_directory) / "attribute_encoder" / f"{library}.py")
         if self.palette is not None:
             write_palette(Path(save_directory) / PALETTE_FILE, self.palette)
+        if self.condition is not None:
+            (Path(save_directory) / CONDITION_FILE).write_text(self.condition.to_json() + "\n")
         # 4. diffusers' push, as its `save_pretrained(push_to_hub=True)` does it, of the finished folder
         if push_to_hub:
             self._push_folder(save_directory, **push_kwargs)
@@ -737,6 +1303,7 @@ class PunkDiffPipeline(DiffusionPipeline):
         sched: SchedulerMixin,
         timesteps: torch.Tensor,
         latents: torch.Tensor,
+        guidance: _Guidance,
         *,
         generator: Generator,
         eta: float,
@@ -761,9 +1328,9 @@ class PunkDiffPipeline(DiffusionPipeline):
         # the sampler keeps the host ones, so it never reads a device value back
         unet_timesteps = timesteps.to(latents.device)
         for i, t in enumerate(self.progress_bar(timesteps)):
-            # 1. the model's output at (x_t, t)
+            # 1. the model's output at (x_t, t), guided where there is a condition
             model_input = sched.scale_model_input(latents, t)
-            model_output = self.unet(model_input, unet_timesteps[i]).sample
+            model_output = self._model_output(model_input, unet_timesteps[i], guidance)
             # 2. x_t -> x_{t'}: one sampler step
             out = sched.step(model_output, t, latents, **step_kwargs)
             latents = out.prev_sample
@@ -796,6 +1363,52 @@ class PunkDiffPipeline(DiffusionPipeline):
             colours = self.palette.to(latents.device, latents.dtype) / 127.5 - 1
             latents = nearest_colour(latents, colours)
         return self.image_processor.postprocess(latents, output_type)
+
+    def _prepare_condition(
+        self, labels: Labels, attributes: Attributes, guidance_scale: float, batch_size: int | None
+    ) -> _Guidance:
+        """This call's condition and guidance, checked before any work; `batch_size` None: from the request."""
+        scale = check_guidance_scale(guidance_scale)
+        requested = labels is not None or attributes is not None
+        if self.condition is None:
+            if requested:
+                raise ConditionError(
+                    "this model is unconditional: it takes no labels= or attributes= (no condition.json was saved "
+                    "with it); sample it without them, or load a conditional model"
+                )
+            if scale != 1.0:
+                raise ValueError(f"guidance_scale={scale} needs a condition, and this model is unconditional; "
+                                 "leave guidance_scale at 1")
+            if _is_conditional(self.unet):
+                raise ValueError("this UNet is class-conditional but the pipeline has no condition vocabulary: "
+                                 f"put the model's {CONDITION_FILE} beside it, or pass condition=ConditionVocabulary")
+            return _Guidance(batch_size or 1)
+        device = self._execution_device
+        if not requested:  # the null condition, which guidance would only extrapolate from itself
+            if scale != 1.0:
+                raise ValueError(f"guidance_scale={scale} needs a condition to guide towards: give labels= or "
+                                 "attributes=, or leave guidance_scale at 1 to sample the null condition")
+            null = self.condition.null(batch_size or 1, device)
+            return _Guidance(null.shape[0], null, null, 1.0)
+        condition = self.condition.encode_request(labels, attributes)
+        one_for_all = isinstance(labels, (str, numbers.Integral)) or isinstance(attributes, Mapping)
+        if one_for_all:
+            condition = condition.repeat(batch_size or 1, *([1] * (condition.ndim - 1)))
+        elif batch_size is not None and condition.shape[0] != batch_size:
+            raise ValueError(f"got {condition.shape[0]} requests for a batch of {batch_size} images; give one per "
+                             "image, or a single label or attributes mapping for the whole batch")
+        condition = condition.to(device)
+        null = self.condition.null(condition.shape[0], device)
+        return _Guidance(condition.shape[0], condition, null, scale)
+
+    def _model_output(self, sample: torch.Tensor, timestep: torch.Tensor, guidance: _Guidance) -> torch.Tensor:
+        """The UNet's output at (x_t, t): as is for an unconditional model, else classifier-free guided."""
+        if guidance.condition is None:
+            return self.unet(sample, timestep).sample
+        return guided_prediction(
+            self.unet, sample, timestep, guidance.condition, guidance.null_condition, guidance.scale,
+            encode=self.attribute_encoder,
+        )
 
     def _make_sampler(self, sampler: str | SchedulerMixin | None) -> SchedulerMixin:
         """A fresh scheduler for one call, so `self.scheduler` (what gets saved) is never mutated."""
@@ -849,13 +1462,14 @@ class PunkDiffPipeline(DiffusionPipeline):
         self._upload_folder(folder, repo_id, token=token, commit_message=commit_message, create_pr=create_pr)
 
 
-def _palette_path(model: str | os.PathLike[str], revision: str | None) -> Path | None:
-    """The model's `palette.json`: in a local folder, or fetched from a Hub repo (None when it has none)."""
+def _model_file(model: str | os.PathLike[str], name: str, revision: str | None) -> Path | None:
+    """A file beside the model's components (`palette.json`, `condition.json`): in a local folder, or fetched
+    from a Hub repo (None when it has none)."""
     if Path(model).is_dir():
-        path = Path(model) / PALETTE_FILE
+        path = Path(model) / name
         return path if path.is_file() else None
     try:
-        return Path(hf_hub_download(str(model), PALETTE_FILE, revision=revision))
+        return Path(hf_hub_download(str(model), name, revision=revision))
     except (EntryNotFoundError, LocalEntryNotFoundError):
         return None
 

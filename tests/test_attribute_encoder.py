@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DModel
+from diffusers import DDPMScheduler
 from tiny_models import tiny_identity_unet, trained_looking_encoder
 
-from punkdiff.attribute_encoder import AttributeEncoder
+from punkdiff.pipelines.punkdiff_pipeline import AttributeEncoder, ConditionGroup, ConditionVocabulary, PunkDiffPipeline
 
 
 def test_the_null_condition_encodes_to_exactly_zero_and_a_real_one_does_not():
@@ -34,33 +34,18 @@ def test_the_encoder_saves_as_safetensors_and_loads_with_from_pretrained(tmp_pat
     assert torch.equal(loaded(x), encoder(x))
 
 
-class ConditionalPipeline(DiffusionPipeline):
-    """The least a pipeline needs to carry the encoder: an optional component, registered only when given."""
-
-    _optional_components = ["attribute_encoder"]
-
-    def __init__(self, unet: UNet2DModel, scheduler: DDPMScheduler, attribute_encoder: AttributeEncoder | None = None):
-        super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
-        self.attribute_encoder = None
-        if attribute_encoder is not None:
-            self.register_modules(attribute_encoder=attribute_encoder)
-
-
 def test_the_encoder_loads_back_as_a_pipeline_component_in_safetensors(tmp_path):
     encoder = trained_looking_encoder()
-    ConditionalPipeline(tiny_identity_unet(), DDPMScheduler(), encoder).save_pretrained(tmp_path / "conditional")
-    index = json.loads((tmp_path / "conditional" / "model_index.json").read_text())
-    assert index["attribute_encoder"] == ["punkdiff.attribute_encoder", "AttributeEncoder"]
-    assert (tmp_path / "conditional" / "attribute_encoder" / "diffusion_pytorch_model.safetensors").is_file()
-    loaded = ConditionalPipeline.from_pretrained(tmp_path / "conditional", use_safetensors=True)
+    vocabulary = ConditionVocabulary((ConditionGroup("type", "single", tuple("ABCDE")),
+                                      ConditionGroup("accessories", "multi", tuple("abcdef"))))
+    PunkDiffPipeline(tiny_identity_unet(), DDPMScheduler(), encoder, vocabulary).save_pretrained(tmp_path / "model")
+    index = json.loads((tmp_path / "model" / "model_index.json").read_text())
+    assert index["attribute_encoder"] == ["punkdiff.pipelines.punkdiff_pipeline", "AttributeEncoder"]
+    assert (tmp_path / "model" / "attribute_encoder" / "diffusion_pytorch_model.safetensors").is_file()
+    loaded = PunkDiffPipeline.from_pretrained(tmp_path / "model", use_safetensors=True)
     assert isinstance(loaded.attribute_encoder, AttributeEncoder)
     x = torch.eye(12)
     assert torch.equal(loaded.attribute_encoder(x), encoder(x))
-    # without an encoder the folder is an unconditional pipeline's, with no entry for it
-    ConditionalPipeline(tiny_identity_unet(), DDPMScheduler()).save_pretrained(tmp_path / "unconditional")
-    assert "attribute_encoder" not in json.loads((tmp_path / "unconditional" / "model_index.json").read_text())
-    assert ConditionalPipeline.from_pretrained(tmp_path / "unconditional").attribute_encoder is None
 
 
 def test_an_identity_unet_takes_the_encoding_and_the_null_condition_is_class_labels_of_zeros():

@@ -14,7 +14,7 @@ from fake_hub import fake_hub
 from huggingface_hub import ModelCard
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from tiny_models import tiny_unet
+from tiny_models import digit_pipeline, punk_pipeline, tiny_unet
 
 from punkdiff.cli import main
 from punkdiff.hub import export_pipeline
@@ -499,3 +499,113 @@ def test_gif_writes_noise_sampling_and_grid(tmp_path, mnist_dir, metrics_cache, 
     assert first.std() > 50 and np.abs(first.astype(int) - last).mean() > 30  # digits, then noise
     assert PIL.Image.open(tmp_path / "gifs" / "grid.png").size[0] > 16
     assert "noise GIF (forward process on 4 real images)" in capsys.readouterr().out
+
+
+# ---- conditional models: --label, --type, --accessory, --attribute, --guidance --------------------------------
+
+
+@pytest.fixture(scope="module")
+def conditional_dirs(tmp_path_factory) -> dict[str, Path]:
+    """A digit and a punk model exported as training would: condition.json, and the punks' attribute encoder."""
+    folder = tmp_path_factory.mktemp("conditional")
+    digits, punks = digit_pipeline(), punk_pipeline()
+    return {
+        "digits": export_pipeline(digits.unet, digits.scheduler, folder / "digits", condition=digits.condition),
+        "punks": export_pipeline(punks.unet, punks.scheduler, folder / "punks", condition=punks.condition,
+                                 attribute_encoder=punks.attribute_encoder),
+    }
+
+
+def test_sample_asks_a_digit_model_for_labels_one_grid_row_each(conditional_dirs, tmp_path):
+    from punkdiff.hub import load_pipeline
+    from punkdiff.sampling import generate
+
+    out_dir = tmp_path / "singles"
+    assert sample(conditional_dirs["digits"], tmp_path / "grid.png", "--num-images", "4", "--label", "3", "--label",
+                  "7", "--guidance", "3", "--out-dir", str(out_dir)) == 0
+    assert PIL.Image.open(tmp_path / "grid.png").size == (16, 16)  # a row of 3s, a row of 7s
+    pipe = load_pipeline(conditional_dirs["digits"])
+    expected = generate(pipe, 4, seed=7, sampler="ddim", num_inference_steps=3, labels=[3, 3, 7, 7],
+                        guidance_scale=3.0, progress=False)
+    for i, image in enumerate(expected):
+        assert np.abs(np.asarray(PIL.Image.open(out_dir / f"{i:04d}.png"), dtype=int)
+                      - np.asarray(image, dtype=int)).max() <= 1
+
+
+def test_sample_asks_a_punk_model_for_a_type_and_accessories(conditional_dirs, tmp_path):
+    from punkdiff.hub import load_pipeline
+    from punkdiff.sampling import generate
+
+    args = ["--num-images", "2", "--type", "Ape", "--accessory", "Cap", "--accessory", "3D Glasses", "--guidance",
+            "3", "--out-dir", str(tmp_path / "apes")]
+    assert sample(conditional_dirs["punks"], tmp_path / "grid.png", *args) == 0
+    pipe = load_pipeline(conditional_dirs["punks"])
+    expected = generate(pipe, 2, seed=7, sampler="ddim", num_inference_steps=3, guidance_scale=3.0, progress=False,
+                        attributes={"type": "Ape", "accessories": ["Cap", "3D Glasses"]})
+    for i, image in enumerate(expected):
+        assert np.abs(np.asarray(PIL.Image.open(tmp_path / "apes" / f"{i:04d}.png"), dtype=int)
+                      - np.asarray(image, dtype=int)).max() <= 1
+    generic = ["--num-images", "2", "--attribute", "type=Ape", "--attribute", "accessories=Cap", "--attribute",
+               "accessories=3D Glasses", "--guidance", "3", "--out-dir", str(tmp_path / "generic")]
+    assert sample(conditional_dirs["punks"], tmp_path / "generic.png", *generic) == 0
+    for i in range(2):
+        assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / "generic" / f"{i:04d}.png")),
+                              np.asarray(PIL.Image.open(tmp_path / "apes" / f"{i:04d}.png")))
+
+
+@pytest.mark.parametrize(
+    ("model", "extra", "message"),
+    [
+        ("punks", ["--type", "Apex"], "unknown type 'Apex'; closest: 'Ape'; known type values (5): Alien, Ape"),
+        ("punks", ["--accessory", "Cap", "--accessory", "Hat"], "unknown accessories 'Hat'"),
+        ("punks", ["--attribute", "hat=Cap"], "unknown attribute 'hat'; this model is conditioned on type"),
+        ("punks", ["--attribute", "typeApe"], "--attribute 'typeApe': give COLUMN=NAME"),
+        ("punks", ["--attribute", "type=Ape", "--attribute", "type=Male"], "type takes one name; got Ape, Male"),
+        ("digits", ["--label", "12"], "label 12 is out of range: give an index in 0..9"),
+        ("digits", ["--label", "3", "--type", "Ape"], "give --label, or --type/--accessory/--attribute, not both"),
+        ("digits", ["--label", "1", "--label", "2", "--num-images", "3"], "cannot be split evenly between 2 --label"),
+        ("digits", ["--guidance", "3"], "--guidance 3 needs a condition to guide towards"),
+        ("digits", ["--label", "3", "--gif", "{tmp}/a.gif"], "--gif animates the model without a condition"),
+        ("plain", ["--label", "3"], "is an unconditional model: it takes no --label"),
+        ("plain", ["--guidance", "2"], "--guidance needs a conditional model"),
+    ],
+)
+def test_a_condition_the_model_cannot_take_is_refused_before_sampling(conditional_dirs, model_dir, tmp_path, capsys,
+                                                                       model, extra, message):
+    folder = model_dir if model == "plain" else conditional_dirs[model]
+    assert sample(folder, tmp_path / "grid.png", *[e.format(tmp=tmp_path) for e in extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "grid.png").exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "inf", "strong"])
+def test_guidance_must_be_finite_and_non_negative(conditional_dirs, tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exit_:
+        sample(conditional_dirs["digits"], tmp_path / "grid.png", "--label", "3", "--guidance", value)
+    assert exit_.value.code == 2
+    assert "guidance scale must be a" in capsys.readouterr().err
+
+
+def test_reconstruct_and_inpaint_take_the_condition(conditional_dirs, tmp_path):
+    source = PIL.Image.fromarray(np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    source.save(tmp_path / "in.png")
+    recon = ["reconstruct", str(conditional_dirs["digits"]), str(tmp_path / "in.png"), str(tmp_path / "in.png"),
+             "--device", "cpu", "--steps", "3", "--t-start", "500"]
+    assert main([*recon, "--label", "3", "--label", "7", "--guidance", "3", "--out", str(tmp_path / "r.png")]) == 0
+    assert main([*recon, "--out", str(tmp_path / "plain.png")]) == 0
+    guided = np.asarray(PIL.Image.open(tmp_path / "r.png"), dtype=int)
+    assert guided.shape[:2] == (16, 16)  # original | reconstruction, one row per image
+    assert np.abs(guided - np.asarray(PIL.Image.open(tmp_path / "plain.png"))).max() > 0
+    mask = np.zeros((8, 8), dtype=np.uint8)
+    mask[:3] = 255  # regenerate the top rows: "give this punk a cap"
+    PIL.Image.fromarray(mask).save(tmp_path / "mask.png")
+    inpaint = ["inpaint", str(conditional_dirs["punks"]), str(tmp_path / "in.png"), "--mask",
+               str(tmp_path / "mask.png"), "--device", "cpu", "--steps", "6", "--jump-length", "2",
+               "--jump-n-sample", "2", "--num-images", "1"]
+    assert main([*inpaint, "--type", "Male", "--accessory", "Cap", "--guidance", "3",
+                 "--out", str(tmp_path / "capped.png")]) == 0
+    capped = np.asarray(PIL.Image.open(tmp_path / "capped.png"), dtype=int)
+    assert np.abs(capped[3:, 8:] - np.asarray(source, dtype=int)[3:]).max() <= 1  # the kept rows
+    assert main([*inpaint, "--type", "Bear", "--out", str(tmp_path / "bear.png")]) == 2
+    assert not (tmp_path / "bear.png").exists()

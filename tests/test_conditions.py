@@ -17,6 +17,7 @@ from punkdiff.conditions import (
     balanced_row_weights,
     class_weights,
     drop_conditions,
+    vocabulary_from_dataset,
 )
 
 PUNK_TYPES = ("Alien", "Ape", "Zombie", "Female", "Male")
@@ -41,7 +42,7 @@ def punks(splits):
 
 @pytest.fixture(scope="module")
 def punk_vocabulary(punks):
-    return ConditionVocabulary.from_dataset(punks, "type,accessories")
+    return vocabulary_from_dataset(punks, "type,accessories")
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def punk_rows(punks):
 
 
 def test_mnist_digits_are_one_class_index_with_a_null_class(mnist_train):
-    vocabulary = ConditionVocabulary.from_dataset(mnist_train, "label")
+    vocabulary = vocabulary_from_dataset(mnist_train, "label")
     assert vocabulary.encoding == CLASS_INDEX and vocabulary.columns == ("label",)
     group = vocabulary.groups[0]
     assert group.kind == SINGLE and group.names == tuple("0123456789")
@@ -66,7 +67,7 @@ def test_mnist_digits_are_one_class_index_with_a_null_class(mnist_train):
 
 
 def test_a_label_out_of_range_or_unknown_is_refused_naming_what_is_known(mnist_train):
-    vocabulary = ConditionVocabulary.from_dataset(mnist_train, ["label"])
+    vocabulary = vocabulary_from_dataset(mnist_train, ["label"])
     with pytest.raises(ConditionError, match=r"label 10 is out of range: give an index in 0\.\.9"):
         vocabulary.encode_request(labels=[3, 10])
     with pytest.raises(ConditionError, match=r"label -1 is out of range"):
@@ -137,19 +138,19 @@ def test_unknown_attributes_are_refused_with_the_closest_known_names_first(punk_
 
 def test_columns_that_cannot_condition_are_refused_listing_the_columns_and_types(punks):
     with pytest.raises(ConditionError) as err:
-        ConditionVocabulary.from_dataset(punks, "typ")
+        vocabulary_from_dataset(punks, "typ")
     message = str(err.value)
     assert "no column 'typ'" in message and "type: ClassLabel(names=['Alien'" in message
     assert "accessories: List(Value('string'))" in message and "must be a ClassLabel column" in message
     with pytest.raises(ConditionError, match=r"column 'id' holds Value\('int32'\).*class_encode_column\('id'\)"):
-        ConditionVocabulary.from_dataset(punks, "type,id")
+        vocabulary_from_dataset(punks, "type,id")
     with pytest.raises(ConditionError, match="column 'image' holds Image"):
-        ConditionVocabulary.from_dataset(punks, "image")
+        vocabulary_from_dataset(punks, "image")
     with pytest.raises(ConditionError, match="no empty names"):
-        ConditionVocabulary.from_dataset(punks, "type,")
+        vocabulary_from_dataset(punks, "type,")
     with pytest.raises(ConditionError, match="names a column twice"):
-        ConditionVocabulary.from_dataset(punks, "type, type")
-    labels_only = ConditionVocabulary.from_dataset(punks, "accessories")
+        vocabulary_from_dataset(punks, "type, type")
+    labels_only = vocabulary_from_dataset(punks, "accessories")
     with pytest.raises(ConditionError, match="labels=... needs exactly one single-label column"):
         labels_only.encode_request(labels=["Cap"])
 
@@ -157,7 +158,7 @@ def test_columns_that_cannot_condition_are_refused_listing_the_columns_and_types
 def test_a_sequence_of_class_labels_is_multi_label_with_the_features_names():
     features = datasets.Features({"tags": datasets.Sequence(datasets.ClassLabel(names=["red", "green", "blue"]))})
     rows = datasets.Dataset.from_dict({"tags": [[0, 2], [2], [], [2, 2]]}, features=features)
-    vocabulary = ConditionVocabulary.from_dataset(rows, "tags")
+    vocabulary = vocabulary_from_dataset(rows, "tags")
     assert vocabulary.encoding == MULTI_HOT and vocabulary.groups[0].names == ("red", "green", "blue")
     assert vocabulary.groups[0].counts == (1, 0, 3)  # rows holding each, a repeat counted once
     assert vocabulary.encode(rows.to_dict()).tolist() == [[1, 0, 1, 0], [0, 0, 1, 0], [0, 0, 0, 1], [0, 0, 1, 0]]
@@ -180,7 +181,7 @@ def test_the_vocabulary_survives_json_and_reads_as_a_model_card_section(punk_voc
 
 
 def test_class_index_drops_are_deterministic_and_at_the_requested_rate(mnist_train):
-    vocabulary = ConditionVocabulary.from_dataset(mnist_train, "label")
+    vocabulary = vocabulary_from_dataset(mnist_train, "label")
     labels = torch.arange(20_000) % 10
     a = drop_conditions(labels, vocabulary, torch.Generator().manual_seed(1), condition_drop=0.1)
     b = drop_conditions(labels, vocabulary, torch.Generator().manual_seed(1), condition_drop=0.1)

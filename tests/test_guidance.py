@@ -9,7 +9,13 @@ import torch
 from diffusers import UNet2DModel
 from tiny_models import tiny_identity_unet, trained_looking_encoder
 
-from punkdiff.guidance import check_guidance_scale, doubled_batch, guided_output, guided_prediction, split_doubled
+from punkdiff.pipelines.punkdiff_pipeline import (
+    check_guidance_scale,
+    doubled_batch,
+    guided_output,
+    guided_prediction,
+    split_doubled,
+)
 
 
 def test_guidance_extrapolates_from_the_unconditional_towards_the_conditional_prediction():

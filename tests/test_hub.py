@@ -22,7 +22,7 @@ from huggingface_hub import ModelCard
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
-from tiny_models import tiny_pipeline, tiny_unet
+from tiny_models import PUNKS, punk_pipeline, tiny_pipeline, tiny_unet
 
 from punkdiff import PunkDiffPipeline
 from punkdiff.hub import (
@@ -156,9 +156,10 @@ def test_custom_pipeline_needs_explicit_trust(exported):
         DiffusionPipeline.from_pretrained(exported, custom_pipeline=str(exported))
 
 
-def test_custom_pipeline_route_works_without_punkdiff(exported, tmp_path):
-    """A Hub user's view: punkdiff cannot be imported, the class comes from the exported pipeline.py."""
-    script = textwrap.dedent(
+def run_without_punkdiff(script: str, folder: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    """Run `script` (with the model folder as `sys.argv[1]`) in a fresh, isolated Python where punkdiff cannot be
+    imported: a Hub user's view of an exported model."""
+    hide = textwrap.dedent(
         """
         import importlib.abc, sys
 
@@ -168,6 +169,17 @@ def test_custom_pipeline_route_works_without_punkdiff(exported, tmp_path):
                     raise ModuleNotFoundError(name)
 
         sys.meta_path.insert(0, HidePunkdiff())
+        """
+    )
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-I", "-c", hide + script, str(folder)], capture_output=True, text=True,
+                          env=env, cwd=tmp_path)
+
+
+def test_custom_pipeline_route_works_without_punkdiff(exported, tmp_path):
+    """A Hub user's view: punkdiff cannot be imported, the class comes from the exported pipeline.py."""
+    script = textwrap.dedent(
+        """
         try:
             import punkdiff
             raise SystemExit("punkdiff is importable")
@@ -182,10 +194,7 @@ def test_custom_pipeline_route_works_without_punkdiff(exported, tmp_path):
         print(type(pipe).__name__, type(pipe).__module__, images.shape, recon.shape)
         """
     )
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-I", "-c", script, str(exported)], capture_output=True, text=True, env=env, cwd=tmp_path
-    )
+    result = run_without_punkdiff(script, exported, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     name, module, *shapes = result.stdout.split()
     assert name == "PunkDiffPipeline" and module.startswith("diffusers_modules.")
@@ -706,3 +715,92 @@ def test_card_names_a_local_dataset_without_its_machine_path(tmp_path):
     card = render_model_card(ModelCardInfo(preset="celeba-64", dataset=str(data)))
     assert "my-faces" in card and "secret-home" not in card and str(tmp_path) not in card
     assert "huggingface.co/datasets/ylecun/mnist" in render_model_card(ModelCardInfo(dataset="ylecun/mnist"))
+
+
+# ---- conditional models ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exported_punks(tmp_path_factory) -> Path:
+    punks = punk_pipeline()
+    return export_pipeline(punks.unet, punks.scheduler, tmp_path_factory.mktemp("punks") / "model", card=CARD,
+                           condition=punks.condition, attribute_encoder=punks.attribute_encoder)
+
+
+def test_a_conditional_export_carries_its_vocabulary_encoder_and_card(exported_punks):
+    assert files_in(exported_punks) == EXPORTED_FILES - {"samples.png"} | {
+        "condition.json", "attribute_encoder/config.json", "attribute_encoder/diffusion_pytorch_model.safetensors",
+        "attribute_encoder/punkdiff.pipelines.punkdiff_pipeline.py"}
+    assert json.loads((exported_punks / "condition.json").read_text()) == json.loads(PUNKS.to_json())
+    card = ModelCard.load(exported_punks / "README.md")
+    assert "class-conditional-image-generation" in card.data.tags
+    assert "## Condition" in card.text and PUNKS.markdown() in card.text
+    assert "- `type`: one of 5: Alien (9), Ape (24), Zombie (88), Female (3,840), Male (6,039)" in card.text
+    assert 'custom_pipeline="path/to/this/folder", trust_remote_code=True' in card.text
+    assert "attributes={'type': 'Alien', 'accessories': ['3D Glasses']}, batch_size=4, guidance_scale=3.0" in card.text
+    assert "class_labels should be provided" in card.text  # what stock DDPMPipeline says, and what to do instead
+    assert "pipe = DDPMPipeline.from_pretrained" not in card.text
+    loaded = load_pipeline(exported_punks)
+    assert loaded.condition == PUNKS and loaded.attribute_encoder is not None
+    plain = ModelCard.load(write_model_card(Path(shutil.copytree(exported_punks, exported_punks.parent / "copy"))))
+    assert PUNKS.markdown() in plain.text  # the card of any folder reads its condition.json
+
+
+def _corrupt_condition(folder: Path) -> None:
+    (folder / "condition.json").write_text('{"format": "something-else"}')
+
+
+def _no_condition(folder: Path) -> None:
+    (folder / "condition.json").unlink()
+
+
+def _foreign_encoder(folder: Path) -> None:
+    index = json.loads((folder / "model_index.json").read_text())
+    index["attribute_encoder"] = ["evil_module", "AttributeEncoder"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+
+
+def _no_encoder_weights(folder: Path) -> None:
+    (folder / "attribute_encoder" / "diffusion_pytorch_model.safetensors").unlink()
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_corrupt_condition, r"condition.json is not a condition vocabulary \(not a punkdiff condition"),
+        (_no_condition, r"has an attribute_encoder but no condition.json"),
+        (_foreign_encoder, r"lists attribute_encoder as \['evil_module', 'AttributeEncoder'\]; punkdiff loads only"),
+        (_no_encoder_weights, r"describes a multi_hot condition, which needs an attribute_encoder with "
+                              r"attribute_encoder/diffusion_pytorch_model.safetensors"),
+    ],
+)
+def test_bad_conditional_folders_are_refused_with_a_clear_error(exported_punks, tmp_path, damage, message):
+    folder = Path(shutil.copytree(exported_punks, tmp_path / "model"))
+    damage(folder)
+    with pytest.raises(ModelFolderError, match=message):
+        load_pipeline(folder)
+
+
+def test_custom_pipeline_route_samples_a_conditional_model_without_punkdiff(exported_punks, tmp_path):
+    """A Hub user's view of a conditional model: the vocabulary and the encoder come without punkdiff installed."""
+    script = textwrap.dedent(
+        """
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(sys.argv[1], custom_pipeline=sys.argv[1], trust_remote_code=True)
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe(attributes={"type": "Ape", "accessories": ["Cap"]}, batch_size=2, guidance_scale=3.0,
+                      num_inference_steps=3, sampler="ddim", output_type="np").images
+        try:
+            pipe(attributes={"type": "Apex"})
+        except ValueError as err:
+            print("refused:", str(err).split(";")[0])
+        print(type(pipe).__name__, pipe.condition.columns, type(pipe.attribute_encoder).__name__, images.shape)
+        """
+    )
+    result = run_without_punkdiff(script, exported_punks, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == [
+        "refused: unknown type 'Apex'",
+        "PunkDiffPipeline ('type', 'accessories') AttributeEncoder (2, 8, 8, 3)",
+    ]

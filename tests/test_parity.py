@@ -642,6 +642,78 @@ def test_exported_pipeline_reproduced(unet, tmp_path, parity_record):
         assert diff <= SAMPLE_TOL
 
 
+# ---- classifier-free guidance --------------------------------------------------------------------------------
+
+
+@functools.cache
+def _conditional_pipeline(kind: str, prediction_type: str):
+    """A tiny random conditional PunkDiffPipeline: digits through the UNet's class embedding (`num_class_embeds`,
+    `class_embed_type` None), or type + accessories through the attribute encoder (`class_embed_type="identity"`)."""
+    from punkdiff.pipelines.punkdiff_pipeline import AttributeEncoder, ConditionVocabulary, PunkDiffPipeline
+
+    scheduler = DDPMScheduler(prediction_type=prediction_type, beta_schedule="squaredcos_cap_v2")
+    if kind == "labels":
+        condition = ConditionVocabulary.from_dict({
+            "format": "punkdiff-condition", "version": 1,
+            "groups": [{"column": "label", "kind": "single", "names": list("0123456789")}]})
+        pipe = PunkDiffPipeline(parity.tiny_unet(num_class_embeds=11), scheduler, condition=condition)
+    else:
+        condition = ConditionVocabulary.from_dict({
+            "format": "punkdiff-condition", "version": 1,
+            "groups": [{"column": "type", "kind": "single", "names": ["Alien", "Ape", "Male"]},
+                       {"column": "accessories", "kind": "multi", "names": ["Cap", "Pipe", "Hoodie"]}]})
+        torch.manual_seed(1)
+        encoder = AttributeEncoder(condition.width, 4 * 8)  # tiny_unet's time embedding is 4 x 8 wide
+        pipe = PunkDiffPipeline(parity.tiny_unet(class_embed_type="identity"), scheduler, encoder, condition)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+GUIDED_REQUESTS = {
+    "labels": {"labels": [3, 7]},
+    "attributes": {"attributes": [{"type": "Ape", "accessories": ["Cap", "Hoodie"]}, {"accessories": []}]},
+}
+
+
+@pytest.mark.parametrize(("sampler", "eta"), [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0)])
+@pytest.mark.parametrize("guidance_scale", [0.0, 1.0, 3.0])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("kind", ["labels", "attributes"])
+def test_pipeline_guided_sample(kind, prediction_type, guidance_scale, sampler, eta, parity_record):
+    """PunkDiffPipeline's guided step (one doubled forward, then DDIM/DDPM) is the reference's: two separate calls,
+    (1 + w) eps(z, c) - w eps(z) with w = guidance_scale - 1, then the reference step; per-image generators."""
+    pipe = _conditional_pipeline(kind, prediction_type)
+    diff = parity.guided_pipeline_vs_reference(pipe, GUIDED_REQUESTS[kind], guidance_scale, sampler, 7, eta)
+    parity_record("PunkDiffPipeline guided sampling", diff, SAMPLE_TOL)
+    assert diff <= SAMPLE_TOL
+
+
+@pytest.mark.parametrize("kind", ["labels", "attributes"])
+def test_guided_parity_sees_the_guidance_and_the_condition(kind):
+    """The comparison above can fail: the reference at another scale, or with another condition, is far off."""
+    pipe = _conditional_pipeline(kind, "epsilon")
+    request = GUIDED_REQUESTS[kind]
+    condition = pipe.condition.encode_request(**request)
+    model = parity.conditional_unet_model(pipe.unet, pipe.attribute_encoder)
+    got = pipe(**request, guidance_scale=3.0, generator=[_gen(0), _gen(1)], num_inference_steps=7, sampler="ddim",
+               output_type="pt").images
+    null = pipe.condition.null(2)
+    for wrong_condition, wrong_scale in ((condition, 1.0), (null, 3.0)):
+        ref = parity.reference_sample(R.guided_model(model, wrong_condition, null, wrong_scale), pipe.scheduler.config,
+                                      "ddim", SHAPE, [_gen(0), _gen(1)], 7)
+        assert parity.max_abs_diff(got, (ref / 2 + 0.5).clamp(0, 1)) > 100 * SAMPLE_TOL
+
+
+def test_reference_guidance_is_the_papers_combination():
+    cond, uncond = torch.tensor([2.0, -1.0]), torch.tensor([1.0, 1.0])
+    assert torch.equal(R.guided_output(cond, uncond, 1.0), cond)
+    assert torch.equal(R.guided_output(cond, uncond, 0.0), uncond)
+    assert torch.equal(R.guided_output(cond, uncond, 3.0), torch.tensor([4.0, -5.0]))  # w = 2: 3 cond - 2 uncond
+    calls = []
+    model = R.guided_model(lambda x, t, c: calls.append(c) or x * c, torch.tensor(2.0), torch.tensor(1.0), 3.0)
+    assert model(torch.tensor(1.0), 5) == 4.0 and calls == [2.0, 1.0]
+
+
 def test_punkdiff_parity_command(monkeypatch, capsys):
     """`punkdiff parity` prints the sweep and exits 0 on this install (T = 100 here, to stay fast)."""
     from punkdiff import cli

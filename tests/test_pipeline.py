@@ -12,7 +12,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from fake_hub import fake_hub
-from tiny_models import tiny_pipeline, tiny_unet
+from tiny_models import DIGITS, PUNKS, digit_pipeline, punk_pipeline, tiny_pipeline, tiny_unet
 
 from punkdiff import PunkDiffPipeline
 from punkdiff.pipelines.punkdiff_pipeline import ExactDDIMScheduler, ExactRePaintScheduler
@@ -455,3 +455,233 @@ def test_push_to_hub_method_uploads_the_finished_folder_in_one_commit(pipe, tmp_
     assert by_method.uploaded.keys() == by_function.uploaded.keys() | {"README.md"}
     for name in by_function.uploaded:
         assert by_method.uploaded[name] == by_function.uploaded[name], name
+
+
+# ---- conditional models: labels, attributes, classifier-free guidance -------------------------------------------
+
+
+def recorded_unet_calls(pipe: PunkDiffPipeline) -> list[tuple[int, torch.Tensor | None]]:
+    """(batch size, class_labels) of every UNet forward from now on."""
+    calls: list[tuple[int, torch.Tensor | None]] = []
+
+    def hook(module, args, kwargs, output):
+        labels = kwargs.get("class_labels")
+        calls.append((args[0].shape[0], None if labels is None else labels.detach().clone()))
+
+    pipe.unet.register_forward_hook(hook, with_kwargs=True)
+    return calls
+
+
+def manual_guided_ddim(pipe, condition, null, scale, seeds, steps=4) -> torch.Tensor:
+    """Guided DDIM written out: two separate forwards per step, combined, then the exact DDIM step; images in [0, 1]."""
+    encode = pipe.attribute_encoder or (lambda c: c)
+    sched = ExactDDIMScheduler.from_config(pipe.scheduler.config)
+    sched.set_timesteps(steps)
+    x = torch.cat([torch.randn((1, *pipe._image_shape(1)[1:]), generator=g) for g in generators(*seeds)])
+    for t in sched.timesteps:
+        cond = pipe.unet(x, t, class_labels=encode(condition)).sample
+        uncond = pipe.unet(x, t, class_labels=encode(null)).sample
+        x = sched.step(uncond + scale * (cond - uncond), t, x).prev_sample
+    return (x / 2 + 0.5).clamp(0, 1)
+
+
+DDIM4 = {"sampler": "ddim", "num_inference_steps": 4, "output_type": "pt"}
+
+
+@pytest.fixture()
+def digits() -> PunkDiffPipeline:
+    return digit_pipeline()
+
+
+@pytest.fixture()
+def punks() -> PunkDiffPipeline:
+    return punk_pipeline()
+
+
+def test_guided_digits_take_one_doubled_forward_per_step_equal_to_two_separate_ones(digits):
+    calls = recorded_unet_calls(digits)
+    got = digits(labels=[3, 7], guidance_scale=3.0, generator=generators(0, 1), **DDIM4).images
+    assert [n for n, _ in calls] == [4] * 4  # one forward of the doubled batch per step
+    assert all(labels.tolist() == [3, 7, 10, 10] for _, labels in calls)  # the condition, then the null class
+    with torch.no_grad():
+        expected = manual_guided_ddim(digits, torch.tensor([3, 7]), torch.tensor([10, 10]), 3.0, (0, 1))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    unguided = digits(labels=[3, 7], guidance_scale=1.0, generator=generators(0, 1), **DDIM4).images
+    assert (got - unguided).abs().max() > 1e-3  # the guidance reaches the images
+
+
+def test_guidance_scale_one_is_the_conditional_model_alone_and_zero_the_unconditional_one(digits):
+    calls = recorded_unet_calls(digits)
+    conditional = digits(labels=[3, 7], guidance_scale=1.0, generator=generators(0, 1), **DDIM4).images
+    assert [(n, labels.tolist()) for n, labels in calls] == [(2, [3, 7])] * 4  # no doubled batch at w = 1
+    with torch.no_grad():
+        expected = manual_guided_ddim(digits, torch.tensor([3, 7]), torch.tensor([10, 10]), 1.0, (0, 1))
+    torch.testing.assert_close(conditional, expected, atol=1e-6, rtol=0)
+    calls.clear()
+    unconditional = digits(labels=[3, 7], guidance_scale=0.0, generator=generators(0, 1), **DDIM4).images
+    assert [(n, labels.tolist()) for n, labels in calls] == [(2, [10, 10])] * 4
+    # a call without a condition samples the null class, unguided: the same images
+    calls.clear()
+    assert torch.equal(digits(batch_size=2, generator=generators(0, 1), **DDIM4).images, unconditional)
+    assert [(n, labels.tolist()) for n, labels in calls] == [(2, [10, 10])] * 4
+    assert (conditional - unconditional).abs().max() > 1e-3
+
+
+def test_one_label_serves_the_whole_batch_and_names_equal_indices(digits):
+    def run(**kwargs):
+        return digits(guidance_scale=2.0, generator=generators(0, 1, 2), **kwargs, **DDIM4).images
+
+    repeated = run(labels=7, batch_size=3)
+    assert torch.equal(repeated, run(labels=[7, 7, 7]))
+    assert torch.equal(repeated, run(labels=["7", "7", 7]))
+    assert digits(labels=[1, 2, 3, 4], output_type="np", num_inference_steps=2, sampler="ddim").images.shape[0] == 4
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_guided_image_i_depends_only_on_its_generator(digits, sampler):
+    kwargs = {"guidance_scale": 3.0, "num_inference_steps": 4, "sampler": sampler, "eta": 1.0, "output_type": "pt"}
+    batch = digits(labels=[3, 7, 1], generator=generators(10, 11, 12), **kwargs).images
+    single = digits(labels=[1], generator=generators(12), **kwargs).images
+    torch.testing.assert_close(batch[2], single[0], atol=1e-5, rtol=0)
+    other = digits(labels=[5], generator=generators(12), **kwargs).images
+    assert (single - other).abs().max() > 1e-3  # and on its own label
+
+
+def test_attributes_go_through_the_encoder_with_the_null_condition_as_zeros(punks):
+    calls = recorded_unet_calls(punks)
+    request = {"type": "Ape", "accessories": ["Cap", "3D Glasses"]}
+    got = punks(attributes=request, batch_size=2, guidance_scale=2.5, generator=generators(0, 1), **DDIM4).images
+    condition = PUNKS.encode_request(attributes=[request, request])
+    assert condition[0].nonzero().flatten().tolist() == [1, 5, 6]  # Ape; 3D Glasses, Cap
+    encoded = punks.attribute_encoder(torch.cat([condition, torch.zeros_like(condition)]))
+    assert len(calls) == 4 and all(n == 4 and torch.equal(labels, encoded) for n, labels in calls)
+    assert torch.equal(encoded[2:], torch.zeros(2, 64))  # the null condition adds nothing to the time embedding
+    with torch.no_grad():
+        expected = manual_guided_ddim(punks, condition, torch.zeros_like(condition), 2.5, (0, 1))
+    # a random network at full scale amplifies the batched forward's float32 rounding over the steps, nothing more
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    # a list asks for one request per image; a column left out is unspecified
+    per_image = punks(attributes=[request, {"type": "Zombie"}], guidance_scale=2.5, generator=generators(0, 1),
+                      **DDIM4).images
+    torch.testing.assert_close(per_image[0], got[0], atol=1e-4, rtol=0)
+    assert (per_image[1] - got[1]).abs().max() > 1e-3
+
+
+def test_a_condition_is_checked_before_any_work(digits, punks, pipe):
+    calls = recorded_unet_calls(digits) + recorded_unet_calls(punks)
+    bad = [
+        (punks, {"attributes": {"type": "Apex"}}, r"unknown type 'Apex'; closest: 'Ape'.*known type values \(5\): "
+                                                    r"Alien, Ape, Zombie, Female, Male"),
+        (punks, {"attributes": {"type": "Ape", "accessories": ["Capp"]}}, r"unknown accessories 'Capp'.*Cap"),
+        (punks, {"attributes": {"hat": "Cap"}}, r"unknown attribute 'hat'; this model is conditioned on type "
+                                                 r"\(single-label\), accessories \(multi-label\)"),
+        (punks, {"labels": ["Bear"]}, r"unknown type 'Bear'"),  # labels name the one single-label column
+        (digits, {"labels": [3, 12]}, r"label 12 is out of range: give an index in 0\.\.9 or a name"),
+        (digits, {"labels": ["seven"]}, r"unknown label 'seven'.*known label values \(10\): 0, 1, 2"),
+        (digits, {"labels": [3, 7], "batch_size": 3}, r"got 2 requests for a batch of 3 images; give one per image"),
+        (digits, {"labels": [3], "guidance_scale": float("nan")}, r"guidance scale must be a finite number >= 0"),
+        (digits, {"labels": [3], "guidance_scale": -1.0}, r"guidance scale must be a finite number >= 0"),
+        (digits, {"guidance_scale": 3.0}, r"guidance_scale=3\.0 needs a condition to guide towards"),
+        (digits, {"labels": [3], "attributes": {"label": 3}}, r"give either labels=\[\.\.\.\] or attributes"),
+    ]
+    for model, kwargs, message in bad:
+        with pytest.raises(ValueError, match=message):
+            model(**kwargs, num_inference_steps=2, sampler="ddim")
+    assert calls == []
+    image = torch.rand(1, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"got 2 requests for a batch of 1 images"):
+        digits.reconstruct(image, 100, labels=[3, 7])
+    with pytest.raises(ValueError, match=r"label 10 is out of range"):
+        digits.inpaint(image, torch.ones(1, 1, 8, 8), labels=10)
+    assert calls == []
+    for kwargs in ({"labels": [3]}, {"attributes": {"type": "Ape"}}):
+        with pytest.raises(ValueError, match=r"this model is unconditional: it takes no labels= or attributes="):
+            pipe(**kwargs)
+    with pytest.raises(ValueError, match=r"guidance_scale=2\.0 needs a condition, and this model is unconditional"):
+        pipe(guidance_scale=2.0)
+
+
+def test_reconstruction_and_inpainting_denoise_towards_the_condition(digits, punks):
+    image = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    calls = recorded_unet_calls(digits)
+    kwargs = {"generator": generators(0, 1), **DDIM4}
+    recon = digits.reconstruct(image, 600, labels=[3, 7], guidance_scale=3.0, **kwargs).images
+    assert calls and all(n == 4 and labels.tolist() == [3, 7, 10, 10] for n, labels in calls)
+    assert (recon - digits.reconstruct(image, 600, **kwargs).images).abs().max() > 1e-3
+    # "give this punk a cap": the kept pixels stay, the masked ones follow the request
+    punk = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :3, :] = 1.0
+    calls = recorded_unet_calls(punks)
+    inpaint = {"num_inference_steps": 6, "jump_length": 2, "jump_n_sample": 2, "output_type": "pt"}
+    capped = punks.inpaint(punk, mask, attributes={"type": "Male", "accessories": ["Cap"]}, guidance_scale=3.0,
+                           generator=generators(0), **inpaint).images
+    encoded = punks.attribute_encoder(PUNKS.encode_request(attributes={"type": "Male", "accessories": ["Cap"]}))
+    assert calls and all(n == 2 and torch.allclose(labels[:1], encoded, atol=1e-4) and not labels[1].any()
+                         for n, labels in calls)
+    torch.testing.assert_close(capped[..., 3:, :], punk[..., 3:, :], atol=1e-6, rtol=0)
+    plain = punks.inpaint(punk, mask, generator=generators(0), **inpaint).images
+    assert (capped[..., :3, :] - plain[..., :3, :]).abs().max() > 1e-3
+
+
+def test_a_conditional_pipeline_refuses_parts_that_do_not_fit():
+    from tiny_models import tiny_identity_unet, trained_looking_encoder
+
+    with pytest.raises(ValueError, match=r"a condition of 10 classes needs a UNet with its own class embedding, "
+                                         r"num_class_embeds=11.*got num_class_embeds=None"):
+        PunkDiffPipeline(tiny_unet(1), DDPMScheduler(), condition=DIGITS)
+    with pytest.raises(ValueError, match=r"needs an attribute_encoder and a UNet with class_embed_type='identity'"):
+        PunkDiffPipeline(tiny_identity_unet(), DDPMScheduler(), condition=PUNKS)
+    with pytest.raises(ValueError, match=r"the attribute_encoder takes 13 attributes but the condition is 12 wide"):
+        PunkDiffPipeline(tiny_identity_unet(), DDPMScheduler(), trained_looking_encoder(13), PUNKS)
+    bare = PunkDiffPipeline(tiny_unet(1, num_class_embeds=11), DDPMScheduler())
+    with pytest.raises(ValueError, match=r"class-conditional but the pipeline has no condition vocabulary: put the "
+                                         r"model's condition.json beside it"):
+        bare(num_inference_steps=2)
+
+
+def test_a_conditional_model_saves_its_vocabulary_and_loads_back_to_the_same_images(digits, punks, tmp_path):
+    import json
+
+    request = {"type": "Ape", "accessories": ["Cap"]}
+    for name, model, kwargs in (("digits", digits, {"labels": [3, 7]}),
+                                ("punks", punks, {"attributes": request, "batch_size": 2})):
+        model.save_pretrained(tmp_path / name)
+        assert (tmp_path / name / "condition.json").read_text() == model.condition.to_json() + "\n"
+        loaded = PunkDiffPipeline.from_pretrained(tmp_path / name)
+        loaded.set_progress_bar_config(disable=True)
+        assert loaded.condition == model.condition
+        before = model(**kwargs, guidance_scale=3.0, generator=generators(0, 1), **DDIM4).images
+        assert torch.equal(loaded(**kwargs, guidance_scale=3.0, generator=generators(0, 1), **DDIM4).images, before)
+    half = PunkDiffPipeline.from_pretrained(tmp_path / "punks", dtype=torch.bfloat16)
+    assert half.attribute_encoder.dtype == torch.bfloat16 == half.unet.dtype
+    half.set_progress_bar_config(disable=True)
+    assert half(attributes=request, guidance_scale=3.0, num_inference_steps=2, sampler="ddim",
+                output_type="pt").images.isfinite().all()
+    index = json.loads((tmp_path / "punks" / "model_index.json").read_text())
+    assert index["attribute_encoder"] == ["punkdiff.pipelines.punkdiff_pipeline", "AttributeEncoder"]
+    assert "attribute_encoder" not in json.loads((tmp_path / "digits" / "model_index.json").read_text())
+
+
+def test_an_unconditional_folder_is_unchanged_by_the_conditional_parts(pipe, tmp_path):
+    import json
+
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index == {"_class_name": "DDPMPipeline", "_diffusers_version": index["_diffusers_version"],
+                     "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_index.json", "pipeline.py", "scheduler", "unet"]
+    loaded = PunkDiffPipeline.from_pretrained(tmp_path)
+    assert loaded.condition is None and loaded.attribute_encoder is None
+
+
+def test_stock_ddpm_pipeline_loads_a_conditional_model_and_stops_asking_for_class_labels(digits, punks, tmp_path):
+    """Stock diffusers passes no class labels: its UNet says so before any image is made (no shape error)."""
+    from diffusers import DDPMPipeline
+
+    for name, model in (("digits", digits), ("punks", punks)):
+        model.save_pretrained(tmp_path / name)
+        stock = DDPMPipeline.from_pretrained(tmp_path / name)
+        stock.set_progress_bar_config(disable=True)
+        with pytest.raises(ValueError, match="class_labels should be provided when doing class conditioning"):
+            stock(num_inference_steps=2)

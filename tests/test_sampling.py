@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-from tiny_models import tiny_pipeline
+import pytest
+from tiny_models import digit_pipeline, punk_pipeline, tiny_pipeline
 
 from punkdiff.presets import DDIM_ETA
 from punkdiff.sampling import generate
@@ -27,3 +28,19 @@ def test_image_i_depends_only_on_its_seed_even_with_fresh_noise():
     whole = _sample(pipe, 5, 5)
     np.testing.assert_allclose(_sample(pipe, 5, 2), whole, atol=1e-5)  # batches of 2, 2, 1
     np.testing.assert_allclose(_sample(pipe, 2, 2), whole[:2], atol=1e-5)
+
+
+def test_a_conditional_model_gets_its_requests_per_image_across_batches():
+    digits = digit_pipeline()
+    per_image = [3, 7, 1, 1, 9]
+    whole = _sample(digits, 5, 5, labels=per_image, guidance_scale=3.0)
+    np.testing.assert_allclose(_sample(digits, 5, 2, labels=per_image, guidance_scale=3.0), whole, atol=1e-5)
+    ones = _sample(digits, 5, 2, labels=1, guidance_scale=3.0)  # one label for every image
+    np.testing.assert_allclose(ones[2:4], whole[2:4], atol=1e-5)
+    assert np.abs(ones[0] - whole[0]).max() > 1e-3
+    punks = punk_pipeline()
+    request = {"type": "Ape", "accessories": ["Cap"]}
+    apes = _sample(punks, 3, 2, attributes=request, guidance_scale=2.0)
+    np.testing.assert_allclose(apes, _sample(punks, 3, 3, attributes=[request] * 3, guidance_scale=2.0), atol=1e-4)
+    with pytest.raises(ValueError, match="got 2 requests for 5 images; give one per image, or one for all"):
+        _sample(digits, 5, 2, labels=[3, 7])

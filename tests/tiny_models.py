@@ -9,7 +9,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from punkdiff import PunkDiffPipeline
-from punkdiff.attribute_encoder import AttributeEncoder
+from punkdiff.pipelines.punkdiff_pipeline import AttributeEncoder, ConditionGroup, ConditionVocabulary
 
 
 def tiny_unet(channels: int = 3, sample_size: int = 8, seed: int = 0, **overrides) -> UNet2DModel:
@@ -104,3 +104,34 @@ def trained_looking_encoder(num_attributes: int = 12, embedding_dim: int = 64) -
         for p in encoder.parameters():
             p.normal_(0.0, 2.0)
     return encoder
+
+
+DIGITS = ConditionVocabulary((ConditionGroup("label", "single", tuple("0123456789"), (500,) * 10),), 5000)
+PUNK_TYPES = ("Alien", "Ape", "Zombie", "Female", "Male")
+PUNK_ACCESSORIES = ("3D Glasses", "Cap", "Earring", "Hoodie", "Mohawk", "Pipe")
+# 5 types + 6 accessories + the "nothing" slot: 12 wide, as `trained_looking_encoder` takes
+PUNKS = ConditionVocabulary((ConditionGroup("type", "single", PUNK_TYPES, (9, 24, 88, 3840, 6039)),
+                             ConditionGroup("accessories", "multi", PUNK_ACCESSORIES, (10, 20, 30, 40, 50, 60))), 10000)
+
+
+def digit_pipeline(output_scale: float = 1.0) -> PunkDiffPipeline:
+    """A grayscale 8x8 single-label pipeline: the UNet's own class embedding of 10 digits + the null class."""
+    unet = tiny_unet(channels=1, num_class_embeds=11).eval()
+    with torch.no_grad():
+        unet.class_embedding.weight.mul_(4.0)  # so that the condition visibly changes the output
+        unet.conv_out.weight.mul_(output_scale)
+        unet.conv_out.bias.mul_(output_scale)
+    pipe = PunkDiffPipeline(unet, DDPMScheduler(num_train_timesteps=1000), condition=DIGITS)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def punk_pipeline(output_scale: float = 1.0) -> PunkDiffPipeline:
+    """An RGB 8x8 attribute pipeline: type + accessories, multi-hot through the attribute encoder."""
+    unet = tiny_identity_unet().eval()
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(output_scale)
+        unet.conv_out.bias.mul_(output_scale)
+    pipe = PunkDiffPipeline(unet, DDPMScheduler(num_train_timesteps=1000), trained_looking_encoder(), PUNKS)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -172,6 +172,88 @@ def _add_sampler_arguments(p: argparse.ArgumentParser, default_steps: str, defau
                    help=f"DDIM noise weight: 0 deterministic, 1 DDPM-like (default: {default_eta:g})")
 
 
+def _guidance(text: str) -> float:
+    from punkdiff.pipelines.punkdiff_pipeline import check_guidance_scale
+
+    try:
+        return check_guidance_scale(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _add_condition_arguments(p: argparse.ArgumentParser) -> None:
+    """What a conditional model is asked for; each flag is checked against the model's vocabulary before work."""
+    group = p.add_argument_group("condition (conditional models)")
+    group.add_argument("--label", action="append", default=[], metavar="NAME",
+                       help="a digit or class, by name or index; repeat it to split the images evenly between the "
+                            "labels, in order (one grid row each)")
+    group.add_argument("--type", default=None, metavar="NAME", help="the punk type, e.g. Ape (the `type` column)")
+    group.add_argument("--accessory", action="append", default=[], metavar="NAME",
+                       help="an accessory, e.g. Cap; repeat for several (the `accessories` column)")
+    group.add_argument("--attribute", action="append", default=[], metavar="COLUMN=NAME",
+                       help="any condition column of the model; repeat a multi-label column for several names")
+    group.add_argument("--guidance", type=_guidance, default=1.0, metavar="W",
+                       help="classifier-free guidance: 1 the conditional model alone (default), 0 the unconditional "
+                            "one, 2-5 follows the request more closely at two forwards per step")
+
+
+def _condition(args: argparse.Namespace, pipe, num_images: int) -> dict:
+    """The condition flags as `PunkDiffPipeline` arguments for `num_images` images, refused before any work when
+    the model cannot take them: unknown names come back with the known ones."""
+    from punkdiff.pipelines.punkdiff_pipeline import MULTI, ConditionError
+
+    attributes: dict[str, object] = {}
+    if args.type is not None:
+        attributes["type"] = args.type
+    if args.accessory:
+        attributes["accessories"] = list(args.accessory)
+    for item in args.attribute:
+        column, sep, name = item.partition("=")
+        if not sep or not column or not name:
+            raise UsageError(f"--attribute {item!r}: give COLUMN=NAME, e.g. --attribute type=Ape")
+        attributes.setdefault(column, []).append(name)
+    flags = "--label, --type, --accessory or --attribute"
+    if args.label and attributes:
+        raise UsageError("give --label, or --type/--accessory/--attribute, not both")
+    if pipe.condition is None:
+        if args.label or attributes:
+            raise UsageError(f"{args.model} is an unconditional model: it takes no {flags}")
+        if args.guidance != 1.0:
+            raise UsageError(f"--guidance needs a conditional model; {args.model} is unconditional")
+        return {}
+    if not (args.label or attributes):
+        if args.guidance != 1.0:
+            raise UsageError(f"--guidance {args.guidance:g} needs a condition to guide towards: give {flags}")
+        return {}
+    if args.label and num_images % len(args.label):
+        raise UsageError(f"{num_images} images cannot be split evenly between {len(args.label)} --label values; "
+                         f"ask for a multiple of {len(args.label)}")
+    groups = {g.column: g for g in pipe.condition.groups}
+    for column, names in attributes.items():  # a single-label column takes one name, not a list
+        if column in groups and groups[column].kind != MULTI and isinstance(names, list):
+            if len(names) > 1:
+                raise UsageError(f"{column} takes one name; got {', '.join(names)}")
+            attributes[column] = names[0]
+    labels = [_label(label, pipe.condition) for label in args.label]
+    try:
+        if labels:
+            pipe.condition.encode_request(labels=labels)
+            return {"labels": [labels[i * len(labels) // num_images] for i in range(num_images)],
+                    "guidance_scale": args.guidance}
+        pipe.condition.encode_request(attributes=attributes)
+    except ConditionError as err:
+        raise UsageError(str(err)) from None
+    return {"attributes": attributes, "guidance_scale": args.guidance}
+
+
+def _label(text: str, condition) -> int | str:
+    """A --label value: a name of the model's label column, or else an index."""
+    from punkdiff.pipelines.punkdiff_pipeline import SINGLE
+
+    names = next((g.names for g in condition.groups if g.kind == SINGLE), ())
+    return int(text) if text not in names and text.isdigit() else text
+
+
 def _image_path(text: str, what: str) -> Path:
     """An output image path whose format PIL knows from its extension, checked before any work is done."""
     import PIL.Image
@@ -219,6 +301,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="grid.png", help="grid image path")
     p.add_argument("--out-dir", default=None, help="also write each image here as NNNN.png")
     p.add_argument("--gif", default=None, help="also write the denoising animation (x_t | predicted x_0) here")
+    _add_condition_arguments(p)
     p.set_defaults(func=_run_sample)
 
 
@@ -231,9 +314,14 @@ def _run_sample(args: argparse.Namespace) -> int:
     if args.out_dir and Path(args.out_dir).is_file():
         raise UsageError(f"--out-dir {args.out_dir} is a file; give a folder (created if missing)")
     pipe = _load_model(args)
+    condition = _condition(args, pipe, args.num_images)
+    if gif and condition:
+        raise UsageError("--gif animates the model without a condition; leave it out, or the condition flags")
     images = generate(pipe, args.num_images, seed=args.seed, batch_size=args.batch_size, sampler=args.scheduler,
-                      num_inference_steps=args.steps, eta=args.eta)
+                      num_inference_steps=args.steps, eta=args.eta, **condition)
     rows = max(r for r in range(1, math.isqrt(args.num_images) + 1) if args.num_images % r == 0)
+    if args.label:  # one row per label
+        rows = len(args.label)
     _save_grid(images, out, cols=args.num_images // rows)
     print(f"grid: {out.resolve()}")
     if args.out_dir:
@@ -293,6 +381,7 @@ def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--t-start", type=int, required=True, help="training timestep to noise to, in [0, T)")
     _add_sampler_arguments(p, "default: every training step from t_start for ddpm, 50 otherwise", 0.0)
     _add_image_input(p, "reconstruction.png", "rows of original | reconstruction")
+    _add_condition_arguments(p)
     p.set_defaults(func=_run_reconstruct)
 
 
@@ -304,10 +393,11 @@ def _run_reconstruct(args: argparse.Namespace) -> int:
     num_train_timesteps = pipe.scheduler.config.num_train_timesteps
     if not 0 <= args.t_start < num_train_timesteps:
         raise UsageError(f"--t-start must be in [0, {num_train_timesteps}), got {args.t_start}")
+    condition = _condition(args, pipe, len(args.images))
     originals = _read_images(args.images, pipe, args)
     generators = image_generators(args.seed, len(originals))
     result = pipe.reconstruct(originals, args.t_start, generator=generators, num_inference_steps=args.steps,
-                              eta=args.eta, sampler=args.scheduler).images
+                              eta=args.eta, sampler=args.scheduler, **condition).images
     originals = pipe.image_processor.postprocess(originals * 2 - 1, "pil")
     _save_grid([im for pair in zip(originals, result, strict=True) for im in pair], out, cols=2)
     print(f"original | reconstructed from t={args.t_start}: {out.resolve()}")
@@ -324,6 +414,7 @@ def _add_inpaint(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jump-n-sample", type=_positive_int, default=10, help="RePaint's r")
     p.add_argument("--num-images", type=_positive_int, default=4, help="how many fillings, one seed each")
     _add_image_input(p, "inpainted.png", "grid: the masked input, then each filling")
+    _add_condition_arguments(p)
     p.set_defaults(func=_run_inpaint)
 
 
@@ -336,6 +427,7 @@ def _run_inpaint(args: argparse.Namespace) -> int:
 
     out = _image_path(args.out, "--out")
     pipe = _load_model(args)
+    condition = _condition(args, pipe, args.num_images)
     image = _read_images([args.image], pipe, args)
     size = pipe.unet.config.sample_size
     try:
@@ -346,7 +438,7 @@ def _run_inpaint(args: argparse.Namespace) -> int:
     batch = image.repeat(args.num_images, 1, 1, 1)
     generators = image_generators(args.seed, args.num_images)
     filled = pipe.inpaint(batch, mask, num_inference_steps=args.steps, jump_length=args.jump_length,
-                          jump_n_sample=args.jump_n_sample, generator=generators).images
+                          jump_n_sample=args.jump_n_sample, generator=generators, **condition).images
     keep = torch.from_numpy(np.asarray(mask) < 128)[None, None].float()
     masked = pipe.image_processor.postprocess((image * keep + 0.5 * (1 - keep)) * 2 - 1, "pil")
     _save_grid(masked + filled, out)

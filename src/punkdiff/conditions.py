@@ -13,10 +13,12 @@ Two encodings follow from the groups (`ConditionVocabulary.encoding`):
 - `"multi_hot"`, for everything else: one float vector per image, a block per group (one-hot for a single-label
   group, multi-hot for a multi-label one, whose block ends with a "nothing" slot for an explicitly empty set). An
   all-zero block means "unspecified", so a user may leave a group out, and the all-zero vector is the null
-  condition. The attribute encoder (`punkdiff.attribute_encoder`) maps it to the UNet's class embedding.
+  condition. The attribute encoder maps it to the UNet's class embedding.
 
-This module needs only torch and the standard library, except `ConditionVocabulary.from_dataset`, which reads a
-`datasets.Dataset`'s features.
+The request side (`ConditionVocabulary`, its groups, `encode_request`, the null condition) and the attribute
+encoder travel with a model, so they live in `punkdiff.pipelines.punkdiff_pipeline` and are imported here. This
+module holds the dataset side: building a vocabulary from a `datasets.Dataset`'s columns (`datasets` is imported
+only there), the guidance drops of training and the rare-class weights.
 
 Examples:
     ```py
@@ -25,7 +27,7 @@ Examples:
     ...     {"type": [0, 1, 1], "accessories": [["Cap"], [], ["Cap", "Pipe"]]},
     ...     features=datasets.Features({"type": datasets.ClassLabel(names=["Ape", "Male"]),
     ...                                 "accessories": datasets.Sequence(datasets.Value("string"))}))
-    >>> vocabulary = ConditionVocabulary.from_dataset(rows, "type,accessories")
+    >>> vocabulary = vocabulary_from_dataset(rows, "type,accessories")
     >>> vocabulary.encoding, vocabulary.width
     ('multi_hot', 5)
     >>> vocabulary.encode_request(attributes={"type": "Male", "accessories": ["Pipe"]})
@@ -35,20 +37,42 @@ Examples:
 
 from __future__ import annotations
 
-import difflib
-import json
-import numbers
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-SINGLE, MULTI = "single", "multi"
-CLASS_INDEX, MULTI_HOT = "class_index", "multi_hot"
-# the file a conditional model's vocabulary is saved in, beside its components
-CONDITION_FILE = "condition.json"
-_FORMAT, _VERSION = "punkdiff-condition", 1
+from punkdiff.pipelines.punkdiff_pipeline import (
+    CLASS_INDEX,
+    CONDITION_FILE,
+    MULTI,
+    MULTI_HOT,
+    SINGLE,
+    ConditionError,
+    ConditionGroup,
+    ConditionVocabulary,
+)
+
+__all__ = [
+    "CLASS_INDEX",
+    "CONDITION_DROP",
+    "CONDITION_FILE",
+    "GROUP_DROP",
+    "MULTI",
+    "MULTI_HOT",
+    "SINGLE",
+    "ConditionError",
+    "ConditionGroup",
+    "ConditionVocabulary",
+    "balanced_row_weights",
+    "check_columns",
+    "class_weights",
+    "drop_conditions",
+    "parse_columns",
+    "vocabulary_from_columns",
+    "vocabulary_from_dataset",
+]
+
 # Whole-condition drop rate for classifier-free guidance training. Ho & Salimans (2022) found 0.1 and 0.2 about equally
 # good and 0.5 worse; the smaller one leaves more of a small model's few steps to the conditional task that guided
 # sampling relies on.
@@ -59,311 +83,44 @@ GROUP_DROP = 0.05
 _ACCEPTED = "a ClassLabel column, or a sequence of ClassLabels or of strings"
 
 
-class ConditionError(ValueError):
-    """A condition that cannot be built or encoded; the message says what was wrong and what is accepted."""
+# ---- building a vocabulary from a dataset ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ConditionGroup:
-    """One conditioning column: its kind (`"single"` or `"multi"`), its names and how many training rows have each."""
+def vocabulary_from_dataset(dataset: Any, columns: str | Sequence[str]) -> ConditionVocabulary:
+    """The vocabulary of `columns` (a list, or `"COLUMN[,COLUMN]"` as `--condition-on` takes it) of a
+    `datasets.Dataset`: ClassLabel names from the features, string names and every count from the data."""
+    names = parse_columns(columns)
+    check_columns(dataset.features, names)
+    return vocabulary_from_columns(dataset.features, dataset.select_columns(names).to_dict())
 
-    column: str
-    kind: str
-    names: tuple[str, ...]
-    counts: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.kind not in (SINGLE, MULTI):
-            raise ConditionError(f"condition group {self.column!r} has kind {self.kind!r}; expected {SINGLE!r} or "
-                                 f"{MULTI!r}")
-        if not self.names:
-            raise ConditionError(f"condition column {self.column!r} has no values to condition on")
-        if len(set(self.names)) != len(self.names):
-            raise ConditionError(f"condition column {self.column!r} repeats names: {list(self.names)}")
-        if self.counts and len(self.counts) != len(self.names):
-            raise ConditionError(f"condition column {self.column!r} has {len(self.names)} names but "
-                                 f"{len(self.counts)} counts")
-
-    @property
-    def width(self) -> int:
-        """Its block's width in the multi-hot vector: a multi-label block ends with the "nothing" slot."""
-        return len(self.names) + (self.kind == MULTI)
-
-    def index(self, value: int | str) -> int:
-        """A name, or an index into `names`, as an index; anything else is refused naming what is known."""
-        if isinstance(value, bool) or not isinstance(value, (numbers.Integral, str)):
-            raise ConditionError(f"{self.column} value {value!r} is neither a name nor an index; {self._known()}")
-        if isinstance(value, numbers.Integral):
-            value = int(value)
-            if not 0 <= value < len(self.names):
-                raise ConditionError(f"{self.column} {value} is out of range: give an index in 0..{len(self.names) - 1}"
-                                     f" or a name; {self._known()}")
-            return value
-        try:
-            return self.names.index(value)
-        except ValueError:
-            close = difflib.get_close_matches(value, self.names, n=5, cutoff=0.5)
-            hint = f"closest: {', '.join(map(repr, close))}; " if close else ""
-            raise ConditionError(f"unknown {self.column} {value!r}; {hint}{self._known()}") from None
-
-    def _known(self) -> str:
-        return f"known {self.column} values ({len(self.names)}): {', '.join(self.names)}"
-
-
-@dataclass(frozen=True)
-class ConditionVocabulary:
-    """What a conditional model is told: its groups, in order, and how many training rows they were counted on.
-
-    Saved with the model as `condition.json` (`to_json`), read back with `from_json`.
-    """
-
-    groups: tuple[ConditionGroup, ...]
-    num_rows: int = 0
-    _offsets: tuple[int, ...] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if not self.groups:
-            raise ConditionError("a condition needs at least one column")
-        columns = [g.column for g in self.groups]
-        if len(set(columns)) != len(columns):
-            raise ConditionError(f"condition columns repeat: {columns}")
-        offsets = [0]
-        for group in self.groups:
-            offsets.append(offsets[-1] + group.width)
-        object.__setattr__(self, "_offsets", tuple(offsets))
-
-    # ---- building and saving ------------------------------------------------------------------------------------
-
-    @classmethod
-    def from_dataset(cls, dataset: Any, columns: str | Sequence[str]) -> ConditionVocabulary:
-        """The vocabulary of `columns` (a list, or `"COLUMN[,COLUMN]"` as `--condition-on` takes it) of a
-        `datasets.Dataset`: ClassLabel names from the features, string names and every count from the data."""
-        names = parse_columns(columns)
-        check_columns(dataset.features, names)
-        return cls.from_columns(dataset.features, dataset.select_columns(names).to_dict())
-
-    @classmethod
-    def from_columns(cls, features: Mapping[str, Any], rows: Mapping[str, Sequence]) -> ConditionVocabulary:
-        """The vocabulary of the columns in `rows` (column -> values, as `Dataset.to_dict()` gives them), whose types
-        `features` (a `datasets.Features`) gives; e.g. a `ReferenceData`'s `features` and `train_columns`."""
-        check_columns(features, list(rows))
-        groups, num_rows = [], None
-        for column, values in rows.items():
-            kind, class_names = _feature_kind(features[column])
-            if num_rows is not None and len(values) != num_rows:
-                raise ConditionError(f"condition column {column!r} has {len(values)} rows, the others {num_rows}")
-            num_rows = len(values)
-            if kind == SINGLE:
-                counts = [0] * len(class_names)
-                for value in values:
-                    if value is not None and value >= 0:  # -1: a ClassLabel's "no label"
-                        counts[value] += 1
-                groups.append(ConditionGroup(column, SINGLE, tuple(class_names), tuple(counts)))
-                continue
-            found: dict[str | int, int] = {}
+def vocabulary_from_columns(features: Mapping[str, Any], rows: Mapping[str, Sequence]) -> ConditionVocabulary:
+    """The vocabulary of the columns in `rows` (column -> values, as `Dataset.to_dict()` gives them), whose types
+    `features` (a `datasets.Features`) gives; e.g. a `ReferenceData`'s `features` and `train_columns`."""
+    check_columns(features, list(rows))
+    groups, num_rows = [], None
+    for column, values in rows.items():
+        kind, class_names = _feature_kind(features[column])
+        if num_rows is not None and len(values) != num_rows:
+            raise ConditionError(f"condition column {column!r} has {len(values)} rows, the others {num_rows}")
+        num_rows = len(values)
+        if kind == SINGLE:
+            counts = [0] * len(class_names)
             for value in values:
-                for name in set(value or ()):
-                    found[name] = found.get(name, 0) + 1
-            if class_names is None:
-                class_names = sorted(found)
-            else:
-                found = {class_names[k]: n for k, n in found.items()}
-            counts = tuple(found.get(n, 0) for n in class_names)
-            groups.append(ConditionGroup(column, MULTI, tuple(class_names), counts))
-        return cls(tuple(groups), num_rows or 0)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"format": _FORMAT, "version": _VERSION, "encoding": self.encoding, "num_rows": self.num_rows,
-                "groups": [asdict(g) for g in self.groups]}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ConditionVocabulary:
-        """Read back `to_dict`'s output; a file that is not one, or of a newer version, is refused."""
-        if not isinstance(data, Mapping) or data.get("format") != _FORMAT:
-            raise ConditionError(f"not a punkdiff condition (expected \"format\": {_FORMAT!r}); was it written by "
-                                 "ConditionVocabulary.to_json?")
-        if data.get("version") != _VERSION:
-            raise ConditionError(f"condition version {data.get('version')!r} is not {_VERSION}; upgrade punkdiff")
-        try:
-            groups = tuple(ConditionGroup(g["column"], g["kind"], tuple(g["names"]), tuple(g.get("counts", ())))
-                           for g in data["groups"])
-            vocabulary = cls(groups, int(data.get("num_rows", 0)))
-        except (KeyError, TypeError) as err:
-            raise ConditionError(f"malformed condition: {err!r} (each group needs column, kind and names)") from err
-        if data.get("encoding", vocabulary.encoding) != vocabulary.encoding:
-            raise ConditionError(f"condition says encoding {data['encoding']!r} but its groups give "
-                                 f"{vocabulary.encoding!r}")
-        return vocabulary
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> ConditionVocabulary:
-        try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as err:
-            raise ConditionError(f"{CONDITION_FILE} is not valid JSON: {err}") from err
-
-    def markdown(self) -> str:
-        """The vocabulary for a model card: each column, its kind, and its names with their training counts."""
-        lines = []
-        for g in self.groups:
-            kind = "one of" if g.kind == SINGLE else "any set of"
-            named = [f"{n} ({c:,})" for n, c in zip(g.names, g.counts, strict=True)] if g.counts else list(g.names)
-            lines.append(f"- `{g.column}`: {kind} {len(g.names)}: {', '.join(named)}")
-        return "\n".join(lines)
-
-    # ---- shape of the encoding ------------------------------------------------------------------------------------
-
-    @property
-    def columns(self) -> tuple[str, ...]:
-        return tuple(g.column for g in self.groups)
-
-    @property
-    def encoding(self) -> str:
-        """`"class_index"` for a lone single-label column, else `"multi_hot"`."""
-        return CLASS_INDEX if len(self.groups) == 1 and self.groups[0].kind == SINGLE else MULTI_HOT
-
-    @property
-    def width(self) -> int:
-        """Length of the multi-hot vector (the attribute encoder's input); the number of classes for class indices."""
-        return self._offsets[-1]
-
-    @property
-    def null_class(self) -> int:
-        """The class index that means "unspecified" (class-index encoding only): one past the real classes."""
-        self._require(CLASS_INDEX)
-        return len(self.groups[0].names)
-
-    def unet_kwargs(self) -> dict[str, Any]:
-        """`UNet2DModel` kwargs for this condition: its own class embedding with the null class, or `"identity"`
-        for the attribute encoder's output."""
-        if self.encoding == CLASS_INDEX:
-            return {"num_class_embeds": self.null_class + 1}
-        return {"class_embed_type": "identity"}
-
-    def block(self, column: str) -> slice:
-        """Where `column`'s block lies in the multi-hot vector."""
-        self._require(MULTI_HOT)
-        i = self._group_position(column)
-        return slice(self._offsets[i], self._offsets[i + 1])
-
-    def null(self, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
-        """The null ("unspecified") condition for `batch_size` images."""
-        if self.encoding == CLASS_INDEX:
-            return torch.full((batch_size,), self.null_class, dtype=torch.long, device=device)
-        return torch.zeros(batch_size, self.width, device=device)
-
-    # ---- encoding ---------------------------------------------------------------------------------------------------
-
-    def encode(self, rows: Mapping[str, Sequence]) -> torch.Tensor:
-        """Dataset rows (column -> values, as `datasets` gives a batch) -> the condition tensor `[N]` or `[N, width]`.
-
-        A ClassLabel value is its index (or name); a multi-label value is a list of names (or indices for a sequence
-        of ClassLabels). A single label of -1 or None, and a multi-label None, are "unspecified".
-        """
-        missing = [c for c in self.columns if c not in rows]
-        if missing:
-            raise ConditionError(f"rows lack the condition columns {missing}; they have {list(rows)}")
-        lengths = {len(rows[c]) for c in self.columns}
-        if len(lengths) > 1:
-            raise ConditionError(f"condition columns have different lengths: {[len(rows[c]) for c in self.columns]}")
-        return self._encode([{c: _unspecified_if_negative(rows[c][i]) for c in self.columns}
-                             for i in range(lengths.pop())])
-
-    def encode_request(
-        self,
-        labels: Sequence[int | str | None] | None = None,
-        attributes: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
-    ) -> torch.Tensor:
-        """What a user asked for -> the condition tensor, one row per label or per attributes mapping.
-
-        `labels` are names or indices of the single-label column (`[3, 7]`, `["Ape"]`); `attributes` maps columns
-        to a name (single-label) or a list of names (multi-label), e.g. `{"type": "Ape", "accessories": ["Cap"]}`.
-        A column left out, or None, is unspecified; an empty list asks for none of that group's names. Unknown
-        columns and names and out-of-range indices are refused with what is known.
-        """
-        if (labels is None) == (attributes is None):
-            raise ConditionError("give either labels=[...] or attributes={...}, not both or neither")
-        if labels is not None:
-            if isinstance(labels, (str, numbers.Integral)):
-                labels = [labels]
-            singles = [g.column for g in self.groups if g.kind == SINGLE]
-            if len(singles) != 1:
-                raise ConditionError(f"labels=... needs exactly one single-label column; this model is conditioned on "
-                                     f"{self._describe_columns()}: use attributes={{column: value}}")
-            if not len(labels):
-                raise ConditionError("labels=[] asks for no images; give one label per image")
-            return self._encode([{singles[0]: label} for label in labels])
-        requests = [attributes] if isinstance(attributes, Mapping) else list(attributes)
-        for request in requests:
-            if not isinstance(request, Mapping):
-                raise ConditionError(f"attributes must be a mapping of column to value(s), got {request!r}")
-            unknown = [k for k in request if k not in self.columns]
-            if unknown:
-                raise ConditionError(f"unknown attribute {unknown[0]!r}; this model is conditioned on "
-                                     f"{self._describe_columns()}")
-        if not requests:
-            raise ConditionError("attributes=[] asks for no images; give one mapping per image")
-        return self._encode([dict(r) for r in requests])
-
-    def decode(self, condition: torch.Tensor) -> dict[str, list]:
-        """The condition tensor back to names, column -> values (None where unspecified), as `encode` reads them."""
-        if self.encoding == CLASS_INDEX:
-            names = self.groups[0].names
-            return {self.groups[0].column: [names[i] if i < len(names) else None for i in condition.tolist()]}
-        out: dict[str, list] = {}
-        for group in self.groups:
-            block = condition[:, self.block(group.column)] > 0.5
-            values = []
-            for row in block.tolist():
-                chosen = [group.names[i] for i, on in enumerate(row[:len(group.names)]) if on]
-                if group.kind == SINGLE:
-                    values.append(chosen[0] if chosen else None)
-                else:
-                    values.append(chosen if any(row) else None)
-            out[group.column] = values
-        return out
-
-    def _encode(self, requests: list[dict[str, Any]]) -> torch.Tensor:
-        if self.encoding == CLASS_INDEX:
-            group = self.groups[0]
-            return torch.tensor(
-                [self.null_class if r.get(group.column) is None else group.index(r[group.column]) for r in requests],
-                dtype=torch.long,
-            ).reshape(len(requests))
-        out = torch.zeros(len(requests), self.width)
-        for group, start in zip(self.groups, self._offsets[:-1], strict=True):
-            for row, request in enumerate(requests):
-                value = request.get(group.column)
-                if value is None:
-                    continue
-                if group.kind == SINGLE:
-                    out[row, start + group.index(value)] = 1.0
-                    continue
-                values = [value] if isinstance(value, str) else list(value)
-                if not values:
-                    out[row, start + len(group.names)] = 1.0  # the "nothing" slot
-                for v in values:
-                    out[row, start + group.index(v)] = 1.0
-        return out
-
-    def _require(self, encoding: str) -> None:
-        if self.encoding != encoding:
-            raise ConditionError(f"this condition is encoded as {self.encoding!r}, not {encoding!r}")
-
-    def _group_position(self, column: str) -> int:
-        if column not in self.columns:
-            raise ConditionError(f"no condition column {column!r}; the condition is {self._describe_columns()}")
-        return self.columns.index(column)
-
-    def _describe_columns(self) -> str:
-        return ", ".join(f"{g.column} ({g.kind}-label)" for g in self.groups)
-
-
-def _unspecified_if_negative(value: Any) -> Any:
-    return None if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value < 0 else value
+                if value is not None and value >= 0:  # -1: a ClassLabel's "no label"
+                    counts[value] += 1
+            groups.append(ConditionGroup(column, SINGLE, tuple(class_names), tuple(counts)))
+            continue
+        found: dict[str | int, int] = {}
+        for value in values:
+            for name in set(value or ()):
+                found[name] = found.get(name, 0) + 1
+        if class_names is None:
+            class_names = sorted(found)
+        else:
+            found = {class_names[k]: n for k, n in found.items()}
+        counts = tuple(found.get(n, 0) for n in class_names)
+        groups.append(ConditionGroup(column, MULTI, tuple(class_names), counts))
+    return ConditionVocabulary(tuple(groups), num_rows or 0)
 
 
 # ---- which columns ------------------------------------------------------------------------------------------------

@@ -35,7 +35,16 @@ from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 from safetensors import safe_open
 
 from punkdiff.files import write_text
-from punkdiff.pipelines.punkdiff_pipeline import PALETTE_FILE, PunkDiffPipeline, read_palette
+from punkdiff.pipelines.punkdiff_pipeline import (
+    CONDITION_FILE,
+    MULTI_HOT,
+    PALETTE_FILE,
+    AttributeEncoder,
+    ConditionError,
+    ConditionVocabulary,
+    PunkDiffPipeline,
+    read_palette,
+)
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = f"{WEIGHTS_NAME}.index.json"  # a sharded UNet's map of tensors to shards
@@ -72,6 +81,8 @@ class ModelCardInfo:
         tags: Extra Hub tags.
         distilled_from: A distilled student's teacher (folder or Hub id); the card then says how it samples.
         distillation_stages: The student's step counts, teacher first (e.g. `[64, 32, 16, 8, 4]`).
+        condition: A conditional model's vocabulary (default: the folder's `condition.json`); the card lists it
+            and shows how to ask for it.
     """
 
     preset: str = "custom"
@@ -87,18 +98,20 @@ class ModelCardInfo:
     tags: list[str] = dataclasses.field(default_factory=list)
     distilled_from: str | None = None
     distillation_stages: list[int] | None = None
+    condition: ConditionVocabulary | None = None
 
 
 def render_model_card(info: ModelCardInfo, *, has_samples: bool = False) -> str:
     """Render `model_cards/template.md` with Hub metadata, so the Hub lists the model as a Diffusers one."""
     model_name = info.model_name or f"punkdiff {info.preset}"
     eval_results = _eval_results(info.metrics or {}, info.dataset)
+    kind = "unconditional-image-generation" if info.condition is None else "class-conditional-image-generation"
     card_data = ModelCardData(
         library_name="diffusers",
         pipeline_tag="unconditional-image-generation",
         license=info.license,
         datasets=[info.dataset] if _is_hub_dataset(info.dataset) else None,
-        tags=["diffusers", "unconditional-image-generation", "ddpm", "punkdiff", *info.tags],
+        tags=["diffusers", kind, "ddpm", "punkdiff", *info.tags],
         model_name=model_name if eval_results else None,
         eval_results=eval_results or None,
         punkdiff={"preset": info.preset, "dataset": _dataset_name(info.dataset)},  # read back by the web app
@@ -120,8 +133,18 @@ def render_model_card(info: ModelCardInfo, *, has_samples: bool = False) -> str:
         distilled_from=info.distilled_from,
         distillation_stages=" -> ".join(map(str, info.distillation_stages or [])),
         sampling_steps=(info.distillation_stages or [None])[-1],
+        condition=info.condition.markdown() if info.condition is not None else None,
+        request=_example_request(info.condition) if info.condition is not None else None,
     )
     return str(card)
+
+
+def _example_request(condition: ConditionVocabulary) -> str:
+    """The keyword arguments of a `PunkDiffPipeline` call that asks for the first name of every column."""
+    if condition.encoding != MULTI_HOT:
+        return f"labels={list(condition.groups[0].names[:2])!r}"
+    request = {g.column: g.names[0] if g.kind == "single" else list(g.names[:1]) for g in condition.groups}
+    return f"attributes={request!r}, batch_size=4"
 
 
 def update_model_card(
@@ -228,10 +251,16 @@ def write_model_card(folder: str | os.PathLike[str], info: ModelCardInfo | Mappi
         resolution=info.resolution or _side(unet_config["sample_size"]),
         channels=info.channels or unet_config["in_channels"],
         num_train_timesteps=info.num_train_timesteps or scheduler_config["num_train_timesteps"],
+        condition=info.condition or _saved_condition(folder),
     )
     readme = folder / "README.md"
     write_text(readme, render_model_card(info, has_samples=(folder / "samples.png").is_file()))
     return readme
+
+
+def _saved_condition(folder: Path) -> ConditionVocabulary | None:
+    path = folder / CONDITION_FILE
+    return ConditionVocabulary.from_json(path.read_text()) if path.is_file() else None
 
 
 def export_pipeline(
@@ -242,6 +271,8 @@ def export_pipeline(
     card: ModelCardInfo | Mapping[str, Any] | None = None,
     sample_grid: PIL.Image.Image | None = None,
     palette: np.ndarray | None = None,
+    attribute_encoder: AttributeEncoder | None = None,
+    condition: ConditionVocabulary | None = None,
 ) -> Path:
     """Write a Hub-ready model folder, replacing `output_dir` only once the new export is complete and valid.
 
@@ -249,7 +280,9 @@ def export_pipeline(
     `DDIMPipeline` load the folder; samplers are picked at call time. Pass an unwrapped UNet (e.g. the EMA
     copy, not a DDP or compiled wrapper). A pixel-art model's training `palette` (uint8 `[P, C]`) is saved as
     `palette.json`, so its pipeline snaps samples to it. An existing `output_dir` is replaced only if it is empty or
-    is itself an export, so a mistyped path never deletes a training run.
+    is itself an export, so a mistyped path never deletes a training run. A conditional model passes its
+    `condition` vocabulary (saved as `condition.json`, listed in the card) and, for attributes, its
+    `attribute_encoder`.
 
     Examples:
         ```py
@@ -268,7 +301,8 @@ def export_pipeline(
     try:
         if sample_grid is not None:
             sample_grid.save(staging / "samples.png")
-        pipe = PunkDiffPipeline(unet=unet, scheduler=DDPMScheduler.from_config(scheduler.config))
+        pipe = PunkDiffPipeline(unet=unet, scheduler=DDPMScheduler.from_config(scheduler.config),
+                                attribute_encoder=attribute_encoder, condition=condition)
         pipe.palette = torch.as_tensor(palette) if palette is not None else None
         pipe.save_pretrained(staging, safe_serialization=True)
         write_model_card(staging, card)
@@ -301,6 +335,7 @@ def validate_model_folder(folder: str | os.PathLike[str]) -> Path:
     _check_unet_config(folder / "unet" / "config.json", unet_config)
     if (folder / PALETTE_FILE).exists():
         _check_palette(folder / PALETTE_FILE, unet_config["in_channels"])
+    _check_condition(folder)
     weights = _unet_weight_files(folder)
     found: dict[str, tuple[int, ...]] = {}
     for file in weights:
@@ -378,9 +413,11 @@ def _unet_weight_files(folder: Path) -> list[Path]:
     raise ModelFolderError(f"Missing weights {weights}; re-export the model with punkdiff.hub.export_pipeline.")
 
 
-# what a punkdiff model folder may name: the pipeline classes that load it, and its two components
+# what a punkdiff model folder may name: the pipeline classes that load it, its two components, and the attribute
+# encoder of a conditional model, as `PunkDiffPipeline.save_pretrained` lists it
 _PIPELINE_CLASSES = ("DDPMPipeline", "DDIMPipeline", "PunkDiffPipeline")
 _COMPONENTS = {"unet", "scheduler"}
+_ENCODER_ENTRY = [AttributeEncoder.__module__, AttributeEncoder.__name__]
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 # bounds shared with training presets: a sample size or schedule outside them is a broken or hostile file
 _MAX_SAMPLE_SIZE, _MAX_TIMESTEPS = 4096, 100_000
@@ -399,6 +436,26 @@ def _check_palette(path: Path, channels: int) -> None:
     if palette.shape[1] != channels or len(palette) > 4096:
         raise ModelFolderError(f"{path} has {len(palette)} colours of {palette.shape[1]} channels; the UNet has "
                                f"{channels} channels: delete the file or re-export the model.")
+
+
+def _check_condition(folder: Path) -> None:
+    """A conditional model's `condition.json` is a vocabulary, and an attribute model has its encoder's weights."""
+    path, encoder = folder / CONDITION_FILE, folder / "attribute_encoder" / WEIGHTS_NAME
+    listed = "attribute_encoder" in _read_json(folder / "model_index.json")
+    if not path.exists():
+        if listed:
+            raise ModelFolderError(f"{folder} has an attribute_encoder but no {CONDITION_FILE} (its vocabulary); "
+                                   "re-export the model.")
+        return
+    try:
+        condition = ConditionVocabulary.from_json(path.read_text())
+    except (ConditionError, UnicodeDecodeError) as e:
+        raise ModelFolderError(f"{path} is not a condition vocabulary ({e}); re-export the model.") from e
+    needs = condition.encoding == MULTI_HOT
+    if needs != listed or (listed and not encoder.is_file()):
+        wanted = f"an attribute_encoder with {encoder.relative_to(folder)}" if needs else "no attribute_encoder"
+        raise ModelFolderError(f"{path} describes a {condition.encoding} condition, which needs {wanted}; the folder "
+                               f"{'lists one' if listed else 'has none'}. Re-export the model.")
 
 
 def _check_model_index(path: Path, index: object) -> None:
@@ -424,7 +481,10 @@ def _check_model_index(path: Path, index: object) -> None:
             f"(e.g. [\"diffusers\", \"DDPMScheduler\"]); it has unet={index.get('unet')!r}, "
             f"scheduler={index.get('scheduler')!r}. Re-export the model."
         )
-    extra = sorted(k for k, v in index.items() if isinstance(v, list) and k not in _COMPONENTS)
+    if "attribute_encoder" in index and index["attribute_encoder"] != _ENCODER_ENTRY:
+        raise ModelFolderError(f"{path} lists attribute_encoder as {index['attribute_encoder']!r}; punkdiff loads "
+                               f"only {_ENCODER_ENTRY!r}. Re-export the model.")
+    extra = sorted(k for k, v in index.items() if isinstance(v, list) and k not in {*_COMPONENTS, "attribute_encoder"})
     if extra:
         raise ModelFolderError(f"{path} lists components punkdiff does not use ({', '.join(extra)}); remove them.")
 

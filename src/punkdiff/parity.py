@@ -34,8 +34,11 @@ _UNMODELLED = {
 }
 
 
-def tiny_unet(in_channels: int = 1, sample_size: int = 8, seed: int = 0, output_scale: float = 0.1) -> UNet2DModel:
-    """A small random `UNet2DModel` (about 40k parameters): a real diffusers network, fast on a CPU.
+def tiny_unet(
+    in_channels: int = 1, sample_size: int = 8, seed: int = 0, output_scale: float = 0.1, **config: Any
+) -> UNet2DModel:
+    """A small random `UNet2DModel` (about 40k parameters): a real diffusers network, fast on a CPU; `config`
+    adds to its config (e.g. `num_class_embeds=11`, or `class_embed_type="identity"` for an attribute encoder).
 
     A random network is no denoiser: at full scale its x_0 predictions saturate the clip, and the deterministic
     DDIM map then amplifies float32 rounding (1 ulp of the schedule) about 6e4-fold over 50 steps, measuring the
@@ -52,6 +55,7 @@ def tiny_unet(in_channels: int = 1, sample_size: int = 8, seed: int = 0, output_
         norm_num_groups=4,
         down_block_types=("DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D"),
+        **config,
     ).eval()
     with torch.no_grad():
         unet.conv_out.weight.mul_(output_scale)
@@ -62,6 +66,15 @@ def tiny_unet(in_channels: int = 1, sample_size: int = 8, seed: int = 0, output_
 def unet_model(unet: UNet2DModel) -> Model:
     """Wrap a UNet as the `model(x_t, t)` callable both samplers take."""
     return lambda x, t: unet(x, t).sample
+
+
+def conditional_unet_model(
+    unet: UNet2DModel, encode: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> reference_sampler.ConditionalModel:
+    """Wrap a class-conditional UNet (and its attribute encoder, if any) as the `model(x_t, t, c)` callable of
+    `reference_sampler.guided_model`."""
+    encode = encode or (lambda c: c)
+    return lambda x, t, c: unet(x, t, class_labels=encode(c)).sample
 
 
 @contextlib.contextmanager
@@ -238,13 +251,65 @@ def _pipeline_rows(unet: UNet2DModel) -> list[ParityRow]:
     return rows
 
 
+def guided_pipeline_vs_reference(
+    pipe: Any, request: dict[str, Any], guidance_scale: float, sampler: str, num_inference_steps: int,
+    eta: float = 0.0, seeds: Sequence[int] = (0, 1),
+) -> float:
+    """max |PunkDiffPipeline - reference| for one guided request (`labels=` or `attributes=`, one per seed), with
+    per-image generators: the pipeline's doubled batch against the reference's two separate calls per step."""
+    got = pipe(**request, guidance_scale=guidance_scale, generator=[torch.Generator().manual_seed(s) for s in seeds],
+               num_inference_steps=num_inference_steps, eta=eta, sampler=sampler, output_type="pt").images
+    condition = pipe.condition.encode_request(**request)
+    condition = condition.repeat(len(seeds), *([1] * (condition.ndim - 1))) if len(condition) == 1 else condition
+    model = reference_sampler.guided_model(
+        conditional_unet_model(pipe.unet, pipe.attribute_encoder), condition, pipe.condition.null(len(seeds)),
+        guidance_scale,
+    )
+    unet_config = pipe.unet.config
+    shape = (len(seeds), unet_config.in_channels, unet_config.sample_size, unet_config.sample_size)
+    ref = reference_sample(model, pipe.scheduler.config, sampler, shape,
+                           [torch.Generator().manual_seed(s) for s in seeds], num_inference_steps, eta)
+    return max_abs_diff(got, (ref / 2 + 0.5).clamp(0, 1))
+
+
+def _guided_rows() -> list[ParityRow]:
+    """PunkDiffPipeline's classifier-free guided sampling of digits (the UNet's class embedding) and of attributes
+    (the attribute encoder into a `class_embed_type="identity"` UNet) against the reference."""
+    from punkdiff.pipelines.punkdiff_pipeline import (
+        AttributeEncoder,
+        ConditionGroup,
+        ConditionVocabulary,
+        PunkDiffPipeline,
+    )
+
+    digits = ConditionVocabulary((ConditionGroup("label", "single", tuple("0123456789")),))
+    attributes = ConditionVocabulary((ConditionGroup("type", "single", ("a", "b", "c")),
+                                      ConditionGroup("accessories", "multi", ("x", "y", "z"))))
+    torch.manual_seed(0)
+    cases = [
+        ("labels", PunkDiffPipeline(tiny_unet(num_class_embeds=11), DDPMScheduler(), condition=digits),
+         {"labels": [3, 7]}),
+        ("attributes", PunkDiffPipeline(tiny_unet(class_embed_type="identity"), DDPMScheduler(),
+                                        AttributeEncoder(attributes.width, 32), attributes),
+         {"attributes": [{"type": "b", "accessories": ["x", "z"]}, {"accessories": []}]}),
+    ]
+    rows = []
+    for name, pipe, request in cases:
+        pipe.set_progress_bar_config(disable=True)
+        for sampler, eta in (("ddim", 0.0), ("ddpm", 0.0)):
+            diff = guided_pipeline_vs_reference(pipe, request, 3.0, sampler, 7, eta)
+            rows.append(ParityRow(f"PunkDiffPipeline {sampler.upper()} 7 steps, {name}, guidance 3", diff, SAMPLE_TOL))
+    return rows
+
+
 def run_parity(num_train_timesteps: int = 1000) -> list[ParityRow]:
     """A compact parity sweep (seconds on a CPU): add_noise, single steps, full sampling runs with a
-    small random UNet (DDPM over all `num_train_timesteps` steps), and PunkDiffPipeline's DDIM for every
-    timestep spacing."""
+    small random UNet (DDPM over all `num_train_timesteps` steps), PunkDiffPipeline's DDIM for every
+    timestep spacing, and its classifier-free guided sampling of labels and attributes."""
     with single_thread(), torch.no_grad():
         unet = tiny_unet()
-        return _add_noise_rows() + _step_rows() + _sample_rows(unet, num_train_timesteps) + _pipeline_rows(unet)
+        return (_add_noise_rows() + _step_rows() + _sample_rows(unet, num_train_timesteps) + _pipeline_rows(unet)
+                + _guided_rows())
 
 
 def format_table(rows: Sequence[ParityRow]) -> str:

@@ -9,6 +9,7 @@ papers, not from any library's code:
 - Nichol & Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models", arXiv:2102.09672.
 - Salimans & Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models" (v), arXiv:2202.00512.
 - Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed" (spacings), arXiv:2305.08891.
+- Ho & Salimans 2022, "Classifier-Free Diffusion Guidance", arXiv:2207.12598.
 
 Conventions. Timesteps are 0-indexed, t = 0 .. T-1 (the papers' t = 1 .. T). A sampler visits a decreasing
 sequence of timesteps; each step goes from t to the next one, t_prev, and the last step has t_prev = -1 with
@@ -32,6 +33,7 @@ VarianceType = Literal["fixed_small", "fixed_large", "learned", "learned_range"]
 Spacing = Literal["leading", "trailing", "linspace"]
 Generator = torch.Generator | list[torch.Generator] | None
 Model = Callable[[torch.Tensor, int], torch.Tensor]
+ConditionalModel = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
 
 __all__ = [
     "alpha_bar",
@@ -43,6 +45,8 @@ __all__ = [
     "ddpm_step",
     "ddpm_variance",
     "dynamic_threshold",
+    "guided_model",
+    "guided_output",
     "make_betas",
     "posterior_mean_variance",
     "posterior_variance",
@@ -338,6 +342,34 @@ def ddim_step(
             raise ValueError("ddim_step with eta > 0 needs noise")
         x_prev = x_prev + sigma.to(x_t.dtype) * noise
     return x_prev
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Classifier-free guidance
+# --------------------------------------------------------------------------------------------------------------
+
+
+def guided_output(output_cond: torch.Tensor, output_uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022, eq. 6): eps~ = (1 + w) eps(z, c) - w eps(z).
+
+    The paper's w is `guidance_scale - 1` (the diffusers convention: `guidance_scale` 1 is the conditional model
+    alone, 0 the unconditional one). The combination is linear, so it holds for any of the model's outputs
+    (epsilon, v or x_0), which the step then reads as usual.
+    """
+    w = guidance_scale - 1.0
+    return (1.0 + w) * output_cond - w * output_uncond
+
+
+def guided_model(
+    model: ConditionalModel, condition: torch.Tensor, null_condition: torch.Tensor, guidance_scale: float
+) -> Model:
+    """The `model(x_t, t)` a sampler takes, from `model(x_t, t, c)`: the conditional and the unconditional
+    (`null_condition`) outputs, each from its own call, combined by `guided_output` at every step."""
+
+    def guided(x: torch.Tensor, t: int) -> torch.Tensor:
+        return guided_output(model(x, t, condition), model(x, t, null_condition), guidance_scale)
+
+    return guided
 
 
 # --------------------------------------------------------------------------------------------------------------

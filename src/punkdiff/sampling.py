@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -25,8 +27,14 @@ def generate(
     eta: float = DDIM_ETA,
     output_type: str = "pil",
     progress: bool = True,
+    labels: int | str | Sequence[int | str | None] | None = None,
+    attributes: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+    guidance_scale: float = 1.0,
 ) -> list[PIL.Image.Image] | np.ndarray:
     """`num_images` samples, `batch_size` at a time; image i comes from a CPU generator seeded `seed + i`.
+
+    A conditional model takes `labels` or `attributes` as `PunkDiffPipeline` does: one request for every image,
+    or a list with one per image, and its `guidance_scale`.
 
     Memory is bounded by `batch_size`, not by `num_images`, and CPU generators make the same seed give the same
     image on any device.
@@ -35,10 +43,14 @@ def generate(
         ```py
         >>> images = generate(pipe, 1000, seed=0, batch_size=250, sampler="ddim", num_inference_steps=50)
         >>> images[7] == generate(pipe, 8, seed=0, batch_size=8)[7]  # the same digit, up to float rounding
+        >>> sevens = generate(digits, 100, labels=7, guidance_scale=3.0)
         ```
     """
     if num_images < 1 or batch_size < 1:
         raise ValueError(f"num_images and batch_size must be at least 1 (got {num_images}, {batch_size})")
+    for request in (labels, attributes):
+        if _per_image(request) and len(request) != num_images:
+            raise ValueError(f"got {len(request)} requests for {num_images} images; give one per image, or one for all")
     pipe.set_progress_bar_config(disable=True)
     batches = []
     for first in tqdm(range(0, num_images, batch_size), total=math.ceil(num_images / batch_size), unit="batch",
@@ -46,9 +58,20 @@ def generate(
         count = min(batch_size, num_images - first)
         generators = image_generators(seed, count, first)
         batches.append(pipe(
-            batch_size=count, generator=generators, sampler=sampler, num_inference_steps=num_inference_steps,
-            eta=eta, output_type=output_type,
+            batch_size=count, labels=_batch_of(labels, first, count), attributes=_batch_of(attributes, first, count),
+            guidance_scale=guidance_scale, generator=generators, sampler=sampler,
+            num_inference_steps=num_inference_steps, eta=eta, output_type=output_type,
         ).images)
     if output_type == "pil":
         return [image for batch in batches for image in batch]
     return np.concatenate(batches) if output_type == "np" else torch.cat(batches)
+
+
+def _per_image(request: Any) -> bool:
+    """Whether a request is a list with one entry per image (not one label or mapping for all of them)."""
+    return request is not None and not isinstance(request, (str, int, Mapping))
+
+
+def _batch_of(request: Any, first: int, count: int) -> Any:
+    """A batch's part of a per-image request; one request for all images (or None) serves every batch."""
+    return list(request[first:first + count]) if _per_image(request) else request
