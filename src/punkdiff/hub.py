@@ -2,9 +2,10 @@
 
 An export is what a Hub user downloads: `model_index.json`, `unet/` and `scheduler/` (weights in
 `.safetensors` only), `pipeline.py` (the `PunkDiffPipeline` source, for diffusers' custom-pipeline route),
-`samples.png` and a `README.md` model card. `model_index.json` names the stock `DDPMPipeline`, so
-`DiffusionPipeline.from_pretrained(folder)` works without running any code shipped with the model, and
-`custom_pipeline=..., trust_remote_code=True` is an explicit opt-in to `PunkDiffPipeline`.
+`sampling.json` (how the model is meant to be sampled), `samples.png` and a `README.md` model card.
+`model_index.json` names the stock `DDPMPipeline`, so `DiffusionPipeline.from_pretrained(folder)` works without
+running any code shipped with the model, and `custom_pipeline=..., trust_remote_code=True` is an explicit opt-in
+to `PunkDiffPipeline`.
 
 Loading goes through `validate_model_folder` first, which reads only JSON and safetensors headers: a
 pickle checkpoint is refused, never unpickled.
@@ -33,7 +34,15 @@ from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 from safetensors import safe_open
 
 from punkdiff.files import write_text
-from punkdiff.pipelines.punkdiff_pipeline import PALETTE_FILE, PunkDiffPipeline, read_palette
+from punkdiff.pipelines.punkdiff_pipeline import (
+    PALETTE_FILE,
+    SAMPLING_FILE,
+    PunkDiffPipeline,
+    SamplingConfig,
+    read_palette,
+    read_sampling_config,
+)
+from punkdiff.presets import RECOMMENDED_SAMPLING
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -204,11 +213,14 @@ def export_pipeline(
     card: ModelCardInfo | Mapping[str, Any] | None = None,
     sample_grid: PIL.Image.Image | None = None,
     palette: np.ndarray | None = None,
+    sampling: SamplingConfig | Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a Hub-ready model folder, replacing `output_dir` only once the new export is complete and valid.
 
     The schedule is saved as a `DDPMScheduler` (the training process), so stock `DDPMPipeline` and
-    `DDIMPipeline` load the folder; samplers are picked at call time. Pass an unwrapped UNet (e.g. the EMA
+    `DDIMPipeline` load the folder; samplers are picked at call time, and `sampling` (default: punkdiff's
+    `RECOMMENDED_SAMPLING`, DDIM-50 with eta 1, what measured best for trained presets) is saved as `sampling.json`,
+    the sampler, steps and eta that calls leaving them out use. Pass an unwrapped UNet (e.g. the EMA
     copy, not a DDP or compiled wrapper). A pixel-art model's training `palette` (uint8 `[P, C]`) is saved as
     `palette.json`, so its pipeline snaps samples to it. An existing `output_dir` is replaced only if it is empty or
     is itself an export, so a mistyped path never deletes a training run.
@@ -232,6 +244,8 @@ def export_pipeline(
             sample_grid.save(staging / "samples.png")
         pipe = PunkDiffPipeline(unet=unet, scheduler=DDPMScheduler.from_config(scheduler.config))
         pipe.palette = torch.as_tensor(palette) if palette is not None else None
+        pipe.sampling_config = sampling if isinstance(sampling, SamplingConfig) else SamplingConfig.from_dict(
+            dict(sampling or RECOMMENDED_SAMPLING))
         pipe.save_pretrained(staging, safe_serialization=True)
         write_model_card(staging, card)
         validate_model_folder(staging)
@@ -263,6 +277,7 @@ def validate_model_folder(folder: str | os.PathLike[str]) -> Path:
     _check_unet_config(folder / "unet" / "config.json", unet_config)
     if (folder / PALETTE_FILE).exists():
         _check_palette(folder / PALETTE_FILE, unet_config["in_channels"])
+    _check_sampling_config(folder)
     weights = folder / "unet" / WEIGHTS_NAME
     if not weights.is_file():
         pickles = sorted(str(p.relative_to(folder)) for p in _pickle_files(folder))
@@ -322,6 +337,25 @@ def _check_palette(path: Path, channels: int) -> None:
     if palette.shape[1] != channels or len(palette) > 4096:
         raise ModelFolderError(f"{path} has {len(palette)} colours of {palette.shape[1]} channels; the UNet has "
                                f"{channels} channels: delete the file or re-export the model.")
+
+
+def _check_sampling_config(folder: Path) -> None:
+    """`sampling.json`, where there is one: a known sampler, and counts and eta the model's schedule allows."""
+    path = folder / SAMPLING_FILE
+    if not path.exists():
+        return
+    fix = "fix or delete it (the model is then sampled with punkdiff's defaults), or re-export the model"
+    try:
+        config = read_sampling_config(path)
+    except ValueError as e:
+        raise ModelFolderError(f"{path} is not a usable sampling recommendation ({e}); {fix}.") from e
+    timesteps = _read_json(folder / "scheduler" / "scheduler_config.json").get("num_train_timesteps", 1000)
+    too_many = {k: v for k, v in (("num_inference_steps", config.num_inference_steps),
+                                  ("distilled_steps", config.distilled_steps)) if v is not None and v > timesteps}
+    if too_many:
+        counts = ", ".join(f"{k} {v}" for k, v in too_many.items())
+        raise ModelFolderError(f"{path} asks for {counts}, more than the model's {timesteps} training timesteps; "
+                               f"{fix}.")
 
 
 def _check_model_index(path: Path, index: object) -> None:

@@ -10,8 +10,21 @@ import torch
 from tqdm.auto import tqdm
 
 from punkdiff.pipelines import PunkDiffPipeline
-from punkdiff.presets import DDIM_ETA
+from punkdiff.pipelines.punkdiff_pipeline import SamplingConfig
+from punkdiff.presets import RECOMMENDED_SAMPLING
 from punkdiff.seeds import image_generators
+
+
+def recommended_sampling(pipe: PunkDiffPipeline) -> SamplingConfig:
+    """How `pipe` is meant to be sampled: its model's `sampling.json`, else punkdiff's `RECOMMENDED_SAMPLING`.
+
+    Examples:
+        ```py
+        >>> recommended_sampling(pipe).fill(None, None, None)  # what `punkdiff sample MODEL` runs
+        ('ddim', 50, 1.0)
+        ```
+    """
+    return pipe.sampling_config or SamplingConfig.from_dict(RECOMMENDED_SAMPLING)
 
 
 def generate(
@@ -20,16 +33,17 @@ def generate(
     *,
     seed: int = 0,
     batch_size: int = 64,
-    sampler: str = "ddim",
+    sampler: str | None = None,
     num_inference_steps: int | None = None,
-    eta: float = DDIM_ETA,
+    eta: float | None = None,
     output_type: str = "pil",
     progress: bool = True,
 ) -> list[PIL.Image.Image] | np.ndarray:
     """`num_images` samples, `batch_size` at a time; image i comes from a CPU generator seeded `seed + i`.
 
     Memory is bounded by `batch_size`, not by `num_images`, and CPU generators make the same seed give the same
-    image on any device.
+    image on any device. The sampler, steps and eta left `None` are the model's recommendation
+    (`recommended_sampling`).
 
     Examples:
         ```py
@@ -39,6 +53,7 @@ def generate(
     """
     if num_images < 1 or batch_size < 1:
         raise ValueError(f"num_images and batch_size must be at least 1 (got {num_images}, {batch_size})")
+    sampler, num_inference_steps, eta = recommended_sampling(pipe).fill(sampler, num_inference_steps, eta)
     pipe.set_progress_bar_config(disable=True)
     batches = []
     for first in tqdm(range(0, num_images, batch_size), total=math.ceil(num_images / batch_size), unit="batch",
