@@ -1,12 +1,13 @@
-"""punkdiff.sampling: many images in batches, and the DDIM noise weight punkdiff samples with by default."""
+"""punkdiff.sampling: many images in batches, with the sampler, steps and eta the model recommends by default."""
 
 from __future__ import annotations
 
 import numpy as np
 from tiny_models import tiny_pipeline
 
-from punkdiff.presets import DDIM_ETA
-from punkdiff.sampling import generate
+from punkdiff.pipelines.punkdiff_pipeline import SamplingConfig
+from punkdiff.presets import DDIM_ETA, RECOMMENDED_SAMPLING
+from punkdiff.sampling import generate, recommended_sampling
 
 
 def _sample(pipe, count: int, batch_size: int, **kwargs) -> np.ndarray:
@@ -27,3 +28,18 @@ def test_image_i_depends_only_on_its_seed_even_with_fresh_noise():
     whole = _sample(pipe, 5, 5)
     np.testing.assert_allclose(_sample(pipe, 5, 2), whole, atol=1e-5)  # batches of 2, 2, 1
     np.testing.assert_allclose(_sample(pipe, 2, 2), whole[:2], atol=1e-5)
+
+
+def test_the_model_recommendation_fills_what_a_call_leaves_out():
+    pipe = tiny_pipeline(channels=1)
+    assert recommended_sampling(pipe) == SamplingConfig.from_dict(RECOMMENDED_SAMPLING)  # saved without one
+    pipe.sampling_config = SamplingConfig("ddim-trailing", 3, 0.0)
+    assert recommended_sampling(pipe) is pipe.sampling_config
+
+    def run(**kwargs) -> np.ndarray:
+        return generate(pipe, 2, seed=1, output_type="np", progress=False, **kwargs)
+
+    default = run()
+    np.testing.assert_array_equal(default, run(sampler="ddim-trailing", num_inference_steps=3, eta=0.0))
+    assert np.abs(default - run(eta=1.0)).max() > 1e-2  # an explicit argument wins
+    assert np.abs(default - run(num_inference_steps=2)).max() > 1e-2
