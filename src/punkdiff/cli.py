@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from punkdiff.presets import MAX_SAMPLING_SEED  # light: no torch, so the parser builds fast
+from punkdiff.presets import DDIM_ETA, MAX_SAMPLING_SEED  # light: no torch, so the parser builds fast
 
 
 class UsageError(ValueError):
@@ -176,7 +176,7 @@ def _add_sampler_arguments(
     p.add_argument("--steps", type=_positive_int, default=None, help=default_steps)
     p.add_argument("--eta", type=_unit_float, default=eta,
                    help="DDIM noise weight: 0 deterministic, 1 DDPM-like (default: "
-                   f"{'the recommendation, else 1' if eta is None else f'{eta:g}'})")
+                   f"{f'the recommendation, else {DDIM_ETA:g}' if eta is None else f'{eta:g}'})")
 
 
 def _image_path(text: str, what: str) -> Path:

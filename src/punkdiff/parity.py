@@ -275,8 +275,8 @@ def stock_trailing(pipe: Any, n: int, eta: float = 0.0, batch_size: int = 2) -> 
 
 def run_parity(num_train_timesteps: int = 1000) -> list[ParityRow]:
     """A compact parity sweep (10-20 s on a CPU): add_noise, single steps, full sampling runs with a
-    small random UNet (DDPM over all `num_train_timesteps` steps), PunkDiffPipeline's DDIM for every
-    timestep spacing, and its few-step trailing DDIM against the reference and stock `DDIMPipeline`."""
+    small random UNet (DDPM over all `num_train_timesteps` steps), and PunkDiffPipeline's DDIM for every
+    timestep spacing."""
     with single_thread(), torch.no_grad():
         unet = tiny_unet()
         return _add_noise_rows() + _step_rows() + _sample_rows(unet, num_train_timesteps) + _pipeline_rows(unet)
