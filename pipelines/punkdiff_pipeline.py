@@ -445,7 +445,6 @@ class NamedSampler:
 
     scheduler_class: type[SchedulerMixin]
     overrides: Mapping[str, Any] = field(default_factory=dict)
-    description: str = ""
 
     def from_config(self, config: Mapping[str, Any]) -> SchedulerMixin:
         """A fresh scheduler of this kind for the noise schedule in `config` (a model's saved scheduler config).
@@ -466,32 +465,22 @@ class NamedSampler:
         return issubclass(self.scheduler_class, DDIMScheduler)
 
 
+_DPM_SOLVER_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2, "timestep_spacing": "linspace"}
 # The samplers `PunkDiffPipeline` runs by name (`pipe(sampler=...)`, `punkdiff sample --scheduler ...`). DPM-Solver++
 # and UniPC always start at t = T - 1 (diffusers' own "linspace" spacing for them, whatever the saved config says).
 SAMPLERS: dict[str, NamedSampler] = {
-    "ddpm": NamedSampler(ExactDDPMScheduler, {}, "ancestral DDPM (Ho et al. 2020); default: every training step"),
-    "ddim": NamedSampler(ExactDDIMScheduler, {}, "DDIM (Song et al. 2021) with the saved config's spacing; eta 0-1"),
-    "ddim-trailing": NamedSampler(
-        ExactDDIMScheduler, {"timestep_spacing": "trailing"}, "DDIM from t = T - 1 (Lin et al. 2024): few steps"
-    ),
-    "dpm++": NamedSampler(
-        DPMSolverMultistepScheduler,
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "timestep_spacing": "linspace"},
-        "DPM-Solver++ 2M (Lu et al. 2022)",
-    ),
-    "dpm++-karras": NamedSampler(
-        DPMSolverMultistepScheduler,
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "timestep_spacing": "linspace", "use_karras_sigmas": True},
-        "DPM-Solver++ 2M with Karras et al. 2022 sigmas",
-    ),
-    "unipc": NamedSampler(
-        UniPCMultistepScheduler, {"timestep_spacing": "linspace"}, "UniPC, order 2 (Zhao et al. 2023)"
-    ),
-    "unipc-karras": NamedSampler(
-        UniPCMultistepScheduler,
-        {"timestep_spacing": "linspace", "use_karras_sigmas": True},
-        "UniPC with Karras et al. 2022 sigmas",
-    ),
+    # ancestral DDPM (Ho et al. 2020); by default every training step
+    "ddpm": NamedSampler(ExactDDPMScheduler),
+    # DDIM (Song et al. 2021) with the saved config's spacing; eta from 0 (deterministic) to 1 (DDPM-like)
+    "ddim": NamedSampler(ExactDDIMScheduler),
+    # DDIM from t = T - 1 (Lin et al. 2024): the few-step choice, and a distilled student's sampler
+    "ddim-trailing": NamedSampler(ExactDDIMScheduler, {"timestep_spacing": "trailing"}),
+    # DPM-Solver++ 2M (Lu et al. 2022), with the noise levels of Karras et al. 2022 or without
+    "dpm++": NamedSampler(DPMSolverMultistepScheduler, _DPM_SOLVER_2M),
+    "dpm++-karras": NamedSampler(DPMSolverMultistepScheduler, {**_DPM_SOLVER_2M, "use_karras_sigmas": True}),
+    # UniPC of order 2 (Zhao et al. 2023), with Karras et al. 2022 noise levels or without
+    "unipc": NamedSampler(UniPCMultistepScheduler, {"timestep_spacing": "linspace"}),
+    "unipc-karras": NamedSampler(UniPCMultistepScheduler, {"timestep_spacing": "linspace", "use_karras_sigmas": True}),
 }
 # What `sampler=None` runs for a saved stock scheduler (and no recommendation): the exact version of its class.
 _EXACT = {DDPMScheduler: ExactDDPMScheduler, DDIMScheduler: ExactDDIMScheduler}
@@ -737,7 +726,8 @@ class PunkDiffPipeline(DiffusionPipeline):
 
         Comparing the result with the input (MSE, SSIM) as a function of `t_start` shows how much of an image the
         model can recover from a given noise level. The image is noised to the largest scheduled timestep that is
-        not above `t_start` (exactly `t_start` for full-length DDPM).
+        not above `t_start` (exactly `t_start` for full-length DDPM). Unlike `__call__`, it does not use the
+        model's recommended sampling: `sampler=None` is the saved scheduler's class, and eta is 0 unless given.
 
         Args:
             image: Images in [0, 1] at the model's resolution (PIL, `(B, H, W, C)` array or `(B, C, H, W)` tensor).
