@@ -265,6 +265,7 @@ def test_push_uploads_the_folder(model_dir, monkeypatch, tmp_path, capsys):
         "README.md",
         "model_index.json",
         "pipeline.py",
+        "sampling.json",
         "scheduler/scheduler_config.json",
         "unet/config.json",
         "unet/diffusion_pytorch_model.safetensors",
