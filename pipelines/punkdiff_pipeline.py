@@ -514,14 +514,14 @@ class SamplingConfig:
     def from_dict(cls, data: object) -> SamplingConfig:
         """Check a `sampling.json` object; `ValueError` names each wrong field and what it must be."""
         if not isinstance(data, dict):
-            raise ValueError(f"must hold a JSON object such as {json.dumps(asdict(cls('ddim', 50, 1.0)))}")
+            raise ValueError('must hold a JSON object, e.g. {"sampler": "ddim", "num_inference_steps": 50, "eta": 1}')
 
         def count(value: object) -> bool:
             return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
         known = {"sampler", "num_inference_steps", "eta", "distilled_steps"}
         problems = [f"unknown key {key!r} (known: {', '.join(sorted(known))})" for key in sorted(set(data) - known)]
-        if data.get("sampler") not in SAMPLERS:
+        if not (isinstance(data.get("sampler"), str) and data["sampler"] in SAMPLERS):
             problems.append(f"sampler must be one of {', '.join(SAMPLERS)}, got {data.get('sampler')!r}")
         if not count(data.get("num_inference_steps")):
             problems.append(f"num_inference_steps must be a positive integer, got {data.get('num_inference_steps')!r}")

@@ -625,6 +625,7 @@ def test_a_student_sampled_at_another_step_count_warns_once():
     [
         ([], "JSON object"),
         ({"sampler": "euler", "num_inference_steps": 50}, "sampler must be one of ddpm, ddim, ddim-trailing"),
+        ({"sampler": ["ddim"], "num_inference_steps": 50}, "sampler must be one of ddpm, ddim, ddim-trailing"),
         ({"sampler": "ddim", "num_inference_steps": 0}, "num_inference_steps must be a positive integer, got 0"),
         ({"sampler": "ddim", "num_inference_steps": True}, "num_inference_steps must be a positive integer"),
         ({"sampler": "ddim", "num_inference_steps": 50, "eta": 1.5}, "eta must be a number in [0, 1], got 1.5"),
