@@ -11,11 +11,13 @@ trust_remote_code=True)`. It knows nothing of punkdiff: the model card and punkd
 from __future__ import annotations
 
 import difflib
+import inspect
 import json
 import math
 import numbers
 import os
 import shutil
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
@@ -33,6 +35,7 @@ from diffusers import (
     ImagePipelineOutput,
     RePaintScheduler,
     UNet2DModel,
+    UniPCMultistepScheduler,
 )
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.image_processor import VaeImageProcessor
@@ -50,6 +53,8 @@ from torch import nn
 CUSTOM_PIPELINE_FILE = "pipeline.py"
 # Pixel-art models keep their training palette here (`{"colors": ["#rrggbb", ...]}`); stock diffusers ignores it.
 PALETTE_FILE = "palette.json"
+# How the model is meant to be sampled (`SamplingConfig`), beside `scheduler/`, which stays the training schedule.
+SAMPLING_FILE = "sampling.json"
 # The `save_pretrained(push_to_hub=True, ...)` arguments diffusers takes from its kwargs.
 _PUSH_KWARGS = ("repo_id", "private", "token", "commit_message", "create_pr")
 
@@ -859,12 +864,54 @@ class ExactRePaintScheduler(RePaintScheduler):
         return alpha**0.5 * sample + (1 - alpha) ** 0.5 * noise
 
 
-SAMPLERS: dict[str, type[SchedulerMixin]] = {
-    "ddpm": ExactDDPMScheduler,
-    "ddim": ExactDDIMScheduler,
-    "dpm++": DPMSolverMultistepScheduler,  # its default algorithm_type is "dpmsolver++"
+@dataclass(frozen=True)
+class NamedSampler:
+    """A sampler by name: a scheduler class, and the config keys it sets over the model's saved (training) config.
+
+    The keys go to `from_config` as keywords, because `from_config` drops every key a config lists in
+    `_use_default_values` (those an in-memory scheduler never set), so an edited dict would be half ignored.
+    """
+
+    scheduler_class: type[SchedulerMixin]
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    def from_config(self, config: Mapping[str, Any]) -> SchedulerMixin:
+        """A fresh scheduler of this kind for the noise schedule in `config` (a model's saved scheduler config).
+
+        Examples:
+            ```py
+            >>> sched = SAMPLERS["ddim-trailing"].from_config(DDPMScheduler().config)
+            >>> sched.set_timesteps(4)
+            >>> sched.timesteps.tolist()
+            [999, 749, 499, 249]
+            ```
+        """
+        return self.scheduler_class.from_config(config, **self.overrides)
+
+    @property
+    def uses_eta(self) -> bool:
+        """Whether the call's `eta` (DDIM's noise weight) changes what this sampler draws."""
+        return issubclass(self.scheduler_class, DDIMScheduler)
+
+
+_DPM_SOLVER_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2, "timestep_spacing": "linspace"}
+# The samplers `PunkDiffPipeline` runs by name (`pipe(sampler=...)`, `punkdiff sample --scheduler ...`). DPM-Solver++
+# and UniPC always start at t = T - 1 (diffusers' own "linspace" spacing for them, whatever the saved config says).
+SAMPLERS: dict[str, NamedSampler] = {
+    # ancestral DDPM (Ho et al. 2020); by default every training step
+    "ddpm": NamedSampler(ExactDDPMScheduler),
+    # DDIM (Song et al. 2021) with the saved config's spacing; eta from 0 (deterministic) to 1 (DDPM-like)
+    "ddim": NamedSampler(ExactDDIMScheduler),
+    # DDIM from t = T - 1 (Lin et al. 2024): the few-step choice, and a distilled student's sampler
+    "ddim-trailing": NamedSampler(ExactDDIMScheduler, {"timestep_spacing": "trailing"}),
+    # DPM-Solver++ 2M (Lu et al. 2022), with the noise levels of Karras et al. 2022 or without
+    "dpm++": NamedSampler(DPMSolverMultistepScheduler, _DPM_SOLVER_2M),
+    "dpm++-karras": NamedSampler(DPMSolverMultistepScheduler, {**_DPM_SOLVER_2M, "use_karras_sigmas": True}),
+    # UniPC of order 2 (Zhao et al. 2023), with Karras et al. 2022 noise levels or without
+    "unipc": NamedSampler(UniPCMultistepScheduler, {"timestep_spacing": "linspace"}),
+    "unipc-karras": NamedSampler(UniPCMultistepScheduler, {"timestep_spacing": "linspace", "use_karras_sigmas": True}),
 }
-# What `sampler=None` runs for a saved stock scheduler: the exact version of its class.
+# What `sampler=None` runs for a saved stock scheduler (and no recommendation): the exact version of its class.
 _EXACT = {DDPMScheduler: ExactDDPMScheduler, DDIMScheduler: ExactDDIMScheduler}
 
 
@@ -910,6 +957,85 @@ def _check_conditional_parts(
                          f"condition is {condition.width} wide")
 
 
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How a model is meant to be sampled, saved beside it as `sampling.json` and used by calls that leave it out.
+
+    Args:
+        sampler: A name in `SAMPLERS`.
+        num_inference_steps: Steps (network evaluations) per image.
+        eta: DDIM's noise weight, in [0, 1] (0 deterministic, 1 DDPM-like).
+        distilled_steps: For a distilled student, the step count it was trained to sample in; other counts warn.
+
+    Examples:
+        ```py
+        >>> SamplingConfig.from_dict({"sampler": "ddim", "num_inference_steps": 50, "eta": 1.0})
+        SamplingConfig(sampler='ddim', num_inference_steps=50, eta=1.0, distilled_steps=None)
+        >>> SamplingConfig("ddim", 50, 1.0).fill("dpm++", None, None)  # another sampler keeps its own defaults
+        ('dpm++', None, None)
+        ```
+    """
+
+    sampler: str
+    num_inference_steps: int
+    eta: float = 0.0
+    distilled_steps: int | None = None
+
+    @classmethod
+    def from_dict(cls, data: object) -> SamplingConfig:
+        """Check a `sampling.json` object; `ValueError` names each wrong field and what it must be."""
+        if not isinstance(data, dict):
+            raise ValueError('must hold a JSON object, e.g. {"sampler": "ddim", "num_inference_steps": 50, "eta": 1}')
+
+        def count(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+        known = {"sampler", "num_inference_steps", "eta", "distilled_steps"}
+        problems = [f"unknown key {key!r} (known: {', '.join(sorted(known))})" for key in sorted(set(data) - known)]
+        if not (isinstance(data.get("sampler"), str) and data["sampler"] in SAMPLERS):
+            problems.append(f"sampler must be one of {', '.join(SAMPLERS)}, got {data.get('sampler')!r}")
+        if not count(data.get("num_inference_steps")):
+            problems.append(f"num_inference_steps must be a positive integer, got {data.get('num_inference_steps')!r}")
+        eta = data.get("eta", 0.0)
+        if not (isinstance(eta, (int, float)) and not isinstance(eta, bool) and math.isfinite(eta) and 0 <= eta <= 1):
+            problems.append(f"eta must be a number in [0, 1], got {eta!r}")
+        if data.get("distilled_steps") is not None and not count(data["distilled_steps"]):
+            problems.append(f"distilled_steps must be a positive integer, got {data['distilled_steps']!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return cls(data["sampler"], data["num_inference_steps"], float(eta), data.get("distilled_steps"))
+
+    def fill(
+        self, sampler: str | SchedulerMixin | None, num_inference_steps: int | None, eta: float | None
+    ) -> tuple[str | SchedulerMixin, int | None, float | None]:
+        """A call's sampler, steps and eta, with those left `None` taken from this recommendation.
+
+        Steps and eta were chosen with the sampler, so they are filled only when the call samples with the
+        recommended sampler (or leaves it out); another sampler keeps its own defaults.
+        """
+        if sampler is not None and not (isinstance(sampler, str) and sampler.lower() == self.sampler):
+            return sampler, num_inference_steps, eta
+        return (
+            self.sampler,
+            self.num_inference_steps if num_inference_steps is None else num_inference_steps,
+            self.eta if eta is None else eta,
+        )
+
+
+def read_sampling_config(path: str | os.PathLike[str]) -> SamplingConfig:
+    """A `sampling.json` -> `SamplingConfig`; `ValueError` (with the path) if it is not one."""
+    try:
+        return SamplingConfig.from_dict(json.loads(Path(path).read_text()))
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: {err}") from err
+
+
+def write_sampling_config(path: str | os.PathLike[str], config: SamplingConfig) -> None:
+    """Write `config` as `sampling.json`, the form `read_sampling_config` reads (no `distilled_steps` if None)."""
+    data = {k: v for k, v in asdict(config).items() if v is not None}
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
 @dataclass
 class PunkDiffPipelineOutput(ImagePipelineOutput):
     """Images, plus, with `return_trajectory=True`, x_t and the predicted x_0 after every step (for GIFs).
@@ -927,10 +1053,15 @@ class PunkDiffPipelineOutput(ImagePipelineOutput):
 class PunkDiffPipeline(DiffusionPipeline):
     r"""Pipeline for image generation, reconstruction and inpainting with one DDPM-trained UNet.
 
-    The sampler is chosen per call (`"ddpm"`, `"ddim"`, `"dpm++"` or a scheduler instance) and built with
-    `from_config` from the saved scheduler, so a call never changes `self.scheduler` or its config. DDPM and DDIM
-    use [`ExactDDPMScheduler`] and [`ExactDDIMScheduler`], which give the reference result for every
+    The sampler is chosen per call (a name in `SAMPLERS`: `"ddpm"`, `"ddim"`, `"ddim-trailing"`, `"dpm++"`,
+    `"dpm++-karras"`, `"unipc"`, `"unipc-karras"`; or a scheduler instance) and built with `from_config` from the
+    saved scheduler, so a call never changes `self.scheduler` or its config. DDPM and DDIM use
+    [`ExactDDPMScheduler`] and [`ExactDDIMScheduler`], which give the reference result for every
     `timestep_spacing`; a saved stock `DDPMScheduler`/`DDIMScheduler` runs as its exact version too.
+
+    A model saved with a `sampling.json` (`SamplingConfig`, in `self.sampling_config`) says how it is meant to be
+    sampled: a call that leaves out the sampler, steps or eta takes them from it. A distilled student records
+    the step count it was distilled for, and sampling it at another count warns.
 
     Pixel art (CryptoPunks) is drawn from a small palette, which a denoiser only approximates: a pipeline with a
     `palette` (uint8 `[P, C]`, the training images' colours, saved beside the model as `palette.json`) snaps
@@ -988,11 +1119,13 @@ class PunkDiffPipeline(DiffusionPipeline):
             vae_scale_factor=1, do_resize=False, do_normalize=False, do_binarize=True, do_convert_grayscale=True
         )
         self.palette: torch.Tensor | None = None
+        self.sampling_config: SamplingConfig | None = None
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike[str], **kwargs: Any) -> PunkDiffPipeline:
-        """diffusers' `from_pretrained`, plus the folder's `palette.json` when the model is pixel art, and its
-        `condition.json` and `attribute_encoder` when it is conditional."""
+        """diffusers' `from_pretrained`, plus the folder's `palette.json` when the model is pixel art, its
+        `sampling.json` (the recommended sampling) if any, and its `condition.json` and `attribute_encoder` when it
+        is conditional."""
         revision = kwargs.get("revision")
         path = _model_file(pretrained_model_name_or_path, CONDITION_FILE, revision)
         if path is not None and "condition" not in kwargs:
@@ -1013,6 +1146,9 @@ class PunkDiffPipeline(DiffusionPipeline):
         path = _model_file(pretrained_model_name_or_path, PALETTE_FILE, revision)
         if path is not None:
             pipe.palette = read_palette(path)
+        path = _model_file(pretrained_model_name_or_path, SAMPLING_FILE, kwargs.get("revision"))
+        if path is not None:
+            pipe.sampling_config = read_sampling_config(path)
         return pipe
 
     def register_to_config(self, **kwargs: Any) -> None:
@@ -1038,7 +1174,7 @@ class PunkDiffPipeline(DiffusionPipeline):
         guidance_scale: float = 1.0,
         generator: Generator = None,
         num_inference_steps: int | None = None,
-        eta: float = 0.0,
+        eta: float | None = None,
         sampler: str | SchedulerMixin | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -1063,10 +1199,15 @@ class PunkDiffPipeline(DiffusionPipeline):
                 unguided.
             generator: One `torch.Generator`, or a list with one per image; with a list, image i depends only on
                 `generator[i]`, so it is the same whatever the batch size.
-            num_inference_steps: Denoising steps; `None` means every training step for DDPM and 50 otherwise.
-            eta: DDIM noise weight (0 is deterministic DDIM, 1 is DDPM-like); ignored by other samplers.
-            sampler: `"ddpm"`, `"ddim"`, `"dpm++"`, a scheduler instance, or `None` for the saved scheduler's
-                class. It is built from the saved scheduler's config for this call only.
+            num_inference_steps: Denoising steps (network evaluations); `None` means the model's recommended
+                count (`sampling_config`) when sampling with its recommended sampler, else every training step for
+                DDPM and 50 otherwise.
+            eta: DDIM noise weight (0 is deterministic DDIM, 1 is DDPM-like); ignored by other samplers. `None`
+                means the recommended eta with the recommended sampler, else 0.
+            sampler: A name in `SAMPLERS` (`"ddpm"`, `"ddim"`, `"ddim-trailing"`, `"dpm++"`, `"dpm++-karras"`,
+                `"unipc"`, `"unipc-karras"`), a scheduler instance, or `None` for the model's recommended sampler
+                (`sampling_config`), else the saved scheduler's class. It is built from the saved scheduler's
+                config for this call only.
             output_type: `"pil"`, `"np"` or `"pt"`; arrays and tensors are in [0, 1].
             return_dict: Return a [`PunkDiffPipelineOutput`] rather than a tuple.
             return_trajectory: Also return x_t and the predicted x_0 after each step.
@@ -1081,6 +1222,8 @@ class PunkDiffPipeline(DiffusionPipeline):
             >>> pipe = PunkDiffPipeline.from_pretrained("path/to/export")
             >>> generator = [torch.Generator().manual_seed(i) for i in range(4)]
             >>> images = pipe(batch_size=4, generator=generator, sampler="ddim", num_inference_steps=50).images
+            >>> images = pipe(batch_size=4, generator=generator).images  # as the model's sampling.json says
+            >>> images = pipe(batch_size=4, sampler="dpm++-karras", num_inference_steps=10).images
             >>> digits = PunkDiffPipeline.from_pretrained("path/to/digits")  # a conditional model
             >>> sevens = digits(labels=7, batch_size=4, guidance_scale=3.0).images
             >>> punks = PunkDiffPipeline.from_pretrained("path/to/punks")
@@ -1091,6 +1234,7 @@ class PunkDiffPipeline(DiffusionPipeline):
         guidance = self._prepare_condition(labels, attributes, guidance_scale, batch_size)
         batch_size = guidance.batch_size
         self._check_generator(generator, batch_size)
+        sampler, num_inference_steps, eta = self._recommended(sampler, num_inference_steps, eta)
         sched = self._make_sampler(sampler)
         sched.set_timesteps(self._default_steps(sched, num_inference_steps))
         # 2. x_T ~ N(0, I), scaled as the sampler expects
@@ -1128,7 +1272,8 @@ class PunkDiffPipeline(DiffusionPipeline):
 
         Comparing the result with the input (MSE, SSIM) as a function of `t_start` shows how much of an image the
         model can recover from a given noise level. The image is noised to the largest scheduled timestep that is
-        not above `t_start` (exactly `t_start` for full-length DDPM).
+        not above `t_start` (exactly `t_start` for full-length DDPM). Unlike `__call__`, it does not use the
+        model's recommended sampling: `sampler=None` is the saved scheduler's class, and eta is 0 unless given.
 
         Args:
             image: Images in [0, 1] at the model's resolution (PIL, `(B, H, W, C)` array or `(B, C, H, W)` tensor).
@@ -1258,11 +1403,12 @@ class PunkDiffPipeline(DiffusionPipeline):
         without running code shipped with the model, and this file is saved beside it as `pipeline.py`, so
         `DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder, trust_remote_code=True)` gives a
         `PunkDiffPipeline` to a user without punkdiff installed. A pixel-art model's palette is saved as
-        `palette.json`. A conditional model also saves its vocabulary as `condition.json` and, for attributes, the
-        `attribute_encoder` component (safetensors); stock `DDPMPipeline` loads such a folder but cannot sample it
-        (its UNet needs class labels): load it with this class, or with `custom_pipeline=` as above.
-        `push_to_hub=True` (with diffusers' `repo_id`, `private`, `token`, `commit_message`, `create_pr`) uploads
-        the finished folder with diffusers' own Hub code and model card.
+        `palette.json`, and a recommended sampling (`sampling_config`) as `sampling.json`. A conditional model also
+        saves its vocabulary as `condition.json` and, for attributes, the `attribute_encoder` component
+        (safetensors); stock `DDPMPipeline` loads such a folder but cannot sample it (its UNet needs class labels):
+        load it with this class, or with `custom_pipeline=` as above. `push_to_hub=True` (with diffusers' `repo_id`,
+        `private`, `token`, `commit_message`, `create_pr`) uploads the finished folder with diffusers' own Hub code
+        and model card.
 
         Examples:
             ```py
@@ -1285,7 +1431,8 @@ class PunkDiffPipeline(DiffusionPipeline):
         if self.attribute_encoder is None:
             config.pop("attribute_encoder", None)
         index.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        # 3. this file (the opt-in custom-pipeline route), a pixel-art model's palette, a conditional model's vocabulary
+        # 3. this file (the opt-in custom-pipeline route), a pixel-art model's palette, the recommended sampling,
+        #    a conditional model's vocabulary
         shutil.copyfile(__file__, Path(save_directory) / CUSTOM_PIPELINE_FILE)
         if self.attribute_encoder is not None:  # diffusers' custom-component route reads `<library>.py` there
             library = config["attribute_encoder"][0]
@@ -1294,6 +1441,8 @@ class PunkDiffPipeline(DiffusionPipeline):
             write_palette(Path(save_directory) / PALETTE_FILE, self.palette)
         if self.condition is not None:
             (Path(save_directory) / CONDITION_FILE).write_text(self.condition.to_json() + "\n")
+        if self.sampling_config is not None:
+            write_sampling_config(Path(save_directory) / SAMPLING_FILE, self.sampling_config)
         # 4. diffusers' push, as its `save_pretrained(push_to_hub=True)` does it, of the finished folder
         if push_to_hub:
             self._push_folder(save_directory, **push_kwargs)
@@ -1319,9 +1468,7 @@ class PunkDiffPipeline(DiffusionPipeline):
         unknown = set(tensor_inputs) - set(self._callback_tensor_inputs)
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs must be in {self._callback_tensor_inputs}.")
-        step_kwargs: dict[str, Any] = {"generator": generator}
-        if isinstance(sched, DDIMScheduler):
-            step_kwargs["eta"] = eta
+        step_kwargs = _extra_step_kwargs(sched, generator=generator, eta=eta)
         need_x0 = return_trajectory or "pred_original_sample" in tensor_inputs
         trajectory, pred_x0s = [], []
         # the UNet's timesteps copied to the device once, not once per step (CUDA graphs also need device inputs);
@@ -1416,17 +1563,33 @@ class PunkDiffPipeline(DiffusionPipeline):
             return sampler
         if sampler is None:
             cls = _EXACT.get(type(self.scheduler), type(self.scheduler))
-        elif sampler.lower() in SAMPLERS:
-            cls = SAMPLERS[sampler.lower()]
-        else:
-            raise ValueError(f"Unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}.")
-        return cls.from_config(self.scheduler.config)
+            return cls.from_config(self.scheduler.config)
+        if sampler.lower() not in SAMPLERS:
+            raise ValueError(f"Unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}.")
+        return SAMPLERS[sampler.lower()].from_config(self.scheduler.config)
 
-    @staticmethod
-    def _default_steps(sched: SchedulerMixin, num_inference_steps: int | None) -> int:
-        if num_inference_steps is not None:
-            return num_inference_steps
-        return sched.config.num_train_timesteps if isinstance(sched, DDPMScheduler) else 50
+    def _default_steps(self, sched: SchedulerMixin, num_inference_steps: int | None) -> int:
+        """The call's step count (every training step for DDPM, else 50), warning when a student is sampled at
+        another count than it was distilled for."""
+        if num_inference_steps is None:
+            num_inference_steps = sched.config.num_train_timesteps if isinstance(sched, DDPMScheduler) else 50
+        distilled = self.sampling_config.distilled_steps if self.sampling_config is not None else None
+        if distilled is not None and num_inference_steps != distilled:
+            warnings.warn(
+                f"This model was distilled to sample in {distilled} steps ({self.sampling_config.sampler}); its "
+                f"quality is only guaranteed there, and this call asks for {num_inference_steps}.",
+                UserWarning,
+                stacklevel=2,
+            )
+        return num_inference_steps
+
+    def _recommended(
+        self, sampler: str | SchedulerMixin | None, num_inference_steps: int | None, eta: float | None
+    ) -> tuple[str | SchedulerMixin | None, int | None, float]:
+        """A call's sampler, steps and eta, those left `None` taken from `sampling_config` (eta 0 without one)."""
+        if self.sampling_config is not None:
+            sampler, num_inference_steps, eta = self.sampling_config.fill(sampler, num_inference_steps, eta)
+        return sampler, num_inference_steps, 0.0 if eta is None else eta
 
     def _image_shape(self, batch_size: int) -> tuple[int, ...]:
         size = self.unet.config.sample_size
@@ -1472,6 +1635,15 @@ def _model_file(model: str | os.PathLike[str], name: str, revision: str | None) 
         return Path(hf_hub_download(str(model), name, revision=revision))
     except (EntryNotFoundError, LocalEntryNotFoundError):
         return None
+
+
+def _extra_step_kwargs(sched: SchedulerMixin, **kwargs: Any) -> dict[str, Any]:
+    """Those of `kwargs` (`generator`, `eta`) that `sched.step` takes: UniPC takes neither, only DDIM takes eta.
+
+    diffusers' pipelines do the same in `prepare_extra_step_kwargs`.
+    """
+    accepted = inspect.signature(sched.step).parameters
+    return {name: value for name, value in kwargs.items() if name in accepted}
 
 
 def _predict_x0(sched: SchedulerMixin, model_output: torch.Tensor, t: torch.Tensor, sample: torch.Tensor):

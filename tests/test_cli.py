@@ -18,6 +18,7 @@ from tiny_models import digit_pipeline, punk_pipeline, tiny_unet
 
 from punkdiff.cli import main
 from punkdiff.hub import export_pipeline
+from punkdiff.presets import RECOMMENDED_SAMPLING
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +154,40 @@ def test_sample_eta_must_be_a_weight(model_dir, tmp_path, capsys, flag, value):
     assert "must be in [0, 1]" in capsys.readouterr().err
 
 
+def test_sample_defaults_to_the_model_recommendation_and_flags_win(tmp_path):
+    def grid(model: Path, name: str, *flags: str) -> np.ndarray:
+        args = ["sample", str(model), "--seed", "7", "--num-images", "4", "--device", "cpu"]
+        assert main([*args, "--out", str(tmp_path / name), *flags]) == 0
+        return np.asarray(PIL.Image.open(tmp_path / name), dtype=int)
+
+    student = export_pipeline(tiny_unet(channels=3), DDPMScheduler(), tmp_path / "student",
+                              sampling={"sampler": "ddim-trailing", "num_inference_steps": 2, "eta": 1.0})
+    default = grid(student, "default.png")
+    np.testing.assert_array_equal(default, grid(student, "explicit.png", "--scheduler", "ddim-trailing",
+                                                "--steps", "2", "--eta", "1"))
+    assert np.abs(default - grid(student, "eta0.png", "--eta", "0")).max() > 0
+
+    (student / "sampling.json").unlink()  # a model saved without one: punkdiff's defaults, DDIM-50 with eta 1
+    assert RECOMMENDED_SAMPLING == {"sampler": "ddim", "num_inference_steps": 50, "eta": 1.0}
+    old = grid(student, "old.png")
+    np.testing.assert_array_equal(old, grid(student, "old-explicit.png", "--scheduler", "ddim", "--steps", "50",
+                                            "--eta", "1"))
+
+
+def test_sample_scheduler_choices_are_the_pipeline_samplers(model_dir, tmp_path, capsys):
+    from punkdiff.pipelines.punkdiff_pipeline import SAMPLERS
+
+    with pytest.raises(SystemExit):
+        sample(model_dir, tmp_path / "grid.png", "--scheduler", "euler")
+    err = capsys.readouterr().err
+    assert "invalid choice: 'euler'" in err and all(repr(name) in err for name in SAMPLERS)
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"the sampler: {', '.join(SAMPLERS)} (default: the model's recommendation" in help_text
+    assert sample(model_dir, tmp_path / "unipc.png", "--scheduler", "unipc-karras", "--num-images", "2") == 0
+
+
 def test_reconstruct_returns_lightly_noised_images_and_checks_t(model_dir, tmp_path, capsys):
     source = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8))
     source.save(tmp_path / "in.png")
@@ -230,6 +265,7 @@ def test_push_uploads_the_folder(model_dir, monkeypatch, tmp_path, capsys):
         "README.md",
         "model_index.json",
         "pipeline.py",
+        "sampling.json",
         "scheduler/scheduler_config.json",
         "unet/config.json",
         "unet/diffusion_pytorch_model.safetensors",

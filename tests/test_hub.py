@@ -43,6 +43,7 @@ EXPORTED_FILES = {
     "README.md",
     "model_index.json",
     "pipeline.py",
+    "sampling.json",
     "samples.png",
     "scheduler/scheduler_config.json",
     "unet/config.json",
@@ -804,3 +805,44 @@ def test_custom_pipeline_route_samples_a_conditional_model_without_punkdiff(expo
         "refused: unknown type 'Apex'",
         "PunkDiffPipeline ('type', 'accessories') AttributeEncoder (2, 8, 8, 3)",
     ]
+
+
+# --- sampling.json: how the model is meant to be sampled --------------------------------------------------------
+
+
+def test_an_export_recommends_how_to_sample_it_and_loads_with_it(exported, unet, tmp_path):
+    from punkdiff.pipelines.punkdiff_pipeline import SamplingConfig
+    from punkdiff.presets import RECOMMENDED_SAMPLING
+
+    assert json.loads((exported / "sampling.json").read_text()) == RECOMMENDED_SAMPLING == {
+        "sampler": "ddim", "num_inference_steps": 50, "eta": 1.0}  # what measured best (docs/results.md)
+    assert load_pipeline(exported).sampling_config == SamplingConfig("ddim", 50, 1.0)
+    student = {"sampler": "ddim-trailing", "num_inference_steps": 4, "eta": 0.0, "distilled_steps": 4}
+    folder = export_pipeline(unet, DDPMScheduler(), tmp_path / "student", sampling=student)
+    assert json.loads((folder / "sampling.json").read_text()) == student
+    assert load_pipeline(folder).sampling_config == SamplingConfig("ddim-trailing", 4, 0.0, 4)
+    assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "DDPMScheduler"
+
+
+def test_a_folder_without_sampling_json_still_loads(folder):
+    (folder / "sampling.json").unlink()
+    assert load_pipeline(folder).sampling_config is None
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "sampling.json is not a usable sampling recommendation"),
+        ('{"sampler": "euler", "num_inference_steps": 50}', "sampler must be one of ddpm, ddim, ddim-trailing"),
+        ('{"sampler": "ddim", "num_inference_steps": "50"}', "num_inference_steps must be a positive integer"),
+        ('{"sampler": "ddim", "num_inference_steps": 50, "eta": 2}', r"eta must be a number in \[0, 1\], got 2"),
+        ('{"sampler": "ddim", "num_inference_steps": 5000}', "num_inference_steps 5000, more than the model's 1000"),
+        ('{"sampler": "ddim", "num_inference_steps": 4, "distilled_steps": 1001}', "distilled_steps 1001, more"),
+        ('{"sampler": "ddim", "num_inference_steps": 4, "stepz": 4}', "unknown key 'stepz'"),
+    ],
+)
+def test_a_bad_sampling_json_is_refused_by_the_folder_check(folder, content, message):
+    (folder / "sampling.json").write_text(content)
+    with pytest.raises(ModelFolderError, match=message) as err:
+        load_pipeline(folder)
+    assert "fix or delete it" in str(err.value)

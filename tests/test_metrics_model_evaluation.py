@@ -163,3 +163,16 @@ def test_an_invalid_training_summary_is_refused_before_sampling(options, no_samp
     options.preset = None
     with pytest.raises(DataError, match="training_summary.json is not a training summary"):
         evaluate_model(options, progress=False)
+
+
+def test_eval_samples_with_the_model_recommendation_unless_told(options, digit_classifier):
+    import dataclasses
+
+    (Path(options.model) / "sampling.json").write_text(
+        '{"sampler": "ddim-trailing", "num_inference_steps": 3, "eta": 0.0}')
+    evaluate_model(dataclasses.replace(options, steps=None), progress=False)
+    assert json.loads((options.out / "metrics.json").read_text())["sampler"] == "ddim-trailing-3, eta 0"
+    evaluate_model(dataclasses.replace(options, scheduler="unipc", steps=None), progress=False)
+    assert json.loads((options.out / "metrics.json").read_text())["sampler"] == "unipc-50"
+    with pytest.raises(EvaluationError, match="unknown sampler 'euler'; choose one of ddpm, ddim"):
+        evaluate_model(dataclasses.replace(options, scheduler="euler"), progress=False)

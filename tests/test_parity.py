@@ -623,6 +623,41 @@ def test_pipeline_ddpm_trailing_fixed_large(unet, config, parity_record):
     assert diff <= SAMPLE_TOL
 
 
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("n", parity.FEW_STEPS)
+@pytest.mark.parametrize(
+    "config",
+    [{}, {"beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction"}],
+    ids=["linear-epsilon", "cosine-v"],
+)
+def test_pipeline_few_step_ddim_trailing(unet, config, n, eta, parity_record):
+    """"ddim-trailing" at 1, 2, 4 and 8 steps (a distilled student's sampler) is the reference DDIM with trailing
+    spacing, t_k = round(T k / n) - 1, whatever spacing the saved config names."""
+    pipe = _pipeline(unet, **config)
+    assert pipe.scheduler.config.timestep_spacing == "leading"
+    got = parity.few_step_trailing(pipe, n, eta)
+    trailing = {**pipe.scheduler.config, "timestep_spacing": "trailing"}
+    assert R.spaced_timesteps(1000, n, "trailing")[0] == 999
+    ref = parity.reference_sample(parity.unet_model(unet), trailing, "ddim", SHAPE, _gen(0), n, eta)
+    diff = parity.max_abs_diff(got, (ref / 2 + 0.5).clamp(0, 1))
+    parity_record("PunkDiffPipeline ddim-trailing, 1-8 steps", diff, SAMPLE_TOL)
+    assert diff <= SAMPLE_TOL
+
+
+@pytest.mark.parametrize("n", parity.FEW_STEPS)
+def test_stock_ddim_pipeline_trailing_gives_the_same_images(unet, n, parity_record):
+    """A user without punkdiff: stock `DDIMPipeline` with `DDIMScheduler.from_config(config,
+    timestep_spacing="trailing")`, eta 0, the same generator, gives PunkDiffPipeline's "ddim-trailing" images (n
+    divides T, so upstream's t - T // n is the next trailing timestep)."""
+    pipe = _pipeline(unet, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    ours, stock = parity.few_step_trailing(pipe, n), parity.stock_trailing(pipe, n)
+    diff = parity.max_abs_diff(ours, stock)
+    parity_record("stock DDIMPipeline trailing vs PunkDiffPipeline, 1-8 steps", diff, SAMPLE_TOL)
+    assert diff <= SAMPLE_TOL
+    if n > 1:  # the comparison can fail: another step count gives other images
+        assert parity.max_abs_diff(ours, parity.stock_trailing(pipe, n // 2)) > 1e-3
+
+
 def test_exported_pipeline_reproduced(unet, tmp_path, parity_record):
     """An exported, reloaded PunkDiffPipeline gives the reference result from the same seed."""
     from punkdiff import hub
@@ -722,6 +757,7 @@ def test_punkdiff_parity_command(monkeypatch, capsys):
     assert cli.main(["parity"]) == 0, capsys.readouterr().out
     out = capsys.readouterr().out
     assert "PunkDiffPipeline DDIM 7 steps linspace" in out and "FAIL" not in out
+    assert "stock DDIMPipeline trailing 4 steps" in out and "PunkDiffPipeline ddim-trailing 1 steps" in out
 
 
 def test_punkdiff_parity_command_fails_on_mismatch(monkeypatch, capsys):

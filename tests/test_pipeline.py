@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import sys
 from pathlib import Path
 
@@ -685,3 +686,187 @@ def test_stock_ddpm_pipeline_loads_a_conditional_model_and_stops_asking_for_clas
         stock.set_progress_bar_config(disable=True)
         with pytest.raises(ValueError, match="class_labels should be provided when doing class conditioning"):
             stock(num_inference_steps=2)
+
+
+# ---- named samplers, and the sampling a model recommends -----------------------------------------------------
+
+NEW_SAMPLERS = ["ddim-trailing", "dpm++", "dpm++-karras", "unipc", "unipc-karras"]
+
+
+def _count_unet_calls(pipe: PunkDiffPipeline) -> list[int]:
+    calls = [0]
+
+    def hook(module, args, output):
+        calls[0] += 1
+
+    pipe.unet.register_forward_hook(hook)
+    return calls
+
+
+@pytest.mark.parametrize("sampler", NEW_SAMPLERS)
+@pytest.mark.parametrize("steps", [1, 4, 20])
+def test_each_named_sampler_samples_finite_images_with_one_network_call_per_step(sampler, steps):
+    pipe = tiny_pipeline(channels=3)
+    calls = _count_unet_calls(pipe)
+    images = pipe(batch_size=2, generator=generators(0, 1), sampler=sampler, num_inference_steps=steps,
+                  output_type="pt").images
+    assert images.shape == (2, 3, 8, 8) and torch.isfinite(images).all()
+    assert calls[0] == steps  # network evaluations = the steps asked for
+
+
+def _gaussian_pipeline(prediction_type: str) -> PunkDiffPipeline:
+    """A pipeline whose "UNet" is the exact denoiser for x_0 ~ N(0, 0.5^2 I) (tiny_models.gaussian_denoiser)."""
+    from types import SimpleNamespace
+
+    from tiny_models import gaussian_denoiser
+
+    scheduler = DDPMScheduler(clip_sample=False, prediction_type=prediction_type)
+    model = gaussian_denoiser(scheduler.alphas_cumprod, prediction_type, data_std=0.5)
+    unet = tiny_unet(channels=1)
+    unet.forward = lambda x, t, *args, **kwargs: SimpleNamespace(sample=model(x, t))
+    pipe = PunkDiffPipeline(unet, scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _gap_to_exact(pipe: PunkDiffPipeline, sampler: str, steps: int) -> float:
+    """Max |sample - exact| in [-1, 1]: for Gaussian data the probability-flow ODE from the first timestep t_0 maps
+    x_{t_0} to x_0 = x_{t_0} * 0.5 / sqrt(0.25 ab + 1 - ab), ab = alpha_bar(t_0)."""
+    from punkdiff.pipelines.punkdiff_pipeline import SAMPLERS
+
+    sched = SAMPLERS[sampler].from_config(pipe.scheduler.config)
+    sched.set_timesteps(steps)
+    ab = pipe.scheduler.alphas_cumprod[int(sched.timesteps[0])]
+    x_start = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    exact = (x_start * 0.5 / (0.25 * ab + 1 - ab).sqrt()).clamp(-1, 1)
+    got = pipe(batch_size=32, generator=torch.Generator().manual_seed(0), sampler=sampler, num_inference_steps=steps,
+               eta=0.0, output_type="pt").images * 2 - 1
+    return float((got - exact).abs().max())
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_solvers_land_near_the_exact_answer_and_the_second_order_ones_nearer(prediction_type):
+    """On the exact Gaussian denoiser, 20 steps of each deterministic sampler land near the exact ODE answer, the
+    2nd-order solvers (DPM-Solver++ 2M, UniPC) several times nearer than DDIM; 4 steps are far from it."""
+    pipe = _gaussian_pipeline(prediction_type)
+    ddim = _gap_to_exact(pipe, "ddim-trailing", 20)
+    assert ddim < 0.2
+    for sampler in ("dpm++", "dpm++-karras", "unipc", "unipc-karras"):
+        gap = _gap_to_exact(pipe, sampler, 20)
+        assert gap < min(0.06, ddim / 2), (sampler, gap, ddim)
+        assert _gap_to_exact(pipe, sampler, 4) > 0.2  # so the check above can fail
+    assert _gap_to_exact(pipe, "dpm++", 50) < 0.01
+
+
+def test_named_samplers_are_the_schedulers_they_say_whatever_the_saved_config():
+    """DPM-Solver++ 2M / UniPC (Karras or not) start at t = T - 1 both for an in-memory scheduler and for one loaded
+    from disk (from_config would otherwise drop the in-memory default "leading", but keep a saved one)."""
+    import tempfile
+
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    from punkdiff.pipelines.punkdiff_pipeline import SAMPLERS
+
+    fresh = DDPMScheduler()
+    with tempfile.TemporaryDirectory() as folder:
+        fresh.save_pretrained(folder)
+        loaded = DDPMScheduler.from_pretrained(folder)
+    for config in (fresh.config, loaded.config):
+        dpm = SAMPLERS["dpm++-karras"].from_config(config)
+        assert type(dpm) is DPMSolverMultistepScheduler and dpm.config.algorithm_type == "dpmsolver++"
+        assert dpm.config.solver_order == 2 and dpm.config.use_karras_sigmas
+        assert not SAMPLERS["dpm++"].from_config(config).config.use_karras_sigmas
+        assert type(SAMPLERS["unipc-karras"].from_config(config)) is UniPCMultistepScheduler
+        for name in ("dpm++", "dpm++-karras", "unipc", "unipc-karras", "ddim-trailing"):
+            sched = SAMPLERS[name].from_config(config)
+            sched.set_timesteps(4)
+            assert int(sched.timesteps[0]) == 999 and len(sched.timesteps) == 4, name
+        ddim = SAMPLERS["ddim"].from_config(config)
+        ddim.set_timesteps(4)
+        assert ddim.timesteps.tolist() == [750, 500, 250, 0]  # the saved config's spacing ("leading")
+    assert [n for n, s in SAMPLERS.items() if s.uses_eta] == ["ddim", "ddim-trailing"]
+
+
+def test_an_unknown_sampler_is_refused_with_the_names(pipe):
+    from punkdiff.pipelines.punkdiff_pipeline import SAMPLERS
+
+    with pytest.raises(ValueError, match="Unknown sampler 'dpm2'") as err:
+        pipe(sampler="dpm2")
+    assert all(name in str(err.value) for name in SAMPLERS)
+
+
+def test_a_saved_recommendation_is_what_a_call_without_arguments_samples_with(tmp_path):
+    from punkdiff.pipelines.punkdiff_pipeline import SamplingConfig
+
+    pipe = tiny_pipeline(channels=1)
+    pipe.save_pretrained(tmp_path / "old")
+    old = PunkDiffPipeline.from_pretrained(tmp_path / "old")
+    assert old.sampling_config is None and not (tmp_path / "old" / "sampling.json").exists()
+    calls = _count_unet_calls(old)
+    old(num_inference_steps=None)  # no recommendation: today's default, every training step of DDPM
+    assert calls[0] == 1000
+
+    pipe.sampling_config = SamplingConfig("ddim-trailing", 3, 1.0)
+    pipe.save_pretrained(tmp_path / "new")
+    assert json.loads((tmp_path / "new" / "sampling.json").read_text()) == {
+        "sampler": "ddim-trailing", "num_inference_steps": 3, "eta": 1.0}
+    new = PunkDiffPipeline.from_pretrained(tmp_path / "new")
+    assert new.sampling_config == SamplingConfig("ddim-trailing", 3, 1.0)
+    calls = _count_unet_calls(new)
+
+    def run(**kwargs):
+        return new(batch_size=2, generator=generators(0, 1), output_type="pt", **kwargs).images
+
+    default = run()
+    assert calls[0] == 3
+    assert torch.equal(default, run(sampler="ddim-trailing", num_inference_steps=3, eta=1.0))
+    assert not torch.equal(default, run(eta=0.0))  # an explicit argument wins
+    assert calls[0] == 9
+    run(num_inference_steps=5)
+    assert calls[0] == 14
+    # another sampler keeps its own defaults (50 steps, eta 0), not those chosen with the recommended one
+    run(sampler="ddim")
+    assert calls[0] == 64
+    assert torch.equal(run(sampler="ddim", num_inference_steps=3), run(sampler="ddim", num_inference_steps=3, eta=0.0))
+
+
+def test_a_student_sampled_at_another_step_count_warns_once():
+    import warnings
+
+    from punkdiff.pipelines.punkdiff_pipeline import SamplingConfig
+
+    pipe = tiny_pipeline(channels=1)
+    pipe.sampling_config = SamplingConfig("ddim-trailing", 2, 0.0, distilled_steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        pipe()  # its own count: no warning
+        pipe(sampler="dpm++", num_inference_steps=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's own: each warning once
+        for _ in range(3):
+            pipe(num_inference_steps=4)
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert len(messages) == 1
+    assert "distilled to sample in 2 steps" in messages[0] and "asks for 4" in messages[0]
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        ([], "JSON object"),
+        ({"sampler": "euler", "num_inference_steps": 50}, "sampler must be one of ddpm, ddim, ddim-trailing"),
+        ({"sampler": ["ddim"], "num_inference_steps": 50}, "sampler must be one of ddpm, ddim, ddim-trailing"),
+        ({"sampler": "ddim", "num_inference_steps": 0}, "num_inference_steps must be a positive integer, got 0"),
+        ({"sampler": "ddim", "num_inference_steps": True}, "num_inference_steps must be a positive integer"),
+        ({"sampler": "ddim", "num_inference_steps": 50, "eta": 1.5}, "eta must be a number in [0, 1], got 1.5"),
+        ({"sampler": "ddim", "num_inference_steps": 50, "eta": "1"}, "eta must be a number in [0, 1]"),
+        ({"sampler": "ddim", "num_inference_steps": 4, "distilled_steps": 4.0}, "distilled_steps must be a positive"),
+        ({"sampler": "ddim", "num_inference_steps": 50, "steps": 4}, "unknown key 'steps'"),
+    ],
+)
+def test_sampling_config_refuses_what_it_cannot_use(data, problem):
+    from punkdiff.pipelines.punkdiff_pipeline import SamplingConfig
+
+    with pytest.raises(ValueError) as err:
+        SamplingConfig.from_dict(data)
+    assert problem in str(err.value)

@@ -1,4 +1,4 @@
-"""punkdiff.sampling: many images in batches, and the DDIM noise weight punkdiff samples with by default."""
+"""punkdiff.sampling: many images in batches, with the sampler, steps and eta the model recommends by default."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from tiny_models import digit_pipeline, punk_pipeline, tiny_pipeline
 
-from punkdiff.presets import DDIM_ETA
-from punkdiff.sampling import generate
+from punkdiff.pipelines.punkdiff_pipeline import SamplingConfig
+from punkdiff.presets import DDIM_ETA, RECOMMENDED_SAMPLING
+from punkdiff.sampling import generate, recommended_sampling
 
 
 def _sample(pipe, count: int, batch_size: int, **kwargs) -> np.ndarray:
@@ -44,3 +45,18 @@ def test_a_conditional_model_gets_its_requests_per_image_across_batches():
     np.testing.assert_allclose(apes, _sample(punks, 3, 3, attributes=[request] * 3, guidance_scale=2.0), atol=1e-4)
     with pytest.raises(ValueError, match="got 2 requests for 5 images; give one per image, or one for all"):
         _sample(digits, 5, 2, labels=[3, 7])
+
+
+def test_the_model_recommendation_fills_what_a_call_leaves_out():
+    pipe = tiny_pipeline(channels=1)
+    assert recommended_sampling(pipe) == SamplingConfig.from_dict(RECOMMENDED_SAMPLING)  # saved without one
+    pipe.sampling_config = SamplingConfig("ddim-trailing", 3, 0.0)
+    assert recommended_sampling(pipe) is pipe.sampling_config
+
+    def run(**kwargs) -> np.ndarray:
+        return generate(pipe, 2, seed=1, output_type="np", progress=False, **kwargs)
+
+    default = run()
+    np.testing.assert_array_equal(default, run(sampler="ddim-trailing", num_inference_steps=3, eta=0.0))
+    assert np.abs(default - run(eta=1.0)).max() > 1e-2  # an explicit argument wins
+    assert np.abs(default - run(num_inference_steps=2)).max() > 1e-2

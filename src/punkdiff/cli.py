@@ -165,11 +165,34 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=_seed, default=0, help="image i uses seed+i, so it does not depend on the count")
 
 
-def _add_sampler_arguments(p: argparse.ArgumentParser, default_steps: str, default_eta: float) -> None:
-    p.add_argument("--scheduler", choices=["ddpm", "ddim", "dpm++"], default="ddim", help="the sampler")
+class _SamplerNames(Sequence[str]):
+    """The pipeline's sampler names (`SAMPLERS`), read only when argparse checks or shows `--scheduler`, so that
+    building the parser (`punkdiff --help`) imports no torch."""
+
+    @staticmethod
+    def _names() -> list[str]:
+        from punkdiff.pipelines.punkdiff_pipeline import SAMPLERS
+
+        return list(SAMPLERS)
+
+    def __getitem__(self, index):
+        return self._names()[index]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+
+def _add_sampler_arguments(
+    p: argparse.ArgumentParser, default_steps: str, scheduler: str | None = None, eta: float | None = None
+) -> None:
+    """--scheduler, --steps, --eta; left out (None), the model's recommendation (its sampling.json) fills them."""
+    recommended = "the model's recommendation (its sampling.json), else ddim"
+    p.add_argument("--scheduler", choices=_SamplerNames(), default=scheduler, metavar="SAMPLER",
+                   help=f"the sampler: %(choices)s (default: {scheduler or recommended})")
     p.add_argument("--steps", type=_positive_int, default=None, help=default_steps)
-    p.add_argument("--eta", type=_unit_float, default=default_eta,
-                   help=f"DDIM noise weight: 0 deterministic, 1 DDPM-like (default: {default_eta:g})")
+    p.add_argument("--eta", type=_unit_float, default=eta,
+                   help="DDIM noise weight: 0 deterministic, 1 DDPM-like (default: "
+                   f"{f'the recommendation, else {DDIM_ETA:g}' if eta is None else f'{eta:g}'})")
 
 
 def _guidance(text: str) -> float:
@@ -295,7 +318,8 @@ def _load_model(args: argparse.Namespace):
 def _add_sample(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="sample images from a model into a grid (and single PNGs, a GIF)")
     _add_model_arguments(p)
-    _add_sampler_arguments(p, "default: every training step for ddpm, 50 otherwise", DDIM_ETA)
+    _add_sampler_arguments(p, "default: the recommendation's with its sampler; else every training step for ddpm, "
+                           "50 otherwise")
     p.add_argument("--num-images", type=_positive_int, default=16)
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (bounds memory)")
     p.add_argument("--out", default="grid.png", help="grid image path")
@@ -332,8 +356,8 @@ def _run_sample(args: argparse.Namespace) -> int:
         print(f"{len(images)} images: {out_dir.resolve()}")
     if gif:
         count = min(args.num_images, 16)
-        denoising_gif(pipe, gif, num_images=count, seed=args.seed, num_inference_steps=args.steps or 50,
-                      eta=args.eta)
+        denoising_gif(pipe, gif, num_images=count, seed=args.seed, num_inference_steps=args.steps, eta=args.eta,
+                      sampler=args.scheduler)
         print(f"denoising GIF of the first {count}: {gif.resolve()}")
     return 0
 
@@ -379,7 +403,7 @@ def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
     _add_model_arguments(p)
     p.add_argument("images", nargs="+", help="image files (resized to the model's size)")
     p.add_argument("--t-start", type=int, required=True, help="training timestep to noise to, in [0, T)")
-    _add_sampler_arguments(p, "default: every training step from t_start for ddpm, 50 otherwise", 0.0)
+    _add_sampler_arguments(p, "default: every training step from t_start for ddpm, 50 otherwise", "ddim", 0.0)
     _add_image_input(p, "reconstruction.png", "rows of original | reconstruction")
     _add_condition_arguments(p)
     p.set_defaults(func=_run_reconstruct)
@@ -476,7 +500,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    "FD-DINOv2 (default: $PUNKDIFF_DINOV2; without it, not computed)")
     p.add_argument("--update-card", action="store_true", help="also write the metrics into the model's card "
                    "(README.md YAML model-index and Metrics table; a local model folder only)")
-    _add_sampler_arguments(p, "default: 50", DDIM_ETA)
+    _add_sampler_arguments(p, "default: the recommendation's with its sampler, else 50")
     p.set_defaults(func=_run_eval)
 
 
@@ -490,7 +514,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     options = EvalOptions(
         reference=args.reference, out=args.out, model=args.model, samples=args.samples, preset=args.preset,
         split=args.split, heldout_split=args.heldout_split, num_samples=args.num_samples, batch_size=args.batch_size,
-        scheduler=args.scheduler, steps=args.steps or 50, eta=args.eta, seed=args.seed,
+        scheduler=args.scheduler, steps=args.steps, eta=args.eta, seed=args.seed,
         reconstruction_images=args.reconstruction_images, inception_weights=args.inception_weights,
         dinov2=args.dinov2, update_card=args.update_card, cache_dir=args.cache_dir,
     )
@@ -514,7 +538,8 @@ def _add_gif(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="train")
     p.add_argument("--preset", default=None, help="preprocessing of the real images (default: the run's, as eval)")
     p.add_argument("--num-images", type=_positive_int, default=16)
-    p.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps of sampling.gif")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="sampling steps of sampling.gif and grid.png (default: the model's recommendation)")
     p.add_argument("--out", default="gifs", help="output folder")
     p.set_defaults(func=_run_gif)
 
@@ -525,7 +550,7 @@ def _run_gif(args: argparse.Namespace) -> int:
     from punkdiff.data import DataError, load_training_images, to_model_input
     from punkdiff.metrics.real_images import model_transform, training_dataset
     from punkdiff.presets import DataSpec
-    from punkdiff.sampling import generate
+    from punkdiff.sampling import generate, recommended_sampling
     from punkdiff.visuals import denoising_gif, display_scale, image_grid, noising_gif
 
     out = Path(args.out)
@@ -533,10 +558,11 @@ def _run_gif(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {out} is a file; give a folder (created if missing)")
     pipe = _load_model(args)
     out.mkdir(parents=True, exist_ok=True)
+    steps = args.steps or recommended_sampling(pipe).num_inference_steps
     sampling = denoising_gif(pipe, out / "sampling.gif", num_images=args.num_images, seed=args.seed,
-                             num_inference_steps=args.steps, max_frames=args.steps)
+                             num_inference_steps=steps, max_frames=steps)
     print(f"sampling GIF (x_t | predicted x_0): {sampling.resolve()}")
-    images = generate(pipe, args.num_images, seed=args.seed, sampler="ddim", num_inference_steps=args.steps,
+    images = generate(pipe, args.num_images, seed=args.seed, num_inference_steps=steps,
                       progress=False)  # the GIF's last frame: the same seeds
     grid = out / "grid.png"
     image_grid(images, scale=display_scale(pipe.unet.config.sample_size, 64), gap=1).save(grid)

@@ -2,9 +2,10 @@
 
 An export is what a Hub user downloads: `model_index.json`, `unet/` and `scheduler/` (weights in
 `.safetensors` only), `pipeline.py` (the `PunkDiffPipeline` source, for diffusers' custom-pipeline route),
-`samples.png` and a `README.md` model card. `model_index.json` names the stock `DDPMPipeline`, so
-`DiffusionPipeline.from_pretrained(folder)` works without running any code shipped with the model, and
-`custom_pipeline=..., trust_remote_code=True` is an explicit opt-in to `PunkDiffPipeline`.
+`sampling.json` (how the model is meant to be sampled), `samples.png` and a `README.md` model card.
+`model_index.json` names the stock `DDPMPipeline`, so `DiffusionPipeline.from_pretrained(folder)` works without
+running any code shipped with the model, and `custom_pipeline=..., trust_remote_code=True` is an explicit opt-in
+to `PunkDiffPipeline`.
 
 Loading goes through `validate_model_folder` first, which reads only JSON and safetensors headers: a
 pickle checkpoint is refused, never unpickled.
@@ -39,12 +40,16 @@ from punkdiff.pipelines.punkdiff_pipeline import (
     CONDITION_FILE,
     MULTI_HOT,
     PALETTE_FILE,
+    SAMPLING_FILE,
     AttributeEncoder,
     ConditionError,
     ConditionVocabulary,
     PunkDiffPipeline,
+    SamplingConfig,
     read_palette,
+    read_sampling_config,
 )
+from punkdiff.presets import RECOMMENDED_SAMPLING
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = f"{WEIGHTS_NAME}.index.json"  # a sharded UNet's map of tensors to shards
@@ -273,11 +278,14 @@ def export_pipeline(
     palette: np.ndarray | None = None,
     attribute_encoder: AttributeEncoder | None = None,
     condition: ConditionVocabulary | None = None,
+    sampling: SamplingConfig | Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a Hub-ready model folder, replacing `output_dir` only once the new export is complete and valid.
 
     The schedule is saved as a `DDPMScheduler` (the training process), so stock `DDPMPipeline` and
-    `DDIMPipeline` load the folder; samplers are picked at call time. Pass an unwrapped UNet (e.g. the EMA
+    `DDIMPipeline` load the folder; samplers are picked at call time, and `sampling` (default: punkdiff's
+    `RECOMMENDED_SAMPLING`, DDIM-50 with eta 1, what measured best for trained presets) is saved as `sampling.json`,
+    the sampler, steps and eta that calls leaving them out use. Pass an unwrapped UNet (e.g. the EMA
     copy, not a DDP or compiled wrapper). A pixel-art model's training `palette` (uint8 `[P, C]`) is saved as
     `palette.json`, so its pipeline snaps samples to it. An existing `output_dir` is replaced only if it is empty or
     is itself an export, so a mistyped path never deletes a training run. A conditional model passes its
@@ -304,6 +312,8 @@ def export_pipeline(
         pipe = PunkDiffPipeline(unet=unet, scheduler=DDPMScheduler.from_config(scheduler.config),
                                 attribute_encoder=attribute_encoder, condition=condition)
         pipe.palette = torch.as_tensor(palette) if palette is not None else None
+        pipe.sampling_config = sampling if isinstance(sampling, SamplingConfig) else SamplingConfig.from_dict(
+            dict(sampling or RECOMMENDED_SAMPLING))
         pipe.save_pretrained(staging, safe_serialization=True)
         write_model_card(staging, card)
         validate_model_folder(staging)
@@ -336,6 +346,7 @@ def validate_model_folder(folder: str | os.PathLike[str]) -> Path:
     if (folder / PALETTE_FILE).exists():
         _check_palette(folder / PALETTE_FILE, unet_config["in_channels"])
     _check_condition(folder)
+    _check_sampling_config(folder)
     weights = _unet_weight_files(folder)
     found: dict[str, tuple[int, ...]] = {}
     for file in weights:
@@ -456,6 +467,25 @@ def _check_condition(folder: Path) -> None:
         wanted = f"an attribute_encoder with {encoder.relative_to(folder)}" if needs else "no attribute_encoder"
         raise ModelFolderError(f"{path} describes a {condition.encoding} condition, which needs {wanted}; the folder "
                                f"{'lists one' if listed else 'has none'}. Re-export the model.")
+
+
+def _check_sampling_config(folder: Path) -> None:
+    """`sampling.json`, where there is one: a known sampler, and counts and eta the model's schedule allows."""
+    path = folder / SAMPLING_FILE
+    if not path.exists():
+        return
+    fix = "fix or delete it (the model is then sampled with punkdiff's defaults), or re-export the model"
+    try:
+        config = read_sampling_config(path)
+    except ValueError as e:
+        raise ModelFolderError(f"{path} is not a usable sampling recommendation ({e}); {fix}.") from e
+    timesteps = _read_json(folder / "scheduler" / "scheduler_config.json").get("num_train_timesteps", 1000)
+    too_many = {k: v for k, v in (("num_inference_steps", config.num_inference_steps),
+                                  ("distilled_steps", config.distilled_steps)) if v is not None and v > timesteps}
+    if too_many:
+        counts = ", ".join(f"{k} {v}" for k, v in too_many.items())
+        raise ModelFolderError(f"{path} asks for {counts}, more than the model's {timesteps} training timesteps; "
+                               f"{fix}.")
 
 
 def _check_model_index(path: Path, index: object) -> None:

@@ -225,12 +225,22 @@ def _sample_rows(unet: UNet2DModel, T: int) -> list[ParityRow]:
 
 
 def _pipeline_rows(unet: UNet2DModel) -> list[ParityRow]:
-    """PunkDiffPipeline's DDIM against the reference for the spacings upstream DDIMScheduler gets wrong."""
+    """PunkDiffPipeline's DDIM against the reference for the spacings upstream DDIMScheduler gets wrong, and its
+    few-step "ddim-trailing" (1, 2, 4, 8 steps) against the reference and against stock `DDIMPipeline`."""
     from punkdiff.pipelines.punkdiff_pipeline import PunkDiffPipeline
 
     model = unet_model(unet)
     shape = (2, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     rows = []
+    for n in FEW_STEPS:
+        pipe = PunkDiffPipeline(unet=unet, scheduler=DDPMScheduler())
+        ours = few_step_trailing(pipe, n)
+        ref = reference_sample(model, {**pipe.scheduler.config, "timestep_spacing": "trailing"}, "ddim", shape,
+                               torch.Generator().manual_seed(0), n)
+        gap = max_abs_diff(ours, (ref / 2 + 0.5).clamp(0, 1))
+        rows.append(ParityRow(f"PunkDiffPipeline ddim-trailing {n} steps", gap, SAMPLE_TOL))
+        rows.append(ParityRow(f"stock DDIMPipeline trailing {n} steps", max_abs_diff(ours, stock_trailing(pipe, n)),
+                              SAMPLE_TOL))
     for spacing in ("leading", "trailing", "linspace"):
         pipe = PunkDiffPipeline(unet=unet, scheduler=DDPMScheduler(timestep_spacing=spacing))
         pipe.set_progress_bar_config(disable=True)
@@ -300,6 +310,31 @@ def _guided_rows() -> list[ParityRow]:
             diff = guided_pipeline_vs_reference(pipe, request, 3.0, sampler, 7, eta)
             rows.append(ParityRow(f"PunkDiffPipeline {sampler.upper()} 7 steps, {name}, guidance 3", diff, SAMPLE_TOL))
     return rows
+
+
+# Few-step DDIM with "trailing" spacing (Lin et al. 2024): what a distilled student samples with. Each divides
+# T = 1000, where upstream's previous-timestep rule (t - T // n) lands on the next trailing timestep.
+FEW_STEPS = (1, 2, 4, 8)
+
+
+def few_step_trailing(pipe: Any, n: int, eta: float = 0.0, batch_size: int = 2) -> torch.Tensor:
+    """PunkDiffPipeline's "ddim-trailing" images in [0, 1] (`[B, C, H, W]`), from `torch.Generator` seed 0."""
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(batch_size=batch_size, generator=torch.Generator().manual_seed(0), num_inference_steps=n, eta=eta,
+                sampler="ddim-trailing", output_type="pt").images
+
+
+def stock_trailing(pipe: Any, n: int, eta: float = 0.0, batch_size: int = 2) -> torch.Tensor:
+    """Stock diffusers `DDIMPipeline` with `DDIMScheduler.from_config(config, timestep_spacing="trailing")` on the
+    same UNet and noise as `few_step_trailing`: the route a user without punkdiff takes."""
+    from diffusers import DDIMPipeline
+
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    stock = DDIMPipeline(unet=pipe.unet, scheduler=scheduler)
+    stock.set_progress_bar_config(disable=True)
+    images = stock(batch_size=batch_size, generator=torch.Generator().manual_seed(0), eta=eta,
+                   num_inference_steps=n, output_type="np").images
+    return torch.from_numpy(images).permute(0, 3, 1, 2)
 
 
 def run_parity(num_train_timesteps: int = 1000) -> list[ParityRow]:

@@ -30,10 +30,13 @@ LR_SCHEDULERS = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "piecewise_constant"
 )
 RESIZE_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos", "box")
-# The DDIM noise weight punkdiff samples with unless told otherwise (training grids, `punkdiff sample` and `eval`,
-# the app): eta 1 draws fresh noise at each step, as DDPM does, which corrects what a small, briefly trained model
-# gets wrong (measured on every preset model: docs/results.md, "The sampler"). `PunkDiffPipeline` keeps eta 0.
+# The DDIM noise weight punkdiff samples with unless told otherwise (training grids, and through
+# `RECOMMENDED_SAMPLING` every export): eta 1 draws fresh noise at each step, as DDPM does, which corrects what a
+# small, briefly trained model gets wrong (measured on every preset model: docs/results.md, "The sampler").
 DDIM_ETA = 1.0
+# What a trained model's export recommends (its `sampling.json`), which the pipeline, `punkdiff sample`/`gif`/`eval`
+# and the sampling helpers use when not told otherwise; also their defaults for a model saved without one.
+RECOMMENDED_SAMPLING = {"sampler": "ddim", "num_inference_steps": 50, "eta": DDIM_ETA}
 # the largest sampling seed the CLI and the web app take: image i uses seed + i, and torch's generators take up to
 # 2**64 - 1, so this leaves room for any count
 MAX_SAMPLING_SEED = 2**63 - 1

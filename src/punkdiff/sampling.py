@@ -12,8 +12,21 @@ import torch
 from tqdm.auto import tqdm
 
 from punkdiff.pipelines import PunkDiffPipeline
-from punkdiff.presets import DDIM_ETA
+from punkdiff.pipelines.punkdiff_pipeline import SamplingConfig
+from punkdiff.presets import RECOMMENDED_SAMPLING
 from punkdiff.seeds import image_generators
+
+
+def recommended_sampling(pipe: PunkDiffPipeline) -> SamplingConfig:
+    """How `pipe` is meant to be sampled: its model's `sampling.json`, else punkdiff's `RECOMMENDED_SAMPLING`.
+
+    Examples:
+        ```py
+        >>> recommended_sampling(pipe).fill(None, None, None)  # what `punkdiff sample MODEL` runs
+        ('ddim', 50, 1.0)
+        ```
+    """
+    return pipe.sampling_config or SamplingConfig.from_dict(RECOMMENDED_SAMPLING)
 
 
 def generate(
@@ -22,9 +35,9 @@ def generate(
     *,
     seed: int = 0,
     batch_size: int = 64,
-    sampler: str = "ddim",
+    sampler: str | None = None,
     num_inference_steps: int | None = None,
-    eta: float = DDIM_ETA,
+    eta: float | None = None,
     output_type: str = "pil",
     progress: bool = True,
     labels: int | str | Sequence[int | str | None] | None = None,
@@ -37,7 +50,8 @@ def generate(
     or a list with one per image, and its `guidance_scale`.
 
     Memory is bounded by `batch_size`, not by `num_images`, and CPU generators make the same seed give the same
-    image on any device.
+    image on any device. The sampler, steps and eta left `None` are the model's recommendation
+    (`recommended_sampling`).
 
     Examples:
         ```py
@@ -51,6 +65,7 @@ def generate(
     for request in (labels, attributes):
         if _per_image(request) and len(request) != num_images:
             raise ValueError(f"got {len(request)} requests for {num_images} images; give one per image, or one for all")
+    sampler, num_inference_steps, eta = recommended_sampling(pipe).fill(sampler, num_inference_steps, eta)
     pipe.set_progress_bar_config(disable=True)
     batches = []
     for first in tqdm(range(0, num_images, batch_size), total=math.ceil(num_images / batch_size), unit="batch",

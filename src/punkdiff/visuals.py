@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from punkdiff.presets import DDIM_ETA
 from punkdiff.seeds import image_generators
 
 
@@ -92,16 +91,23 @@ def denoising_gif(
     path: str | Path,
     num_images: int = 16,
     seed: int = 0,
-    num_inference_steps: int = 50,
+    num_inference_steps: int | None = None,
     max_frames: int = 25,
-    eta: float = DDIM_ETA,
+    eta: float | None = None,
+    sampler: str | None = None,
 ) -> Path:
-    """Animate DDIM sampling (punkdiff's default eta): each frame is the grid of x_t beside the predicted x_0."""
+    """Animate sampling: each frame is the grid of x_t beside the predicted x_0.
+
+    The sampler, steps and eta left `None` are the model's recommendation (`punkdiff.sampling.recommended_sampling`).
+    """
+    from punkdiff.sampling import recommended_sampling
+
+    sampler, num_inference_steps, eta = recommended_sampling(pipe).fill(sampler, num_inference_steps, eta)
     generators = image_generators(seed, num_images)
     out = pipe(
         batch_size=num_images,
         generator=generators,
-        sampler="ddim",
+        sampler=sampler,
         num_inference_steps=num_inference_steps,
         eta=eta,
         return_trajectory=True,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from punkdiff.metrics.feature_networks import (
 from punkdiff.metrics.real_images import load_reference, model_transform, read_images
 from punkdiff.metrics.report import write_report
 from punkdiff.pipelines import PunkDiffPipeline
-from punkdiff.presets import DDIM_ETA
+from punkdiff.pipelines.punkdiff_pipeline import SAMPLERS
 
 SAMPLES_FILE = "samples.npy"  # the generated images an evaluation scored, beside its report
 
@@ -54,7 +54,8 @@ class EvalOptions:
         split, heldout_split: The training split, and real images the model never saw (default: test/validation
             if the dataset has one, else half of `split`).
         num_samples, batch_size, scheduler, steps, eta, seed: The sampling (sample i uses seed + i; the metrics'
-            random draws use the seed too).
+            random draws use the seed too). A sampler, steps or eta left `None` is the model's recommendation
+            (`punkdiff.sampling.recommended_sampling`); steps still unknown (another sampler) are 50.
         reconstruction_images: Held-out images for the reconstruction study (0 skips it).
         inception_weights: The FID Inception as safetensors (default: `$PUNKDIFF_INCEPTION_WEIGHTS`); without it,
             FID, KID (Inception) and IS are reported as not computed.
@@ -73,9 +74,9 @@ class EvalOptions:
     heldout_split: str | None = None
     num_samples: int = 1000
     batch_size: int = 250
-    scheduler: str = "ddim"
-    steps: int = 50
-    eta: float = DDIM_ETA
+    scheduler: str | None = None
+    steps: int | None = None
+    eta: float | None = None
     seed: int = 0
     reconstruction_images: int = 64
     inception_weights: str | None = None
@@ -125,6 +126,8 @@ def evaluate_model(
         from punkdiff.hub import load_pipeline
 
         pipe = load_pipeline(o.model)
+    if pipe is not None:
+        o = _with_recommended_sampling(o, pipe)
     if pipe is not None and o.steps > pipe.scheduler.config.num_train_timesteps:
         raise EvaluationError(f"--steps {o.steps} is more than the model's "
                               f"{pipe.scheduler.config.num_train_timesteps} training timesteps")
@@ -175,7 +178,17 @@ def evaluate_model(
 def sampler_label(options: EvalOptions) -> str:
     """How the samples were drawn, e.g. `ddim-50, eta 1`: DDIM's eta changes the numbers as much as its steps."""
     label = f"{options.scheduler}-{options.steps}"
-    return f"{label}, eta {options.eta:g}" if options.scheduler == "ddim" else label
+    return f"{label}, eta {options.eta:g}" if SAMPLERS[options.scheduler.lower()].uses_eta else label
+
+
+def _with_recommended_sampling(o: EvalOptions, pipe: PunkDiffPipeline) -> EvalOptions:
+    """`o` with the sampler, steps and eta it leaves out taken from the model's recommendation."""
+    from punkdiff.sampling import recommended_sampling
+
+    if o.scheduler is not None and o.scheduler.lower() not in SAMPLERS:
+        raise EvaluationError(f"unknown sampler {o.scheduler!r}; choose one of {', '.join(SAMPLERS)}")
+    scheduler, steps, eta = recommended_sampling(pipe).fill(o.scheduler, o.steps, o.eta)
+    return replace(o, scheduler=scheduler, steps=steps or 50, eta=0.0 if eta is None else eta)
 
 
 def card_metrics(result: Evaluation, options: EvalOptions) -> dict[str, float | str]:
