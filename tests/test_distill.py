@@ -69,6 +69,10 @@ def test_stock_ddim_samples_the_student_exactly_as_punkdiff_does(student):
     b = stock(batch_size=3, generator=torch.Generator().manual_seed(0), num_inference_steps=2, eta=0.0,
               output_type="np").images
     assert np.array_equal(a, b)
+    # the student says how it is sampled: a call that leaves the sampler out gets the same images
+    assert json.loads((student / "pipeline" / "sampling.json").read_text()) == {
+        "sampler": "ddim-trailing", "num_inference_steps": 2, "eta": 0.0, "distilled_steps": 2}
+    assert np.array_equal(ours(batch_size=3, generator=torch.Generator().manual_seed(0), output_type="np").images, b)
     assert DDPMPipeline.from_pretrained(student / "pipeline").unet.config.sample_size == 16  # every route loads it
 
 

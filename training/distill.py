@@ -24,8 +24,10 @@ from pathlib import Path
 from accelerate import PartialState
 from diffusers import DDPMScheduler, UNet2DModel
 
+from punkdiff.files import write_json
 from punkdiff.hub import ModelCardInfo, ModelFolderError, model_folder, validate_model_folder, write_model_card
 from punkdiff.interrupts import exit_on_interrupt
+from punkdiff.pipelines.punkdiff_pipeline import SAMPLING_FILE
 from punkdiff.presets import PRESETS, PresetError
 from punkdiff.scripts.train import run as train_stage
 from punkdiff.training.arguments import add_distill_arguments, resolve_training_config
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     for steps in stages:
         stage_dir = output_dir / f"stage-{steps}"
         if _finished(stage_dir) and not args.overwrite_output_dir:  # done before an interruption: its export teaches
-            teacher = stage_dir / "pipeline"
+            teacher = _recommend_steps(stage_dir / "pipeline", steps)
             continue
         stage_args = _stage_args(args, base_preset, stage_dir, steps, len(stages))
         student = UNet2DModel.from_pretrained(teacher / "unet", use_safetensors=True)
@@ -79,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         code = train_stage(stage_args, loss_fn=loss, start_from=student)
         if code != 0:
             return code
-        teacher = stage_dir / "pipeline"
+        teacher = _recommend_steps(stage_dir / "pipeline", steps)
 
     # ---- 3. the student: the last stage's export, its card naming the teacher and the steps it samples in -------
     state = PartialState()
@@ -128,7 +130,7 @@ def _stage_args(args: argparse.Namespace, base_preset: str | None, stage_dir: Pa
     stage.output_dir = str(stage_dir)
     stage.config = args.config or base_preset
     stage.set = [*args.set, "scheduler.prediction_type=v_prediction", "scheduler.clip_sample=false",
-                 "scheduler.timestep_spacing=trailing", f"train.sample_inference_steps={steps}"]
+                 "scheduler.timestep_spacing=trailing", f"train.sample_inference_steps={steps}", "train.sample_eta=0"]
     stage.prediction_type = None
     if args.max_steps is None and args.epochs is None:  # the teacher's steps, shared out over the stages
         stage.max_steps = max(1, resolve_training_config(stage).train.max_steps // num_stages)
@@ -136,6 +138,16 @@ def _stage_args(args: argparse.Namespace, base_preset: str | None, stage_dir: Pa
         else None
     stage.init_from, stage.push_to_hub = None, False
     return stage
+
+
+def _recommend_steps(export: Path, steps: int) -> Path:
+    """Record in the stage's export how it is sampled (its `sampling.json`): trailing DDIM, deterministic, in the
+    steps it was distilled for; returns the export."""
+    if PartialState().is_main_process:
+        write_json(export / SAMPLING_FILE, {"sampler": "ddim-trailing", "num_inference_steps": steps, "eta": 0.0,
+                                            "distilled_steps": steps})
+    PartialState().wait_for_everyone()
+    return export
 
 
 def _finished(stage_dir: Path) -> bool:

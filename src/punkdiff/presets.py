@@ -197,6 +197,7 @@ class TrainSpec:
     sample_every: int = 500
     num_sample_images: int = 16
     sample_inference_steps: int = 50
+    sample_eta: float = DDIM_ETA  # the preview grids' DDIM noise weight (0 for a distilled student's steps)
 
 
 @dataclass
@@ -421,6 +422,8 @@ def _problems(preset: Preset) -> list[str]:
         problems.append(f"train.lr_warmup_steps must be >= 0 (got {t.lr_warmup_steps})")
     if t.lr_scheduler not in LR_SCHEDULERS:
         problems.append(f"unknown train.lr_scheduler {t.lr_scheduler!r}: use one of {', '.join(LR_SCHEDULERS)}")
+    if not 0 <= t.sample_eta <= 1:
+        problems.append(f"train.sample_eta must be in [0, 1] (got {t.sample_eta})")
     if not 1 <= t.sample_inference_steps <= s.num_train_timesteps:
         problems.append(
             f"train.sample_inference_steps must be in [1, {s.num_train_timesteps}] (got {t.sample_inference_steps})"

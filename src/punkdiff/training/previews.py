@@ -29,6 +29,7 @@ def ema_sample_grid(
     num_inference_steps: int,
     seed: int,
     palette: np.ndarray | None = None,
+    eta: float = DDIM_ETA,
 ) -> Image.Image:
     """A DDIM grid from the EMA weights in eval mode, image i from its own generator seeded `seed + i`; pixel art
     is snapped to its training `palette` (uint8 `[P, C]`), as the exported pipeline will do.
@@ -50,7 +51,7 @@ def ema_sample_grid(
             generator=image_generators(seed, num_images),
             sampler="ddim",
             num_inference_steps=num_inference_steps,
-            eta=DDIM_ETA,
+            eta=eta,
         ).images
     return image_grid(images, scale=display_scale(unet.config.sample_size), gap=1)
 
@@ -72,12 +73,12 @@ class SampleGrids:
         self.accelerator, self.folder = accelerator, Path(output_dir) / "samples"
         self.unet, self.ema, self.noise_scheduler = unet, ema, noise_scheduler
         self.num_images, self.num_inference_steps = train_spec.num_sample_images, train_spec.sample_inference_steps
-        self.seed, self.palette = seed, palette
+        self.seed, self.palette, self.eta = seed, palette, train_spec.sample_eta
 
     def __call__(self, step: int) -> Image.Image:
         """A DDIM grid from the EMA weights with a fixed seed, saved and logged, comparable over time."""
         grid = ema_sample_grid(self.unet, self.ema, self.noise_scheduler, self.num_images, self.num_inference_steps,
-                               self.seed, palette=self.palette)
+                               self.seed, palette=self.palette, eta=self.eta)
         self.folder.mkdir(parents=True, exist_ok=True)
         grid.save(self.folder / f"step-{step:07d}.png")
         log_image(self.accelerator, "samples", grid, step)
