@@ -79,7 +79,8 @@ def test_a_model_asked_for_by_several_handlers_at_once_is_loaded_once(roots):
 def test_a_hub_model_is_downloaded_inside_the_run_root(roots, monkeypatch):
     with fake_hub(monkeypatch, models={"someone/punky": roots.resolve("punky", "models")}):
         folder = studio.resolve_model("someone/punky", roots)
-    assert roots.contains(folder, "runs") and (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert roots.resolve(folder, "runs") == folder.resolve()  # inside the run root, not refused
+    assert (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert folder in studio.find_models(roots)  # listed with the others from now on
     assert studio.model_info(folder).num_train_timesteps == 100
 

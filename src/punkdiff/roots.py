@@ -150,10 +150,6 @@ class Roots:
             )
         return real
 
-    def contains(self, path: str | os.PathLike[str], kind: Kind) -> bool:
-        """Whether `path` (resolved, symlinks followed) lies inside a root of `kind`."""
-        return _inside(Path(path).resolve(), self.of(kind))
-
     def relative_name(self, path: Path, kind: Kind) -> str:
         """How a path is shown in the page: relative to its root, prefixed with the root's folder name."""
         for root in self.of(kind):
