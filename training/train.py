@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return exit_on_interrupt(lambda: run(args), "train", lambda: resume_hint(args.output_dir))  # Ctrl-C: 130
 
 
-def run(args: argparse.Namespace, loss_fn: LossFn = diffusion_loss, start_from: UNet2DModel | None = None) -> int:
+def run(args: argparse.Namespace, loss_fn: LossFn | None = None, start_from: UNet2DModel | None = None) -> int:
     """Train as `args` says (0 done, 1 failed, 2 bad input); `distill.py` gives each stage its loss and start UNet."""
     # ---- 1. configuration: every bad flag, preset or resume mismatch fails here, before any data -------------
     try:
@@ -122,8 +122,8 @@ def run(args: argparse.Namespace, loss_fn: LossFn = diffusion_loss, start_from: 
                                           generator=noise_rng, device=clean.device)
                 # 5.2 loss, backward, clip, step once per accumulated batch; no device value is read back here
                 with accelerator.accumulate(model):
-                    loss = loss_fn(parts.train_forward, parts.noise_scheduler, clean, noise, timesteps,
-                                   train_spec.snr_gamma)
+                    loss = (loss_fn or diffusion_loss)(parts.train_forward, parts.noise_scheduler, clean, noise,
+                                                       timesteps, train_spec.snr_gamma)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:  # the norm stays on the device until the step log reads it
                         grad_norm = parts.clip_grad_norm_(parts.parameters, train_spec.max_grad_norm)
