@@ -19,6 +19,7 @@ import json
 import shutil
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 from accelerate import PartialState
@@ -27,7 +28,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from punkdiff.files import write_json
 from punkdiff.hub import ModelCardInfo, ModelFolderError, model_folder, validate_model_folder, write_model_card
 from punkdiff.interrupts import exit_on_interrupt
-from punkdiff.pipelines.punkdiff_pipeline import SAMPLING_FILE
+from punkdiff.pipelines.punkdiff_pipeline import SAMPLING_FILE, SamplingConfig
 from punkdiff.presets import PRESETS, PresetError
 from punkdiff.scripts.train import run as train_stage
 from punkdiff.training.arguments import add_distill_arguments, resolve_training_config
@@ -117,7 +118,7 @@ def _teacher_preset(args: argparse.Namespace, teacher: Path, output_dir: Path) -
             config["data"] = {"dataset": meta["dataset"]}
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / "teacher_config.json"
-    path.write_text(json.dumps(config, indent=2))
+    write_json(path, config)  # atomic: every process of a launch writes the same file
     return str(path)
 
 
@@ -144,8 +145,7 @@ def _recommend_steps(export: Path, steps: int) -> Path:
     """Record in the stage's export how it is sampled (its `sampling.json`): trailing DDIM, deterministic, in the
     steps it was distilled for; returns the export."""
     if PartialState().is_main_process:
-        write_json(export / SAMPLING_FILE, {"sampler": "ddim-trailing", "num_inference_steps": steps, "eta": 0.0,
-                                            "distilled_steps": steps})
+        write_json(export / SAMPLING_FILE, asdict(SamplingConfig("ddim-trailing", steps, 0.0, distilled_steps=steps)))
     PartialState().wait_for_everyone()
     return export
 
