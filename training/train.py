@@ -22,7 +22,7 @@ from accelerate.utils import set_seed
 from diffusers import UNet2DModel
 from tqdm.auto import tqdm
 
-from punkdiff.data import DataError, to_model_input
+from punkdiff.data import DataError
 from punkdiff.files import write_json
 from punkdiff.hub import ModelFolderError
 from punkdiff.interrupts import exit_on_interrupt
@@ -31,6 +31,7 @@ from punkdiff.training import TrainingError
 from punkdiff.training.arguments import build_train_parser, hub_model_id, resolve_training_config
 from punkdiff.training.batches import load_training_data, streaming_reason
 from punkdiff.training.checkpoints import require_finite_weights, resume_hint, save_checkpoint
+from punkdiff.training.conditioning import batch_inputs
 from punkdiff.training.ema import ema_weights_in_sync
 from punkdiff.training.export import export_run, push_export
 from punkdiff.training.launch import make_accelerator, warn_about_device
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace, loss_fn: LossFn | None = None, start_from: UNe
 
     # ---- 3. model, noise schedule, optimizer, LR schedule, EMA, all prepared by Accelerate -------------------
     parts = build_trainables(preset, accelerator, data.updates_per_epoch, initial_unet, args.channels_last,
-                             args.compile)
+                             args.compile, data.vocabulary)  # a conditional run: class embedding, encoder
     model, optimizer, lr_scheduler, ema = parts.model, parts.optimizer, parts.lr_scheduler, parts.ema
     max_steps, num_epochs = parts.max_steps, parts.num_epochs
 
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace, loss_fn: LossFn | None = None, start_from: UNe
         progress, resumed_from = restore_progress(args, accelerator, resume, noise_rng, data.loader, data.streaming,
                                                   max_steps, lambda: lr_scheduler.get_last_lr()[0])
         used_precision = warn_about_device(accelerator, train_spec, precision, precision_fallback)
-        monitor = QualityMonitor(data.images, args.eval_images, args.seed) if (
+        monitor = QualityMonitor(data.images, args.eval_images, args.seed, parts.condition) if (
             args.eval_every and accelerator.is_main_process) else None  # SWD against the cached images
     except (TrainingError, ValueError) as err:
         accelerator.print(f"error: {err}")
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace, loss_fn: LossFn | None = None, start_from: UNe
     global_batch = train_spec.batch_size * accelerator.num_processes * train_spec.gradient_accumulation_steps
     start_trackers(accelerator, preset, data.num_images, global_batch, max_steps, num_epochs)
     grids = SampleGrids(accelerator, output_dir, parts.unet, ema, parts.noise_scheduler, train_spec, args.seed,
-                        data.palette)
+                        data.palette, parts.condition)
 
     # ---- 5. the loop -------------------------------------------------------------------------------------------
     progress_bar = tqdm(total=max_steps, initial=progress.global_step, desc="training", mininterval=1.0,
@@ -115,15 +116,16 @@ def run(args: argparse.Namespace, loss_fn: LossFn | None = None, start_from: UNe
             batches = accelerator.skip_first_batches(data.loader, skip) if skip and not data.streaming else data.loader
             for batch in batches:
                 progress.batches_in_epoch += 1
-                # 5.1 x_0 in [-1, 1] (flipped per image), noise and timesteps from the saved generator
-                clean = to_model_input(batch, preset.data.random_flip, noise_rng)
+                # 5.1 x_0 in [-1, 1] (flipped per image), a condition's drops, noise and timesteps from the saved
+                # generator; a conditional run's forward is told the condition (and its loss weighs rare classes)
+                clean, forward, loss_of = batch_inputs(batch, preset.data.random_flip, noise_rng, parts.train_forward,
+                                                       loss_fn or diffusion_loss, parts.condition)
                 noise = torch.randn(clean.shape, generator=noise_rng, device=clean.device)
                 timesteps = torch.randint(0, parts.noise_scheduler.config.num_train_timesteps, (clean.shape[0],),
                                           generator=noise_rng, device=clean.device)
                 # 5.2 loss, backward, clip, step once per accumulated batch; no device value is read back here
                 with accelerator.accumulate(model):
-                    loss = (loss_fn or diffusion_loss)(parts.train_forward, parts.noise_scheduler, clean, noise,
-                                                       timesteps, train_spec.snr_gamma)
+                    loss = loss_of(forward, parts.noise_scheduler, clean, noise, timesteps, train_spec.snr_gamma)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:  # the norm stays on the device until the step log reads it
                         grad_norm = parts.clip_grad_norm_(parts.parameters, train_spec.max_grad_norm)
@@ -136,8 +138,7 @@ def run(args: argparse.Namespace, loss_fn: LossFn | None = None, start_from: UNe
                     continue
 
                 # 5.3 one optimizer step done: EMA (once per optimizer step), the step's numbers kept on the device
-                if ema is not None:
-                    ema.step(parts.parameters)
+                parts.step_ema()
                 progress.global_step += 1
                 step = progress.global_step
                 step_log.end_step(step, grad_norm, lr_scheduler.get_last_lr()[0], images=global_batch,
@@ -190,7 +191,7 @@ def run(args: argparse.Namespace, loss_fn: LossFn | None = None, start_from: UNe
             last_grid = grids(progress.global_step)
         export_run(output_dir, preset, parts.unet, ema, parts.noise_scheduler, progress.history,
                    progress.global_step, last_grid, data.palette,
-                   monitor.card_metrics() if monitor is not None else None)
+                   monitor.card_metrics() if monitor is not None else None, parts.condition)
         summary = run_summary(preset, accelerator, progress, parts, data, global_batch=global_batch,
                               wall_time_s=time.time() - start, ema_in_sync=ema_in_sync, resumed_from=resumed_from,
                               initialized_from=args.init_from, mixed_precision=used_precision)

@@ -36,6 +36,8 @@ from punkdiff.presets import DataSpec
 if TYPE_CHECKING:
     import datasets
 
+    from punkdiff.conditions import ConditionVocabulary
+
 _FILTERS = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -383,11 +385,7 @@ def load_training_images(
     never trained on. A cache folder that cannot be written is read if it already holds a good cache; otherwise
     the images are decoded into memory for this run, with a warning that says how to cache them.
     """
-    dataset, column = load_image_dataset(source, spec.split, spec.image_column)
-    if spec.max_samples is not None:
-        if spec.max_samples <= 0:
-            raise DataError(f"max_samples must be positive, got {spec.max_samples}")
-        dataset = dataset.select(range(min(spec.max_samples, len(dataset))))
+    dataset, column = _training_rows(source, spec)
     transform = ImageTransform.from_spec(spec)
     if not use_cache or not dataset.cache_files:  # in-memory datasets have no stable fingerprint
         array = decode_images(dataset, column, transform, progress, num_workers=num_workers)
@@ -415,6 +413,44 @@ def load_training_images(
                                                                  num_workers=num_workers)))
     # copy-on-write memory map: pages are read lazily and the file is never modified
     return ImageTensorDataset(torch.from_numpy(np.load(path, mmap_mode="c")))
+
+
+def _training_rows(source: str | os.PathLike | datasets.Dataset | datasets.DatasetDict,
+                   spec: DataSpec) -> tuple[datasets.Dataset, str]:
+    """The rows a run trains on, in the cache's order: the split, cut to `spec.max_samples`; and its image column."""
+    dataset, column = load_image_dataset(source, spec.split, spec.image_column)
+    if spec.max_samples is not None:
+        if spec.max_samples <= 0:
+            raise DataError(f"max_samples must be positive, got {spec.max_samples}")
+        dataset = dataset.select(range(min(spec.max_samples, len(dataset))))
+    return dataset, column
+
+
+def load_training_conditions(
+    source: str | os.PathLike | datasets.Dataset | datasets.DatasetDict, spec: DataSpec
+) -> tuple[ConditionVocabulary, torch.Tensor]:
+    """The vocabulary of `spec.condition_on` and every training row's condition `[N]` or `[N, width]`, in the
+    order of `load_training_images`' tensor; read from the columns alone, so a column that cannot condition a
+    model (`check_columns`) is refused before any image is decoded.
+
+    Examples:
+        ```py
+        >>> vocabulary, rows = load_training_conditions("sklearn-digits", DataSpec(condition_on=("label",)))
+        >>> vocabulary.unet_kwargs(), rows[:5].tolist()
+        ({'num_class_embeds': 11}, [0, 1, 2, 3, 4])
+        ```
+    """
+    from punkdiff.conditions import ConditionError, check_columns, vocabulary_from_columns
+
+    dataset, _ = _training_rows(source, spec)
+    columns = list(spec.condition_on)
+    try:
+        check_columns(dataset.features, columns)  # before reading them: an image column is never decoded here
+        rows = dataset.select_columns(columns).to_dict()
+        vocabulary = vocabulary_from_columns(dataset.features, rows)
+        return vocabulary, vocabulary.encode(rows)
+    except ConditionError as err:
+        raise DataError(f"--condition-on {','.join(columns)}: {err}") from err
 
 
 def _build_cache(path: Path, dataset, column: str, transform: ImageTransform, progress: bool,
@@ -707,31 +743,42 @@ class ImageTensorDataset(torch.utils.data.Dataset):
     A small dataset can be moved whole onto the training device with `.to(device)`.
     """
 
-    def __init__(self, images: torch.Tensor) -> None:
+    def __init__(self, images: torch.Tensor, extras: dict[str, torch.Tensor] | None = None) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise DataError(f"expected a uint8 tensor [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
-        self.images = images
+        bad = [k for k, v in (extras or {}).items() if v.shape[0] != images.shape[0]]
+        if bad:
+            raise DataError(f"per-image values {bad} do not have one row per image ({images.shape[0]})")
+        self.images, self.extras = images, dict(extras or {})
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.images[index]
+    def __getitem__(self, index: int) -> torch.Tensor | dict[str, torch.Tensor]:
+        return self.__getitems__([index])[0] if self.extras else self.images[index]
 
-    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor] | list[dict[str, torch.Tensor]]:
         """A whole batch as one gather; `DataLoader` calls this instead of `__getitem__` once per image.
 
-        The rows come back as views of the gathered batch (the list `DataLoader`'s collate expects).
+        The rows come back as views of the gathered batch (the list `DataLoader`'s collate expects); with `extras`
+        (a conditional run's conditions), each row is `{"images": image, name: value, ...}`.
         """
         index = torch.as_tensor(indices, dtype=torch.long)
         if self.images.is_cuda:  # pinned and non-blocking: indexing data on a GPU never waits for it
             index = index.pin_memory().to(self.images.device, non_blocking=True)
-        return list(self.images.index_select(0, index).unbind(0))
+        images = list(self.images.index_select(0, index).unbind(0))
+        if not self.extras:
+            return images
+        columns = {k: v.index_select(0, index.to(v.device)).unbind(0) for k, v in self.extras.items()}
+        return [{"images": image, **{k: v[i] for k, v in columns.items()}} for i, image in enumerate(images)]
 
-    def loader(self, batch_size: int, seed: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    def loader(self, batch_size: int, seed: int, pin_memory: bool = False,
+               weights: torch.Tensor | None = None) -> torch.utils.data.DataLoader:
         """Shuffled batches, seeded, the last partial one dropped; each batch is one slice (`__getitems__`).
 
         `pin_memory` (for data in host memory feeding a GPU) lets the copy to the device run asynchronously.
+        `weights` (one per image) draws each epoch's images with replacement in proportion to them instead
+        (`EpochWeightedSampler`), as many as there are images.
 
         Examples:
             ```py
@@ -740,13 +787,43 @@ class ImageTensorDataset(torch.utils.data.Dataset):
             [(4, 1, 8, 8), (4, 1, 8, 8)]
             ```
         """
+        pin_memory = pin_memory and not self.images.is_cuda
+        if weights is not None:
+            return torch.utils.data.DataLoader(self, batch_size=batch_size, drop_last=True, pin_memory=pin_memory,
+                                               sampler=EpochWeightedSampler(weights, seed))
         return torch.utils.data.DataLoader(
             self, batch_size=batch_size, shuffle=True, drop_last=True,
-            generator=torch.Generator().manual_seed(seed), pin_memory=pin_memory and not self.images.is_cuda,
+            generator=torch.Generator().manual_seed(seed), pin_memory=pin_memory,
         )
 
     def to(self, device: torch.device | str) -> ImageTensorDataset:
-        return ImageTensorDataset(self.images.to(device))
+        return ImageTensorDataset(self.images.to(device), {k: v.to(device) for k, v in self.extras.items()})
+
+
+class EpochWeightedSampler(torch.utils.data.WeightedRandomSampler):
+    """`WeightedRandomSampler` (with replacement, one draw per image) whose epoch `e` is seeded `seed + e`, as
+    Accelerate's seedable sampler is: a run resumed mid-epoch draws that epoch's order again and skips what it did.
+
+    Examples:
+        ```py
+        >>> sampler = EpochWeightedSampler(torch.tensor([1.0, 0.0, 1.0]), seed=0)
+        >>> sampler.set_epoch(3); first = list(sampler); sampler.set_epoch(3)
+        >>> list(sampler) == first and 1 not in first
+        True
+        ```
+    """
+
+    def __init__(self, weights: torch.Tensor, seed: int) -> None:
+        super().__init__(weights.double().cpu(), num_samples=len(weights), replacement=True,
+                         generator=torch.Generator())
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator.manual_seed(self.seed + self.epoch)
+        return super().__iter__()
 
 
 MAX_PALETTE = 256  # more colours than this is not pixel art

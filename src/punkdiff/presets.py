@@ -30,6 +30,7 @@ LR_SCHEDULERS = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "piecewise_constant"
 )
 RESIZE_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos", "box")
+BALANCE_CONDITIONS = ("none", "sampler", "loss")
 # The DDIM noise weight punkdiff samples with unless told otherwise (training grids, and through
 # `RECOMMENDED_SAMPLING` every export): eta 1 draws fresh noise at each step, as DDPM does, which corrects what a
 # small, briefly trained model gets wrong (measured on every preset model: docs/results.md, "The sampler").
@@ -164,6 +165,9 @@ class DataSpec:
     resize_filter: str = "bicubic"  # "nearest" for pixel art, an antialiased filter for photos
     center_crop: bool = False
     random_flip: bool = False
+    # columns the model is told (`--condition-on`): a ClassLabel, or a sequence of ClassLabels or strings, each;
+    # empty for an unconditional model (see docs/conditional.md)
+    condition_on: tuple[str, ...] = ()
     # Hub license id for the model card of a model trained on this data ("other" where the data's
     # own terms restrict use, e.g. CelebA is for non-commercial research only)
     license: str = "other"
@@ -192,6 +196,8 @@ class TrainSpec:
     ema_power: float = 0.75
     snr_gamma: float | None = None  # min-SNR-gamma loss weighting (5.0 is the paper's value)
     mixed_precision: str = "no"
+    # rare classes of a conditional run: "none", "sampler" (class-balanced draws) or "loss" (per-image loss weights)
+    balance_conditions: str = "none"
     checkpoint_every: int = 500
     checkpoints_total_limit: int | None = 3
     sample_every: int = 500
@@ -428,6 +434,16 @@ def _problems(preset: Preset) -> list[str]:
         problems.append(
             f"train.sample_inference_steps must be in [1, {s.num_train_timesteps}] (got {t.sample_inference_steps})"
         )
+    if any(not c or c != c.strip() or "," in c for c in d.condition_on) or len(set(d.condition_on)) != len(
+            d.condition_on):
+        problems.append(f"data.condition_on must name each column once, without spaces or commas (got "
+                        f"{list(d.condition_on)})")
+    if t.balance_conditions not in BALANCE_CONDITIONS:
+        problems.append(f"train.balance_conditions must be one of {', '.join(BALANCE_CONDITIONS)} (got "
+                        f"{t.balance_conditions!r})")
+    elif t.balance_conditions != "none" and not d.condition_on:
+        problems.append(f"train.balance_conditions {t.balance_conditions!r} balances the classes of a conditional "
+                        "run: add --condition-on COLUMN[,COLUMN], or leave it 'none'")
     try:
         ImageColor.getrgb(d.background)
     except ValueError:
@@ -437,6 +453,25 @@ def _problems(preset: Preset) -> list[str]:
 
 # Bounds beyond which a value is a typo, not an experiment: each would fail (or exhaust memory) long after the data
 # has loaded. Resolution 4096 and 100,000 timesteps are far beyond any published pixel-space DDPM.
+def _conditioned(preset: Preset, name: str, what: str, columns: tuple[str, ...], balance: str) -> Preset:
+    """`preset`, told `columns` of its data: the same model, schedule and budget (the UNet's class embedding and
+    the attribute encoder are sized from the data's vocabulary when the run starts)."""
+    return dataclasses.replace(
+        preset, name=name, description=f"{preset.name}, conditioned on {what} (classifier-free guidance)",
+        data=dataclasses.replace(preset.data, condition_on=columns),
+        train=dataclasses.replace(preset.train, balance_conditions=balance),
+    )
+
+
+# the conditional twins: MNIST's digits are balanced; the punks' types are not (9 Aliens, 6,039 Males), so their
+# rare types are drawn more often (docs/conditional.md, "Rare classes")
+PRESETS.update({p.name: p for p in (
+    _conditioned(PRESETS["mnist-16"], "mnist-16-cond", "the digit", ("label",), "none"),
+    _conditioned(PRESETS["punks-24-cpu"], "punks-24-cond-cpu", "the punk's type and accessories",
+                 ("type", "accessories"), "sampler"),
+)})
+
+
 MAX_RESOLUTION = 4096
 MAX_TIMESTEPS = 100_000
 MAX_SAMPLE_IMAGES = 1024
@@ -508,7 +543,7 @@ def _from_dict(d: dict[str, Any]) -> Preset:
         model=ModelSpec(**{**d["model"], "block_out_channels": tuple(d["model"]["block_out_channels"]),
                            "attention_resolutions": tuple(d["model"]["attention_resolutions"])}),
         scheduler=SchedulerSpec(**d["scheduler"]),
-        data=DataSpec(**d["data"]),
+        data=DataSpec(**{**d["data"], "condition_on": tuple(d["data"].get("condition_on", ()))}),
         train=TrainSpec(**d["train"]),
     )
 
@@ -549,6 +584,12 @@ def _coerce(name: str, value: Any, annotation: str) -> Any:
     if value is None and "None" in annotation:
         return None
     kind = annotation.split(" |")[0].split("[")[0]
+    if annotation.startswith("tuple[str"):  # column names: "type,accessories" or a list of names
+        items = [c.strip() for c in value.split(",")] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+            raise PresetError(f"{name} expects column names (e.g. [type, accessories] or 'type,accessories'), got "
+                              f"{value!r}")
+        return tuple(items)
     if kind == "tuple":
         items = value if isinstance(value, (list, tuple)) else [value]
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in items):

@@ -36,6 +36,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", help="Hub dataset id or local folder (Hub layout or plain images)")
     p.add_argument("--split", help="dataset split (default: the preset's, usually 'train')")
     p.add_argument("--image-column", help="column holding the images (default: the first Image column)")
+    p.add_argument("--condition-on", metavar="COLUMN[,COLUMN]",
+                   help="train a conditional model (classifier-free guidance) told these columns: a ClassLabel "
+                   "(MNIST label, punk type) or a sequence of ClassLabels or strings (punk accessories)")
+    p.add_argument("--balance-conditions", choices=["none", "sampler", "loss"],
+                   help="rare classes of a conditional run: draw them more often (sampler) or weigh their loss "
+                   "(default: the preset's)")
     p.add_argument("--max-train-samples", type=int, help="use only the first N images of the split")
     p.add_argument("--output-dir", default="outputs/run", help="where checkpoints, logs and the export go")
     p.add_argument("--overwrite-output-dir", action="store_true",
@@ -102,6 +108,8 @@ MAX_SEED = 2**32 - 1
 _FLAG_TO_FIELD = {
     "split": ("data", "split"),
     "image_column": ("data", "image_column"),
+    "condition_on": ("data", "condition_on"),
+    "balance_conditions": ("train", "balance_conditions"),
     "max_train_samples": ("data", "max_samples"),
     "max_steps": ("train", "max_steps"),
     "epochs": ("train", "epochs"),
@@ -151,6 +159,9 @@ def resolve_training_config(args: argparse.Namespace) -> Preset:
     if (args.eval_every is not None and args.eval_every < 1) or args.eval_images < 10:
         raise PresetError(f"--eval-every must be at least 1 and --eval-images at least 10 (got {args.eval_every}, "
                           f"{args.eval_images})")
+    if preset.data.condition_on and args.init_from:
+        raise PresetError("--init-from starts from an unconditional UNet, which has no class embedding to condition: "
+                          "train a conditional model from scratch (drop --init-from)")
     if (args.hub_model_id or args.private) and not args.push_to_hub:
         raise PresetError("--hub-model-id and --private only apply with --push-to-hub")
     if args.push_to_hub:

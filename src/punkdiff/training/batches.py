@@ -12,12 +12,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from punkdiff.conditions import ConditionVocabulary, balanced_row_weights
 from punkdiff.data import (
     DataError,
     ImageStreamLoader,
+    ImageTensorDataset,
     ImageTransform,
     count_images,
     exceeds_cache_budget,
+    load_training_conditions,
     load_training_images,
     pixel_art_palette,
     stream_training_images,
@@ -39,6 +42,7 @@ class TrainingData:
     streaming: bool
     palette: np.ndarray | None  # pixel art: the training colours that grids and the export snap to
     images: torch.Tensor | None  # the cached images (what `--eval-every` scores against); None when streamed
+    vocabulary: ConditionVocabulary | None = None  # a conditional run's: batches are then dicts with "condition"
 
 
 def streaming_reason(args: argparse.Namespace, preset: Preset) -> str | None:
@@ -49,6 +53,10 @@ def streaming_reason(args: argparse.Namespace, preset: Preset) -> str | None:
     )
     if not (args.streaming or too_big is not None):
         return None
+    if preset.data.condition_on:
+        raise DataError(f"--condition-on keeps every image's condition beside the decoded cache, and this run would "
+                        f"stream its data ({too_big or '--streaming'}): drop --streaming, or give the cache room "
+                        "(--cache-dir on a larger disk, a larger --cache-budget)")
     if args.eval_every:
         raise DataError("--eval-every scores samples against the training images held in the cache, and a "
                         "streamed dataset holds none: drop --eval-every, or cache the data (no --streaming, a "
@@ -67,12 +75,17 @@ def load_training_data(args: argparse.Namespace, preset: Preset, accelerator: Ac
                                         rank=accelerator.process_index, world_size=accelerator.num_processes)
         loader = ImageStreamLoader(stream, num_images, train_spec.batch_size, accelerator.num_processes,
                                    accelerator.device)
-        palette, images = None, None  # a palette needs every image: a streamed run's samples are not snapped to one
+        palette, images, vocabulary = None, None, None  # a streamed run's samples are not snapped to a palette
     else:
+        # a conditional run reads its condition columns first: a column that cannot condition fails before decoding
+        vocabulary, extras = None, {}
+        if preset.data.condition_on:
+            vocabulary, extras["condition"] = load_training_conditions(preset.data.dataset, preset.data)
         with accelerator.main_process_first():
             dataset = load_training_images(
                 preset.data.dataset, preset.data, cache_dir=args.cache_dir, progress=accelerator.is_main_process
             )
+        dataset, weights = condition_rows(dataset, vocabulary, extras, train_spec.balance_conditions)
         num_images = len(dataset)
         on_device = args.data_on_device == "yes" or (
             args.data_on_device == "auto" and accelerator.device.type == "cuda" and dataset.images.nbytes < 2**31
@@ -83,8 +96,21 @@ def load_training_data(args: argparse.Namespace, preset: Preset, accelerator: Ac
             dataset = dataset.to(accelerator.device)
         # batches are single gathers, seeded by the loader's own generator (not the global RNG, which dropout
         # uses); data in host memory feeding a GPU comes through pinned memory, copied without waiting
-        loader = dataset.loader(train_spec.batch_size, args.seed, pin_memory=accelerator.device.type == "cuda")
+        loader = dataset.loader(train_spec.batch_size, args.seed, pin_memory=accelerator.device.type == "cuda",
+                                weights=weights)
         loader = accelerator.prepare(loader)  # sharded: each process sees its own slice of every batch
         images = dataset.images
     updates_per_epoch = steps_per_epoch(len(loader), train_spec.gradient_accumulation_steps)
-    return TrainingData(loader, num_images, updates_per_epoch, streaming is not None, palette, images)
+    return TrainingData(loader, num_images, updates_per_epoch, streaming is not None, palette, images, vocabulary)
+
+
+def condition_rows(dataset: ImageTensorDataset, vocabulary: ConditionVocabulary | None,
+                   extras: dict[str, torch.Tensor], balance: str) -> tuple[ImageTensorDataset, torch.Tensor | None]:
+    """The cached images with each row's condition (and, to balance the loss, its weight) beside them, and the
+    weights to draw them by (`balance="sampler"`), from `balanced_row_weights`; an unconditional dataset as it is."""
+    if vocabulary is None:
+        return dataset, None
+    weights = None if balance == "none" else balanced_row_weights(extras["condition"], vocabulary)
+    if balance == "loss":
+        extras["loss_weight"] = weights
+    return ImageTensorDataset(dataset.images, extras), weights if balance == "sampler" else None

@@ -34,6 +34,7 @@ _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "training_state.json"
 MANIFEST = "checksums.json"
 EMA_FOLDER = "unet_ema"
+ENCODER_EMA_FOLDER = "attribute_encoder_ema"  # a conditional run's attribute encoder (Accelerate's model_1)
 
 
 class DamagedCheckpointWarning(UserWarning):
@@ -183,8 +184,10 @@ def load_checkpoint(accelerator: Accelerator, path: Path, noise_rng: torch.Gener
     noise_rng.set_state(load_file(path / _noise_rng_file(accelerator.process_index))["state"])
 
 
-def register_ema_hooks(accelerator: Accelerator, ema: EMAModel) -> None:
-    """Save and restore the EMA weights with every Accelerate checkpoint, as `unet_ema/` (a diffusers UNet folder).
+def register_ema_hooks(accelerator: Accelerator, ema: EMAModel, folder: str = EMA_FOLDER,
+                       model_index: int = 0) -> None:
+    """Save and restore the EMA weights of the `model_index`-th prepared model with every Accelerate checkpoint,
+    as `folder` (a diffusers model folder: `unet_ema/` for the UNet).
 
     `EMAModel.save_pretrained` writes the EMA counters (decay, optimization step, ...) into that folder's config;
     loading reads them back with the weights, from safetensors only.
@@ -195,13 +198,13 @@ def register_ema_hooks(accelerator: Accelerator, ema: EMAModel) -> None:
             # save_pretrained builds a UNet, whose initialisation draws from the global RNG that dropout uses: without
             # the fork, how often a run checkpoints (or a SIGTERM) would change the rest of its training
             with torch.random.fork_rng(devices=[]):
-                ema.save_pretrained(os.path.join(output_dir, EMA_FOLDER))
+                ema.save_pretrained(os.path.join(output_dir, folder))
 
     def load_hook(models, input_dir):
-        folder = Path(input_dir) / EMA_FOLDER
-        counters = json.loads((folder / "config.json").read_text())
-        saved = load_file(folder / "diffusion_pytorch_model.safetensors")
-        names = [name for name, _ in accelerator.unwrap_model(models[0]).named_parameters()]
+        path = Path(input_dir) / folder
+        counters = json.loads((path / "config.json").read_text())
+        saved = load_file(path / "diffusion_pytorch_model.safetensors")
+        names = [name for name, _ in accelerator.unwrap_model(models[model_index]).named_parameters()]
         ema.load_state_dict({
             **{k: v for k, v in counters.items() if k in ema.state_dict()},
             "shadow_params": [saved[name] for name in names],

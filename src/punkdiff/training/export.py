@@ -21,11 +21,15 @@ if TYPE_CHECKING:
     from diffusers import DDPMScheduler, UNet2DModel
     from diffusers.training_utils import EMAModel
 
+    from punkdiff.training.conditioning import TrainingCondition
+
 
 def export_run(output_dir: Path, preset: Preset, unet: UNet2DModel, ema: EMAModel | None,
                noise_scheduler: DDPMScheduler, history: list[list[float]], steps: int, grid: Image.Image,
-               palette: np.ndarray | None = None, metrics: dict[str, float] | None = None) -> None:
-    """Write `samples.png`, `loss_curve.png` and `pipeline/` (the EMA weights, the card, the palette)."""
+               palette: np.ndarray | None = None, metrics: dict[str, float] | None = None,
+               condition: TrainingCondition | None = None) -> None:
+    """Write `samples.png`, `loss_curve.png` and `pipeline/` (the EMA weights, the card, the palette; a conditional
+    model's vocabulary and the EMA weights of its attribute encoder)."""
     exported = copy.deepcopy(unet).eval()
     if ema is not None:
         ema.copy_to(exported.parameters())
@@ -46,6 +50,8 @@ def export_run(output_dir: Path, preset: Preset, unet: UNet2DModel, ema: EMAMode
         ),
         sample_grid=grid,
         palette=palette,
+        condition=condition.vocabulary if condition is not None else None,
+        attribute_encoder=condition.exported_encoder() if condition is not None else None,
     )
 
 

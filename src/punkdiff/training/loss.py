@@ -20,11 +20,13 @@ def diffusion_loss(
     noise: torch.Tensor,
     timesteps: torch.Tensor,
     snr_gamma: float | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MSE between the UNet output at x_t = q_sample(x_0, t, noise) and its target: epsilon, v or x_0.
 
     Min-SNR-gamma (Hang et al. 2023) clamps the per-timestep weight on the x_0 error at gamma, so easy, low-noise
-    steps stop dominating; the weight is expressed relative to each prediction type's target.
+    steps stop dominating; the weight is expressed relative to each prediction type's target. `weights` (one per
+    image, mean 1 over the data, e.g. `balanced_row_weights`) weigh each image's error in the mean.
 
     Examples:
         ```py
@@ -43,8 +45,13 @@ def diffusion_loss(
     else:
         target = clean
     pred = model(noisy, timesteps).sample
-    if snr_gamma is None:
+    if snr_gamma is None and weights is None:
         return F.mse_loss(pred.float(), target.float())
+    per_image = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if weights is not None:
+        per_image = per_image * weights.to(per_image)
+    if snr_gamma is None:
+        return per_image.mean()
     from diffusers.training_utils import compute_snr
 
     snr = compute_snr(noise_scheduler, timesteps)
@@ -53,5 +60,4 @@ def diffusion_loss(
         weight = weight / snr
     elif prediction_type == "v_prediction":
         weight = weight / (snr + 1)
-    per_image = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     return (per_image * weight).mean()

@@ -8,6 +8,7 @@ images against the other, is measured once at the start, so the logged curve can
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
     from diffusers import DDPMScheduler, UNet2DModel
     from diffusers.training_utils import EMAModel
 
+    from punkdiff.training.conditioning import TrainingCondition
+
 
 class QualityMonitor:
     """SWD of `num_images` EMA samples against as many training images, with the real-vs-real floor.
@@ -33,14 +36,15 @@ class QualityMonitor:
         ```
     """
 
-    def __init__(self, images: torch.Tensor, num_images: int = 200, seed: int = 0) -> None:
+    def __init__(self, images: torch.Tensor, num_images: int = 200, seed: int = 0,
+                 condition: TrainingCondition | None = None) -> None:
         if len(images) < 2 * num_images:
             raise ValueError(f"--eval-images {num_images} needs at least {2 * num_images} training images (the "
                              f"floor compares two disjoint sets), the dataset has {len(images)}")
         rows = np.random.default_rng(seed).permutation(len(images))[: 2 * num_images]
         picked = images[torch.as_tensor(np.sort(rows))].cpu().numpy()
         self.reference, other = picked[:num_images], picked[num_images:]
-        self.num_images, self.seed = num_images, seed
+        self.num_images, self.seed, self.condition = num_images, seed, condition
         self.floor = sliced_wasserstein_distance(self.reference, other, seed=seed)["swd"]
         self.history: list[list[float]] = []
         self.seconds = 0.0
@@ -49,13 +53,16 @@ class QualityMonitor:
         self, unet: UNet2DModel, ema: EMAModel | None, noise_scheduler: DDPMScheduler, num_inference_steps: int,
         step: int,
     ) -> dict[str, float]:
-        """Sample with the EMA weights (DDIM, seeds `seed + i`), score, and remember the result for the summary."""
+        """Sample with the EMA weights (DDIM, seeds `seed + i`), score, and remember the result for the summary.
+
+        A conditional model samples its null condition, unguided: the unconditional model it also learns."""
         from punkdiff.pipelines import PunkDiffPipeline
         from punkdiff.sampling import generate
 
         start = time.perf_counter()
-        with averaged_weights(unet, ema) as averaged:
-            pipe = PunkDiffPipeline(unet=averaged, scheduler=noise_scheduler)
+        with averaged_weights(unet, ema) as averaged, (
+                self.condition.averaged() if self.condition is not None else contextlib.nullcontext({})) as conditioned:
+            pipe = PunkDiffPipeline(unet=averaged, scheduler=noise_scheduler, **conditioned)
             images = generate(pipe, self.num_images, seed=self.seed, batch_size=100, sampler="ddim",
                               num_inference_steps=num_inference_steps, output_type="np", progress=False)
         samples = (images * 255).round().astype(np.uint8).transpose(0, 3, 1, 2)

@@ -21,8 +21,11 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
+from punkdiff.conditions import ConditionVocabulary
+from punkdiff.pipelines.punkdiff_pipeline import AttributeEncoder
 from punkdiff.presets import Preset
-from punkdiff.training.checkpoints import register_ema_hooks
+from punkdiff.training.checkpoints import ENCODER_EMA_FOLDER, register_ema_hooks
+from punkdiff.training.conditioning import TrainingCondition, build_attribute_encoder
 from punkdiff.training.speed import build_optimizer
 
 if TYPE_CHECKING:
@@ -44,12 +47,23 @@ class Trainables:
     clip_grad_norm_: Callable[..., torch.Tensor]
     max_steps: int
     num_epochs: int
+    condition: TrainingCondition | None = None  # a conditional run's vocabulary, attribute encoder and its EMA
+
+    def step_ema(self) -> None:
+        """One EMA update per optimizer step: the UNet's, and the attribute encoder's."""
+        if self.ema is not None:
+            self.ema.step(self.unet.parameters() if self.condition else self.parameters)
+        if self.condition is not None and self.condition.ema is not None:
+            self.condition.ema.step(self.condition.attribute_encoder.parameters())
 
 
 def build_trainables(preset: Preset, accelerator: Accelerator, updates_per_epoch: int,
                      initial_unet: UNet2DModel | None = None, channels_last: bool = False,
-                     compile_backend: str | None = None) -> Trainables:
+                     compile_backend: str | None = None, vocabulary: ConditionVocabulary | None = None) -> Trainables:
     """The preset's UNet (or `initial_unet`), noise schedule, AdamW, LR schedule and EMA, prepared for `accelerator`.
+
+    A conditional run (`vocabulary`) gets the UNet's class embedding from `vocabulary.unet_kwargs()` and, for
+    multi-hot conditions, an attribute encoder trained with it: one optimizer, one gradient clip, an EMA of each.
 
     Examples:
         ```py
@@ -59,11 +73,14 @@ def build_trainables(preset: Preset, accelerator: Accelerator, updates_per_epoch
         ```
     """
     train_spec = preset.train
-    model = initial_unet or UNet2DModel(**preset.model.unet_config())
+    model = initial_unet or UNet2DModel(**preset.model.unet_config(), **(vocabulary.unet_kwargs() if vocabulary
+                                                                          else {}))
     if channels_last:
         model.to(memory_format=torch.channels_last)
     noise_scheduler = DDPMScheduler(**preset.scheduler.ddpm_config())
-    optimizer = build_optimizer(model.parameters(), train_spec, accelerator.device)  # fused on CUDA
+    encoder = build_attribute_encoder(vocabulary, preset.model.block_out_channels)
+    trained = [*model.parameters(), *(encoder.parameters() if encoder is not None else ())]
+    optimizer = build_optimizer(trained, train_spec, accelerator.device)  # fused on CUDA
     max_steps = train_spec.max_steps or train_spec.epochs * updates_per_epoch
     # the prepared scheduler advances once per process per optimizer step, so its length is in
     # optimizer steps x processes (never in data-loader batches)
@@ -73,7 +90,10 @@ def build_trainables(preset: Preset, accelerator: Accelerator, updates_per_epoch
         num_warmup_steps=train_spec.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=max_steps * accelerator.num_processes,
     )
-    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    if encoder is not None:  # prepared after the UNet: Accelerate's model_1, checkpointed beside it
+        model, encoder, optimizer, lr_scheduler = accelerator.prepare(model, encoder, optimizer, lr_scheduler)
+    else:
+        model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     unet = accelerator.unwrap_model(model)
     # --compile compiles the training forward only: EMA, previews, checkpoints and the export keep the eager module
     train_forward = torch.compile(model, backend=compile_backend) if compile_backend else model
@@ -91,9 +111,23 @@ def build_trainables(preset: Preset, accelerator: Accelerator, updates_per_epoch
         )
         ema.to(accelerator.device)
         register_ema_hooks(accelerator, ema)
+    condition = None
+    if vocabulary is not None:
+        attribute_encoder = accelerator.unwrap_model(encoder) if encoder is not None else None
+        encoder_ema = None
+        if ema is not None and attribute_encoder is not None:
+            encoder_ema = EMAModel(attribute_encoder.parameters(), decay=train_spec.ema_decay,
+                                   use_ema_warmup=train_spec.ema_warmup, inv_gamma=train_spec.ema_inv_gamma,
+                                   power=train_spec.ema_power, model_cls=AttributeEncoder,
+                                   model_config=attribute_encoder.config, foreach=True)
+            encoder_ema.to(accelerator.device)
+            register_ema_hooks(accelerator, encoder_ema, ENCODER_EMA_FOLDER, model_index=1)
+        condition = TrainingCondition(vocabulary, encoder, attribute_encoder, encoder_ema)
     plain = wrappers_only_call_through(accelerator)
     return Trainables(
-        model=model, unet=unet, parameters=list(unet.parameters()), train_forward=train_forward,
+        model=model, unet=unet, condition=condition, train_forward=train_forward,
+        parameters=list(unet.parameters()) + (list(condition.attribute_encoder.parameters())
+                                              if condition and condition.attribute_encoder else []),
         noise_scheduler=noise_scheduler, optimizer=optimizer.optimizer if plain else optimizer,
         lr_scheduler=lr_scheduler, ema=ema,
         clip_grad_norm_=torch.nn.utils.clip_grad_norm_ if plain else accelerator.clip_grad_norm_,

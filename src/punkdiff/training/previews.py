@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -11,6 +12,7 @@ from PIL import Image
 
 from punkdiff.presets import DDIM_ETA, TrainSpec
 from punkdiff.seeds import image_generators
+from punkdiff.training.conditioning import TrainingCondition, grid_requests
 from punkdiff.training.ema import averaged_weights
 from punkdiff.training.reporting import log_image
 from punkdiff.visuals import display_scale, image_grid
@@ -30,9 +32,11 @@ def ema_sample_grid(
     seed: int,
     palette: np.ndarray | None = None,
     eta: float = DDIM_ETA,
+    condition: TrainingCondition | None = None,
 ) -> Image.Image:
     """A DDIM grid from the EMA weights in eval mode, image i from its own generator seeded `seed + i`; pixel art
-    is snapped to its training `palette` (uint8 `[P, C]`), as the exported pipeline will do.
+    is snapped to its training `palette` (uint8 `[P, C]`), as the exported pipeline will do. A conditional run's grid
+    asks for fixed conditions instead (`grid_requests`: a row per class), at least `num_images` of them.
 
     Examples:
         ```py
@@ -42,8 +46,11 @@ def ema_sample_grid(
     """
     from punkdiff.pipelines import PunkDiffPipeline  # diffusers: imported when used, so the CLI starts fast
 
-    with averaged_weights(unet, ema) as averaged:
-        pipe = PunkDiffPipeline(unet=averaged, scheduler=noise_scheduler)
+    requests, columns = grid_requests(condition.vocabulary, num_images) if condition is not None else ({}, None)
+    num_images = len(next(iter(requests.values()))) if requests else num_images
+    with averaged_weights(unet, ema) as averaged, (
+            condition.averaged() if condition is not None else contextlib.nullcontext({})) as conditioned:
+        pipe = PunkDiffPipeline(unet=averaged, scheduler=noise_scheduler, **conditioned)
         pipe.palette = torch.as_tensor(palette) if palette is not None else None
         pipe.set_progress_bar_config(disable=True)
         images = pipe(
@@ -52,8 +59,9 @@ def ema_sample_grid(
             sampler="ddim",
             num_inference_steps=num_inference_steps,
             eta=eta,
+            **requests,
         ).images
-    return image_grid(images, scale=display_scale(unet.config.sample_size), gap=1)
+    return image_grid(images, cols=columns, scale=display_scale(unet.config.sample_size), gap=1)
 
 
 class SampleGrids:
@@ -69,16 +77,17 @@ class SampleGrids:
 
     def __init__(self, accelerator: Accelerator, output_dir: Path, unet: UNet2DModel, ema: EMAModel | None,
                  noise_scheduler: DDPMScheduler, train_spec: TrainSpec, seed: int,
-                 palette: np.ndarray | None = None) -> None:
+                 palette: np.ndarray | None = None, condition: TrainingCondition | None = None) -> None:
         self.accelerator, self.folder = accelerator, Path(output_dir) / "samples"
         self.unet, self.ema, self.noise_scheduler = unet, ema, noise_scheduler
         self.num_images, self.num_inference_steps = train_spec.num_sample_images, train_spec.sample_inference_steps
         self.seed, self.palette, self.eta = seed, palette, train_spec.sample_eta
+        self.condition = condition
 
     def __call__(self, step: int) -> Image.Image:
         """A DDIM grid from the EMA weights with a fixed seed, saved and logged, comparable over time."""
         grid = ema_sample_grid(self.unet, self.ema, self.noise_scheduler, self.num_images, self.num_inference_steps,
-                               self.seed, palette=self.palette, eta=self.eta)
+                               self.seed, palette=self.palette, eta=self.eta, condition=self.condition)
         self.folder.mkdir(parents=True, exist_ok=True)
         grid.save(self.folder / f"step-{step:07d}.png")
         log_image(self.accelerator, "samples", grid, step)
