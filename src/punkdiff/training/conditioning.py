@@ -70,7 +70,8 @@ def build_attribute_encoder(vocabulary: ConditionVocabulary | None, block_out_ch
     """The encoder of a multi-hot condition, into the UNet's time-embedding width; None for class indices."""
     if vocabulary is None or vocabulary.encoding == CLASS_INDEX:
         return None
-    return AttributeEncoder(vocabulary.width, 4 * block_out_channels[0])
+    # keywords: diffusers takes positional arguments of a config class for defaults, and from_config then fails
+    return AttributeEncoder(num_attributes=vocabulary.width, embedding_dim=4 * block_out_channels[0])
 
 
 def batch_inputs(batch: torch.Tensor | dict[str, torch.Tensor], random_flip: bool, generator: torch.Generator,
