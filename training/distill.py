@@ -28,7 +28,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from punkdiff.files import write_json
 from punkdiff.hub import ModelCardInfo, ModelFolderError, model_folder, validate_model_folder, write_model_card
 from punkdiff.interrupts import exit_on_interrupt
-from punkdiff.pipelines.punkdiff_pipeline import SAMPLING_FILE, SamplingConfig
+from punkdiff.pipelines.punkdiff_pipeline import CONDITION_FILE, SAMPLING_FILE, SamplingConfig
 from punkdiff.presets import PRESETS, PresetError
 from punkdiff.scripts.train import run as train_stage
 from punkdiff.training.arguments import add_distill_arguments, resolve_training_config
@@ -58,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
         teacher_config = dict(DDPMScheduler.from_pretrained(teacher / "scheduler").config)
         stages = halving_stages(args.teacher_steps, args.steps)
         DistillationLoss.check_teacher(teacher_config)
+        if (teacher / CONDITION_FILE).is_file() or args.condition_on:
+            raise DistillationError("distilling a conditional model is not supported: its students would need the "
+                                    "condition and guidance in every teacher step; distil an unconditional model")
         if (output_dir / "pipeline").exists() and not (args.overwrite_output_dir or args.resume_from_checkpoint):
             raise DistillationError(f"{output_dir / 'pipeline'} already holds a student: pass --overwrite-output-dir "
                                     "to distil again, --resume-from-checkpoint latest to finish it, or another "
