@@ -182,3 +182,25 @@ def test_the_weighted_sampler_draws_by_weight_and_repeats_an_epoch_exactly():
         sampler.set_epoch(epoch)
         draws += list(sampler)
     assert draws.count(2) / len(draws) == pytest.approx(0.9, abs=0.03)
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_encoder_in_step(punks_dir, cache_dir, tmp_path):
+    """`--multi_gpu --num_processes 2` on CPU: the encoder is DDP-prepared beside the UNet, its EMA agrees."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           str(Path(__file__).resolve().parents[1] / "training" / "train.py"), *PUNKS, "--dataset", str(punks_dir),
+           "--cache-dir", str(cache_dir), "--output-dir", str(out), "--max-steps", "4", "--checkpoint-every", "4"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["ema_in_sync_across_processes"] is True
+    checkpoint = out / "checkpoints" / "checkpoint-4"
+    assert {"model_1.safetensors", "noise_rng_1.safetensors"} <= {p.name for p in checkpoint.iterdir()}
+    assert (out / "pipeline" / "attribute_encoder" / "diffusion_pytorch_model.safetensors").is_file()
