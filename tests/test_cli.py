@@ -671,7 +671,7 @@ def test_eval_of_a_distilled_student_samples_as_its_sampling_json_says(tmp_path,
 
 @pytest.mark.parametrize(("extra", "message"), [(["--guidance", "nan"], "guidance scale must be a finite number"),
                                                 (["--guidance", "-2"], "guidance scale must be a finite number"),
-                                                (["--per-class", "-1"], "must be 0 or more")])
+                                                (["--per-class", "-1"], "must be at least 0")])
 def test_eval_guidance_and_per_class_flags_are_checked_by_the_parser(tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exit_:
         main(["eval", "model", "--reference", "data", "--out", str(tmp_path / "e"), *extra])
