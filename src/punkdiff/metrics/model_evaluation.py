@@ -2,7 +2,9 @@
 
 Sample from a model (or read existing images), score them beside their real-vs-real floors (`evaluate`), add the
 reconstruction study, write `metrics.json`, `report.md` and the figures, and, when asked, the numbers into the
-model's card. `punkdiff eval` only turns its flags into `EvalOptions` and calls this; the web app's evaluation job
+model's card. A conditional model is asked for conditions drawn as the data (and, per class, balanced ones), and
+its classifier-scored "asked against drawn" goes beside its floor (`punkdiff.metrics.conditional`). `punkdiff eval`
+only turns its flags into `EvalOptions` and calls this; the web app's evaluation job
 runs that command, so both go through the same code.
 
 Every input is checked before the slow work starts (sampling, classifier training, feature networks), so a
