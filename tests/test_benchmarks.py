@@ -165,3 +165,37 @@ def test_bench_data_paths_agree_and_decode_memory_is_measured(benchmarks, mnist_
     assert result["check"]["first_batch_mean_abs_diff"] < 0.05  # MNIST: both resize bilinearly
     assert result["punkdiff_prep_peak_pss_bytes"] >= result["punkdiff_prep_peak_anon_bytes"] > 0
     assert result["punkdiff_prep_images_per_s"] > 0
+
+
+def test_bench_guidance_sweeps_the_scale_with_the_eval_code(mnist_dir, metrics_cache, tmp_path, digit_classifier):
+    """A 16 px digit model (untrained) at w = 0, 1, 3: the same requests and seeds at every scale, so w = 0 (the
+    unconditional model) and w = 1 (the conditional one) differ only by the condition, and the plot is written."""
+    import PIL.Image
+    import torch
+    from diffusers import DDPMScheduler
+    from tiny_models import DIGITS, tiny_unet
+
+    from punkdiff.hub import export_pipeline
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import bench_guidance
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    unet = tiny_unet(channels=1, sample_size=16, num_class_embeds=11)
+    with torch.no_grad():
+        unet.class_embedding.weight.mul_(4.0)  # so the condition visibly changes the output
+    model = export_pipeline(unet, DDPMScheduler(), tmp_path / "digits", condition=DIGITS)
+    out = tmp_path / "guidance.json"
+    assert bench_guidance.main([str(model), "--reference", str(mnist_dir), "--preset", "mnist-baseline-16",
+                                "--scales", "0", "1", "3", "--num-samples", "12", "--steps", "2", "--per-class", "1",
+                                "--cache-dir", str(metrics_cache), "--work-dir", str(tmp_path / "work"),
+                                "--out", str(out), "--quiet"]) == 0
+    report = json.loads(out.read_text())
+    points = report["points"]
+    assert [p["guidance_scale"] for p in points] == [0.0, 1.0, 3.0] and report["machine"]["versions"]["torch"]
+    assert len({p["fd_classifier_floor"] for p in points}) == 1 and len({p["fd_classifier"] for p in points}) == 3
+    assert all(p["accuracy_floor"] >= 0.95 and 0 <= p["accuracy"] <= 1 for p in points)
+    assert points[0]["label_recall"] is None and len(points[0]["balanced_per_class_accuracy"]) == 10
+    assert (tmp_path / "work" / "guidance-3" / "report.md").is_file()
+    assert PIL.Image.open(out.with_suffix(".png")).size == (1100, 440)

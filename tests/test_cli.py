@@ -645,3 +645,58 @@ def test_reconstruct_and_inpaint_take_the_condition(conditional_dirs, tmp_path):
     assert np.abs(capped[3:, 8:] - np.asarray(source, dtype=int)[3:]).max() <= 1  # the kept rows
     assert main([*inpaint, "--type", "Bear", "--out", str(tmp_path / "bear.png")]) == 2
     assert not (tmp_path / "bear.png").exists()
+
+
+def test_eval_of_a_distilled_student_samples_as_its_sampling_json_says(tmp_path, mnist_dir, digit_classifier,
+                                                                       metrics_cache, monkeypatch):
+    import json
+    import warnings
+
+    monkeypatch.delenv("PUNKDIFF_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.delenv("PUNKDIFF_DINOV2", raising=False)
+    student = export_pipeline(tiny_unet(channels=1, sample_size=16), DDPMScheduler(prediction_type="v_prediction"),
+                              tmp_path / "student", sampling={"sampler": "ddim-trailing", "num_inference_steps": 2,
+                                                              "eta": 0.0, "distilled_steps": 2})
+    common = ["eval", str(student), "--reference", str(mnist_dir), "--preset", "mnist-baseline-16", "--cache-dir",
+              str(metrics_cache), "--num-samples", "10", "--reconstruction-images", "2", "--device", "cpu"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main([*common, "--out", str(tmp_path / "eval")]) == 0
+    assert not [w for w in caught if "distilled" in str(w.message)]  # sampled at its distilled count
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["sampler"] == "ddim-trailing-2, eta 0"
+    with pytest.warns(UserWarning, match="distilled to sample in 2 steps"):  # an explicit flag still wins
+        assert main([*common, "--steps", "3", "--reconstruction-images", "0", "--out", str(tmp_path / "e3")]) == 0
+    assert json.loads((tmp_path / "e3" / "metrics.json").read_text())["sampler"] == "ddim-trailing-3, eta 0"
+
+
+@pytest.mark.parametrize(("extra", "message"), [(["--guidance", "nan"], "guidance scale must be a finite number"),
+                                                (["--guidance", "-2"], "guidance scale must be a finite number"),
+                                                (["--per-class", "-1"], "must be at least 0")])
+def test_eval_guidance_and_per_class_flags_are_checked_by_the_parser(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "model", "--reference", "data", "--out", str(tmp_path / "e"), *extra])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
+
+
+def test_eval_refuses_guidance_for_an_unconditional_model_before_sampling(model_dir, tmp_path, mnist_dir, capsys):
+    argv = ["eval", str(model_dir), "--reference", str(mnist_dir), "--guidance", "3", "--out", str(tmp_path / "e")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("punkdiff eval: --guidance apply to sampling a conditional model;") and "unconditional" in err
+    assert not (tmp_path / "e").exists()
+
+
+def test_eval_of_a_conditional_model_prints_asked_against_drawn(conditional_dirs, tmp_path, mnist_dir, metrics_cache,
+                                                               capsys):
+    """The 8 px digit model, scored against MNIST at 8 px: the conditional table follows the usual metrics."""
+    import json
+
+    argv = ["eval", str(conditional_dirs["digits"]), "--reference", str(mnist_dir), "--preset", "mnist-baseline-16",
+            "--cache-dir", str(metrics_cache), "--num-samples", "10", "--steps", "2", "--per-class", "1",
+            "--guidance", "1.5", "--reconstruction-images", "0", "--out", str(tmp_path / "e"), "--device", "cpu"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "asked vs drawn (guidance 1.5)" in out and "requested class drawn (accuracy)" in out
+    saved = json.loads((tmp_path / "e" / "metrics.json").read_text())["conditional"]
+    assert saved["guidance_scale"] == 1.5 and saved["balanced"]["num_images"] == 10

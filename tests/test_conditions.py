@@ -232,3 +232,26 @@ def test_rare_types_weigh_more_by_the_square_root_of_their_rarity_capped(punk_vo
     assert share == pytest.approx(9 * 10 / total, rel=1e-4)  # 0.0076: the 9 Aliens drawn 8x as often as uniformly
     with pytest.raises(ConditionError, match="max_ratio >= 1"):
         class_weights(punk_vocabulary.groups[0], max_ratio=0.5)
+
+
+def test_dataset_rows_become_requests_by_name_that_encode_as_the_rows_do(punk_vocabulary, punk_rows):
+    from punkdiff.conditions import requests_from_rows
+
+    features = datasets.Features({"type": datasets.ClassLabel(names=list(PUNK_TYPES)),
+                                  "accessories": datasets.List(datasets.Value("string"))})
+    indices = [0, 17, 4242]
+    requests = requests_from_rows(punk_vocabulary, features, punk_rows, indices)
+    assert requests[0] == {"type": PUNK_TYPES[punk_rows["type"][0]], "accessories": punk_rows["accessories"][0]}
+    picked = {c: [punk_rows[c][i] for i in indices] for c in ("type", "accessories")}
+    assert torch.equal(punk_vocabulary.encode_request(attributes=requests), punk_vocabulary.encode(picked))
+
+    tags = datasets.Features({"tags": datasets.Sequence(datasets.ClassLabel(names=["red", "green", "blue"])),
+                              "label": datasets.ClassLabel(names=["a", "b"])})
+    rows = {"tags": [[0, 2], None], "label": [1, -1]}
+    vocabulary = vocabulary_from_dataset(datasets.Dataset.from_dict({"tags": [[0]], "label": [0]}, features=tags),
+                                         "label,tags")
+    assert requests_from_rows(vocabulary, tags, rows, [0, 1]) == [{"label": "b", "tags": ["red", "blue"]}, {}]
+    with pytest.raises(ConditionError, match="unknown accessories 'Bow Tie'; .*known accessories values"):
+        requests_from_rows(punk_vocabulary, features, {"type": [3], "accessories": [["Bow Tie"]]}, [0])
+    with pytest.raises(ConditionError, match=r"the data lacks the model's condition columns \['accessories'\]"):
+        requests_from_rows(punk_vocabulary, features, {"type": [3]}, [0])

@@ -81,3 +81,64 @@ def test_requests_the_classifier_cannot_score_are_refused(mnist16, digit_classif
         conditional_scores(digit_classifier, images, {"label": [10] * 10})
     with pytest.raises(ValueError, match="'Robot' is not a class the classifier knows: Alien, Ape"):
         conditional_scores(punk_classifier, punks24.heldout[:2], {"type": ["Robot", "Ape"]})
+
+
+# ---- what a conditional model is asked for in its evaluation ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def punk_vocabulary(punks24):
+    from punkdiff.conditions import vocabulary_from_columns
+
+    return vocabulary_from_columns(punks24.features, {c: punks24.train_columns[c] for c in ("type", "accessories")})
+
+
+def test_data_requests_follow_the_training_rows(punks24, punk_vocabulary):
+    from punkdiff.metrics.conditional import data_requests
+
+    requests = data_requests(punk_vocabulary, punks24, 3000, seed=5)
+    assert requests == data_requests(punk_vocabulary, punks24, 3000, seed=5) != data_requests(
+        punk_vocabulary, punks24, 3000, seed=6)
+    names = punks24.features["type"].names
+    rows = {(names[t], tuple(a)) for t, a in zip(punks24.train_columns["type"], punks24.train_columns["accessories"],
+                                                  strict=True)}
+    assert all((r["type"], tuple(r["accessories"])) in rows for r in requests)  # each is some training punk
+    share = np.mean([r["type"] == "Male" for r in requests])
+    true_share = np.mean([names[t] == "Male" for t in punks24.train_columns["type"]])
+    assert abs(share - true_share) < 0.05  # the data's own mix
+
+
+def test_balanced_requests_ask_for_every_type_equally(punks24, punk_vocabulary):
+    from punkdiff.metrics.conditional import balanced_requests
+
+    requests = balanced_requests(punk_vocabulary, punks24, 4, seed=0)
+    assert [r["type"] for r in requests] == [t for t in punk_vocabulary.groups[0].names for _ in range(4)]
+    names = punks24.features["type"].names
+    rows = {(names[t], tuple(a)) for t, a in zip(punks24.train_columns["type"], punks24.train_columns["accessories"],
+                                                  strict=True)}
+    for request in requests:  # a training punk of that type, or the type alone where the data has none
+        assert (request["type"], tuple(request["accessories"])) in rows if "accessories" in request else \
+            request["type"] not in {names[t] for t in punks24.train_columns["type"]}
+    assert balanced_requests(punk_vocabulary, punks24, 0) == []
+
+
+def test_real_punks_asked_as_the_data_score_like_the_floor(punks24, punk_classifier, punk_vocabulary):
+    """Held-out punks used as "samples" for requests of their own conditions: the generated scores match the
+    floor's, and a shuffled pairing falls well below it."""
+    from punkdiff.conditions import requests_from_rows
+    from punkdiff.metrics.conditional import conditional_evaluation
+    from punkdiff.metrics.report import conditional_lines, format_conditional
+
+    own = requests_from_rows(punk_vocabulary, punks24.features, punks24.heldout_columns, range(len(punks24.heldout)))
+    columns = ("type", "accessories")
+    result = conditional_evaluation(punk_classifier, punks24, columns, 3.0, punks24.heldout, own,
+                                    balanced=(punks24.heldout, shuffled(own)))
+    assert result["generated"] == result["floor"] and result["guidance_scale"] == 3.0
+    assert result["balanced"]["label_recall"] < 0.5 * result["floor"]["label_recall"]
+
+    lines = "\n".join(conditional_lines(result))
+    male = result["floor"]["per_class"]["Male"]
+    assert f"| Male | {male['requested']} | {male['accuracy']:.4g} |" in lines
+    earring = result["floor"]["per_label_recall"]["Earring"]
+    assert f"| Earring | {earring['requested']} | {earring['recall']:.4g} | {earring['requested']} |" in lines
+    assert "labels found, not requested, per image" in format_conditional(result)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -176,3 +177,106 @@ def test_eval_samples_with_the_model_recommendation_unless_told(options, digit_c
     assert json.loads((options.out / "metrics.json").read_text())["sampler"] == "unipc-50"
     with pytest.raises(EvaluationError, match="unknown sampler 'euler'; choose one of ddpm, ddim"):
         evaluate_model(dataclasses.replace(options, scheduler="euler"), progress=False)
+
+
+# ---- conditional models: requests drawn as the data, scored by its classifier beside the held-out floor ----------
+
+
+@pytest.fixture
+def digit_model(tmp_path):
+    """A 16 px digit model conditioned on MNIST's `label` (its class embedding, the null class last), as exported."""
+    from tiny_models import DIGITS
+
+    unet = tiny_unet(channels=1, sample_size=16, num_class_embeds=11)
+    return export_pipeline(unet, DDPMScheduler(), tmp_path / "cond-digits", condition=DIGITS)
+
+
+def test_a_digit_model_is_asked_for_digits_as_the_data_holds_them(options, digit_model, mnist16, digit_classifier):
+    from punkdiff.hub import load_pipeline
+    from punkdiff.metrics.conditional import conditional_scores, data_requests
+    from punkdiff.sampling import generate
+
+    options = dataclasses.replace(options, model=str(digit_model), num_samples=20, batch_size=8, per_class=2,
+                                  guidance_scale=2.0)
+    result = evaluate_model(options, progress=False)
+    saved = json.loads((options.out / "metrics.json").read_text())
+    assert saved["conditional"] == result.conditional and saved["sampler"] == "ddim-2, eta 1, guidance 2"
+    assert "20 conditions (label) of training rows drawn at random (seed 0)" in saved["requests"]
+    conditional = result.conditional
+    assert conditional["guidance_scale"] == 2.0 and set(saved["metrics"]) == set(result.evaluation.metrics)
+
+    # the samples are the model's images for requests drawn from the training labels, scored as they are
+    requests = data_requests(load_pipeline(digit_model).condition, mnist16, 20, seed=0)
+    assert [r["label"] for r in requests] != [requests[0]["label"]] * 20  # drawn, not one label for all
+    samples = np.load(options.out / SAMPLES_FILE)
+    pipe = load_pipeline(digit_model)
+    again = generate(pipe, 3, seed=0, sampler="ddim", num_inference_steps=2, eta=1.0, output_type="np",
+                     attributes=requests[:3], guidance_scale=2.0, progress=False)
+    assert np.abs((again * 255).round().astype(int).transpose(0, 3, 1, 2) - samples[:3]).max() <= 1
+    expected = conditional_scores(digit_classifier, samples, {"label": [r["label"] for r in requests]})
+    assert conditional["generated"] == expected.to_dict()
+    counts = {name: c["requested"] for name, c in conditional["generated"]["per_class"].items()}
+    assert counts == {d: [r["label"] for r in requests].count(d) for d in counts} and sum(counts.values()) == 20
+
+    # balanced: every digit asked twice; the floor: every held-out digit against its true label
+    assert {name: c["requested"] for name, c in conditional["balanced"]["per_class"].items()} == dict.fromkeys(
+        "0123456789", 2)
+    assert conditional["floor"]["num_images"] == len(mnist16.heldout) and conditional["floor"]["accuracy"] >= 0.95
+    assert conditional["generated"]["accuracy"] < 0.5 < conditional["floor"]["accuracy"]  # an untrained model
+
+    report = result.report.read_text()
+    assert "## Conditional: what was asked against what was drawn (guidance 2)" in report
+    floor_seven = conditional["floor"]["per_class"]["7"]
+    assert "| floor accuracy |" in report and f"| {floor_seven['requested']} | {floor_seven['accuracy']:.4g} |" \
+        in report
+    balanced_row = next(line for line in report.splitlines() if line.startswith("| 7 |"))
+    assert "| 2 |" in balanced_row
+
+
+def test_eval_of_a_conditional_model_keeps_unconditional_numbers_for_the_same_images(options, digit_model,
+                                                                                      digit_classifier):
+    """Every other metric scores the samples as before: re-scoring the kept samples gives the same numbers."""
+    options = dataclasses.replace(options, model=str(digit_model), per_class=0)
+    first = evaluate_model(options, progress=False)
+    assert first.conditional["balanced"] is None
+    rescored = evaluate_model(EvalOptions(options.reference, out=options.out.parent / "again", preset=options.preset,
+                                          samples=str(options.out / SAMPLES_FILE), cache_dir=options.cache_dir,
+                                          reconstruction_images=0), progress=False)
+    assert rescored.conditional is None and rescored.evaluation.metrics.keys() == first.evaluation.metrics.keys()
+    for name, m in first.evaluation.metrics.items():  # up to float summation order, as for any re-scoring
+        again = rescored.evaluation.metrics[name]
+        assert again["model"] == pytest.approx(m["model"], rel=1e-6) and again["floor"] == m["floor"], name
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"guidance_scale": float("nan")}, "--guidance: guidance scale must be a finite"),
+        ({"guidance_scale": -1.0}, "--guidance: guidance scale must be a finite"),
+        ({"per_class": -3}, "--per-class -3: give a count of images per class"),
+        ({"model": None, "guidance_scale": 2.0}, "--guidance apply to sampling a conditional model; existing images"),
+        ({"unconditional": True, "guidance_scale": 2.0, "per_class": 5},
+         "--guidance and --per-class apply to sampling a conditional model;"),
+    ],
+)
+def test_guidance_that_cannot_apply_is_refused_before_sampling(options, digit_model, no_sampling, change, message):
+    change = dict(change)
+    samples = str(options.out) if "model" in change else None
+    change.setdefault("model", options.model if change.pop("unconditional", False) else str(digit_model))
+    options = dataclasses.replace(options, samples=samples, **change)
+    with pytest.raises(EvaluationError, match=message):
+        evaluate_model(options, progress=False)
+    assert not (options.out / "metrics.json").exists()
+
+
+def test_a_reference_without_the_models_conditions_is_refused_before_sampling(options, tmp_path, no_sampling,
+                                                                               digit_classifier):
+    from punkdiff.pipelines.punkdiff_pipeline import ConditionGroup, ConditionVocabulary
+
+    words = ConditionVocabulary((ConditionGroup("label", "single", ("zero", "one", "two", "three", "four", "five",
+                                                                   "six", "seven", "eight", "nine")),))
+    model = export_pipeline(tiny_unet(channels=1, sample_size=16, num_class_embeds=11), DDPMScheduler(),
+                            tmp_path / "words", condition=words)
+    with pytest.raises(EvaluationError, match=r"does not hold the conditions this model was trained on \(unknown "
+                                              r"label '\d'.*known label values \(10\): zero, one"):
+        evaluate_model(dataclasses.replace(options, model=str(model)), progress=False)

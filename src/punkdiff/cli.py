@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from punkdiff.interrupts import exit_on_interrupt, process_start_time, written_since
@@ -19,14 +19,23 @@ class UsageError(ValueError):
     """Input a subcommand cannot use; printed as one line, exit code 2."""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _int_at_least(minimum: int, expected: str) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least `minimum`, else an error saying what was expected."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1, "a positive integer")
+_count = _int_at_least(0, "a whole number (0 or more)")
 
 
 def _seed(text: str) -> int:
@@ -501,6 +510,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--update-card", action="store_true", help="also write the metrics into the model's card "
                    "(README.md YAML model-index and Metrics table; a local model folder only)")
     _add_sampler_arguments(p, "default: the recommendation's with its sampler, else 50")
+    group = p.add_argument_group("conditional models (requests drawn as the data, scored by its classifier)")
+    group.add_argument("--guidance", type=_guidance, default=None, metavar="W",
+                       help="classifier-free guidance (default 1: the conditional model alone)")
+    group.add_argument("--per-class", type=_count, default=None, metavar="N",
+                       help="also N images of each class, asked for equally, for per-class accuracy of rare classes "
+                            "(default 100; 0 skips them)")
     p.set_defaults(func=_run_eval)
 
 
@@ -508,21 +523,24 @@ def _run_eval(args: argparse.Namespace) -> int:
     from punkdiff.data import DataError
     from punkdiff.metrics.feature_networks import WeightsError
     from punkdiff.metrics.model_evaluation import EvalOptions, EvaluationError, evaluate_model
-    from punkdiff.metrics.report import format_metrics
+    from punkdiff.metrics.report import format_conditional, format_metrics
     from punkdiff.presets import PresetError
 
     options = EvalOptions(
         reference=args.reference, out=args.out, model=args.model, samples=args.samples, preset=args.preset,
         split=args.split, heldout_split=args.heldout_split, num_samples=args.num_samples, batch_size=args.batch_size,
-        scheduler=args.scheduler, steps=args.steps, eta=args.eta, seed=args.seed,
-        reconstruction_images=args.reconstruction_images, inception_weights=args.inception_weights,
-        dinov2=args.dinov2, update_card=args.update_card, cache_dir=args.cache_dir,
+        scheduler=args.scheduler, steps=args.steps, eta=args.eta, seed=args.seed, guidance_scale=args.guidance,
+        per_class=args.per_class, reconstruction_images=args.reconstruction_images,
+        inception_weights=args.inception_weights, dinov2=args.dinov2, update_card=args.update_card,
+        cache_dir=args.cache_dir,
     )
     try:
         result = evaluate_model(options, _load_model(args) if args.model else None)
     except (DataError, PresetError, EvaluationError, WeightsError) as err:
         raise UsageError(str(err)) from None
     print(format_metrics(result.evaluation))
+    if result.conditional is not None:
+        print(format_conditional(result.conditional))
     print(f"report: {result.report.resolve()}")
     if result.card is not None:
         print(f"model card updated: {result.card.resolve()}")

@@ -69,6 +69,7 @@ __all__ = [
     "class_weights",
     "drop_conditions",
     "parse_columns",
+    "requests_from_rows",
     "vocabulary_from_columns",
     "vocabulary_from_dataset",
 ]
@@ -172,6 +173,45 @@ def _feature_kind(feature: Any) -> tuple[str, list[str] | None]:
         if isinstance(inner, datasets.Value) and inner.dtype in ("string", "large_string"):
             return MULTI, None
     raise ConditionError(f"expected {_ACCEPTED}")
+
+
+def requests_from_rows(
+    vocabulary: ConditionVocabulary, features: Mapping[str, Any], rows: Mapping[str, Sequence], indices: Sequence[int]
+) -> list[dict[str, Any]]:
+    """Dataset rows `indices` as requests by name (`attributes=` of `PunkDiffPipeline`), one mapping per row.
+
+    ClassLabel indices become their names (-1 or None: left out, i.e. unspecified); every name is checked against
+    the vocabulary, so rows of another dataset are refused with the names the model knows.
+
+    Examples:
+        ```py
+        >>> requests_from_rows(vocabulary, punks.features, punks.to_dict(), [0])
+        [{'type': 'Female', 'accessories': ['Blonde Bob', 'Earring', 'Green Eye Shadow']}]
+        ```
+    """
+    missing = [c for c in vocabulary.columns if c not in rows or c not in features]
+    if missing:
+        raise ConditionError(f"the data lacks the model's condition columns {missing}; it has {list(rows)}")
+    requests: list[dict[str, Any]] = [{} for _ in indices]
+    for group in vocabulary.groups:
+        _, class_names = _feature_kind(features[group.column])
+        values = rows[group.column]
+        for request, i in zip(requests, indices, strict=True):
+            value = values[i]
+            if value is None or (isinstance(value, int) and value < 0):
+                continue
+            if group.kind == MULTI:
+                request[group.column] = [_named(group, class_names, v) for v in value]
+            else:
+                request[group.column] = _named(group, class_names, value)
+    return requests
+
+
+def _named(group: ConditionGroup, class_names: list[str] | None, value: int | str) -> str:
+    """A dataset value (a ClassLabel index, or a name) as a name the vocabulary knows, else ConditionError."""
+    name = class_names[value] if class_names is not None and not isinstance(value, str) else value
+    group.index(name)
+    return name
 
 
 # ---- training: classifier-free guidance drops and rare classes ---------------------------------------------------

@@ -11,17 +11,26 @@ Given generated images and the condition each was asked for, the classifier of `
 Like every score, these mean something beside their floor: the same function on real held-out images with their
 true conditions gives what the classifier itself gets right (`conditional_scores(classifier, reference.heldout,
 reference.heldout_columns)`).
+
+A conditional model's evaluation asks for what the data holds: `data_requests` draws training rows' conditions,
+so every other metric compares like with like, and `balanced_requests` asks for each class equally, so rare classes
+(the punks' 9 Aliens) get a per-class accuracy too. `conditional_evaluation` puts the scores beside their floor.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from punkdiff.conditions import SINGLE, requests_from_rows
 from punkdiff.metrics.classifiers import Classifier
+
+if TYPE_CHECKING:
+    from punkdiff.conditions import ConditionVocabulary
+    from punkdiff.metrics.real_images import ReferenceData
 
 # a label counts as drawn when the classifier gives it at least this probability
 LABEL_THRESHOLD = 0.5
@@ -145,3 +154,62 @@ def _score_labels(scores: ConditionalScores, found: np.ndarray, values: Sequence
             recall = float(found[column, k].mean())
             scores.per_label_recall[names[k]] = {"requested": int(column.sum()), "recall": recall}
     scores.spurious_per_image = float((found & ~asked)[specified].sum() / specified.sum())
+
+
+def data_requests(
+    vocabulary: ConditionVocabulary, reference: ReferenceData, count: int, seed: int = 0
+) -> list[dict[str, Any]]:
+    """`count` requests distributed as the data: the conditions of training rows drawn at random (with
+    replacement, seeded), by name, as `PunkDiffPipeline(attributes=...)` takes them."""
+    rows = np.random.default_rng(seed).integers(0, len(reference.train), count)
+    return requests_from_rows(vocabulary, reference.features, reference.train_columns, rows.tolist())
+
+
+def balanced_requests(
+    vocabulary: ConditionVocabulary, reference: ReferenceData, per_class: int, seed: int = 0
+) -> list[dict[str, Any]]:
+    """`per_class` requests for each class of the model's first single-label column, in the vocabulary's order;
+    [] without one. Each is a training row of that class (drawn with replacement), so the other columns are as
+    the data pairs them with it; a class with no training row is asked alone, the rest unspecified."""
+    group = next((g for g in vocabulary.groups if g.kind == SINGLE), None)
+    if group is None or per_class < 1:
+        return []
+    rows = requests_from_rows(vocabulary, reference.features, reference.train_columns,
+                              range(len(reference.train)))
+    rng = np.random.default_rng(seed)
+    requests: list[dict[str, Any]] = []
+    for name in group.names:
+        own = [r for r in rows if r.get(group.column) == name]
+        requests += ([own[i] for i in rng.integers(0, len(own), per_class)] if own
+                     else [{group.column: name}] * per_class)
+    return requests
+
+
+def requested_columns(requests: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> dict[str, list]:
+    """Requests (one mapping per image) as `conditional_scores` takes them: column -> one value per image."""
+    return {c: [r.get(c) for r in requests] for c in columns}
+
+
+def conditional_evaluation(
+    classifier: Classifier,
+    reference: ReferenceData,
+    columns: Sequence[str],
+    guidance_scale: float,
+    samples: np.ndarray,
+    requests: Sequence[Mapping[str, Any]],
+    balanced: tuple[np.ndarray, Sequence[Mapping[str, Any]]] | None = None,
+) -> dict[str, Any]:
+    """The scores of a conditional model's images beside their floor, as the report's `"conditional"` entry.
+
+    `generated`: `samples` against their `requests` (drawn as the data); `floor`: every held-out real image against
+    its true condition (the model's condition `columns` only); `balanced`: images and requests of
+    `balanced_requests`, or None. Each is `ConditionalScores.to_dict()`.
+    """
+    floor = {c: reference.heldout_columns[c] for c in columns}
+    return {
+        "guidance_scale": guidance_scale,
+        "generated": conditional_scores(classifier, samples, requested_columns(requests, columns)).to_dict(),
+        "floor": conditional_scores(classifier, reference.heldout, floor).to_dict(),
+        "balanced": None if not balanced else conditional_scores(
+            classifier, balanced[0], requested_columns(balanced[1], columns)).to_dict(),
+    }

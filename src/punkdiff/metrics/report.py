@@ -108,6 +108,60 @@ def format_metrics(evaluation: Evaluation) -> str:
     return "\n".join(lines)
 
 
+_CONDITIONAL_SCORES = (("accuracy", "requested class drawn (accuracy)", "higher"),
+                       ("label_recall", "requested labels found (recall)", "higher"),
+                       ("spurious_per_image", "labels found, not requested, per image", "lower"))
+
+
+def format_conditional(conditional: dict[str, Any]) -> str:
+    """A conditional model's scores (requests as the data) beside the held-out floor, for a terminal."""
+    generated, floor = conditional["generated"], conditional["floor"]
+    lines = [f"{'asked vs drawn (guidance ' + format(conditional['guidance_scale'], 'g') + ')':<42}"
+             f"{'model':>10}{'floor':>10}  better"]
+    lines += [f"{label:<42}{_format(generated[key]):>10}{_format(floor[key]):>10}  {better}"
+              for key, label, better in _CONDITIONAL_SCORES if generated[key] is not None]
+    return "\n".join(lines)
+
+
+def conditional_lines(conditional: dict[str, Any]) -> list[str]:
+    """The report's section for a conditional model: overall scores, per class and per label, beside the floor
+    (every held-out real image against its true condition)."""
+    generated, floor, balanced = conditional["generated"], conditional["floor"], conditional.get("balanced")
+    lines = ["", f"## Conditional: what was asked against what was drawn (guidance {conditional['guidance_scale']:g})",
+             "", "Requests drawn as the data (training rows' conditions); the floor is the classifier on held-out",
+             "real images with their true conditions (what it gets right itself).", "",
+             f"| score | model ({generated['num_images']} images) | floor ({floor['num_images']} images) | better |",
+             "|---|---|---|---|"]
+    lines += [f"| {label} | {_format(generated[key])} | {_format(floor[key])} | {better} |"
+              for key, label, better in _CONDITIONAL_SCORES if generated[key] is not None]
+    if generated["unscored_labels"]:
+        lines.append(f"\n{generated['unscored_labels']} requested labels are unknown to the classifier and left out.")
+    classes = list(dict.fromkeys([*floor["per_class"], *generated["per_class"], *(balanced or {}).get("per_class",
+                                                                                                      {})]))
+    if classes:
+        lines += ["", "### Per class", "",
+                  "`as the data`: requests drawn as the data; `balanced`: the same number of requests per class.", "",
+                  "| class | requested (as the data) | accuracy | requested (balanced) | accuracy (balanced) | "
+                  "floor: held-out images | floor accuracy |", "|---|---|---|---|---|---|---|"]
+        for name in classes:
+            cells = [_cell(side, name, "accuracy") for side in (generated, balanced, floor)]
+            lines.append(f"| {name} | {' | '.join(c for pair in cells for c in pair)} |")
+    labels = list(dict.fromkeys([*floor["per_label_recall"], *generated["per_label_recall"]]))
+    if labels:
+        lines += ["", "### Per label (recall)", "",
+                  "| label | requested | recall | floor: held-out images | floor recall |", "|---|---|---|---|---|"]
+        for name in sorted(labels, key=lambda n: -generated["per_label_recall"].get(n, {}).get("requested", 0)):
+            cells = [_cell(side, name, "recall", "per_label_recall") for side in (generated, floor)]
+            lines.append(f"| {name} | {' | '.join(c for pair in cells for c in pair)} |")
+    return lines
+
+
+def _cell(scores: dict[str, Any] | None, name: str, key: str, table: str = "per_class") -> tuple[str, str]:
+    """(requested count, score) of one class or label in one set of scores; `0`, `n/a` where it was not asked."""
+    entry = (scores or {}).get(table, {}).get(name)
+    return ("0", "n/a") if entry is None else (str(entry["requested"]), _format(entry[key]))
+
+
 def write_report(
     evaluation: Evaluation,
     folder: str | Path,
@@ -115,11 +169,13 @@ def write_report(
     training_images: np.ndarray,
     info: dict[str, Any],
     reconstruction: tuple[dict[str, Any], np.ndarray] | None = None,
+    conditional: dict[str, Any] | None = None,
 ) -> Path:
     """Write `metrics.json`, `report.md` and the figures into `folder`; returns the report's path.
 
     `info` (model, reference, sampler, timings ...) goes into both files as it is; `reconstruction` is the study
-    and the original images it used.
+    and the original images it used; `conditional` a conditional model's scores
+    (`punkdiff.metrics.conditional.conditional_evaluation`), under `"conditional"` in `metrics.json`.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -133,6 +189,8 @@ def write_report(
         study, originals = reconstruction
         figures["curves"], figures["reconstruction"] = reconstruction_figures(study, originals, folder)
         data["reconstruction"] = {k: study[k] for k in ("t", "mse", "ssim")}
+    if conditional is not None:
+        data["conditional"] = conditional
     write_json(folder / "metrics.json", data)
 
     lines = ["# punkdiff evaluation", ""]
@@ -151,6 +209,8 @@ def write_report(
     lines += [f"| {name} | {_format(m['model'])} | {_format(m['floor'])} | {m['better']} |"
               for name, m in evaluation.metrics.items()]
     lines += [f"| {name} | {reason} | | |" for name, reason in evaluation.not_computed.items()]
+    if conditional is not None:
+        lines += conditional_lines(conditional)
     if reconstruction is not None:
         study = reconstruction[0]
         lines += ["", "## Reconstruction (noise to t, denoise back)", "", "| t | MSE | SSIM |", "|---|---|---|"]
