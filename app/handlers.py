@@ -146,7 +146,7 @@ class GenerateHandlers:
             gr.update(visible=form.kind == "attributes" and bool(form.set_column), choices=list(form.set_names),
                       value=[], label=(form.set_column or "").capitalize()),
             gr.update(visible=form.kind == "attributes" and bool(form.set_column), value=False,
-                      label=f"Let the model choose the {form.set_column}"),
+                      label=f"Let the model choose the {form.set_column}" if form.set_column else None),
         )
 
 
