@@ -118,7 +118,7 @@ def _generate_tab(demo: gr.Blocks, model, handlers: GenerateHandlers, models: Mo
                 digit = gr.Radio([studio.ANY], value=studio.ANY, label="Digit", visible=False,
                                  info="the class to draw; (any) leaves it to the model", elem_id="digit-picker")
                 kind = gr.Dropdown([studio.ANY], value=studio.ANY, label="Type", visible=False,
-                                   info="Punk builder: the type; (any) leaves it to the model", elem_id="punk-type")
+                                   info="one of its classes; (any) leaves it to the model", elem_id="punk-type")
                 accessories = gr.CheckboxGroup([], label="Accessories", visible=False, elem_id="punk-accessories",
                                                info="exactly these; none ticked: none at all")
                 model_chooses = gr.Checkbox(False, label="Let the model choose", visible=False,

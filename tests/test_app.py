@@ -209,22 +209,38 @@ def pick_model(page, name: str, says: str) -> None:
 
 
 def choose(page, elem_id: str, option: str) -> None:
-    """Pick `option` in a dropdown: open it, click the option."""
-    page.locator(f"#{elem_id} input").click()
-    page.locator("ul.options li", has_text=re.compile(f"^{re.escape(option)}$")).first.click()
+    """Pick `option` in a dropdown: type it (the list narrows to it), press Enter."""
+    box = page.locator(f"#{elem_id} input")
+    box.click()
+    box.fill(option)
+    page.locator(f"[role=option][aria-label={json.dumps(option)}]").wait_for(timeout=30_000)
+    box.press("Enter")
     page.wait_for_function(f"() => document.querySelector('#{elem_id} input').value === {option!r}")
+
+
+def generate_new_grid(page) -> None:
+    """Press Generate and wait until the grid shows new samples (or fail with the message the page showed)."""
+    before = page.locator("#gen-grid img").first.get_attribute("src") if page.locator("#gen-grid img").count() else None
+    page.click("#generate-button")
+    page.wait_for_function("([before]) => { const img = document.querySelector('#gen-grid img');"
+                           " return document.querySelector('.toast-body') || (img && img.src !== before); }",
+                           arg=[before], timeout=LONG)
+    toasts = page.locator(".toast-body").all_inner_texts()
+    assert not toasts, toasts
 
 
 def test_the_punk_builder_asks_for_a_type_and_accessories(page):
     pick_model(page, "runs/tiny-punks/pipeline", "conditioned on type, accessories")
-    page.wait_for_function("() => document.querySelector('#condition-title').innerText.includes('Punk builder')")
-    assert page.locator("#punk-type").is_visible() and not page.locator("#digit-picker").is_visible()
+    page.locator("#condition-title", has_text="Punk builder").wait_for(timeout=30_000)
+    page.locator("#punk-type").wait_for(state="visible", timeout=30_000)
+    page.locator("#digit-picker").wait_for(state="hidden", timeout=30_000)
+    page.wait_for_function("() => document.querySelectorAll('#punk-accessories label').length === 6")
     ticks = page.locator("#punk-accessories label")
     assert [t.strip() for t in ticks.all_inner_texts()] == list(PUNK_ACCESSORIES)  # from the model's vocabulary
     page.locator("#punk-type input").click()
-    offered = [o.strip() for o in page.locator("ul.options li").all_inner_texts()]
+    page.locator("[role=option]").first.wait_for(timeout=30_000)
+    offered = [o.get_attribute("aria-label") for o in page.locator("[role=option]").all()]
     assert offered == ["(any)", *PUNK_TYPES]
-    page.keyboard.press("Escape")
     choose(page, "punk-type", "Ape")
     page.get_by_label("Cap", exact=True).check()
     page.get_by_label("3D Glasses", exact=True).check()
@@ -234,11 +250,9 @@ def test_the_punk_builder_asks_for_a_type_and_accessories(page):
     # bad input: accessories ticked while the model is to choose them; a message, and the page goes on working
     page.locator("#punk-model-chooses input").check()
     page.click("#generate-button")
-    expect_message(page, "3D Glasses, Cap ticked, but the model is to choose the accessories")
+    expect_message(page, "Cap, 3D Glasses ticked, but the model is to choose the accessories")  # in ticking order
     page.locator("#punk-model-chooses input").uncheck()
-    with page.expect_response(lambda r: "file=" in r.url and r.url.endswith(".png"), timeout=LONG):
-        page.click("#generate-button")
-    result_or_message(page, "#gen-grid img")
+    generate_new_grid(page)
     width, height = image_size(page, "#gen-grid img")
     assert width == height == 2 * (8 * 12 + 2)  # 2x2 tiles of 8 px shown at 96 px, 1 px gaps
     page.screenshot(path=page.artifacts / "punk-builder.png", full_page=True)
@@ -246,8 +260,9 @@ def test_the_punk_builder_asks_for_a_type_and_accessories(page):
 
 def test_the_digit_picker_and_a_students_step_count(page):
     pick_model(page, "runs/tiny-digits/pipeline", "distilled to 4 steps")
-    page.wait_for_function("() => document.querySelector('#condition-title').innerText.includes('Digit picker')")
-    assert page.locator("#digit-picker").is_visible() and not page.locator("#punk-type").is_visible()
+    page.locator("#condition-title", has_text="Digit picker").wait_for(timeout=30_000)
+    page.locator("#digit-picker").wait_for(state="visible", timeout=30_000)
+    page.locator("#punk-type").wait_for(state="hidden", timeout=30_000)
     # the student's own sampling: DDIM with trailing steps, 4 of them, eta 0, and a note that it holds only there
     page.wait_for_function("() => document.querySelector('#gen-steps input[type=number]').value === '4'")
     assert page.input_value("#gen-sampler input") == "DDIM, trailing steps"
@@ -255,11 +270,9 @@ def test_the_digit_picker_and_a_students_step_count(page):
     assert page.input_value("#gen-eta input[type=number]") == "0"
     offered = [t.strip() for t in page.locator("#digit-picker label").all_inner_texts()]
     assert offered == ["(any)", *"0123456789"]
-    page.locator("#digit-picker label", has_text=re.compile("^7$")).click()
+    page.locator("#digit-picker").get_by_label("7", exact=True).check()
     set_number(page, "gen-images", 9)
-    with page.expect_response(lambda r: "file=" in r.url and r.url.endswith(".png"), timeout=LONG):
-        page.click("#generate-button")
-    result_or_message(page, "#gen-grid img")
+    generate_new_grid(page)
     width, height = image_size(page, "#gen-grid img")
     assert width == height == 3 * (8 * 12 + 2)
     page.screenshot(path=page.artifacts / "digit-picker.png", full_page=True)
