@@ -229,11 +229,17 @@ def generate_new_grid(page) -> None:
     assert not toasts, toasts
 
 
+def open_form(page, model: str, says: str, title: str, shown: str, hidden: str) -> None:
+    """Pick a conditional model; wait for its form (`title`), with `shown` visible and `hidden` not."""
+    pick_model(page, model, says)
+    page.locator("#condition-title", has_text=title).wait_for(timeout=30_000)
+    page.locator(shown).wait_for(state="visible", timeout=30_000)
+    page.locator(hidden).wait_for(state="hidden", timeout=30_000)
+
+
 def test_the_punk_builder_asks_for_a_type_and_accessories(page):
-    pick_model(page, "runs/tiny-punks/pipeline", "conditioned on type, accessories")
-    page.locator("#condition-title", has_text="Punk builder").wait_for(timeout=30_000)
-    page.locator("#punk-type").wait_for(state="visible", timeout=30_000)
-    page.locator("#digit-picker").wait_for(state="hidden", timeout=30_000)
+    open_form(page, "runs/tiny-punks/pipeline", "conditioned on type, accessories", "Punk builder", "#punk-type",
+              "#digit-picker")
     page.wait_for_function("() => document.querySelectorAll('#punk-accessories label').length === 6")
     ticks = page.locator("#punk-accessories label")
     assert [t.strip() for t in ticks.all_inner_texts()] == list(PUNK_ACCESSORIES)  # from the model's vocabulary
@@ -259,10 +265,8 @@ def test_the_punk_builder_asks_for_a_type_and_accessories(page):
 
 
 def test_the_digit_picker_and_a_students_step_count(page):
-    pick_model(page, "runs/tiny-digits/pipeline", "distilled to 4 steps")
-    page.locator("#condition-title", has_text="Digit picker").wait_for(timeout=30_000)
-    page.locator("#digit-picker").wait_for(state="visible", timeout=30_000)
-    page.locator("#punk-type").wait_for(state="hidden", timeout=30_000)
+    open_form(page, "runs/tiny-digits/pipeline", "distilled to 4 steps", "Digit picker", "#digit-picker",
+              "#punk-type")
     # the student's own sampling: DDIM with trailing steps, 4 of them, eta 0, and a note that it holds only there
     page.wait_for_function("() => document.querySelector('#gen-steps input[type=number]').value === '4'")
     assert page.input_value("#gen-sampler input") == "DDIM, trailing steps"
