@@ -21,7 +21,7 @@ from pathlib import Path
 import gradio as gr
 
 from punkdiff import studio
-from punkdiff.eval_runs import EvalManager, EvalRequest, default_reference
+from punkdiff.eval_runs import EvalManager, EvalRequest, conditional_markdown, default_reference
 from punkdiff.jobs import STATUS_TEXT
 from punkdiff.presets import PRESETS
 from punkdiff.roots import Roots, resolve_dataset
@@ -89,18 +89,65 @@ class Models:
             return gr.skip()
         return gr.update(maximum=info.num_train_timesteps, value=min(steps or 1, info.num_train_timesteps))
 
+    def recommended(self, model_ref):
+        """A sampler and a step count set to how the model is meant to be sampled (its `sampling.json`)."""
+        try:
+            _, info = self.load(model_ref)
+        except USER_ERRORS:  # no model, or one the model line already reports
+            return gr.skip(), gr.skip()
+        return info.sampling.sampler, info.sampling.num_inference_steps
+
+    @staticmethod
+    def eta_for(sampler):
+        """eta only matters to the DDIM samplers: greyed out for the others."""
+        return gr.update(interactive=studio.uses_eta(sampler))
+
 
 class GenerateHandlers:
     def __init__(self, models: Models, generated: Path) -> None:
         self.models, self.generated = models, generated
 
     @friendly
-    def generate(self, model_ref, scheduler, steps, eta, seed, batch, progress=gr.Progress()):
+    def generate(self, model_ref, scheduler, steps, eta, seed, batch, digit, kind, chosen, model_chooses, guidance,
+                 progress=gr.Progress()):
         pipe, info = self.models.load(model_ref)
+        form = studio.ConditionForm.of(info.condition)
+        choice = digit if form.kind == "labels" else kind  # the digit picker's choice, or the punk builder's type
+        request = form.request(choice, chosen, model_chooses, guidance)
         progress(0, desc="loading")
         result = studio.sample(pipe, info, scheduler, steps, eta, seed, batch, self.generated,
-                               progress=lambda i, n: progress((i, n), desc="denoising", unit="steps"))
+                               progress=lambda i, n: progress((i, n), desc="denoising", unit="steps"), **request)
+        for note in result.notes:
+            gr.Warning(note)
         return result.grid, str(result.animation_path), [str(result.grid_path), str(result.animation_path)]
+
+    def adapt_to_model(self, model_ref, steps):
+        """A new model: its recommended sampler, steps and eta (a student's step count), what it can be asked for.
+
+        Picking a model sets these; what the user changes afterwards is what is sampled.
+        """
+        try:
+            _, info = self.models.load(model_ref)
+        except USER_ERRORS:  # no model, or one the model line already reports
+            return (gr.skip(),) * 10
+        config, form = info.sampling, studio.ConditionForm.of(info.condition)
+        choices = [studio.ANY, *form.choices]
+        column, last = (form.choice_column or "").capitalize(), info.num_train_timesteps
+        return (
+            config.sampler,
+            gr.update(maximum=last, value=min(config.num_inference_steps, last)),
+            gr.update(value=config.eta, interactive=studio.uses_eta(config.sampler)),
+            studio.sampling_note(config),
+            gr.update(visible=form.kind is not None),
+            {"labels": "### Digit picker", "attributes": "### Punk builder"}.get(form.kind, ""),
+            gr.update(visible=form.kind == "labels", choices=choices, value=studio.ANY, label=column),
+            gr.update(visible=form.kind == "attributes" and bool(form.choice_column), choices=choices,
+                      value=studio.ANY, label=column),
+            gr.update(visible=form.kind == "attributes" and bool(form.set_column), choices=list(form.set_names),
+                      value=[], label=(form.set_column or "").capitalize()),
+            gr.update(visible=form.kind == "attributes" and bool(form.set_column), value=False,
+                      label=f"Let the model choose the {form.set_column}" if form.set_column else None),
+        )
 
 
 class InpaintHandlers:
@@ -278,13 +325,13 @@ class EvalHandlers:
         return None
 
     def refresh(self, name, seen_before):
-        """Status, report, metrics.json, log, and what the page now shows."""
+        """Status, per-class scores (a conditional model), report, metrics.json, log, and what the page now shows."""
         if not name:
-            return NO_EVALUATION, gr.skip(), gr.skip(), "", None
+            return NO_EVALUATION, gr.skip(), gr.skip(), gr.skip(), "", None
         try:
             view = self.evaluations.get(name)
         except FileNotFoundError as err:
-            return str(err), None, None, "", None
+            return str(err), "", None, None, "", None
         state = view.status()
         text = f"### {name}: {STATUS_TEXT.get(state, state)}"
         if state == "failed":
@@ -293,8 +340,10 @@ class EvalHandlers:
             text += "\n\n" + (view.job.log_tail(max_lines=1) or "starting")
         signature = (name, state, view.written())
         if signature == seen_before:  # the report and its figures are in the page already
-            return text, gr.skip(), gr.skip(), view.job.log_tail(), seen_before
-        return text, view.report_markdown() or "", view.metrics(), view.job.log_tail(), signature
+            return text, gr.skip(), gr.skip(), gr.skip(), view.job.log_tail(), seen_before
+        metrics = view.metrics()
+        return (text, conditional_markdown(metrics), view.report_markdown() or "", metrics, view.job.log_tail(),
+                signature)
 
 
 # --- formatting -----------------------------------------------------------------------------------------

@@ -47,8 +47,8 @@ def build_app(roots: Roots, max_runs: int = 1) -> gr.Blocks:
 
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 6 * 3600)) as demo:
         gr.Markdown(
-            "# punkdiff\nTrain, watch, sample, inpaint and evaluate unconditional diffusion models "
-            "(MNIST digits, CryptoPunks, faces). Models are Diffusers folders; everything runs on this machine."
+            "# punkdiff\nTrain, watch, sample, inpaint and evaluate diffusion models (MNIST digits, CryptoPunks, "
+            "faces), unconditional or told what to draw. Models are Diffusers folders; everything runs on this machine."
         )
         with gr.Row():
             choices = models.choices()
@@ -72,7 +72,7 @@ def build_app(roots: Roots, max_runs: int = 1) -> gr.Blocks:
             with gr.Tab("Train", id="train"):
                 _train_tab(TrainHandlers(roots, RunManager(roots, max_active=max_runs), models.dataset_choices))
             with gr.Tab("Evaluate", id="evaluate"):
-                _evaluate_tab(demo, model, EvalHandlers(models, EvalManager(roots)), models.dataset_choices)
+                _evaluate_tab(demo, model, EvalHandlers(models, EvalManager(roots)), models)
 
         folders = ", ".join(f"`{p}`" for p in roots.of("models")) or "none"
         data = ", ".join(f"`{p}`" for p in roots.of("data")) or "none"
@@ -113,14 +113,27 @@ def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, sh
 def _generate_tab(demo: gr.Blocks, model, handlers: GenerateHandlers, models: Models) -> None:
     with gr.Row():
         with gr.Column(scale=1, min_width=280):
-            scheduler = gr.Radio(list(studio.SCHEDULERS), value="DDIM", label="Sampler",
-                                 info="DDIM and DPM-Solver++ need few steps; DDPM is the training process itself")
+            with gr.Column(visible=False, elem_id="condition") as condition:
+                title = gr.Markdown(elem_id="condition-title")
+                digit = gr.Radio([studio.ANY], value=studio.ANY, label="Digit", visible=False,
+                                 info="the class to draw; (any) leaves it to the model", elem_id="digit-picker")
+                kind = gr.Dropdown([studio.ANY], value=studio.ANY, label="Type", visible=False,
+                                   info="one of its classes; (any) leaves it to the model", elem_id="punk-type")
+                accessories = gr.CheckboxGroup([], label="Accessories", visible=False, elem_id="punk-accessories",
+                                               info="exactly these; none ticked: none at all")
+                model_chooses = gr.Checkbox(False, label="Let the model choose", visible=False,
+                                            elem_id="punk-model-chooses")
+                guidance = gr.Slider(0, 10, value=3, step=0.5, label="Guidance", elem_id="guidance",
+                                     info="1: the conditional model alone; higher follows the request more closely")
+            scheduler = gr.Dropdown(studio.sampler_choices(), value="ddim", label="Sampler", elem_id="gen-sampler",
+                                    info="DDIM, DPM-Solver++ and UniPC need few steps; DDPM is the training process")
             steps = gr.Slider(1, 1000, value=50, step=1, label="Steps", elem_id="gen-steps")
-            eta = gr.Slider(0, 1, value=DDIM_ETA, step=0.05, label="eta (DDIM only)",
+            eta = gr.Slider(0, 1, value=DDIM_ETA, step=0.05, label="eta (DDIM only)", elem_id="gen-eta",
                             info="0: deterministic; 1: as noisy as DDPM")
+            sampling_note = gr.Markdown(elem_id="gen-sampling-note")
             with gr.Row():
-                seed = gr.Number(0, label="Seed", precision=0, minimum=0)
-                batch = gr.Slider(1, studio.MAX_BATCH, value=16, step=1, label="Images")
+                seed = gr.Number(0, label="Seed", precision=0, minimum=0, elem_id="gen-seed")
+                batch = gr.Slider(1, studio.MAX_BATCH, value=16, step=1, label="Images", elem_id="gen-images")
             run = gr.Button("Generate", variant="primary", elem_id="generate-button")
         with gr.Column(scale=2):
             grid = gr.Image(label="Samples", type="pil", elem_id="gen-grid", elem_classes="pixelated",
@@ -129,10 +142,13 @@ def _generate_tab(demo: gr.Blocks, model, handlers: GenerateHandlers, models: Mo
                                  elem_id="gen-animation", elem_classes="pixelated", interactive=False)
             files = gr.File(label="Download the grid and the animation", file_count="multiple", interactive=False)
 
-    run.click(handlers.generate, [model, scheduler, steps, eta, seed, batch], [grid, animation, files],
-              concurrency_id="sampling", concurrency_limit=1)
-    model.change(models.fit_steps, [model, steps], steps, show_progress="hidden")
-    demo.load(models.fit_steps, [model, steps], steps, show_progress="hidden")
+    run.click(handlers.generate,
+              [model, scheduler, steps, eta, seed, batch, digit, kind, accessories, model_chooses, guidance],
+              [grid, animation, files], concurrency_id="sampling", concurrency_limit=1)
+    adapted = [scheduler, steps, eta, sampling_note, condition, title, digit, kind, accessories, model_chooses]
+    model.change(handlers.adapt_to_model, [model, steps], adapted, show_progress="hidden")
+    demo.load(handlers.adapt_to_model, [model, steps], adapted, show_progress="hidden")
+    scheduler.change(models.eta_for, scheduler, eta, show_progress="hidden")
 
 
 def _inpaint_tab(demo: gr.Blocks, model, handlers: InpaintHandlers) -> None:
@@ -181,7 +197,7 @@ def _inpaint_tab(demo: gr.Blocks, model, handlers: InpaintHandlers) -> None:
         with gr.Column(scale=1, min_width=280):
             t_start = gr.Slider(0, 999, value=300, step=1, label="Noise to step t",
                                 info="small t keeps the image, large t keeps only its rough layout")
-            rec_scheduler = gr.Radio(list(studio.SCHEDULERS), value="DDIM", label="Sampler")
+            rec_scheduler = gr.Dropdown(studio.sampler_choices(), value="ddim", label="Sampler")
             rec_steps = gr.Slider(1, 1000, value=50, step=1, label="Steps (over the whole schedule)")
             reconstruct = gr.Button("Reconstruct", elem_id="reconstruct-button")
         with gr.Column(scale=2):
@@ -269,7 +285,8 @@ def _train_tab(handlers: TrainHandlers) -> None:
     timer.tick(handlers.refresh, [run, seen], outputs, show_progress="hidden", concurrency_limit=None)
 
 
-def _evaluate_tab(demo: gr.Blocks, model, handlers: EvalHandlers, dataset_choices) -> None:
+def _evaluate_tab(demo: gr.Blocks, model, handlers: EvalHandlers, models: Models) -> None:
+    dataset_choices = models.dataset_choices
     if not eval_available():
         gr.Markdown(
             "### Evaluation is not available in this install\n"
@@ -297,7 +314,8 @@ def _evaluate_tab(demo: gr.Blocks, model, handlers: EvalHandlers, dataset_choice
                             info=f"images sampled and compared, as many real ones for the floor (1000, as "
                                  f"`punkdiff eval`; fewer is quicker, and noisier; at most {MAX_SAMPLES:,})")
             with gr.Row():
-                scheduler = gr.Radio(["ddim", "ddpm", "dpm++"], value="ddim", label="Sampler")
+                scheduler = gr.Dropdown(studio.sampler_choices(), value="ddim", label="Sampler",
+                                        elem_id="eval-sampler")
                 steps = gr.Number(50, label="Steps", precision=0, elem_id="eval-steps")
             seed = gr.Number(0, label="Seed", precision=0, info="sample i uses seed + i")
             start = gr.Button("Evaluate", variant="primary", elem_id="eval-start")
@@ -308,6 +326,7 @@ def _evaluate_tab(demo: gr.Blocks, model, handlers: EvalHandlers, dataset_choice
                                      elem_id="eval-select")
                 stop = gr.Button("■ Stop", variant="stop", size="sm", scale=0, min_width=90, elem_id="eval-stop")
             status = gr.Markdown(NO_EVALUATION, elem_id="eval-status")
+            conditional = gr.Markdown(elem_id="eval-conditional")
             report = gr.Markdown(elem_id="eval-report", elem_classes="pixelated")
             with gr.Accordion("metrics.json and log", open=False):
                 metrics = gr.JSON(label="metrics.json")
@@ -319,10 +338,12 @@ def _evaluate_tab(demo: gr.Blocks, model, handlers: EvalHandlers, dataset_choice
     proposal = [reference, split, reference_note, proposed]
     model.change(handlers.propose_reference, model, proposal, show_progress="hidden")
     demo.load(handlers.propose_reference, model, proposal, show_progress="hidden")
+    model.change(models.recommended, model, [scheduler, steps], show_progress="hidden")
+    demo.load(models.recommended, model, [scheduler, steps], show_progress="hidden")
     reference.input(handlers.explain_reference, [reference, proposed], reference_note, show_progress="hidden")
     reference.focus(lambda: gr.update(choices=dataset_choices()), outputs=reference, show_progress="hidden")
     start.click(handlers.start, [model, reference, split, num, scheduler, steps, seed], chosen)
-    outputs = [status, report, metrics, log, seen]
+    outputs = [status, conditional, report, metrics, log, seen]
     stop.click(handlers.stop, chosen, seen)
     chosen.change(lambda name: handlers.refresh(name, None), chosen, outputs, show_progress="hidden")
     timer.tick(handlers.refresh, [chosen, seen], outputs, show_progress="hidden", concurrency_limit=None)

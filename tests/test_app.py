@@ -2,9 +2,11 @@
 `punkdiff ui`'s page served on 127.0.0.1, with a small punk model trained at the start of the module on a slice of
 the CryptoPunks mirror (120 punks with their type and accessories, a data root of its own).
 
-Generate, inpaint with a painted mask, a bad path refused in the page, a training run started, watched, stopped
-and its checkpoint listed, and an evaluation driven to its report: its reference proposed from the model's own
-training data, bad input refused, the report's numbers those of its metrics.json and its figures shown.
+Generate, the punk builder and the digit picker of two tiny conditional models (a punk attribute model and a digit
+model that is a distilled 4-step student), inpaint with a painted mask, a bad path refused in the page, a training
+run started, watched, stopped and its checkpoint listed, and an evaluation driven to its report: its reference
+proposed from the model's own training data, bad input refused, the report's numbers those of its metrics.json and
+its figures shown.
 Screenshots go to `test-artifacts/browser/` (or `$PUNKDIFF_TEST_ARTIFACTS`).
 Skipped, with the reason, where Chromium, Playwright or Gradio is absent.
 """
@@ -32,8 +34,12 @@ if CHROMIUM is None:
     pytest.skip("no Chromium executable: install Debian's `chromium` package (apt-get install chromium) or set "
                 "PUNKDIFF_CHROMIUM; nothing downloads a browser build here", allow_module_level=True)
 
+from diffusers import DDPMScheduler  # noqa: E402
+from tiny_models import PUNK_ACCESSORIES, PUNK_TYPES, digit_pipeline, punk_pipeline  # noqa: E402
+
 from punkdiff.cli import main as punkdiff  # noqa: E402
 from punkdiff.eval_runs import eval_available  # noqa: E402
+from punkdiff.hub import export_pipeline  # noqa: E402
 from punkdiff.jobs import Job  # noqa: E402
 from punkdiff.roots import Roots  # noqa: E402
 
@@ -68,6 +74,13 @@ def roots(tmp_path_factory, punks_dir, mnist_dir) -> Roots:
     ])
     assert code == 0
     assert punks_dir.parent == mnist_dir.parent
+    # two conditional models, named to sort after the trained one (the page opens on the first)
+    digits, punks = digit_pipeline(), punk_pipeline()
+    export_pipeline(digits.unet, DDPMScheduler(num_train_timesteps=100), base / "runs" / "tiny-digits" / "pipeline",
+                    condition=digits.condition,
+                    sampling={"sampler": "ddim-trailing", "num_inference_steps": 4, "eta": 0.0, "distilled_steps": 4})
+    export_pipeline(punks.unet, DDPMScheduler(num_train_timesteps=100), base / "runs" / "tiny-punks" / "pipeline",
+                    condition=punks.condition, attribute_encoder=punks.attribute_encoder)
     return Roots(data=[punks_dir.parent, base / "data"], runs=base / "runs")
 
 
@@ -181,8 +194,99 @@ def test_generate_shows_the_grid_and_the_animation(page):
     width, height = image_size(page, "#gen-grid img")
     assert width > 4 * 24 and width >= height  # 16 tiles, upscaled
     image_size(page, "#gen-animation img")
+    assert not page.locator("#condition").is_visible()  # an unconditional model: nothing to ask for
+    assert "Recommended for this model: DDIM, 50 steps, eta 1." in page.inner_text("#gen-sampling-note")
     page.screenshot(path=page.artifacts / "generate.png", full_page=True)
     assert not page.outside_requests
+
+
+def pick_model(page, name: str, says: str) -> None:
+    """Type a model's folder into the picker, as a person would, and wait until the page describes it."""
+    model = page.locator("#model input")
+    model.fill(name)
+    model.press("Enter")
+    page.wait_for_function(f"() => document.querySelector('#model-info').innerText.includes({says!r})")
+
+
+def choose(page, elem_id: str, option: str) -> None:
+    """Pick `option` in a dropdown: type it (the list narrows to it), press Enter."""
+    box = page.locator(f"#{elem_id} input")
+    box.click()
+    box.fill(option)
+    page.locator(f"[role=option][aria-label={json.dumps(option)}]").wait_for(timeout=30_000)
+    box.press("Enter")
+    page.wait_for_function(f"() => document.querySelector('#{elem_id} input').value === {option!r}")
+
+
+def generate_new_grid(page) -> None:
+    """Press Generate and wait until the grid shows new samples (or fail with the message the page showed)."""
+    before = page.locator("#gen-grid img").first.get_attribute("src") if page.locator("#gen-grid img").count() else None
+    page.click("#generate-button")
+    page.wait_for_function("([before]) => { const img = document.querySelector('#gen-grid img');"
+                           " return document.querySelector('.toast-body') || (img && img.src !== before); }",
+                           arg=[before], timeout=LONG)
+    toasts = page.locator(".toast-body").all_inner_texts()
+    assert not toasts, toasts
+
+
+def open_form(page, model: str, says: str, title: str, shown: str, hidden: str) -> None:
+    """Pick a conditional model; wait for its form (`title`), with `shown` visible and `hidden` not."""
+    pick_model(page, model, says)
+    page.locator("#condition-title", has_text=title).wait_for(timeout=30_000)
+    page.locator(shown).wait_for(state="visible", timeout=30_000)
+    page.locator(hidden).wait_for(state="hidden", timeout=30_000)
+
+
+def test_the_punk_builder_asks_for_a_type_and_accessories(page):
+    open_form(page, "runs/tiny-punks/pipeline", "conditioned on type, accessories", "Punk builder", "#punk-type",
+              "#digit-picker")
+    page.wait_for_function("() => document.querySelectorAll('#punk-accessories label').length === 6")
+    ticks = page.locator("#punk-accessories label")
+    assert [t.strip() for t in ticks.all_inner_texts()] == list(PUNK_ACCESSORIES)  # from the model's vocabulary
+    page.locator("#punk-type input").click()
+    page.locator("[role=option]").first.wait_for(timeout=30_000)
+    offered = [o.get_attribute("aria-label") for o in page.locator("[role=option]").all()]
+    assert offered == ["(any)", *PUNK_TYPES]
+    choose(page, "punk-type", "Ape")
+    page.get_by_label("Cap", exact=True).check()
+    page.get_by_label("3D Glasses", exact=True).check()
+    set_number(page, "guidance", 2.5)
+    set_number(page, "gen-images", 4)
+    set_number(page, "gen-steps", 3)
+    # bad input: accessories ticked while the model is to choose them; a message, and the page goes on working
+    page.locator("#punk-model-chooses input").check()
+    page.click("#generate-button")
+    expect_message(page, "Cap, 3D Glasses ticked, but the model is to choose the accessories")  # in ticking order
+    page.locator("#punk-model-chooses input").uncheck()
+    generate_new_grid(page)
+    width, height = image_size(page, "#gen-grid img")
+    assert width == height == 2 * (8 * 12 + 2)  # 2x2 tiles of 8 px shown at 96 px, 1 px gaps
+    page.screenshot(path=page.artifacts / "punk-builder.png", full_page=True)
+
+
+def test_the_digit_picker_and_a_students_step_count(page):
+    open_form(page, "runs/tiny-digits/pipeline", "distilled to 4 steps", "Digit picker", "#digit-picker",
+              "#punk-type")
+    # the student's own sampling: DDIM with trailing steps, 4 of them, eta 0, and a note that it holds only there
+    page.wait_for_function("() => document.querySelector('#gen-steps input[type=number]').value === '4'")
+    assert page.input_value("#gen-sampler input") == "DDIM, trailing steps"
+    assert "distilled to sample in 4 steps" in page.inner_text("#gen-sampling-note")
+    assert page.input_value("#gen-eta input[type=number]") == "0"
+    offered = [t.strip() for t in page.locator("#digit-picker label").all_inner_texts()]
+    assert offered == ["(any)", *"0123456789"]
+    page.locator("#digit-picker").get_by_label("7", exact=True).check()
+    set_number(page, "gen-images", 9)
+    generate_new_grid(page)
+    width, height = image_size(page, "#gen-grid img")
+    assert width == height == 3 * (8 * 12 + 2)
+    page.screenshot(path=page.artifacts / "digit-picker.png", full_page=True)
+    # the user's choice wins, and sampling the student at another step count says what that costs
+    set_number(page, "gen-steps", 8)
+    page.click("#generate-button")
+    expect_message(page, "distilled to sample in 4 steps (ddim-trailing); its quality is only guaranteed there")
+    pick_model(page, "runs/punks-tiny/pipeline", "T = 100")  # the other tests use the trained model
+    page.wait_for_function("() => !document.querySelector('#condition') || "
+                           "document.querySelector('#condition').offsetParent === null")
 
 
 def test_inpaint_fills_a_painted_mask(page):

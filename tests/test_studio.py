@@ -13,11 +13,12 @@ import pytest
 from diffusers import DDPMScheduler
 from fake_hub import fake_hub
 from PIL import Image
-from tiny_models import tiny_unet
+from tiny_models import PUNK_ACCESSORIES, PUNK_TYPES, digit_pipeline, punk_pipeline, tiny_unet
 
 from punkdiff import studio
 from punkdiff.hub import ModelCardInfo, export_pipeline
-from punkdiff.presets import DDIM_ETA, DataSpec
+from punkdiff.pipelines.punkdiff_pipeline import SAMPLERS, SamplingConfig
+from punkdiff.presets import DDIM_ETA, RECOMMENDED_SAMPLING, DataSpec
 from punkdiff.roots import PathOutsideRoots, Roots
 from punkdiff.sampling import generate
 
@@ -124,7 +125,7 @@ def test_sample_writes_a_grid_and_an_animation(punky, tmp_path):
         (("DDIM", "ten", 0.0, 0, 4), "steps must be a whole number"),
         (("DDIM", 4, 0.0, 0, 65), "batch size must be a whole number from 1 to 64"),
         (("DDIM", 4, 1.5, 0, 4), "eta must be between 0"),
-        (("Euler", 4, 0.0, 0, 4), "unknown scheduler"),
+        (("Euler", 4, 0.0, 0, 4), "unknown sampler 'Euler': choose one of ddpm, ddim, ddim-trailing"),
         (("DDIM", 4, 0.0, -1, 4), "seed must be"),
     ],
 )
@@ -216,3 +217,131 @@ def test_model_info_reads_the_cards_yaml_header_not_its_text(tmp_path, roots):
     (folder / "README.md").write_text("---\npunkdiff: [unclosed\n---\n| Preset | `punks-24` |\n")
     info = studio.model_info(folder)
     assert (info.data.background, info.trained_on) == (DataSpec().background, None)
+
+
+# --- samplers, a model's recommended sampling, conditional models ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def conditional_roots(tmp_path_factory) -> Roots:
+    """A digit model that is a distilled student (DDIM trailing, 4 steps), a punk attribute model, as exported."""
+    base = tmp_path_factory.mktemp("conditional")
+    digits = digit_pipeline()
+    export_pipeline(digits.unet, DDPMScheduler(num_train_timesteps=100), base / "models" / "digits",
+                    condition=digits.condition,
+                    sampling={"sampler": "ddim-trailing", "num_inference_steps": 4, "eta": 0.0, "distilled_steps": 4})
+    punks = punk_pipeline()
+    export_pipeline(punks.unet, DDPMScheduler(num_train_timesteps=100), base / "models" / "punks",
+                    condition=punks.condition, attribute_encoder=punks.attribute_encoder)
+    return Roots(models=[base / "models"], runs=base / "runs")
+
+
+def _load(roots: Roots, name: str):
+    return studio.ModelCache().load(studio.resolve_model(name, roots))
+
+
+def test_every_sampler_of_the_pipeline_is_offered_by_a_readable_name(punky, tmp_path):
+    choices = studio.sampler_choices()
+    assert [name for _, name in choices] == list(SAMPLERS)
+    labels = dict(choices)
+    assert labels["DPM-Solver++ 2M, Karras"] == "dpm++-karras" and labels["DDIM, trailing steps"] == "ddim-trailing"
+    assert studio.uses_eta("ddim-trailing") and studio.uses_eta("DDIM") and not studio.uses_eta("unipc-karras")
+    pipe, info = punky
+    # every sampler samples, by its name or by its label; trailing DDIM and UniPC differ from plain DDIM
+    grids = {name: np.asarray(studio.sample(pipe, info, label, 3, 0.0, 0, 2, tmp_path).images[0])
+             for label, name in choices}
+    assert not np.array_equal(grids["ddim"], grids["ddim-trailing"])
+    assert not np.array_equal(grids["ddim"], grids["unipc"])
+
+
+def test_a_model_carries_its_recommended_sampling(punky, conditional_roots):
+    _, info = punky  # exported without a recommendation: punkdiff's own, DDIM-50 with eta 1
+    assert info.sampling == SamplingConfig.from_dict(RECOMMENDED_SAMPLING) and info.sampling.distilled_steps is None
+    assert studio.sampling_note(info.sampling) == "Recommended for this model: DDIM, 50 steps, eta 1."
+    _, student = _load(conditional_roots, "digits")
+    assert (student.sampling.sampler, student.sampling.num_inference_steps, student.sampling.distilled_steps) == \
+        ("ddim-trailing", 4, 4)
+    note = studio.sampling_note(student.sampling)
+    assert "distilled to sample in **4 steps**" in note and "only guaranteed at 4 steps" in note
+    assert "distilled to 4 steps" in student.describe() and "conditioned on label" in student.describe()
+
+
+def test_a_student_sampled_at_another_step_count_says_so(conditional_roots, tmp_path):
+    pipe, info = _load(conditional_roots, "digits")
+    assert studio.sample(pipe, info, "ddim-trailing", 4, 0.0, 0, 2, tmp_path, labels="3").notes == []
+    notes = studio.sample(pipe, info, "ddim-trailing", 8, 0.0, 0, 2, tmp_path, labels="3").notes
+    assert len(notes) == 1 and "distilled to sample in 4 steps" in notes[0] and "asks for 8" in notes[0]
+
+
+def test_the_digit_picker_asks_for_a_digit(conditional_roots, tmp_path):
+    pipe, info = _load(conditional_roots, "digits")
+    form = studio.ConditionForm.of(info.condition)
+    assert (form.kind, form.choice_column, form.choices, form.set_column) == ("labels", "label", tuple("0123456789"),
+                                                                                None)
+    request = form.request("7", guidance_scale=3.0)
+    assert request == {"labels": "7", "guidance_scale": 3.0}
+    sevens = studio.sample(pipe, info, "ddim-trailing", 4, 0.0, 5, 3, tmp_path, **request)
+    # the same images as the library's own sampling of label 7 with these seeds, and not those of another digit
+    expected = generate(pipe, 3, seed=5, batch_size=3, sampler="ddim-trailing", num_inference_steps=4, eta=0.0,
+                        labels=7, guidance_scale=3.0, progress=False)
+    for ours, theirs in zip(sevens.images, expected, strict=True):
+        assert np.abs(np.asarray(ours, int) - np.asarray(theirs, int)).max() <= 1
+    threes = studio.sample(pipe, info, "ddim-trailing", 4, 0.0, 5, 3, tmp_path, **form.request("3", guidance_scale=3))
+    assert not np.array_equal(np.asarray(threes.images[0]), np.asarray(sevens.images[0]))
+    # "any" asks for nothing: the unconditional samples, and guidance, which cannot apply, is said to be ignored
+    anything = studio.sample(pipe, info, "ddim-trailing", 4, 0.0, 5, 1, tmp_path,
+                             **form.request(studio.ANY, guidance_scale=3.0))
+    assert anything.notes and "guidance does not apply" in anything.notes[0]
+    unconditional = generate(pipe, 1, seed=5, batch_size=1, sampler="ddim-trailing", num_inference_steps=4, eta=0.0,
+                             progress=False)
+    assert np.abs(np.asarray(anything.images[0], int) - np.asarray(unconditional[0], int)).max() <= 1
+
+
+def test_the_punk_builder_asks_for_a_type_and_accessories(conditional_roots, tmp_path):
+    pipe, info = _load(conditional_roots, "punks")
+    form = studio.ConditionForm.of(info.condition)
+    assert (form.kind, form.choice_column, form.set_column, form.others) == ("attributes", "type", "accessories", ())
+    assert form.choices == PUNK_TYPES and form.set_names == PUNK_ACCESSORIES
+    assert form.request("Ape", ["Cap", "Pipe"], guidance_scale=2.0) == {
+        "attributes": {"type": "Ape", "accessories": ["Cap", "Pipe"]}, "guidance_scale": 2.0}
+    assert form.request("Ape", []) == {"attributes": {"type": "Ape", "accessories": []}, "guidance_scale": 1.0}
+    assert form.request(studio.ANY, [], model_chooses_set=True) == {"attributes": None, "guidance_scale": 1.0}
+    assert form.request("Zombie", model_chooses_set=True)["attributes"] == {"type": "Zombie"}
+    with pytest.raises(studio.StudioError, match="Cap ticked, but the model is to choose the accessories"):
+        form.request("Ape", ["Cap"], model_chooses_set=True)
+    capped = studio.sample(pipe, info, "ddim", 3, 0.0, 0, 2, tmp_path, **form.request("Ape", ["Cap"], False, 2.0))
+    expected = generate(pipe, 2, seed=0, batch_size=2, sampler="ddim", num_inference_steps=3, eta=0.0,
+                        attributes={"type": "Ape", "accessories": ["Cap"]}, guidance_scale=2.0, progress=False)
+    for ours, theirs in zip(capped.images, expected, strict=True):
+        assert np.abs(np.asarray(ours, int) - np.asarray(theirs, int)).max() <= 1
+    bare = studio.sample(pipe, info, "ddim", 3, 0.0, 0, 2, tmp_path, **form.request("Ape", [], False, 2.0))
+    assert not np.array_equal(np.asarray(bare.images[0]), np.asarray(capped.images[0]))
+    assert studio.ConditionForm.of(None) == studio.ConditionForm() and studio.ConditionForm().request("Ape") == {}
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        ({"attributes": {"type": "Ape", "accessories": ["Cape"]}, "guidance_scale": 2.0},
+         r"unknown accessories 'Cape'; closest: 'Cap'.*known accessories values \(6\)"),
+        ({"attributes": {"type": "Gorilla"}}, r"unknown type 'Gorilla'.*Alien, Ape, Zombie, Female, Male"),
+        ({"attributes": {"type": "Ape"}, "guidance_scale": float("nan")}, "guidance scale must be a finite number"),
+        ({"attributes": {"type": "Ape"}, "guidance_scale": -1.0}, "guidance scale must be a finite number >= 0"),
+        ({"attributes": {"hat": "Cap"}}, "unknown attribute 'hat'; this model is conditioned on type"),
+    ],
+)
+def test_a_bad_request_is_refused_before_any_work(conditional_roots, tmp_path, request_, message):
+    pipe, info = _load(conditional_roots, "punks")
+    with pytest.raises(studio.StudioError, match=message):
+        studio.sample(pipe, info, "ddim", 3, 0.0, 0, 2, tmp_path, **request_)
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_unconditional_model_takes_no_condition(punky, tmp_path):
+    pipe, info = punky
+    assert info.condition is None and studio.ConditionForm.of(info.condition).kind is None
+    with pytest.raises(studio.StudioError, match="this model is unconditional"):
+        studio.sample(pipe, info, "ddim", 3, 0.0, 0, 2, tmp_path, labels="7")
+    with pytest.raises(studio.StudioError, match="guidance_scale=3.0 needs a condition"):
+        studio.sample(pipe, info, "ddim", 3, 0.0, 0, 2, tmp_path, guidance_scale=3.0)
+    assert not any(tmp_path.iterdir())

@@ -19,22 +19,43 @@ import os
 import threading
 import time
 import uuid
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
 from PIL import Image
 
 from punkdiff.data import BUILTIN_DATASETS, ImageTransform, load_image_dataset
+from punkdiff.pipelines.punkdiff_pipeline import (
+    CLASS_INDEX,
+    MULTI,
+    SAMPLERS,
+    SINGLE,
+    ConditionVocabulary,
+    SamplingConfig,
+    check_guidance_scale,
+)
 from punkdiff.presets import MAX_SAMPLING_SEED, PRESETS, DataSpec
 from punkdiff.roots import HUB_ID, PathOutsideRoots, Roots
 from punkdiff.seeds import image_generators
 from punkdiff.visuals import display_scale, image_grid, save_gif, trajectory_frames
 
-SCHEDULERS = {"DDPM": "ddpm", "DDIM": "ddim", "DPM-Solver++": "dpm++"}
+# how the page names the pipeline's samplers (`SAMPLERS`); a sampler without a label here is shown by its name
+SAMPLER_LABELS = {
+    "ddpm": "DDPM",
+    "ddim": "DDIM",
+    "ddim-trailing": "DDIM, trailing steps",
+    "dpm++": "DPM-Solver++ 2M",
+    "dpm++-karras": "DPM-Solver++ 2M, Karras",
+    "unipc": "UniPC",
+    "unipc-karras": "UniPC, Karras",
+}
+ANY = "(any)"  # a choice that leaves a condition unspecified
 MAX_BATCH = 64
 ProgressCallback = Callable[[int, int], None]
 
@@ -56,6 +77,9 @@ class ModelInfo:
             run's `training_summary.json` or the preset the model card names, so an uploaded punk is
             composited on the same blue-grey and resized with nearest, as in training.
         trained_on: The dataset named by the run or the card, if any.
+        sampling: How the model is meant to be sampled (`punkdiff.sampling.recommended_sampling`): the Generate
+            tab's defaults; a distilled student's step count among them.
+        condition: A conditional model's vocabulary (what it can be asked for); None when it is unconditional.
     """
 
     path: Path
@@ -64,11 +88,92 @@ class ModelInfo:
     num_train_timesteps: int
     data: DataSpec
     trained_on: str | None = None
+    sampling: SamplingConfig | None = None
+    condition: ConditionVocabulary | None = None
 
     def describe(self) -> str:
         kind = "grayscale" if self.channels == 1 else "RGB"
         on = f", trained on {self.trained_on}" if self.trained_on else ""
-        return f"{self.resolution}x{self.resolution} {kind}, T = {self.num_train_timesteps}{on}"
+        asked = f", conditioned on {', '.join(self.condition.columns)}" if self.condition else ""
+        distilled = self.sampling.distilled_steps if self.sampling else None
+        student = f", distilled to {distilled} steps" if distilled else ""
+        return f"{self.resolution}x{self.resolution} {kind}, T = {self.num_train_timesteps}{on}{asked}{student}"
+
+
+@dataclass(frozen=True)
+class ConditionForm:
+    """What a conditional model can be asked for, laid out as the Generate tab offers it.
+
+    A model conditioned on one single-label column (digits) gets a picker of its classes; a model conditioned on
+    attributes (a punk's type and accessories) gets a builder: a choice from its first single-label column and
+    checkboxes from its first multi-label column. Other columns are left unspecified (`others`).
+
+    Attributes:
+        kind: `"labels"` (a digit picker), `"attributes"` (a punk builder) or None (an unconditional model).
+        choice_column: The single-label column the choice picks from (`label`, `type`), if any.
+        choices: Its names, in the vocabulary's order.
+        set_column: The multi-label column the checkboxes pick from (`accessories`), if any.
+        set_names: Its names.
+        others: Columns the page does not offer; they stay unspecified.
+    """
+
+    kind: str | None = None
+    choice_column: str | None = None
+    choices: tuple[str, ...] = ()
+    set_column: str | None = None
+    set_names: tuple[str, ...] = ()
+    others: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, condition: ConditionVocabulary | None) -> ConditionForm:
+        """The form for a model's vocabulary (None: an unconditional model, no form)."""
+        if condition is None:
+            return cls()
+        singles = [g for g in condition.groups if g.kind == SINGLE]
+        multis = [g for g in condition.groups if g.kind == MULTI]
+        shown = singles[:1] + multis[:1]
+        return cls(
+            kind="labels" if condition.encoding == CLASS_INDEX else "attributes",
+            choice_column=singles[0].column if singles else None,
+            choices=singles[0].names if singles else (),
+            set_column=multis[0].column if multis else None,
+            set_names=multis[0].names if multis else (),
+            others=tuple(g.column for g in condition.groups if g not in shown),
+        )
+
+    def request(self, choice: str | None = None, chosen: Sequence[str] | None = None,
+                model_chooses_set: bool = False, guidance_scale: float = 1.0) -> dict[str, Any]:
+        """The keywords of `sample` (`labels=` or `attributes=`, and `guidance_scale=`) for what the form says.
+
+        `choice` is a class name (or `ANY`/None: unspecified); `chosen` the ticked names of the multi-label
+        column: none ticked asks for none of them (a bare punk) unless `model_chooses_set`, which leaves the
+        column unspecified. Nothing specified at all asks for nothing: the model's unconditional samples. An
+        unconditional model has no form (the page hides it), so its request is empty whatever the widgets hold.
+        Names are checked by the pipeline, which refuses unknown ones with the known ones listed.
+
+        Examples:
+            ```py
+            >>> ConditionForm.of(punks).request("Ape", ["Cap"], guidance_scale=3.0)
+            {'attributes': {'type': 'Ape', 'accessories': ['Cap']}, 'guidance_scale': 3.0}
+            >>> ConditionForm.of(digits).request("7")
+            {'labels': '7', 'guidance_scale': 1.0}
+            ```
+        """
+        if self.kind is None:
+            return {}
+        choice = None if choice in (None, "", ANY) else choice
+        chosen = list(chosen or [])
+        if self.kind == "labels":
+            return {"labels": choice, "guidance_scale": guidance_scale}
+        attributes: dict[str, Any] = {}
+        if self.choice_column and choice is not None:
+            attributes[self.choice_column] = choice
+        if self.set_column and not model_chooses_set:
+            attributes[self.set_column] = chosen
+        elif chosen:
+            raise StudioError(f"{', '.join(chosen)} ticked, but the model is to choose the {self.set_column}: "
+                              f"untick them, or let the ticked {self.set_column} be the request")
+        return {"attributes": attributes or None, "guidance_scale": guidance_scale}
 
 
 @dataclass
@@ -77,6 +182,7 @@ class SampleResult:
     grid: Image.Image
     grid_path: Path
     animation_path: Path
+    notes: list[str] = field(default_factory=list)  # what the user should know about these samples
 
 
 # --- finding and loading models -------------------------------------------------------------------------
@@ -139,6 +245,7 @@ class ModelCache:
     def load(self, folder: Path):
         """`(PunkDiffPipeline, ModelInfo)` for a model folder; validated before loading (safetensors only)."""
         from punkdiff.hub import load_pipeline
+        from punkdiff.sampling import recommended_sampling
 
         stamp = _weights_mtime(folder)
         # One load at a time: a page that opens asks for its model from several handlers at once, and they
@@ -150,7 +257,7 @@ class ModelCache:
                 return cached[1], cached[2]
             pipe = load_pipeline(folder)
             pipe.set_progress_bar_config(desc="sampling")
-            info = model_info(folder)
+            info = replace(model_info(folder), sampling=recommended_sampling(pipe), condition=pipe.condition)
             self._items[folder] = (stamp, pipe, info)
             while len(self._items) > self.size:
                 self._items.popitem(last=False)
@@ -192,6 +299,29 @@ def _training_data_spec(folder: Path) -> tuple[DataSpec, str | None]:
 # --- sampling -------------------------------------------------------------------------------------------
 
 
+def sampler_choices() -> list[tuple[str, str]]:
+    """`(label, name)` for every sampler the pipeline runs (`SAMPLERS`), in its order, for a Radio or Dropdown."""
+    return [(SAMPLER_LABELS.get(name, name), name) for name in SAMPLERS]
+
+
+def uses_eta(sampler: str) -> bool:
+    """Whether `eta` changes what `sampler` draws (the DDIM samplers), so the page can grey it out otherwise."""
+    return SAMPLERS[_sampler_name(sampler)].uses_eta
+
+
+def sampling_note(config: SamplingConfig | None) -> str:
+    """What the Generate tab says about a model's recommended sampling; for a student, the count it holds at."""
+    if config is None:
+        return ""
+    how = f"{SAMPLER_LABELS.get(config.sampler, config.sampler)}, {config.num_inference_steps} steps"
+    if SAMPLERS[config.sampler].uses_eta:
+        how += f", eta {config.eta:g}"
+    if config.distilled_steps:
+        return (f"This model is a student distilled to sample in **{config.distilled_steps} steps** ({how}): "
+                f"its quality is only guaranteed at {config.distilled_steps} steps.")
+    return f"Recommended for this model: {how}."
+
+
 def sample(
     pipe,
     info: ModelInfo,
@@ -202,33 +332,60 @@ def sample(
     batch_size: int,
     out_dir: Path,
     progress: ProgressCallback | None = None,
+    *,
+    labels: str | int | None = None,
+    attributes: dict[str, Any] | None = None,
+    guidance_scale: float = 1.0,
 ) -> SampleResult:
     """Sample a batch; write the grid and the denoising animation (x_t beside the predicted x_0) to `out_dir`.
 
-    Image i uses seed + i, as `punkdiff sample` does, so it is the same whatever the batch size.
+    Image i uses seed + i, as `punkdiff sample` does, so it is the same whatever the batch size. A conditional
+    model draws what `labels` (a digit) or `attributes` (`ConditionForm.request`) ask for, guided by
+    `guidance_scale`; asked for nothing, it draws its unconditional samples, where guidance does not apply (a
+    note says so). Everything is checked before the first step: nothing is written for a request it refuses.
+    Warnings of the pipeline (a student sampled at another step count than it was distilled for) come back in
+    `notes`.
     """
-    scheduler = _scheduler_name(scheduler)
+    scheduler = _sampler_name(scheduler)
     steps = _check_int("steps", steps, 1, info.num_train_timesteps)
     batch_size = _check_int("batch size", batch_size, 1, MAX_BATCH)
     seed = _check_int("seed", seed, 0, MAX_SAMPLING_SEED)
     if not 0.0 <= float(eta) <= 1.0:
         raise StudioError(f"eta must be between 0 (deterministic DDIM) and 1 (DDPM-like), got {eta}")
-    out = pipe(
-        batch_size=batch_size,
-        generator=image_generators(seed, batch_size),
-        num_inference_steps=steps,
-        eta=float(eta),
-        sampler=scheduler,
-        return_trajectory=True,
-        callback_on_step_end=_callback(progress, steps),
-    )
+    try:
+        guidance_scale = check_guidance_scale(guidance_scale)
+    except ValueError as err:
+        raise StudioError(str(err)) from None
+    notes = []
+    if labels is None and attributes is None and guidance_scale != 1.0 and getattr(pipe, "condition", None):
+        notes.append("Nothing was asked for, so guidance does not apply: these are the model's unconditional "
+                     "samples.")
+        guidance_scale = 1.0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            out = pipe(
+                batch_size=batch_size,
+                labels=labels,
+                attributes=attributes,
+                guidance_scale=guidance_scale,
+                generator=image_generators(seed, batch_size),
+                num_inference_steps=steps,
+                eta=float(eta),
+                sampler=scheduler,
+                return_trajectory=True,
+                callback_on_step_end=_callback(progress, steps),
+            )
+        except ValueError as err:  # the pipeline's checks: an unknown class or accessory, a condition given to an
+            raise StudioError(str(err)) from None  # unconditional model; all before its first step
+    notes += [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
     scale = display_scale(info.resolution, target=96)
     grid = image_grid(out.images, scale=scale, gap=1)
     out_dir = _new_output_folder(out_dir)
     grid.save(out_dir / "grid.png")
     frames = trajectory_frames(out.trajectory, out.pred_original_samples, display_scale(info.resolution, 64))
     animation = save_gif(frames, out_dir / "denoising.gif")
-    return SampleResult(out.images, grid, out_dir / "grid.png", animation)
+    return SampleResult(out.images, grid, out_dir / "grid.png", animation, notes)
 
 
 # --- real images, masks, inpainting, reconstruction -----------------------------------------------------
@@ -326,7 +483,7 @@ def reconstruct(
             t_start=t_start,
             generator=image_generators(seed, 1),
             num_inference_steps=steps,
-            sampler=_scheduler_name(scheduler),
+            sampler=_sampler_name(scheduler),
             return_trajectory=True,
             callback_on_step_end=_callback(progress, steps),
         )
@@ -361,10 +518,13 @@ def show_mask(image: Image.Image, mask: Image.Image, colour: tuple[int, int, int
 # --- helpers --------------------------------------------------------------------------------------------
 
 
-def _scheduler_name(name: str) -> str:
-    key = SCHEDULERS.get(name, name)
-    if key not in SCHEDULERS.values():
-        raise StudioError(f"unknown scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
+def _sampler_name(name: str) -> str:
+    """A sampler's name in `SAMPLERS` from its name (any case) or its label in the page."""
+    text = str(name or "").strip()
+    by_label = {label.lower(): key for key, label in SAMPLER_LABELS.items()}
+    key = by_label.get(text.lower(), text.lower())
+    if key not in SAMPLERS:
+        raise StudioError(f"unknown sampler {name!r}: choose one of {', '.join(SAMPLERS)}")
     return key
 
 
