@@ -21,7 +21,7 @@ from pathlib import Path
 import gradio as gr
 
 from punkdiff import studio
-from punkdiff.eval_runs import EvalManager, EvalRequest, conditional_markdown, default_reference
+from punkdiff.eval_runs import EvalManager, EvalRequest, default_reference
 from punkdiff.jobs import STATUS_TEXT
 from punkdiff.presets import PRESETS
 from punkdiff.roots import Roots, resolve_dataset
@@ -325,13 +325,13 @@ class EvalHandlers:
         return None
 
     def refresh(self, name, seen_before):
-        """Status, per-class scores (a conditional model), report, metrics.json, log, and what the page now shows."""
+        """Status, report (with a conditional model's per-class scores), metrics.json, log, what the page shows."""
         if not name:
-            return NO_EVALUATION, gr.skip(), gr.skip(), gr.skip(), "", None
+            return NO_EVALUATION, gr.skip(), gr.skip(), "", None
         try:
             view = self.evaluations.get(name)
         except FileNotFoundError as err:
-            return str(err), "", None, None, "", None
+            return str(err), None, None, "", None
         state = view.status()
         text = f"### {name}: {STATUS_TEXT.get(state, state)}"
         if state == "failed":
@@ -340,10 +340,9 @@ class EvalHandlers:
             text += "\n\n" + (view.job.log_tail(max_lines=1) or "starting")
         signature = (name, state, view.written())
         if signature == seen_before:  # the report and its figures are in the page already
-            return text, gr.skip(), gr.skip(), gr.skip(), view.job.log_tail(), seen_before
+            return text, gr.skip(), gr.skip(), view.job.log_tail(), seen_before
         metrics = view.metrics()
-        return (text, conditional_markdown(metrics), view.report_markdown() or "", metrics, view.job.log_tail(),
-                signature)
+        return text, view.report_markdown() or "", metrics, view.job.log_tail(), signature
 
 
 # --- formatting -----------------------------------------------------------------------------------------

@@ -326,7 +326,6 @@ def _evaluate_tab(demo: gr.Blocks, model, handlers: EvalHandlers, models: Models
                                      elem_id="eval-select")
                 stop = gr.Button("■ Stop", variant="stop", size="sm", scale=0, min_width=90, elem_id="eval-stop")
             status = gr.Markdown(NO_EVALUATION, elem_id="eval-status")
-            conditional = gr.Markdown(elem_id="eval-conditional")
             report = gr.Markdown(elem_id="eval-report", elem_classes="pixelated")
             with gr.Accordion("metrics.json and log", open=False):
                 metrics = gr.JSON(label="metrics.json")
@@ -343,7 +342,7 @@ def _evaluate_tab(demo: gr.Blocks, model, handlers: EvalHandlers, models: Models
     reference.input(handlers.explain_reference, [reference, proposed], reference_note, show_progress="hidden")
     reference.focus(lambda: gr.update(choices=dataset_choices()), outputs=reference, show_progress="hidden")
     start.click(handlers.start, [model, reference, split, num, scheduler, steps, seed], chosen)
-    outputs = [status, conditional, report, metrics, log, seen]
+    outputs = [status, report, metrics, log, seen]
     stop.click(handlers.stop, chosen, seen)
     chosen.change(lambda name: handlers.refresh(name, None), chosen, outputs, show_progress="hidden")
     timer.tick(handlers.refresh, [chosen, seen], outputs, show_progress="hidden", concurrency_limit=None)

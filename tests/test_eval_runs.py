@@ -14,11 +14,9 @@ from punkdiff.eval_runs import (
     EvalManager,
     EvalRequest,
     Evaluation,
-    conditional_markdown,
     default_reference,
     eval_available,
 )
-from punkdiff.metrics.conditional import ConditionalScores
 from punkdiff.roots import Roots
 
 
@@ -157,23 +155,3 @@ def test_a_running_evaluation_stops_and_neither_a_stopped_a_dead_nor_a_finished_
     stop_launched(timeout=10)
 
 
-def test_a_conditional_models_scores_become_tables_beside_their_floor():
-    generated = ConditionalScores(
-        num_images=1000, accuracy=0.9125, label_recall=0.8,
-        per_class={"Ape": {"requested": 200, "accuracy": 0.5}, "Male": {"requested": 800, "accuracy": 1.0}},
-        spurious_per_image=0.25, per_label_recall={"Cap": {"requested": 120, "recall": 0.75}}, unscored_labels=3)
-    floor = ConditionalScores(num_images=1000, accuracy=0.995, per_class={"Male": {"requested": 800, "accuracy": 0.99}},
-                              label_recall=0.76, spurious_per_image=0.055,
-                              per_label_recall={"Cap": {"requested": 118, "recall": 0.8305}})
-    metrics = {"fid": 3.0, "conditional": {"guidance_scale": 3.0, "generated": generated.to_dict(),
-                                           "floor": floor.to_dict()}}
-    table = conditional_markdown(metrics)
-    assert "guidance 3" in table and "1,000 images" in table
-    rows = [line for line in table.splitlines() if line.startswith("| ")]
-    assert "| class accuracy | 0.9125 | 0.995 |" in rows
-    assert "| spurious labels per image | 0.25 | 0.055 |" in rows
-    assert "| Ape | 200 | 0.5 | n/a |" in rows  # a class the floor's real images did not hold
-    assert "| Male | 800 | 1 | 0.99 |" in rows
-    assert "| Cap | 120 | 0.75 | 0.8305 |" in rows
-    assert "3 requested labels are unknown to the classifier" in table
-    assert conditional_markdown({"fid": 3.0}) == "" and conditional_markdown(None) == ""

@@ -167,43 +167,6 @@ class Evaluation(JobFolder):
         return _IMAGE_LINK.sub(embed, report.read_text(encoding="utf-8"))
 
 
-def conditional_markdown(metrics: dict[str, Any] | None) -> str:
-    """A conditional model's scores from `metrics.json` as tables: per class, what was asked, how often it was
-    drawn, and the floor (the same classifier on real images with their true conditions); per label, its recall.
-
-    Reads the `"conditional"` entry, `{"guidance_scale": w, "generated": scores, "floor": scores}`, each scores
-    being `ConditionalScores.to_dict()`; "" when there is none (an unconditional model).
-    """
-    entry = (metrics or {}).get("conditional")
-    if not isinstance(entry, dict) or not isinstance(entry.get("generated"), dict):
-        return ""
-    generated, floor = entry["generated"], entry.get("floor") or {}
-    guidance = entry.get("guidance_scale")
-    lines = [f"### What was asked, and what was drawn (guidance {_number(guidance)})", "",
-             f"{generated.get('num_images', 0):,} images, each asked for a condition; the floor is the "
-             "classifier on real images with their true conditions.", "",
-             "| | generated | floor |", "| --- | --- | --- |"]
-    for key, label in (("accuracy", "class accuracy"), ("label_recall", "label recall"),
-                       ("spurious_per_image", "spurious labels per image")):
-        if generated.get(key) is not None:
-            lines.append(f"| {label} | {_number(generated[key])} | {_number(floor.get(key))} |")
-    for key, value, title in (("per_class", "accuracy", "class"), ("per_label_recall", "recall", "label")):
-        rows = generated.get(key) or {}
-        if rows:
-            floors = floor.get(key) or {}
-            lines += ["", f"| {title} | requested | {value} | floor |", "| --- | --- | --- | --- |"]
-            lines += [f"| {name} | {row.get('requested', 0):,} | {_number(row.get(value))} | "
-                      f"{_number((floors.get(name) or {}).get(value))} |" for name, row in rows.items()]
-    if generated.get("unscored_labels"):
-        lines += ["", f"{generated['unscored_labels']:,} requested labels are unknown to the classifier (absent from "
-                  "its training data) and are left out."]
-    return "\n".join(lines)
-
-
-def _number(value: Any) -> str:
-    return "n/a" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 class EvalManager:
     """Start and list evaluations under `<run root>/evaluations`; at most `max_active` at a time."""
 
