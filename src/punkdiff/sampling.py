@@ -64,7 +64,7 @@ def sampling_precision(pipe: PunkDiffPipeline, precision: str = "auto") -> tuple
         >>> sampling_precision(pipe, "float32")
         ('float32', 'asked for')
         >>> sampling_precision(pipe)  # on a CPU with AMX
-        ('bfloat16', 'bf16 autocast: this CPU computes bf16 natively (AVX-512 BF16 or AMX)')
+        ('bfloat16', 'bf16 autocast: this CPU has native bf16 (AVX-512 BF16 or AMX)')
         ```
     """
     if precision not in SAMPLING_PRECISIONS:
@@ -80,7 +80,7 @@ def sampling_precision(pipe: PunkDiffPipeline, precision: str = "auto") -> tuple
             return "bfloat16", "bf16 autocast, asked for"
         return "float32", f"the default on {device.type} (load the weights in a half precision for speed there)"
     if cpu_has_native_bf16():
-        return "bfloat16", "bf16 autocast: this CPU computes bf16 natively (AVX-512 BF16 or AMX)"
+        return "bfloat16", "bf16 autocast: this CPU has native bf16 (AVX-512 BF16 or AMX)"
     return "float32", "this CPU has no native bf16 (AVX-512 BF16 or AMX), where bf16 is slower than float32"
 
 
