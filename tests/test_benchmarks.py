@@ -165,3 +165,25 @@ def test_bench_data_paths_agree_and_decode_memory_is_measured(benchmarks, mnist_
     assert result["check"]["first_batch_mean_abs_diff"] < 0.05  # MNIST: both resize bilinearly
     assert result["punkdiff_prep_peak_pss_bytes"] >= result["punkdiff_prep_peak_anon_bytes"] > 0
     assert result["punkdiff_prep_images_per_s"] > 0
+
+
+def test_bench_inference_times_teacher_and_student_per_setting_in_the_precision_it_says(tmp_path):
+    import subprocess
+
+    from punkdiff.precision import cpu_has_native_bf16
+
+    out = tmp_path / "inference.json"
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_inference.py"), "--presets", "mnist-32-tiny",
+                           "--teacher-steps", "2", "--settings", "fp32", "bf16", "auto", "--batch-sizes", "2",
+                           "--num-images", "2", "--skip-load-wait", "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    rows = {(r["role"], r["setting"]): r for r in report["results"]}
+    native = cpu_has_native_bf16()
+    assert set(rows) == {(role, s) for role in ("teacher", "student") for s in ("fp32", "auto", *(["bf16"] * native))}
+    assert rows["student", "fp32"]["sampling"] == "ddim-trailing-4, eta 0"  # a student's sampler and steps
+    assert rows["teacher", "fp32"]["sampling"] == "ddim-2, eta 1"
+    assert rows["teacher", "fp32"]["computed_in"] == "float32"
+    assert rows["teacher", "auto"]["computed_in"] == ("bfloat16" if native else "float32")
+    assert not rows["teacher", "fp32"]["trained_weights"] and report["machine"]["native_bf16"] == native
+    assert "student  ddim-trailing-4, eta 0" in done.stdout and "figures not checked" in done.stdout
