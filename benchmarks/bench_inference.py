@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     if "bf16" in settings and not cpu_has_native_bf16():
         log("bf16 skipped: this CPU has no native bf16 (AVX-512 BF16 or AMX); sampling keeps float32 there")
         settings.remove("bf16")
-    cases = [c for name in args.presets for c in preset_cases(name, args.teacher_steps)] + [folder_case(m) for m in args.models]
+    cases = [c for name in args.presets for c in preset_cases(name, args.teacher_steps)]
+    cases += [folder_case(m) for m in args.models]
     if not cases:
         raise SystemExit("nothing to time: give --presets or --models")
     pipes = {(i, s): setting_pipe(case, s) for i, case in enumerate(cases) for s in settings}
