@@ -124,12 +124,12 @@ def test_distill_runs_the_teachers_data_pipeline_from_its_summary(mnist_dir, cac
 
 @pytest.mark.slow
 def test_two_cpu_processes_distil_one_student_with_the_ema_in_sync(teacher, cache_dir, tmp_path):
-    """`accelerate launch --cpu --num_processes 2`: one gloo job whose stages keep one EMA, not two runs."""
+    """`accelerate launch --multi_gpu --num_processes 2` without a GPU: one gloo job whose stages keep one EMA."""
     out = tmp_path / "ddp"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     repo = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
            str(repo / "training" / "distill.py"), str(teacher), "--teacher-steps", "8", "--steps", "4",
            "--max-steps", "2", "--report-to", "none", "--cache-dir", str(cache_dir), "--output-dir", str(out)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
