@@ -82,6 +82,7 @@ def plot(points: list[dict[str, Any]], path: Path, title: str) -> Path:
     ax.set_yscale("log")
     nfes = sorted({p["nfe"] for p in points})
     ax.set_xticks(nfes, [str(n) for n in nfes])
+    ax.tick_params(axis="x", which="minor", labelbottom=False)  # only the NFE measured are labelled
     ax.set_xlabel("network evaluations (NFE)")
     ax.set_ylabel("classifier FD / real-vs-real floor")
     ax.set_title(title, fontsize=9)
