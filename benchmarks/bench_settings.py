@@ -45,7 +45,7 @@ from benchlib import (
     rotated,
 )
 
-from punkdiff.training.speed import cpu_has_native_bf16
+from punkdiff.precision import cpu_has_native_bf16
 
 SETTINGS = ("1x2", "2x1", "batch/2", "batch*2", "bf16", "channels_last")
 HERE = Path(__file__).resolve()

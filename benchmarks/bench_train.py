@@ -76,8 +76,8 @@ from benchlib import (
 )
 
 from punkdiff.data import load_training_images
+from punkdiff.precision import cpu_has_native_bf16
 from punkdiff.presets import Preset
-from punkdiff.training.speed import cpu_has_native_bf16
 
 CONTENDERS = ("punkdiff", "recipe", "bare", "ddpm-pytorch")
 

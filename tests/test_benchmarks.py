@@ -199,3 +199,64 @@ def test_bench_guidance_sweeps_the_scale_with_the_eval_code(mnist_dir, metrics_c
     assert points[0]["label_recall"] is None and len(points[0]["balanced_per_class_accuracy"]) == 10
     assert (tmp_path / "work" / "guidance-3" / "report.md").is_file()
     assert PIL.Image.open(out.with_suffix(".png")).size == (1100, 440)
+
+
+def test_bench_inference_times_teacher_and_student_per_setting_in_the_precision_it_says(tmp_path):
+    import subprocess
+
+    from punkdiff.precision import cpu_has_native_bf16
+
+    out = tmp_path / "inference.json"
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_inference.py"), "--presets", "mnist-32-tiny",
+                           "--teacher-steps", "2", "--settings", "fp32", "bf16", "auto", "--batch-sizes", "2",
+                           "--num-images", "2", "--skip-load-wait", "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    rows = {(r["role"], r["setting"]): r for r in report["results"]}
+    native = cpu_has_native_bf16()
+    assert set(rows) == {(role, s) for role in ("teacher", "student") for s in ("fp32", "auto", *(["bf16"] * native))}
+    assert rows["student", "fp32"]["sampling"] == "ddim-trailing-4, eta 0"  # a student's sampler and steps
+    assert rows["teacher", "fp32"]["sampling"] == "ddim-2, eta 1"
+    assert rows["teacher", "fp32"]["computed_in"] == "float32"
+    assert rows["teacher", "auto"]["computed_in"] == ("bfloat16" if native else "float32")
+    assert not rows["teacher", "fp32"]["trained_weights"] and report["machine"]["native_bf16"] == native
+    assert "student  ddim-trailing-4, eta 0" in done.stdout and "figures not checked" in done.stdout
+
+
+def test_bench_steps_scores_every_sampler_and_the_student_beside_the_floor(mnist_dir, metrics_cache, tmp_path):
+    import PIL.Image
+    from diffusers import DDPMScheduler
+    from tiny_models import tiny_unet
+
+    from punkdiff.hub import export_pipeline
+    from punkdiff.pipelines.punkdiff_pipeline import SamplingConfig
+
+    teacher = export_pipeline(tiny_unet(channels=1, sample_size=16), DDPMScheduler(), tmp_path / "teacher")
+    student = export_pipeline(tiny_unet(channels=1, sample_size=16, seed=1),
+                              DDPMScheduler(prediction_type="v_prediction", timestep_spacing="trailing"),
+                              tmp_path / "student", sampling=SamplingConfig("ddim-trailing", 2, 0.0, 2))
+    out = tmp_path / "steps.json"
+    done = subprocess_run([str(BENCHMARKS / "bench_steps.py"), str(teacher), "--student", str(student),
+                           "--reference", str(mnist_dir), "--preset", "mnist-16", "--max-reference", "300",
+                           "--samplers", "ddim", "dpm++", "--nfe", "1", "2", "--num-samples", "12",
+                           "--cache-dir", str(metrics_cache), "--out", str(out)])
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    points = {(p["role"], p["sampler"], p["nfe"]): p for p in report["results"]}
+    assert set(points) == {("teacher", s, n) for s in ("ddim", "dpm++") for n in (1, 2)} | {
+        ("student", "ddim-trailing", n) for n in (1, 2)}
+    assert [p["distilled"] for k, p in points.items() if k[0] == "student"] == [False, True]
+    for p in points.values():
+        fd = p["metrics"]["fd_classifier"]
+        assert p["num_images"] == 12 and fd["floor"] > 0 and fd["ratio"] == pytest.approx(fd["model"] / fd["floor"])
+        assert p["metrics"]["swd"]["floor"] > 0
+    assert points["teacher", "ddim", 1]["metrics"] != points["teacher", "ddim", 2]["metrics"]  # really sampled anew
+    plot = PIL.Image.open(tmp_path / "steps.png")
+    assert plot.size[0] > 400 and len(set(plot.convert("L").getdata())) > 20  # a drawn figure, not a blank page
+    assert "student  ddim-trailing     2" in done.stdout
+
+
+def subprocess_run(args: list[str]):
+    import subprocess
+
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True)

@@ -27,7 +27,9 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 def sample(model_dir: Path, out: Path, *extra: str) -> int:
-    args = ["sample", str(model_dir), "--scheduler", "ddim", "--steps", "3", "--seed", "7", "--device", "cpu"]
+    """`punkdiff sample` in float32, so its images match `generate`'s default to the bit on any CPU."""
+    args = ["sample", str(model_dir), "--scheduler", "ddim", "--steps", "3", "--seed", "7", "--device", "cpu",
+            "--precision", "float32"]
     return main([*args, "--out", str(out), *extra])
 
 
@@ -120,10 +122,32 @@ def test_sample_dtype_and_gif(model_dir, tmp_path):
     assert gif.n_frames == 3 and gif.size[0] > 2 * gif.size[1]  # one frame per step: x_t | predicted x_0
 
 
+def test_sample_precision_follows_the_cpu_says_which_and_writes_one_array(model_dir, tmp_path, capsys):
+    from punkdiff.precision import cpu_has_native_bf16
+
+    args = ["sample", str(model_dir), "--scheduler", "ddim", "--steps", "3", "--seed", "7", "--num-images", "5",
+            "--batch-size", "2", "--out", str(tmp_path / "grid.png"), "--out-dir", str(tmp_path / "pngs"),
+            "--out-array", str(tmp_path / "arrays" / "samples.npy")]
+    assert main(args) == 0  # --precision auto, the default
+    out = capsys.readouterr().out
+    auto = "bfloat16" if cpu_has_native_bf16() else "float32"
+    assert f"precision: {auto} (" in out and "native bf16" in out
+    array = np.load(tmp_path / "arrays" / "samples.npy", allow_pickle=False)
+    assert array.dtype == np.uint8 and array.shape == (5, 3, 8, 8)  # [N, C, H, W], as `punkdiff eval` saves samples
+    for i in range(5):  # the array holds exactly the images the PNGs hold
+        np.testing.assert_array_equal(array[i].transpose(1, 2, 0), np.asarray(PIL.Image.open(tmp_path / "pngs" /
+                                                                                               f"{i:04d}.png")))
+    assert sample(model_dir, tmp_path / "fp32.png", "--num-images", "5", "--out-array", str(tmp_path / "fp32.npy")) == 0
+    fp32 = np.load(tmp_path / "fp32.npy").astype(int)
+    assert "precision: float32 (asked for)" in capsys.readouterr().out
+    difference = np.abs(array.astype(int) - fp32)
+    assert difference.mean() < 2 and (difference.max() > 0) == (auto == "bfloat16")  # bf16 really ran, and agrees
+
+
 def test_sample_takes_a_hub_model_id(model_dir, tmp_path, monkeypatch):
     with fake_hub(monkeypatch, models={"someone/tiny": model_dir}):
         assert main(["sample", "someone/tiny", "--steps", "3", "--seed", "7", "--num-images", "4", "--device", "cpu",
-                     "--out", str(tmp_path / "hub.png")]) == 0
+                     "--precision", "float32", "--out", str(tmp_path / "hub.png")]) == 0
     assert sample(model_dir, tmp_path / "local.png", "--num-images", "4") == 0
     np.testing.assert_array_equal(np.asarray(PIL.Image.open(tmp_path / "hub.png")),
                                   np.asarray(PIL.Image.open(tmp_path / "local.png")))
@@ -136,6 +160,7 @@ def test_sample_takes_a_hub_model_id(model_dir, tmp_path, monkeypatch):
         (["--steps", "5000", "--scheduler", "ddpm"], "--steps 5000 is more than the model's 1000 training timesteps"),
         (["--out-dir", "{file}"], "is a file; give a folder"),
         (["--gif", "{tmp}/anim.txt"], "has no image extension"),
+        (["--out-array", "{tmp}/samples.png"], "give a file name ending in .npy"),
     ],
 )
 def test_sample_checks_its_input_before_sampling(model_dir, tmp_path, capsys, extra, message):

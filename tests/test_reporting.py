@@ -9,8 +9,8 @@ import pytest
 from accelerate import Accelerator
 from tiny_training import train_tiny
 
+from punkdiff.precision import cpu_has_native_bf16
 from punkdiff.training.reporting import precision_used
-from punkdiff.training.speed import cpu_has_native_bf16
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import numpy as np
+import PIL.Image
 import pytest
+import torch
 from tiny_models import digit_pipeline, punk_pipeline, tiny_pipeline
 
 from punkdiff.pipelines.punkdiff_pipeline import SamplingConfig
+from punkdiff.precision import cpu_has_native_bf16
 from punkdiff.presets import DDIM_ETA, RECOMMENDED_SAMPLING
-from punkdiff.sampling import generate, recommended_sampling
+from punkdiff.sampling import (
+    generate,
+    prepare_for_sampling,
+    recommended_sampling,
+    sampling_precision,
+    to_uint8,
+    write_array,
+    write_pngs,
+)
 
 
 def _sample(pipe, count: int, batch_size: int, **kwargs) -> np.ndarray:
@@ -60,3 +71,52 @@ def test_the_model_recommendation_fills_what_a_call_leaves_out():
     np.testing.assert_array_equal(default, run(sampler="ddim-trailing", num_inference_steps=3, eta=0.0))
     assert np.abs(default - run(eta=1.0)).max() > 1e-2  # an explicit argument wins
     assert np.abs(default - run(num_inference_steps=2)).max() > 1e-2
+
+
+def test_bf16_autocast_where_the_cpu_has_it_and_its_images_agree_with_float32():
+    pipe = tiny_pipeline(channels=1)
+    computed_in, why = sampling_precision(pipe, "auto")
+    fp32 = _sample(pipe, 4, 4, precision="float32")
+    for asked in ("auto", "bfloat16"):
+        images = _sample(pipe, 4, 4, precision=asked)
+        assert images.dtype == np.float32  # the sampler's arithmetic and the output stay float32
+        difference = np.abs(images - fp32)
+        if cpu_has_native_bf16():
+            assert computed_in == "bfloat16" and "has native bf16" in why
+            assert 0 < difference.mean() < 0.005 and difference.max() < 0.1  # bf16 really ran, and agrees
+        else:  # emulated bf16 is slower than float32: the same check training uses keeps float32
+            assert computed_in == "float32" and "no native bf16" in why
+            np.testing.assert_array_equal(images, fp32)
+    assert sampling_precision(pipe, "float32") == ("float32", "asked for")
+    with pytest.raises(ValueError, match="precision must be one of auto, float32, bfloat16, got 'fp8'"):
+        _sample(pipe, 1, 1, precision="fp8")
+
+
+def test_weights_loaded_in_half_precision_compute_in_it_whatever_is_asked():
+    pipe = tiny_pipeline(channels=1).to(dtype=torch.bfloat16)
+    assert sampling_precision(pipe, "auto") == ("bfloat16", "the weights are bfloat16")
+    assert sampling_precision(pipe, "float32") == ("bfloat16", "the weights are bfloat16")
+
+
+def test_channels_last_and_compile_keep_the_images_and_the_saved_weights(tmp_path):
+    pipe = tiny_pipeline(channels=1)
+    expected = _sample(pipe, 3, 3)
+    keys = set(pipe.unet.state_dict())
+    prepare_for_sampling(pipe, channels_last=True, compile=True)
+    assert type(pipe.unet).__name__ == "UNet2DModel" and set(pipe.unet.state_dict()) == keys
+    assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_allclose(_sample(pipe, 3, 2), expected, atol=1e-4)  # compiled, with a smaller last batch
+    pipe.save_pretrained(tmp_path / "saved")  # still saves as a pipeline
+    assert (tmp_path / "saved" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_images_go_to_pngs_and_one_array_alike(tmp_path):
+    images = _sample(tiny_pipeline(channels=3), 3, 3)
+    array = to_uint8(images)
+    assert array.shape == (3, 3, 8, 8) and array.dtype == np.uint8
+    folder = write_pngs([PIL.Image.fromarray(a.transpose(1, 2, 0)) for a in array], tmp_path / "pngs", workers=2)
+    assert sorted(p.name for p in folder.iterdir()) == ["0000.png", "0001.png", "0002.png"]
+    np.testing.assert_array_equal(np.asarray(PIL.Image.open(folder / "0002.png")).transpose(2, 0, 1), array[2])
+    saved = write_array(array, tmp_path / "deep" / "samples.npy")
+    np.testing.assert_array_equal(np.load(saved, allow_pickle=False), array)
+    assert [p.name for p in saved.parent.iterdir()] == ["samples.npy"]  # written atomically: no temporary left

@@ -23,11 +23,11 @@ from safetensors.torch import load_file
 from tiny_models import tiny_unet
 from tiny_training import TINY, max_diff, reset_accelerate_state, tiny_args
 
+from punkdiff.precision import cpu_has_native_bf16
 from punkdiff.scripts.train import main as train_main
 from punkdiff.training.arguments import build_train_parser, resolve_training_config
 from punkdiff.training.checkpoints import find_checkpoint, list_checkpoints
 from punkdiff.training.loss import diffusion_loss
-from punkdiff.training.speed import cpu_has_native_bf16
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")

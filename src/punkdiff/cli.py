@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from punkdiff.interrupts import exit_on_interrupt, process_start_time, written_since
+from punkdiff.precision import SAMPLING_PRECISIONS  # light, like presets
 from punkdiff.presets import DDIM_ETA, MAX_SAMPLING_SEED  # light: no torch, so the parser builds fast
 
 
@@ -330,39 +331,62 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     _add_sampler_arguments(p, "default: the recommendation's with its sampler; else every training step for ddpm, "
                            "50 otherwise")
     p.add_argument("--num-images", type=_positive_int, default=16)
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (bounds memory)")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="images per forward pass (bounds memory; default: punkdiff.sampling.SAMPLE_BATCH_SIZE, 64)")
     p.add_argument("--out", default="grid.png", help="grid image path")
     p.add_argument("--out-dir", default=None, help="also write each image here as NNNN.png")
+    p.add_argument("--out-array", default=None, metavar="PATH.npy",
+                   help="also write all images as one uint8 [N, C, H, W] .npy (what `punkdiff eval --samples` scores)")
     p.add_argument("--gif", default=None, help="also write the denoising animation (x_t | predicted x_0) here")
+    speed = p.add_argument_group("speed")
+    speed.add_argument("--precision", choices=SAMPLING_PRECISIONS, default="auto",
+                       help="auto: bf16 autocast on a CPU with native bf16 (AVX-512 BF16 or AMX), float32 elsewhere; "
+                            "the command prints which it used")
+    speed.add_argument("--channels-last", action="store_true", help="store the UNet channels-last (NHWC)")
+    speed.add_argument("--compile", action="store_true",
+                       help="torch.compile the UNet: a slow first batch, then faster ones (for thousands of images)")
     _add_condition_arguments(p)
     p.set_defaults(func=_run_sample)
 
 
 def _run_sample(args: argparse.Namespace) -> int:
-    from punkdiff.sampling import generate
+    from punkdiff.sampling import (
+        SAMPLE_BATCH_SIZE,
+        generate,
+        prepare_for_sampling,
+        sampling_precision,
+        to_uint8,
+        write_array,
+        write_pngs,
+    )
     from punkdiff.visuals import denoising_gif
 
     out = _image_path(args.out, "--out")
     gif = _image_path(args.gif, "--gif") if args.gif else None
     if args.out_dir and Path(args.out_dir).is_file():
         raise UsageError(f"--out-dir {args.out_dir} is a file; give a folder (created if missing)")
+    if args.out_array and (Path(args.out_array).suffix != ".npy" or Path(args.out_array).is_dir()):
+        raise UsageError(f"--out-array {args.out_array}: give a file name ending in .npy, e.g. samples.npy")
     pipe = _load_model(args)
     condition = _condition(args, pipe, args.num_images)
     if gif and condition:
         raise UsageError("--gif animates the model without a condition; leave it out, or the condition flags")
-    images = generate(pipe, args.num_images, seed=args.seed, batch_size=args.batch_size, sampler=args.scheduler,
-                      num_inference_steps=args.steps, eta=args.eta, **condition)
+    prepare_for_sampling(pipe, channels_last=args.channels_last, compile=args.compile)
+    computed_in, why = sampling_precision(pipe, args.precision)
+    print(f"precision: {computed_in} ({why})")
+    arrays = generate(pipe, args.num_images, seed=args.seed, batch_size=args.batch_size or SAMPLE_BATCH_SIZE,
+                      sampler=args.scheduler, num_inference_steps=args.steps, eta=args.eta, output_type="np",
+                      precision=args.precision, **condition)
+    images = pipe.numpy_to_pil(arrays)
     rows = max(r for r in range(1, math.isqrt(args.num_images) + 1) if args.num_images % r == 0)
     if args.label:  # one row per label
         rows = len(args.label)
     _save_grid(images, out, cols=args.num_images // rows)
     print(f"grid: {out.resolve()}")
     if args.out_dir:
-        out_dir = Path(args.out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for i, image in enumerate(images):
-            image.save(out_dir / f"{i:04d}.png")
-        print(f"{len(images)} images: {out_dir.resolve()}")
+        print(f"{len(images)} images: {write_pngs(images, args.out_dir).resolve()}")
+    if args.out_array:
+        print(f"{len(images)} images as uint8 [N, C, H, W]: {write_array(to_uint8(arrays), args.out_array).resolve()}")
     if gif:
         count = min(args.num_images, 16)
         denoising_gif(pipe, gif, num_images=count, seed=args.seed, num_inference_steps=args.steps, eta=args.eta,

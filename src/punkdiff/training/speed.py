@@ -18,12 +18,8 @@ from collections.abc import Iterable
 
 import torch
 
+from punkdiff.precision import cpu_has_native_bf16
 from punkdiff.presets import TrainSpec
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX tiles), which oneDNN's bf16 kernels need."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def precision_for(requested: str, device: torch.device) -> tuple[str, str | None]:
