@@ -1,7 +1,9 @@
 """What to set on a CPU: training images/s of the presets under the settings a user chooses.
 
 For each preset (default `mnist-16` and `punks-24-cpu`), `training/train.py` itself is launched as a user would
-(`accelerate launch --cpu --num_processes P --num_cpu_threads_per_process T`), once per setting:
+(`accelerate launch --cpu --num_cpu_threads_per_process T` for one process; `--multi_gpu --num_processes P`, which
+is one gloo job on a machine without a GPU, for several: `--cpu --num_processes 2` would run one process), once per
+setting:
 
 - `1x2`: 1 process x 2 threads, the preset's batch, float32 (the reference row);
 - `2x1`: 2 processes x 1 thread (gloo all-reduce), half the batch each, so the global batch is the same;
@@ -76,13 +78,18 @@ def run_setting(preset: str, setting: str, args: argparse.Namespace, workdir: Pa
              "--report-to", "none", "--mixed-precision", "no", "--checkpoint-every", str(10**9),
              "--sample-every", str(10**9), "--set", "train.num_sample_images=1",
              "--set", "train.sample_inference_steps=1", *extra]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
+    launch = ["--cpu"] if processes == 1 else ["--multi_gpu", "--main_process_port", "0"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--num_cpu_threads_per_process", str(threads), str(HERE), "--worker", str(marks), "--", *flags]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if done.returncode != 0 or not marks.is_file():
         raise SystemExit(f"{preset} {setting}: training failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    times = json.loads(marks.read_text())["marks"]
+    worker_said = json.loads(marks.read_text())
+    if worker_said["world_size"] != processes:
+        raise SystemExit(f"{preset} {setting}: asked for {processes} processes, the launch ran "
+                         f"{worker_said['world_size']}")
+    times = worker_said["marks"]
     first, last = times[args.warmup_steps - 1], times[-1]
     timed_steps = len(times) - args.warmup_steps
     global_batch = batch * processes
@@ -102,7 +109,8 @@ def worker(marks: Path, flags: list[str]) -> int:
         code = train_main(flags)
     if int(os.environ.get("RANK", "0")) == 0:
         marks.write_text(json.dumps({"marks": [wall for wall, _ in clock.marks], "code": code,
-                                     "torch_threads": torch.get_num_threads()}))
+                                     "torch_threads": torch.get_num_threads(),
+                                     "world_size": int(os.environ.get("WORLD_SIZE", "1"))}))
     return code
 
 

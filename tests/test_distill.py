@@ -123,9 +123,6 @@ def test_distill_runs_the_teachers_data_pipeline_from_its_summary(mnist_dir, cac
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="train.py's accelerator.end_training() destroys the process group after a "
-                   "stage, and distill.py's next barrier (_recommend_steps) then raises 'Default process group has "
-                   "not been initialized'")
 def test_two_cpu_processes_distil_one_student_with_the_ema_in_sync(teacher, cache_dir, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` without a GPU: one gloo job whose stages keep one EMA."""
     out = tmp_path / "ddp"

@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         teacher_config = dict(DDPMScheduler.from_pretrained(teacher / "scheduler").config)
         loss = DistillationLoss(copy.deepcopy(student), teacher_config, student_steps=steps)  # a frozen copy
         print(f"distilling {2 * steps} -> {steps} steps into {stage_dir}", file=sys.stderr)
-        code = train_stage(stage_args, loss_fn=loss, start_from=student)
+        code = train_stage(stage_args, loss_fn=loss, start_from=student, keep_process_group=True)
         if code != 0:
             return code
         teacher = _recommend_steps(stage_dir / "pipeline", steps)
@@ -93,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         _export_student(teacher.parent, output_dir, args, stages)
         print(f"done: a {args.steps}-step student in {output_dir / 'pipeline'}", file=sys.stderr)
     state.wait_for_everyone()
+    state.destroy_process_group()  # the stages kept it
     return 0
 
 

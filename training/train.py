@@ -34,7 +34,7 @@ from punkdiff.training.checkpoints import require_finite_weights, resume_hint, s
 from punkdiff.training.conditioning import batch_inputs
 from punkdiff.training.ema import ema_weights_in_sync
 from punkdiff.training.export import export_run, push_export
-from punkdiff.training.launch import make_accelerator, warn_about_device
+from punkdiff.training.launch import end_run, make_accelerator, warn_about_device
 from punkdiff.training.loss import LossFn, diffusion_loss
 from punkdiff.training.monitor import QualityMonitor
 from punkdiff.training.optimization import build_trainables
@@ -53,8 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return exit_on_interrupt(lambda: run(args), "train", lambda: resume_hint(args.output_dir))  # Ctrl-C: 130
 
 
-def run(args: argparse.Namespace, loss_fn: LossFn | None = None, start_from: UNet2DModel | None = None) -> int:
-    """Train as `args` says (0 done, 1 failed, 2 bad input); `distill.py` gives each stage its loss and start UNet."""
+def run(args: argparse.Namespace, loss_fn: LossFn | None = None, start_from: UNet2DModel | None = None,
+        keep_process_group: bool = False) -> int:
+    """Train as `args` says (0 done, 1 failed, 2 bad input); `distill.py` runs each stage through it."""
     # ---- 1. configuration: every bad flag, preset or resume mismatch fails here, before any data -------------
     try:
         preset = resolve_training_config(args)
@@ -187,8 +188,7 @@ def run(args: argparse.Namespace, loss_fn: LossFn | None = None, start_from: UNe
 
     # ---- 6. export: EMA weights by default, the last grid, the loss curve, a summary, the Hub -----------------
     if exit_code == 0 and accelerator.is_main_process:
-        if last_grid is None:  # resumed from the final checkpoint (killed during the grid or export): export only
-            last_grid = grids(progress.global_step)
+        last_grid = grids(progress.global_step) if last_grid is None else last_grid  # None: resumed at the end
         export_run(output_dir, preset, parts.unet, ema, parts.noise_scheduler, progress.history,
                    progress.global_step, last_grid, data.palette,
                    monitor.card_metrics() if monitor is not None else None, parts.condition)
@@ -201,7 +201,7 @@ def run(args: argparse.Namespace, loss_fn: LossFn | None = None, start_from: UNe
         accelerator.print(f"done: pipeline in {output_dir / 'pipeline'}, samples in {output_dir / 'samples.png'}")
         if args.push_to_hub:
             exit_code = push_export(accelerator, output_dir, hub_model_id(args), args.private or None)
-    accelerator.end_training()
+    end_run(accelerator, keep_process_group)
     return exit_code
 
 

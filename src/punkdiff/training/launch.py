@@ -50,3 +50,13 @@ def warn_about_device(accelerator: Accelerator, train_spec: TrainSpec, precision
         accelerator.print(f"warning: --mixed-precision {train_spec.mixed_precision} is not available on "
                           f"{accelerator.device.type}: training in {used} (float32)")
     return used
+
+
+def end_run(accelerator: Accelerator, keep_process_group: bool = False) -> None:
+    """Close the trackers and, unless more runs follow in this launch (the stages of `distill.py`), the process
+    group: Accelerate's `end_training` destroys it, and a later stage's first collective would then fail."""
+    if keep_process_group:
+        for tracker in accelerator.trackers:
+            tracker.finish()
+    else:
+        accelerator.end_training()
