@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from benchlib import RESULTS, LoadWatch, add_load_arguments, bench_preset, log, machine, rotated
+from benchlib import RESULTS, LoadWatch, add_load_arguments, bench_preset, cpu_report, log, rotated, summary
 
 from punkdiff.pipelines import PunkDiffPipeline
 from punkdiff.precision import cpu_has_native_bf16
@@ -161,13 +160,10 @@ def main(argv: list[str] | None = None) -> int:
             "model": case.name, "role": case.role, "sampling": f"{case.sampler}-{case.steps}, eta {case.eta:g}",
             "setting": setting, "computed_in": computed_in, "batch": batch, "num_images": args.num_images,
             "trained_weights": case.name in args.models,
-            "images_per_s": {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "runs": rates},
+            "images_per_s": summary(rates),
         })
-    info = {**machine(torch.device("cpu")), **watch.record(), "native_bf16": cpu_has_native_bf16()}
-    refused = watch.refusal(own_threads=torch.get_num_threads())
-    report = {"benchmark": "sampling images/s per inference setting, teacher DDIM-50 vs 4-step student",
-              "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "machine": info,
-              "wall_s": time.perf_counter() - wall, "figures_refused": refused, "results": results}
+    report, refused = cpu_report("sampling images/s per inference setting, teacher DDIM-50 vs 4-step student", args,
+                                 watch, wall, results, own_threads=torch.get_num_threads())
     note = (f"\n{args.num_images} images per point after a warm-up batch, {args.repeats} repeat(s); preset UNets are "
             f"untrained (speed does not depend on the weights); load {watch.start:.2f} -> peak "
             f"{max(watch.samples, default=0):.2f}; wall {report['wall_s']:.0f} s; JSON: {args.out}")

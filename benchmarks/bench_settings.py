@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,10 +40,11 @@ from benchlib import (
     LoadWatch,
     add_load_arguments,
     bench_preset,
+    cpu_report,
     log,
-    machine,
     mirror,
     rotated,
+    summary,
 )
 
 from punkdiff.precision import cpu_has_native_bf16
@@ -167,13 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     for (preset, setting), rs in runs.items():
         rates = [r["images_per_s"] for r in rs]
         results.append({"preset": preset, "setting": setting, **{k: v for k, v in rs[0].items() if k != "images_per_s"},
-                        "images_per_s": {"median": statistics.median(rates), "min": min(rates), "max": max(rates),
-                                         "runs": rates}})
-    info = {**machine(torch.device("cpu")), **watch.record(), "native_bf16": cpu_has_native_bf16()}
-    refused = watch.refusal(own_threads=2)
-    report = {"benchmark": "training images/s per setting (processes x threads, batch, precision, memory format)",
-              "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "machine": info,
-              "wall_s": time.perf_counter() - wall, "figures_refused": refused, "results": results}
+                        "images_per_s": summary(rates)})
+    report, refused = cpu_report("training images/s per setting (processes x threads, batch, precision, memory format)",
+                                 args, watch, wall, results, own_threads=2)
     note = (f"\n{args.warmup_steps} warm-up + {args.steps} timed steps per run, {args.repeats} repeat(s); load "
             f"{watch.start:.2f} -> peak {max(watch.samples, default=0):.2f}; wall {report['wall_s']:.0f} s; JSON: "
             f"{args.out}")

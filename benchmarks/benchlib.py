@@ -216,6 +216,19 @@ def summary(values: list[float]) -> dict[str, Any]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
 
 
+def cpu_report(benchmark: str, args: argparse.Namespace, watch: Any, started: float, results: list[dict[str, Any]],
+               own_threads: int) -> tuple[dict[str, Any], str | None]:
+    """A CPU benchmark's JSON (what it measured, its options, the machine and load, its results) and why its figures
+    are refused, if they are (the load rose during the run)."""
+    from punkdiff.precision import cpu_has_native_bf16
+
+    info = {**machine(torch.device("cpu")), **watch.record(), "native_bf16": cpu_has_native_bf16()}
+    refused = watch.refusal(own_threads=own_threads)
+    return {"benchmark": benchmark, "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "machine": info, "wall_s": time.perf_counter() - started, "figures_refused": refused,
+            "results": results}, refused
+
+
 def require(condition: bool, message: str) -> None:
     """An assertion that `python -O` keeps."""
     if not condition:
