@@ -455,9 +455,15 @@ def _problems(preset: Preset) -> list[str]:
 # has loaded. Resolution 4096 and 100,000 timesteps are far beyond any published pixel-space DDPM.
 def _conditioned(preset: Preset, name: str, what: str, columns: tuple[str, ...], balance: str) -> Preset:
     """`preset`, told `columns` of its data: the same model, schedule and budget (the UNet's class embedding and
-    the attribute encoder are sized from the data's vocabulary when the run starts)."""
+    the attribute encoder are sized from the data's vocabulary when the run starts).
+
+    Its samplers do not clip x_0: diffusers' DDIM clips the predicted x_0 but keeps the predicted noise, and under
+    guidance's extrapolation (w > 1) that mismatch sends the trajectory off the data: digits of other classes at
+    w = 3, clean ones of the asked class without the clip (docs/conditional.md, "Guidance").
+    """
     return dataclasses.replace(
         preset, name=name, description=f"{preset.name}, conditioned on {what} (classifier-free guidance)",
+        scheduler=dataclasses.replace(preset.scheduler, clip_sample=False),
         data=dataclasses.replace(preset.data, condition_on=columns),
         train=dataclasses.replace(preset.train, balance_conditions=balance),
     )
