@@ -52,6 +52,8 @@ def test_each_stage_halves_the_steps_and_the_student_is_a_normal_export(student,
         assert summary["steps"] == 2 and summary["config"]["scheduler"]["prediction_type"] == "v_prediction"
         assert summary["config"]["data"]["max_samples"] == 64  # the teacher's own data pipeline
     validate_model_folder(student / "pipeline")
+    run = json.loads((student / "training_summary.json").read_text())  # what eval reads for the preprocessing
+    assert run["config"]["data"]["max_samples"] == 64 and run["distillation"]["stages"] == [8, 4, 2]
     config = json.loads((student / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
     assert (config["timestep_spacing"], config["prediction_type"], config["clip_sample"]) == (
         "trailing", "v_prediction", False)

@@ -178,6 +178,11 @@ def _export_student(last_stage: Path, output_dir: Path, args: argparse.Namespace
     ))
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
+    # beside the export, as after training: evaluation, the app and a further distillation read its preprocessing
+    stage_times = [json.loads((output_dir / f"stage-{n}" / "training_summary.json").read_text())["wall_time_s"]
+                   for n in stages]
+    write_json(output_dir / "training_summary.json", {**summary, "distillation": {
+        "teacher": str(args.teacher), "stages": [args.teacher_steps, *stages], "wall_time_s": sum(stage_times)}})
 
 
 if __name__ == "__main__":
