@@ -104,7 +104,22 @@ def test_bad_requests_are_refused_before_any_work(teacher, cache_dir, tmp_path, 
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "prediction_type": "sample"}))
     assert distill(x0_teacher, cache_dir, tmp_path / "c", "--preset", "mnist-baseline-16") == 2
     assert "needs an epsilon- or v-prediction teacher" in capsys.readouterr().err
+    assert distill(teacher, cache_dir, tmp_path / "d", "--teacher-steps", "9", "--steps", "3", "--stage-factor", "3",
+                   "--teacher-solver", "dpm-solver-2") == 2
+    assert "dpm-solver-2 with an even factor" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "c" / "stage-4").exists()
+    assert not (tmp_path / "d" / "stage-3").exists()
+
+
+def test_one_stage_of_factor_4_with_a_second_order_teacher_walk(teacher, cache_dir, tmp_path):
+    """--stage-factor 4 --teacher-solver dpm-solver-2m: 8 -> 2 in one stage, recorded in the run's summary."""
+    out = tmp_path / "quarter"
+    assert distill(teacher, cache_dir, out, "--stage-factor", "4", "--teacher-solver", "dpm-solver-2m") == 0
+    assert sorted(p.name for p in out.glob("stage-*")) == ["stage-2"]
+    run = json.loads((out / "training_summary.json").read_text())
+    assert run["distillation"]["stages"] == [8, 2] and run["distillation"]["teacher_solver"] == "dpm-solver-2m"
+    assert "8 -> 2" in (out / "pipeline" / "README.md").read_text()
+    assert max_diff(exported_weights(out), exported_weights(teacher.parent)) > 0
 
 
 def test_a_finished_student_is_not_overwritten(student, teacher, cache_dir, capsys):

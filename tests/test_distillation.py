@@ -48,11 +48,36 @@ def test_a_student_predicting_the_target_samples_the_teachers_images_in_half_the
         def oracle_student(z, t):
             i = grid.index(int(t))
             b = torch.full((z.shape[0],), 1, dtype=torch.long)
-            return student_v_target(predict, z, b * grid[i], b * grid[i + 1], b * grid[i + 2], alphas_cumprod)
+            return student_v_target(predict, z, [b * grid[i], b * grid[i + 1], b * grid[i + 2]], alphas_cumprod)
 
         by_student = sample(teacher_steps // 2, "v_prediction", oracle_student, False)
     assert by_teacher.abs().max() > 0.1  # a real image, not zeros
     torch.testing.assert_close(by_student, by_teacher, atol=2e-4, rtol=1e-4)
+
+
+def test_with_factor_4_the_loss_targets_the_teachers_four_steps_and_an_oracle_student_samples_them_in_one():
+    """DistillationLoss(factor=4): the student's loss is zero exactly when it predicts the 4-teacher-step target."""
+    from punkdiff.training.distillation import DistillationLoss
+
+    torch.manual_seed(0)
+    teacher = tiny_unet(1, 8, seed=1).eval()
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+                          clip_sample=False)
+    loss_fn = DistillationLoss(teacher, dict(sched.config), student_steps=2, factor=4)
+    assert loss_fn.path.tolist() == [[999, 499], [874, 374], [749, 249], [624, 124], [499, -1]]
+    predict = x0_predictor(teacher, sched.alphas_cumprod, "v_prediction")
+    x0, noise = torch.rand(2, 1, 8, 8) * 2 - 1, torch.randn(2, 1, 8, 8)
+    timesteps = torch.tensor([100, 700])  # student steps 0 (t = 999) and 1 (t = 499)
+
+    class Oracle(torch.nn.Module):  # the exact target, whatever z_t it is given
+        def forward(self, z, t):
+            path = [loss_fn.path[j, (t == 499).long()] for j in range(5)]
+            return type("Out", (), {"sample": student_v_target(predict, z, path, sched.alphas_cumprod)})()
+
+    with torch.no_grad():
+        assert loss_fn(Oracle(), sched, x0, noise, timesteps).item() < 1e-10
+        assert loss_fn(lambda z, t: type("Out", (), {"sample": torch.zeros_like(z)})(), sched, x0, noise,
+                       timesteps).item() > 1e-3
 
 
 def test_the_trailing_grid_is_diffusers_own_where_the_step_count_divides_the_training_steps():
@@ -74,7 +99,34 @@ def test_halving_stages_and_the_step_counts_halving_cannot_reach():
     assert halving_stages(8, 1) == [4, 2, 1]
     with pytest.raises(DistillationError, match="not reachable by halving.*choose one of 32, 16, 8, 4, 2, 1"):
         halving_stages(64, 3)
+    assert halving_stages(64, 4, factor=4) == [16, 4]
+    with pytest.raises(DistillationError, match="not reachable by dividing by 4.*choose one of 16, 4, 1"):
+        halving_stages(64, 8, factor=4)
     with pytest.raises(DistillationError, match="below the teacher's 8"):
         halving_stages(8, 8)
     with pytest.raises(DistillationError, match="needs an epsilon- or v-prediction teacher"):
         x0_predictor(tiny_unet(1, 8), DDPMScheduler().alphas_cumprod, "sample")
+
+
+@pytest.mark.parametrize("solver", ["dpm-solver-2", "dpm-solver-2m"])
+def test_second_order_teacher_walks_land_closer_to_the_exact_path_than_ddim_on_the_same_evaluations(solver):
+    """teacher_walk from t = 600 to 200 in 4 network evaluations: the second-order walks' error against a 256-step
+    DDIM walk (the ODE solved finely) is well below DDIM's own at 4 steps."""
+    from punkdiff.training.distillation import teacher_walk
+
+    torch.manual_seed(0)
+    teacher = tiny_unet(1, 8, seed=1).eval()
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    predict = x0_predictor(teacher, sched.alphas_cumprod, "v_prediction")
+    z = torch.randn(4, 1, 8, 8)
+
+    def walk(steps: int, how: str) -> torch.Tensor:
+        grid = [round(600 - 400 * k / steps) for k in range(steps + 1)]  # 600 -> 200
+        return teacher_walk(predict, z, [torch.full((4,), t) for t in grid], sched.alphas_cumprod, how)
+
+    exact = walk(256, "ddim")
+    ddim_error = (walk(4, "ddim") - exact).abs().max()
+    assert ddim_error > 1e-3  # a path DDIM does not solve exactly in 4 steps
+    assert (walk(4, solver) - exact).abs().max() < ddim_error / 3
+    with pytest.raises(DistillationError, match="even number"):
+        walk(3, "dpm-solver-2")

@@ -56,8 +56,9 @@ def run(args: argparse.Namespace) -> int:
         teacher = model_folder(args.teacher)
         validate_model_folder(teacher)
         teacher_config = dict(DDPMScheduler.from_pretrained(teacher / "scheduler").config)
-        stages = halving_stages(args.teacher_steps, args.steps)
+        stages = halving_stages(args.teacher_steps, args.steps, args.stage_factor)
         DistillationLoss.check_teacher(teacher_config)
+        DistillationLoss.check_solver(args.teacher_solver, args.stage_factor)
         if (teacher / CONDITION_FILE).is_file() or args.condition_on:
             raise DistillationError("distilling a conditional model is not supported: its students would need the "
                                     "condition and guidance in every teacher step; distil an unconditional model")
@@ -80,8 +81,9 @@ def run(args: argparse.Namespace) -> int:
         stage_args = _stage_args(args, base_preset, stage_dir, steps, len(stages))
         student = UNet2DModel.from_pretrained(teacher / "unet", use_safetensors=True)
         teacher_config = dict(DDPMScheduler.from_pretrained(teacher / "scheduler").config)
-        loss = DistillationLoss(copy.deepcopy(student), teacher_config, student_steps=steps)  # a frozen copy
-        print(f"distilling {2 * steps} -> {steps} steps into {stage_dir}", file=sys.stderr)
+        loss = DistillationLoss(copy.deepcopy(student), teacher_config, steps, args.stage_factor,  # a frozen copy
+                                args.teacher_solver)
+        print(f"distilling {args.stage_factor * steps} -> {steps} steps into {stage_dir}", file=sys.stderr)
         code = train_stage(stage_args, loss_fn=loss, start_from=student, keep_process_group=True)
         if code != 0:
             return code
@@ -182,7 +184,8 @@ def _export_student(last_stage: Path, output_dir: Path, args: argparse.Namespace
     stage_times = [json.loads((output_dir / f"stage-{n}" / "training_summary.json").read_text())["wall_time_s"]
                    for n in stages]
     write_json(output_dir / "training_summary.json", {**summary, "distillation": {
-        "teacher": str(args.teacher), "stages": [args.teacher_steps, *stages], "wall_time_s": sum(stage_times)}})
+        "teacher": str(args.teacher), "stages": [args.teacher_steps, *stages], "teacher_solver": args.teacher_solver,
+        "wall_time_s": sum(stage_times)}})
 
 
 if __name__ == "__main__":

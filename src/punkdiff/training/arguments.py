@@ -99,6 +99,12 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=4, help="sampling steps of the final student (default 4)")
     p.add_argument("--teacher-steps", type=int, default=64,
                    help="DDIM steps of the teacher the first student learns from; halved at each stage (default 64)")
+    p.add_argument("--stage-factor", type=int, default=2,
+                   help="teacher steps per student step in each stage: 2 halves the steps stage by stage "
+                        "(progressive distillation), 4 quarters them in half as many stages (default 2)")
+    p.add_argument("--teacher-solver", choices=("ddim", "dpm-solver-2", "dpm-solver-2m"), default="ddim",
+                   help="how the teacher walks its steps within one student step: DDIM (progressive distillation) "
+                        "or a second-order DPM-Solver++ on the same network evaluations (default ddim)")
     add_train_arguments(p)
     p.set_defaults(output_dir="outputs/distill")
 

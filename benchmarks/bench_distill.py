@@ -1,0 +1,115 @@
+"""Distillation time against its teacher's training time: seconds per optimizer step of each, measured side by side.
+
+For a teacher folder, runs (each a fresh `punkdiff` process, the same thread count, interleaved per repeat):
+
+- the teacher's training: its own preset, dataset and precision (the run's `training_summary.json`), `--measure-steps`
+  optimizer steps;
+- one distillation stage as `punkdiff distill` plans it (`--steps`, `--teacher-steps`, `--stage-factor`,
+  `--teacher-solver`), `--measure-steps` optimizer steps of its first stage (every stage costs the same per step).
+
+Seconds per step are each run's own `wall_time_s / steps` (its loop, from the first step to the last; data loading
+and export are outside it). The full times are projected from them: the teacher's recorded step count, and the
+distillation's stages times `--stage-steps` (default: the teacher's steps shared out over the stages, as `punkdiff
+distill` does without `--max-steps`). As the other benchmarks do, it waits for a quiet machine and refuses the
+ratio (exit 3) when the load rose.
+
+    .venv/bin/python benchmarks/bench_distill.py outputs/mnist16/pipeline --steps 4 --teacher-steps 16 \\
+        --stage-factor 4 --teacher-solver dpm-solver-2m --stage-steps 4000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchlib import RESULTS, LoadWatch, add_load_arguments, cpu_report, log, summary
+
+from punkdiff.training.distillation import halving_stages
+
+
+def seconds_per_step(command: list[str], threads: int) -> float:
+    """Run one `punkdiff` training or distillation in a fresh process; its loop's seconds per optimizer step."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        subprocess.run([*command, "--output-dir", tmp, "--report-to", "none"], check=True, env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        summaries = sorted(Path(tmp).glob("**/training_summary.json"))
+        run = json.loads(summaries[0].read_text())  # the first (only) stage's, or the training's
+        return run["wall_time_s"] / run["steps"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    teacher_run = json.loads((args.teacher.parent / "training_summary.json").read_text())
+    config = teacher_run["config"]
+    stages = halving_stages(args.teacher_steps, args.steps, args.stage_factor)
+    stage_steps = args.stage_steps or max(1, teacher_run["steps"] // len(stages))
+    punkdiff = [sys.executable, "-m", "punkdiff.cli"]
+    commands = {
+        "teacher training": [*punkdiff, "train", "--preset", config["name"],
+                             "--dataset", str(config["data"]["dataset"]),
+                             "--mixed-precision", config["train"]["mixed_precision"],
+                             "--max-steps", str(args.measure_steps)],
+        "distillation stage": [*punkdiff, "distill", str(args.teacher), "--steps", str(stages[0]),
+                               "--teacher-steps", str(args.teacher_steps), "--stage-factor", str(args.stage_factor),
+                               "--teacher-solver", args.teacher_solver, "--max-steps", str(args.measure_steps)],
+    }
+    watch = LoadWatch(args.max_load, args.wait_s, log, checked=not args.skip_load_wait).wait()
+    wall = time.perf_counter()
+    runs: dict[str, list[float]] = {name: [] for name in commands}
+    for repeat in range(args.repeats):
+        for name, command in (commands.items() if repeat % 2 == 0 else reversed(commands.items())):
+            runs[name].append(seconds_per_step(command, args.threads))
+            log(f"  repeat {repeat + 1}/{args.repeats} {name}: {runs[name][-1] * 1000:.1f} ms/step, "
+                f"load {watch.sample():.2f}")
+    teacher_s = summary(runs["teacher training"])["median"] * teacher_run["steps"]
+    distill_s = summary(runs["distillation stage"])["median"] * stage_steps * len(stages)
+    results = [
+        {"run": "teacher training", "preset": config["name"], "precision": config["train"]["mixed_precision"],
+         "steps": teacher_run["steps"], "seconds_per_step": summary(runs["teacher training"]),
+         "projected_s": teacher_s},
+        {"run": "distillation", "stages": [args.teacher_steps, *stages], "teacher_solver": args.teacher_solver,
+         "steps": stage_steps * len(stages), "seconds_per_step": summary(runs["distillation stage"]),
+         "projected_s": distill_s, "vs_teacher": distill_s / teacher_s},
+    ]
+    report, refused = cpu_report("distillation time against its teacher's training time", args, watch, wall, results,
+                                 own_threads=args.threads)
+    header = f"{'run':<20} {'plan':<34} {'steps':>6} {'ms/step':>8} {'projected s':>12} {'vs teacher':>10}"
+    rows = [header, "-" * len(header)]
+    for r in results:
+        plan = (f"{r['preset']}, {r['precision']}" if r["run"] == "teacher training" else
+                f"{' -> '.join(map(str, r['stages']))}, {r['teacher_solver']}")
+        ratio = f"{r['vs_teacher']:.2f}" if "vs_teacher" in r else "1.00"
+        rows.append(f"{r['run']:<20} {plan:<34} {r['steps']:>6} {r['seconds_per_step']['median'] * 1000:>8.1f} "
+                    f"{r['projected_s']:>12.0f} {ratio:>10}")
+    note = (f"\n{args.measure_steps} steps per run, {args.repeats} repeat(s), {args.threads} thread(s); load "
+            f"{watch.start:.2f} -> peak {max(watch.samples, default=0):.2f}; JSON: {args.out}")
+    return watch.report(args.out, report, "\n".join(rows), note, refused, "the ratio")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("teacher", type=Path, help="the teacher's exported pipeline folder (its run's "
+                   "training_summary.json beside it)")
+    p.add_argument("--steps", type=int, default=4, help="the student's steps")
+    p.add_argument("--teacher-steps", type=int, default=64)
+    p.add_argument("--stage-factor", type=int, default=2)
+    p.add_argument("--teacher-solver", default="ddim")
+    p.add_argument("--stage-steps", type=int, default=0, help="optimizer steps per stage of the full distillation "
+                   "(0: the teacher's steps shared out over the stages)")
+    p.add_argument("--measure-steps", type=int, default=300, help="timed optimizer steps per run")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved repeats (medians reported)")
+    p.add_argument("--threads", type=int, default=2, help="threads per run (OMP_NUM_THREADS)")
+    add_load_arguments(p, "the ratio")
+    p.add_argument("--out", type=Path, default=RESULTS / "distill-cpu.json")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
