@@ -13,8 +13,7 @@ distillation's stages times `--stage-steps` (default: the teacher's steps shared
 distill` does without `--max-steps`). As the other benchmarks do, it waits for a quiet machine and refuses the
 ratio (exit 3) when the load rose.
 
-    .venv/bin/python benchmarks/bench_distill.py outputs/mnist16/pipeline --steps 4 --teacher-steps 16 \\
-        --stage-factor 4 --teacher-solver dpm-solver-2m --stage-steps 4000
+    .venv/bin/python benchmarks/bench_distill.py outputs/mnist16/pipeline --steps 4   # punkdiff distill's defaults
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from pathlib import Path
 
 from benchlib import RESULTS, LoadWatch, add_load_arguments, cpu_report, log, summary
 
-from punkdiff.training.distillation import halving_stages
+from punkdiff.training.distillation import distillation_stages
 
 
 def seconds_per_step(command: list[str], threads: int) -> float:
@@ -48,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     teacher_run = json.loads((args.teacher.parent / "training_summary.json").read_text())
     config = teacher_run["config"]
-    stages = halving_stages(args.teacher_steps, args.steps, args.stage_factor)
+    stages = distillation_stages(args.teacher_steps, args.steps, args.stage_factor)
     stage_steps = args.stage_steps or max(1, teacher_run["steps"] // len(stages))
     punkdiff = [sys.executable, "-m", "punkdiff.cli"]
     commands = {
@@ -98,9 +97,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("teacher", type=Path, help="the teacher's exported pipeline folder (its run's "
                    "training_summary.json beside it)")
     p.add_argument("--steps", type=int, default=4, help="the student's steps")
-    p.add_argument("--teacher-steps", type=int, default=64)
-    p.add_argument("--stage-factor", type=int, default=2)
-    p.add_argument("--teacher-solver", default="ddim")
+    p.add_argument("--teacher-steps", type=int, default=16)
+    p.add_argument("--stage-factor", type=int, default=0, help="0: one stage (punkdiff distill's default)")
+    p.add_argument("--teacher-solver", default="dpm-solver-2m")
     p.add_argument("--stage-steps", type=int, default=0, help="optimizer steps per stage of the full distillation "
                    "(0: the teacher's steps shared out over the stages)")
     p.add_argument("--measure-steps", type=int, default=300, help="timed optimizer steps per run")

@@ -24,7 +24,8 @@ def distill(teacher: Path, cache_dir: Path, out: Path, *extra: str) -> int:
     """A tiny distillation (8 -> 4 -> 2 steps, 2 optimizer steps a stage) in this process."""
     reset_accelerate_state()
     try:
-        return distill_main([str(teacher), "--teacher-steps", "8", "--steps", "2", "--max-steps", "2",
+        return distill_main([str(teacher), "--teacher-steps", "8", "--steps", "2", "--stage-factor", "2",
+                             "--teacher-solver", "ddim", "--max-steps", "2",
                              "--checkpoint-every", "1", "--report-to", "none", "--cache-dir", str(cache_dir),
                              "--output-dir", str(out), *extra])
     finally:
@@ -111,10 +112,10 @@ def test_bad_requests_are_refused_before_any_work(teacher, cache_dir, tmp_path, 
     assert not (tmp_path / "d" / "stage-3").exists()
 
 
-def test_one_stage_of_factor_4_with_a_second_order_teacher_walk(teacher, cache_dir, tmp_path):
-    """--stage-factor 4 --teacher-solver dpm-solver-2m: 8 -> 2 in one stage, recorded in the run's summary."""
-    out = tmp_path / "quarter"
-    assert distill(teacher, cache_dir, out, "--stage-factor", "4", "--teacher-solver", "dpm-solver-2m") == 0
+def test_by_default_one_stage_with_a_second_order_teacher_walk(teacher, cache_dir, tmp_path):
+    """The defaults (--stage-factor 0, --teacher-solver dpm-solver-2m): 8 -> 2 in one stage, in the run's summary."""
+    out = tmp_path / "one-stage"
+    assert distill(teacher, cache_dir, out, "--stage-factor", "0", "--teacher-solver", "dpm-solver-2m") == 0
     assert sorted(p.name for p in out.glob("stage-*")) == ["stage-2"]
     run = json.loads((out / "training_summary.json").read_text())
     assert run["distillation"]["stages"] == [8, 2] and run["distillation"]["teacher_solver"] == "dpm-solver-2m"

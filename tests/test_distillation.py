@@ -10,7 +10,7 @@ from tiny_models import tiny_unet
 from punkdiff.pipelines.punkdiff_pipeline import ExactDDIMScheduler
 from punkdiff.training.distillation import (
     DistillationError,
-    halving_stages,
+    distillation_stages,
     student_v_target,
     trailing_timesteps,
     x0_predictor,
@@ -94,16 +94,19 @@ def test_student_grids_nest_in_the_teachers():
         assert teacher[::2] == student
 
 
-def test_halving_stages_and_the_step_counts_halving_cannot_reach():
-    assert halving_stages(64, 4) == [32, 16, 8, 4]
-    assert halving_stages(8, 1) == [4, 2, 1]
+def test_stages_and_the_step_counts_they_cannot_reach():
+    assert distillation_stages(64, 4, factor=2) == [32, 16, 8, 4]
+    assert distillation_stages(8, 1, factor=2) == [4, 2, 1]
+    assert distillation_stages(16, 4) == [4]  # one stage by default
+    with pytest.raises(DistillationError, match="does not divide the teacher's 16 steps: choose one of 8, 4, 2, 1"):
+        distillation_stages(16, 3)
     with pytest.raises(DistillationError, match="not reachable by halving.*choose one of 32, 16, 8, 4, 2, 1"):
-        halving_stages(64, 3)
-    assert halving_stages(64, 4, factor=4) == [16, 4]
+        distillation_stages(64, 3, factor=2)
+    assert distillation_stages(64, 4, factor=4) == [16, 4]
     with pytest.raises(DistillationError, match="not reachable by dividing by 4.*choose one of 16, 4, 1"):
-        halving_stages(64, 8, factor=4)
+        distillation_stages(64, 8, factor=4)
     with pytest.raises(DistillationError, match="below the teacher's 8"):
-        halving_stages(8, 8)
+        distillation_stages(8, 8)
     with pytest.raises(DistillationError, match="needs an epsilon- or v-prediction teacher"):
         x0_predictor(tiny_unet(1, 8), DDPMScheduler().alphas_cumprod, "sample")
 

@@ -3,18 +3,22 @@
     accelerate launch training/distill.py outputs/mnist16/pipeline --steps 4 --dataset ../shared/datasets/mnist
     punkdiff distill outputs/mnist16/pipeline --steps 4          (same parser, same stages, one process)
 
-Progressive distillation (Salimans & Ho 2022): at each stage a student learns to take one deterministic DDIM step
-where its teacher takes two (64 -> 32 -> 16 -> 8 -> 4 with the defaults), in v-prediction, on the teacher's own data
-pipeline. A stage is a run of `train.py`'s loop (EMA, checkpoints, exact resume, progress bar, TensorBoard) with
-the distillation loss, in `OUTPUT_DIR/stage-<n>/`; its EMA export teaches the next stage. The last stage's export is
-copied to `OUTPUT_DIR/pipeline/`: a normal export whose scheduler config says "trailing" spacing (so a stock
-`DDIMPipeline` samples it with `num_inference_steps=n`, no guesswork) and whose card names the teacher.
+Distillation in the manner of progressive distillation (Salimans & Ho 2022): a student learns to take one
+deterministic DDIM step where its teacher takes several, in v-prediction, on the teacher's own data pipeline. By
+default one stage, 16 -> 4, the teacher walking each student step in 4 DPM-Solver++ 2M steps (measured best on CPU
+budgets, docs/few-step.md); `--stage-factor 2 --teacher-solver ddim --teacher-steps 64` is the paper's halving,
+64 -> 32 -> 16 -> 8 -> 4, each stage's EMA export teaching the next. A stage is a run of `train.py`'s loop (EMA,
+checkpoints, exact resume, progress bar, TensorBoard) with the distillation loss, in `OUTPUT_DIR/stage-<n>/`. The
+last stage's export is copied to `OUTPUT_DIR/pipeline/`: a normal export whose scheduler config says "trailing"
+spacing (so a stock `DDIMPipeline` samples it with `num_inference_steps=n`, no guesswork) and whose card names the
+teacher.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import shutil
 import sys
@@ -33,7 +37,7 @@ from punkdiff.presets import PRESETS, PresetError
 from punkdiff.scripts.train import run as train_stage
 from punkdiff.training.arguments import add_distill_arguments, resolve_training_config
 from punkdiff.training.checkpoints import resume_hint
-from punkdiff.training.distillation import DistillationError, DistillationLoss, halving_stages
+from punkdiff.training.distillation import DistillationError, DistillationLoss, distillation_stages
 
 
 def build_distill_parser(prog: str = "distill.py") -> argparse.ArgumentParser:
@@ -56,9 +60,10 @@ def run(args: argparse.Namespace) -> int:
         teacher = model_folder(args.teacher)
         validate_model_folder(teacher)
         teacher_config = dict(DDPMScheduler.from_pretrained(teacher / "scheduler").config)
-        stages = halving_stages(args.teacher_steps, args.steps, args.stage_factor)
+        stages = distillation_stages(args.teacher_steps, args.steps, args.stage_factor)
         DistillationLoss.check_teacher(teacher_config)
-        DistillationLoss.check_solver(args.teacher_solver, args.stage_factor)
+        for teacher_steps, steps in itertools.pairwise([args.teacher_steps, *stages]):
+            DistillationLoss.check_solver(args.teacher_solver, teacher_steps // steps)
         if (teacher / CONDITION_FILE).is_file() or args.condition_on:
             raise DistillationError("distilling a conditional model is not supported: its students would need the "
                                     "condition and guidance in every teacher step; distil an unconditional model")
@@ -73,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     # ---- 2. the stages: each student starts from its teacher's weights and learns its two steps in one ------------
-    for steps in stages:
+    for teacher_steps, steps in itertools.pairwise([args.teacher_steps, *stages]):
         stage_dir = output_dir / f"stage-{steps}"
         if _finished(stage_dir) and not args.overwrite_output_dir:  # done before an interruption: its export teaches
             teacher = _recommend_steps(stage_dir / "pipeline", steps)
@@ -81,9 +86,9 @@ def run(args: argparse.Namespace) -> int:
         stage_args = _stage_args(args, base_preset, stage_dir, steps, len(stages))
         student = UNet2DModel.from_pretrained(teacher / "unet", use_safetensors=True)
         teacher_config = dict(DDPMScheduler.from_pretrained(teacher / "scheduler").config)
-        loss = DistillationLoss(copy.deepcopy(student), teacher_config, steps, args.stage_factor,  # a frozen copy
-                                args.teacher_solver)
-        print(f"distilling {args.stage_factor * steps} -> {steps} steps into {stage_dir}", file=sys.stderr)
+        loss = DistillationLoss(copy.deepcopy(student), teacher_config, steps, teacher_steps // steps,
+                                args.teacher_solver)  # the teacher: a frozen copy
+        print(f"distilling {teacher_steps} -> {steps} steps into {stage_dir}", file=sys.stderr)
         code = train_stage(stage_args, loss_fn=loss, start_from=student, keep_process_group=True)
         if code != 0:
             return code

@@ -97,14 +97,15 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
     """The distillation flags: the teacher, the step counts, and every training flag (`--max-steps` per stage)."""
     p.add_argument("teacher", metavar="MODEL", help="the teacher: an exported pipeline folder or Hub model id")
     p.add_argument("--steps", type=int, default=4, help="sampling steps of the final student (default 4)")
-    p.add_argument("--teacher-steps", type=int, default=64,
-                   help="DDIM steps of the teacher the first student learns from; halved at each stage (default 64)")
-    p.add_argument("--stage-factor", type=int, default=2,
-                   help="teacher steps per student step in each stage: 2 halves the steps stage by stage "
-                        "(progressive distillation), 4 quarters them in half as many stages (default 2)")
-    p.add_argument("--teacher-solver", choices=("ddim", "dpm-solver-2", "dpm-solver-2m"), default="ddim",
-                   help="how the teacher walks its steps within one student step: DDIM (progressive distillation) "
-                        "or a second-order DPM-Solver++ on the same network evaluations (default ddim)")
+    p.add_argument("--teacher-steps", type=int, default=16,
+                   help="sampling steps of the teacher the first student learns from (default 16)")
+    p.add_argument("--stage-factor", type=int, default=0,
+                   help="teacher steps per student step in each stage: 0 distils in one stage (teacher steps / "
+                        "--steps; the default), 2 halves the steps stage by stage (progressive distillation, e.g. "
+                        "--teacher-steps 64: 64 -> 32 -> 16 -> 8 -> 4)")
+    p.add_argument("--teacher-solver", choices=("ddim", "dpm-solver-2", "dpm-solver-2m"), default="dpm-solver-2m",
+                   help="how the teacher walks its steps within one student step: second-order DPM-Solver++ 2M "
+                        "(default), 2S, or DDIM (progressive distillation's); the same network evaluations")
     add_train_arguments(p)
     p.set_defaults(output_dir="outputs/distill")
 

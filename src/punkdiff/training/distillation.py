@@ -46,23 +46,31 @@ def trailing_timesteps(num_train_timesteps: int, num_steps: int) -> list[int]:
     return [round(Fraction(T * k, n)) - 1 for k in range(n, 0, -1)]
 
 
-def halving_stages(teacher_steps: int, student_steps: int, factor: int = 2) -> list[int]:
-    """The step counts the students go through, teacher_steps / factor down to student_steps, each 1 / factor of the
-    last (factor 2: progressive distillation's halving).
+def distillation_stages(teacher_steps: int, student_steps: int, factor: int = 0) -> list[int]:
+    """The step counts the students go through, each 1 / factor of the last, down to student_steps: factor 2 is
+    progressive distillation's halving (64 -> 32 -> 16 -> 8 -> 4), factor 0 one stage (teacher_steps -> student_steps).
 
     Examples:
         ```py
-        >>> halving_stages(64, 4)
+        >>> distillation_stages(64, 4, factor=2)
         [32, 16, 8, 4]
-        >>> halving_stages(16, 4, factor=4)
+        >>> distillation_stages(16, 4)
         [4]
         ```
     """
-    if factor < 2:
-        raise DistillationError(f"--stage-factor {factor} must be at least 2 (teacher steps per student step)")
     if student_steps < 1 or teacher_steps <= student_steps:
         raise DistillationError(
             f"--steps {student_steps} must be at least 1 and below the teacher's {teacher_steps} sampling steps")
+    if factor == 0:
+        if teacher_steps % student_steps:
+            raise DistillationError(
+                f"--steps {student_steps} does not divide the teacher's {teacher_steps} steps: choose one of "
+                f"{', '.join(str(n) for n in range(teacher_steps - 1, 0, -1) if teacher_steps % n == 0)}, or "
+                "another --teacher-steps")
+        return [student_steps]
+    if factor < 2:
+        raise DistillationError(f"--stage-factor {factor} must be 0 (one stage) or at least 2 (teacher steps per "
+                                "student step)")
     reachable, n = [], teacher_steps
     while n % factor == 0:
         n //= factor
@@ -99,7 +107,7 @@ def x0_predictor(
     """
     if prediction_type not in ("epsilon", "v_prediction"):
         raise DistillationError(
-            f"the teacher predicts {prediction_type!r}: progressive distillation needs an epsilon- or "
+            f"the teacher predicts {prediction_type!r}: distillation needs an epsilon- or "
             "v-prediction teacher")
 
     def predict(z_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,10 +242,10 @@ class DistillationLoss:
 
     @staticmethod
     def check_teacher(teacher_config: dict) -> None:
-        """Refuse a teacher progressive distillation cannot use, before any work (the DDIM step needs x_0 and eps)."""
+        """Refuse a teacher distillation cannot use, before any work (the DDIM step needs x_0 and eps)."""
         if teacher_config.get("prediction_type") not in ("epsilon", "v_prediction"):
             raise DistillationError(
-                f"the teacher predicts {teacher_config.get('prediction_type')!r}: progressive distillation needs an "
+                f"the teacher predicts {teacher_config.get('prediction_type')!r}: distillation needs an "
                 "epsilon- or v-prediction teacher")
         if teacher_config.get("thresholding"):
             raise DistillationError("the teacher's scheduler uses dynamic thresholding, which the student's DDIM "
