@@ -119,6 +119,7 @@ def test_by_default_one_stage_with_a_second_order_teacher_walk(teacher, cache_di
     assert sorted(p.name for p in out.glob("stage-*")) == ["stage-2"]
     run = json.loads((out / "training_summary.json").read_text())
     assert run["distillation"]["stages"] == [8, 2] and run["distillation"]["teacher_solver"] == "dpm-solver-2m"
+    assert run["config"]["train"]["learning_rate"] == 3e-4  # distillation's own default, not the teacher's 1e-3
     assert "8 -> 2" in (out / "pipeline" / "README.md").read_text()
     assert max_diff(exported_weights(out), exported_weights(teacher.parent)) > 0
 
