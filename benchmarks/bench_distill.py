@@ -2,8 +2,8 @@
 
 For a teacher folder, runs (each a fresh `punkdiff` process, the same thread count, interleaved per repeat):
 
-- the teacher's training: its own preset, dataset and precision (the run's `training_summary.json`), `--measure-steps`
-  optimizer steps;
+- the teacher's training: its own configuration (model, data, precision: the run's `training_summary.json`),
+  `--measure-steps` optimizer steps;
 - one distillation stage as `punkdiff distill` plans it (`--steps`, `--teacher-steps`, `--stage-factor`,
   `--teacher-solver`), `--measure-steps` optimizer steps of its first stage (every stage costs the same per step).
 
@@ -32,11 +32,12 @@ from benchlib import RESULTS, LoadWatch, add_load_arguments, cpu_report, log, su
 from punkdiff.training.distillation import distillation_stages
 
 
-def seconds_per_step(command: list[str], threads: int) -> float:
+def seconds_per_step(command: list[str], threads: int, cache_dir: str | None) -> float:
     """Run one `punkdiff` training or distillation in a fresh process; its loop's seconds per optimizer step."""
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-        subprocess.run([*command, "--output-dir", tmp, "--report-to", "none"], check=True, env=env,
+        cache = ["--cache-dir", cache_dir] if cache_dir else []
+        subprocess.run([*command, *cache, "--output-dir", tmp, "--report-to", "none"], check=True, env=env,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         summaries = sorted(Path(tmp).glob("**/training_summary.json"))
         run = json.loads(summaries[0].read_text())  # the first (only) stage's, or the training's
@@ -50,10 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     stages = distillation_stages(args.teacher_steps, args.steps, args.stage_factor)
     stage_steps = args.stage_steps or max(1, teacher_run["steps"] // len(stages))
     punkdiff = [sys.executable, "-m", "punkdiff.cli"]
+    # the teacher's own configuration (model, data, precision), as `punkdiff distill` reads it for its stages
+    teacher_config = args.out.with_name(args.out.stem + "-teacher-config.json")
+    teacher_config.parent.mkdir(parents=True, exist_ok=True)
+    teacher_config.write_text(json.dumps(
+        {"preset": config["name"], **{k: v for k, v in config.items() if k not in ("name", "description")}}))
     commands = {
-        "teacher training": [*punkdiff, "train", "--preset", config["name"],
-                             "--dataset", str(config["data"]["dataset"]),
-                             "--mixed-precision", config["train"]["mixed_precision"],
+        "teacher training": [*punkdiff, "train", "--config", str(teacher_config),
                              "--max-steps", str(args.measure_steps)],
         "distillation stage": [*punkdiff, "distill", str(args.teacher), "--steps", str(stages[0]),
                                "--teacher-steps", str(args.teacher_steps), "--stage-factor", str(args.stage_factor),
@@ -64,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[float]] = {name: [] for name in commands}
     for repeat in range(args.repeats):
         for name, command in (commands.items() if repeat % 2 == 0 else reversed(commands.items())):
-            runs[name].append(seconds_per_step(command, args.threads))
+            runs[name].append(seconds_per_step(command, args.threads, args.cache_dir))
             log(f"  repeat {repeat + 1}/{args.repeats} {name}: {runs[name][-1] * 1000:.1f} ms/step, "
                 f"load {watch.sample():.2f}")
     teacher_s = summary(runs["teacher training"])["median"] * teacher_run["steps"]
@@ -106,6 +110,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats (medians reported)")
     p.add_argument("--threads", type=int, default=2, help="threads per run (OMP_NUM_THREADS)")
     add_load_arguments(p, "the ratio")
+    p.add_argument("--cache-dir", default=None, help="decoded-image cache (default ~/.cache/punkdiff)")
     p.add_argument("--out", type=Path, default=RESULTS / "distill-cpu.json")
     return p.parse_args(argv)
 
