@@ -137,15 +137,17 @@ def _stage_args(args: argparse.Namespace, base_preset: str | None, stage_dir: Pa
                 num_stages: int) -> argparse.Namespace:
     """The training run of one stage: the teacher's data and model, a v-prediction student sampled by trailing
     DDIM without clipping (its x target at high noise is not an image), previews at the stage's step count, and
-    without `--max-steps` the teacher's optimizer steps shared out over the stages."""
+    without `--max-steps` three quarters of the teacher's optimizer steps shared out over the stages: a step with
+    the teacher's 4-step walk costs about 2.5 training steps (benchmarks/bench_distill.py), so a distillation stays
+    within twice its teacher's training time."""
     stage = copy.copy(args)
     stage.output_dir = str(stage_dir)
     stage.config = args.config or base_preset
     stage.set = [*args.set, "scheduler.prediction_type=v_prediction", "scheduler.clip_sample=false",
                  "scheduler.timestep_spacing=trailing", f"train.sample_inference_steps={steps}", "train.sample_eta=0"]
     stage.prediction_type = None
-    if args.max_steps is None and args.epochs is None:  # the teacher's steps, shared out over the stages
-        stage.max_steps = max(1, resolve_training_config(stage).train.max_steps // num_stages)
+    if args.max_steps is None and args.epochs is None:  # 3/4 of the teacher's steps, shared out over the stages
+        stage.max_steps = max(1, resolve_training_config(stage).train.max_steps * 3 // (4 * num_stages))
     stage.resume_from_checkpoint = "latest" if args.resume_from_checkpoint and (stage_dir / "checkpoints").is_dir() \
         else None
     stage.init_from, stage.push_to_hub = None, False
