@@ -138,14 +138,14 @@ def dpm_solver_2s_step(teacher: Predictor, z_s: torch.Tensor, s: torch.Tensor, s
     x0_s, _ = teacher(z_s, s)
     z_mid = data_step(x0_s, z_s, s, s_mid, alphas_cumprod)
     x0_mid, _ = teacher(z_mid, s_mid)
-    lam_s, lam_mid, lam_t = (_log_snr_half(alphas_cumprod, u) for u in (s, s_mid, t))
+    lam_s, lam_mid, lam_t = (_lambda(alphas_cumprod, u) for u in (s, s_mid, t))
     final = t.view(-1, 1, 1, 1) < 0
     r = torch.where(final, 0.5, (lam_mid - lam_s) / torch.where(final, 1.0, lam_t - lam_s))
     x0 = torch.where(final, x0_mid, (1 - 0.5 / r) * x0_s + (0.5 / r) * x0_mid)
     return data_step(x0, z_s, s, t, alphas_cumprod)
 
 
-def _log_snr_half(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def _lambda(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """lambda_t = log(alpha_t / sigma_t), shaped to broadcast; finite placeholder 0 for the clean image (t = -1)."""
     alpha, sigma = _alpha_sigma(alphas_cumprod, t)
     return torch.where(t.view(-1, 1, 1, 1) < 0, 0.0, (alpha / sigma.clamp(min=1e-12)).log())
@@ -157,8 +157,9 @@ TEACHER_SOLVERS = ("ddim", "dpm-solver-2", "dpm-solver-2m")
 @torch.no_grad()
 def teacher_walk(teacher: Predictor, z: torch.Tensor, path: Sequence[torch.Tensor], alphas_cumprod: torch.Tensor,
                  solver: str = "ddim") -> torch.Tensor:
-    """The teacher's deterministic walk along `path` (t, t', ..., t''): one DDIM step per interval, or with
-    "dpm-solver-2" one second-order step per two intervals (the same network evaluations, a far smaller error)."""
+    """The teacher's deterministic walk along `path` (t, t', ..., t''): "ddim", one DDIM step per interval;
+    "dpm-solver-2m", one DPM-Solver++ 2M step per interval; "dpm-solver-2", one 2S step per two intervals. The
+    second-order walks take the same network evaluations as DDIM with a far smaller error."""
     if solver == "ddim":
         for t_from, t_to in itertools.pairwise(path):
             z = ddim_step(*teacher(z, t_from), t_to, alphas_cumprod)
@@ -167,7 +168,7 @@ def teacher_walk(teacher: Predictor, z: torch.Tensor, path: Sequence[torch.Tenso
         x0_prev, lam_prev = None, None
         for t_from, t_to in itertools.pairwise(path):
             x0, _ = teacher(z, t_from)
-            lam_s, lam_t = _log_snr_half(alphas_cumprod, t_from), _log_snr_half(alphas_cumprod, t_to)
+            lam_s, lam_t = _lambda(alphas_cumprod, t_from), _lambda(alphas_cumprod, t_to)
             x0_used = x0
             if x0_prev is not None:  # the last step, onto the clean image (lambda = inf), stays first order
                 final = t_to.view(-1, 1, 1, 1) < 0
