@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    # ---- 2. the stages: each student starts from its teacher's weights and learns its two steps in one ------------
+    # ---- 2. the stages: each student starts from its teacher's weights and learns its teacher's steps in one -----
     for teacher_steps, steps in itertools.pairwise([args.teacher_steps, *stages]):
         stage_dir = output_dir / f"stage-{steps}"
         if _finished(stage_dir) and not args.overwrite_output_dir:  # done before an interruption: its export teaches
