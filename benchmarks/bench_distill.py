@@ -9,7 +9,7 @@ For a teacher folder, runs (each a fresh `punkdiff` process, the same thread cou
 
 Seconds per step are each run's own `wall_time_s / steps` (its loop, from the first step to the last; data loading
 and export are outside it). The full times are projected from them: the teacher's recorded step count, and the
-distillation's stages times `--stage-steps` (default: 3/4 of the teacher's steps shared out over the stages, as
+distillation's stages times `--stage-steps` (default: 9/10 of the teacher's steps shared out over the stages, as
 `punkdiff distill` does without `--max-steps`). As the other benchmarks do, it waits for a quiet machine and refuses the
 ratio (exit 3) when the load rose.
 
@@ -29,7 +29,7 @@ from pathlib import Path
 
 from benchlib import RESULTS, LoadWatch, add_load_arguments, cpu_report, log, summary
 
-from punkdiff.training.distillation import distillation_stages
+from punkdiff.training.distillation import default_stage_steps, distillation_stages
 
 
 def seconds_per_step(command: list[str], threads: int, cache_dir: str | None) -> float:
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher_run = json.loads((args.teacher.parent / "training_summary.json").read_text())
     config = teacher_run["config"]
     stages = distillation_stages(args.teacher_steps, args.steps, args.stage_factor)
-    stage_steps = args.stage_steps or max(1, teacher_run["steps"] * 3 // (4 * len(stages)))
+    stage_steps = args.stage_steps or default_stage_steps(teacher_run["steps"], len(stages))
     punkdiff = [sys.executable, "-m", "punkdiff.cli"]
     # the teacher's own configuration (model, data, precision), as `punkdiff distill` reads it for its stages
     teacher_config = args.out.with_name(args.out.stem + "-teacher-config.json")
@@ -105,7 +105,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stage-factor", type=int, default=0, help="0: one stage (punkdiff distill's default)")
     p.add_argument("--teacher-solver", default="dpm-solver-2m")
     p.add_argument("--stage-steps", type=int, default=0, help="optimizer steps per stage of the full distillation "
-                   "(0: 3/4 of the teacher's steps shared out over the stages, punkdiff distill's default)")
+                   "(0: 9/10 of the teacher's steps shared out over the stages, punkdiff distill's default)")
     p.add_argument("--measure-steps", type=int, default=300, help="timed optimizer steps per run")
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats (medians reported)")
     p.add_argument("--threads", type=int, default=2, help="threads per run (OMP_NUM_THREADS)")

@@ -124,8 +124,8 @@ def test_by_default_one_stage_with_a_second_order_teacher_walk(teacher, cache_di
     assert max_diff(exported_weights(out), exported_weights(teacher.parent)) > 0
 
 
-def test_without_max_steps_a_student_gets_three_quarters_of_its_teachers_steps(mnist_dir, cache_dir, tmp_path):
-    """The default budget: a distillation step costs about 2.5 training steps, so 3/4 of the teacher's steps keep
+def test_without_max_steps_a_student_gets_nine_tenths_of_its_teachers_steps(mnist_dir, cache_dir, tmp_path):
+    """The default budget: a distillation step costs about 1.95 training steps, so 9/10 of the teacher's steps keep
     the distillation within twice the teacher's training time."""
     assert train_tiny(mnist_dir, cache_dir, tmp_path / "t", "--max-steps", "8") == 0
     reset_accelerate_state()
@@ -135,7 +135,7 @@ def test_without_max_steps_a_student_gets_three_quarters_of_its_teachers_steps(m
                              "--output-dir", str(tmp_path / "s")]) == 0
     finally:
         reset_accelerate_state()
-    assert json.loads((tmp_path / "s" / "stage-2" / "training_summary.json").read_text())["steps"] == 6
+    assert json.loads((tmp_path / "s" / "stage-2" / "training_summary.json").read_text())["steps"] == 7
 
 
 def test_a_finished_student_is_not_overwritten(student, teacher, cache_dir, capsys):

@@ -80,6 +80,31 @@ def test_with_factor_4_the_loss_targets_the_teachers_four_steps_and_an_oracle_st
                        timesteps).item() > 1e-3
 
 
+@pytest.mark.parametrize(("mixed_precision", "dtype"), [("no", torch.float32), ("bf16", torch.bfloat16),
+                                                      ("fp16", torch.float32)])  # fp16: CUDA only, float32 on a CPU
+def test_the_teacher_walks_in_the_students_mixed_precision_and_its_target_stays_float32_close(mixed_precision, dtype):
+    """The teacher's forward passes run in the student's autocast; the bf16 target is within 1% of the float32 one."""
+    from punkdiff.training.distillation import DistillationLoss
+
+    torch.manual_seed(0)
+    teacher = tiny_unet(1, 8, seed=1).eval()
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    seen = []
+    teacher.conv_in.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    x0, noise, timesteps = torch.rand(4, 1, 8, 8) * 2 - 1, torch.randn(4, 1, 8, 8), torch.tensor([100, 300, 600, 900])
+    zero_student = lambda z, t: type("Out", (), {"sample": torch.zeros_like(z)})()  # noqa: E731 - loss = mean(v~^2)
+    with torch.no_grad():
+        exact = DistillationLoss(teacher, dict(sched.config), 4, 4, "dpm-solver-2m")(
+            zero_student, sched, x0, noise, timesteps)
+        seen.clear()
+        mixed = DistillationLoss(teacher, dict(sched.config), 4, 4, "dpm-solver-2m", mixed_precision)(
+            zero_student, sched, x0, noise, timesteps)
+    assert seen == [dtype] * 4  # the 4 teacher steps, each in the autocast dtype
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, exact, rtol=1e-2, atol=0)
+    assert (mixed != exact) == (dtype == torch.bfloat16)
+
+
 def test_the_trailing_grid_is_diffusers_own_where_the_step_count_divides_the_training_steps():
     """Stock DDIMScheduler with "trailing" spacing samples the student's steps exactly as the export records them."""
     for steps in (1, 2, 4, 8):

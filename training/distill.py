@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from accelerate import PartialState
 from diffusers import DDPMScheduler, UNet2DModel
 
@@ -37,7 +38,8 @@ from punkdiff.presets import PRESETS, PresetError
 from punkdiff.scripts.train import run as train_stage
 from punkdiff.training.arguments import add_distill_arguments, resolve_training_config
 from punkdiff.training.checkpoints import resume_hint
-from punkdiff.training.distillation import DistillationError, DistillationLoss, distillation_stages
+from punkdiff.training.distillation import DistillationError, DistillationLoss, default_stage_steps, distillation_stages
+from punkdiff.training.speed import precision_for
 
 
 def build_distill_parser(prog: str = "distill.py") -> argparse.ArgumentParser:
@@ -86,8 +88,10 @@ def run(args: argparse.Namespace) -> int:
         stage_args = _stage_args(args, base_preset, stage_dir, steps, len(stages))
         student = UNet2DModel.from_pretrained(teacher / "unet", use_safetensors=True)
         teacher_config = dict(DDPMScheduler.from_pretrained(teacher / "scheduler").config)
+        precision, _ = precision_for(resolve_training_config(stage_args).train.mixed_precision,
+                                     torch.device("cuda" if torch.cuda.is_available() else "cpu"))  # as the student
         loss = DistillationLoss(copy.deepcopy(student), teacher_config, steps, teacher_steps // steps,
-                                args.teacher_solver)  # the teacher: a frozen copy
+                                args.teacher_solver, precision)  # the teacher: a frozen copy
         print(f"distilling {teacher_steps} -> {steps} steps into {stage_dir}", file=sys.stderr)
         code = train_stage(stage_args, loss_fn=loss, start_from=student, keep_process_group=True)
         if code != 0:
@@ -137,17 +141,15 @@ def _stage_args(args: argparse.Namespace, base_preset: str | None, stage_dir: Pa
                 num_stages: int) -> argparse.Namespace:
     """The training run of one stage: the teacher's data and model, a v-prediction student sampled by trailing
     DDIM without clipping (its x target at high noise is not an image), previews at the stage's step count, and
-    without `--max-steps` three quarters of the teacher's optimizer steps shared out over the stages: a step with
-    the teacher's 4-step walk costs about 2.5 training steps (benchmarks/bench_distill.py), so a distillation stays
-    within twice its teacher's training time."""
+    without `--max-steps` `default_stage_steps` (within twice the teacher's training time)."""
     stage = copy.copy(args)
     stage.output_dir = str(stage_dir)
     stage.config = args.config or base_preset
     stage.set = [*args.set, "scheduler.prediction_type=v_prediction", "scheduler.clip_sample=false",
                  "scheduler.timestep_spacing=trailing", f"train.sample_inference_steps={steps}", "train.sample_eta=0"]
     stage.prediction_type = None
-    if args.max_steps is None and args.epochs is None:  # 3/4 of the teacher's steps, shared out over the stages
-        stage.max_steps = max(1, resolve_training_config(stage).train.max_steps * 3 // (4 * num_stages))
+    if args.max_steps is None and args.epochs is None:  # 9/10 of the teacher's steps, shared out over the stages
+        stage.max_steps = default_stage_steps(resolve_training_config(stage).train.max_steps, num_stages)
     stage.resume_from_checkpoint = "latest" if args.resume_from_checkpoint and (stage_dir / "checkpoints").is_dir() \
         else None
     stage.init_from, stage.push_to_hub = None, False

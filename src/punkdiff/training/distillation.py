@@ -83,6 +83,20 @@ def distillation_stages(teacher_steps: int, student_steps: int, factor: int = 0)
     return reachable[:reachable.index(student_steps) + 1]
 
 
+def default_stage_steps(teacher_training_steps: int, num_stages: int) -> int:
+    """Optimizer steps per stage without `--max-steps`: 9/10 of the teacher's, shared out over the stages. A step
+    with the teacher's 4-step walk in bf16 costs about 1.95 training steps (`benchmarks/bench_distill.py`), so a
+    distillation stays within twice its teacher's training time.
+
+    Examples:
+        ```py
+        >>> default_stage_steps(5200, 1)
+        4680
+        ```
+    """
+    return max(1, teacher_training_steps * 9 // (10 * num_stages))
+
+
 def _alpha_sigma(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """alpha_t, sigma_t per image, shaped to broadcast over [B, C, H, W]; t = -1 is the clean image (alpha 1)."""
     alpha_bar = torch.where(t >= 0, alphas_cumprod[t.clamp(min=0)], torch.ones_like(alphas_cumprod[0]))
@@ -214,7 +228,7 @@ class DistillationLoss:
     Called as the training loop calls its loss, `loss(model, noise_scheduler, x_0, eps, timesteps)`: the loop's
     uniform draw of t in [0, T) picks the student's timestep index i = floor(t n / T), so the draws (and exact
     resume) are the loop's own. `z_t` is noised at the student's t_i; the teacher (frozen) takes its `factor` DDIM
-    steps t_i -> t' -> ... -> t_{i+1} (two in progressive distillation).
+    steps t_i -> t' -> ... -> t_{i+1} (two in progressive distillation), in `mixed_precision` as the student trains.
 
     Examples:
         ```py
@@ -224,8 +238,11 @@ class DistillationLoss:
     """
 
     def __init__(self, teacher: torch.nn.Module, teacher_config: dict, student_steps: int, factor: int = 2,
-                 solver: str = "ddim") -> None:
+                 solver: str = "ddim", mixed_precision: str = "no") -> None:
         self.check_solver(solver, factor)
+        # the teacher's forward passes run in the student's autocast: bf16 targets differ from float32 ones by
+        # about 1/100 of a trained student's error (docs/few-step.md) and cost half the time on a CPU with AMX
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
         T, k, self.solver = teacher_config["num_train_timesteps"], factor, solver
         grid = trailing_timesteps(T, k * student_steps) + [-1]
         self.num_train_timesteps, self.student_steps = T, student_steps
@@ -264,6 +281,8 @@ class DistillationLoss:
         z_t = alpha * clean.float() + sigma * noise.float()
         clip = self.teacher_config.get("clip_sample_range", 1.0) if self.teacher_config.get("clip_sample") else None
         teacher = x0_predictor(self.teacher.to(device), alphas_cumprod, self.teacher_config["prediction_type"], clip)
-        target = student_v_target(teacher, z_t, path, alphas_cumprod, self.solver)
+        autocast = self.autocast_dtype is not None and (device.type == "cuda" or self.autocast_dtype == torch.bfloat16)
+        with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=autocast):  # fp16: CUDA only
+            target = student_v_target(teacher, z_t, path, alphas_cumprod, self.solver)
         prediction = model(z_t.to(clean.dtype), t).sample
         return F.mse_loss(prediction.float(), target)
