@@ -20,6 +20,7 @@ wait for a quiet machine.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import warnings
@@ -109,6 +110,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=None, help="decoded images and classifiers (default ~/.cache/punkdiff)")
     p.add_argument("--out", type=Path, default=RESULTS / "steps.json", help="JSON; the plot goes beside it (.png)")
+    p.add_argument("--resume", action="store_true", help="keep the points --out already holds from a run with the "
+                   "same models, reference, samples, seed and precision; measure only the others")
     return p.parse_args(argv)
 
 
@@ -124,16 +127,19 @@ def main(argv: list[str] | None = None) -> int:
     reference = load_reference(args.reference, transform, split=args.split, seed=args.seed,
                                max_images=args.max_reference, cache_dir=args.cache_dir, progress=False)
     wall = time.perf_counter()
+    kept = measured_points(args) if args.resume else {}
     points = []
     for sampler in args.samplers:
         for nfe in args.nfe:
-            points.append({"role": "teacher", **score_point(teacher, sampler, nfe, reference, args)})
+            points.append(kept.get(("teacher", sampler, nfe))
+                          or {"role": "teacher", **score_point(teacher, sampler, nfe, reference, args)})
             log(f"  teacher {sampler:<14} NFE {nfe:>3}: FD/floor {_ratio(points[-1])}")
     if student is not None:
         how = recommended_sampling(student)
         for nfe in args.nfe:
-            point = score_point(student, how.sampler, nfe, reference, args)
-            points.append({"role": "student", **point, "distilled": nfe == how.distilled_steps})
+            points.append(kept.get(("student", how.sampler, nfe)) or {
+                "role": "student", **score_point(student, how.sampler, nfe, reference, args),
+                "distilled": nfe == how.distilled_steps})
             log(f"  student {how.sampler:<14} NFE {nfe:>3}: FD/floor {_ratio(points[-1])}")
     png = plot(points, args.out.with_suffix(".png"),
                f"{args.teacher}{f' + student {args.student}' if student else ''}: {args.num_samples} samples/point")
@@ -146,6 +152,19 @@ def main(argv: list[str] | None = None) -> int:
     print(table(points))
     print(f"\nJSON: {args.out}\nplot: {png}")
     return 0
+
+
+def measured_points(args: argparse.Namespace) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """The points of an earlier run at `--out` whose models and sampling options are this run's, by (role,
+    sampler, NFE); a student's points only if it is the same student."""
+    if not args.out.is_file():
+        return {}
+    earlier = json.loads(args.out.read_text())
+    same = ("teacher", "reference", "preset", "split", "max_reference", "num_samples", "seed", "precision")
+    if any(earlier["options"].get(k) != (str(v) if isinstance(v := getattr(args, k), Path) else v) for k in same):
+        return {}
+    return {(p["role"], p["sampler"], p["nfe"]): p for p in earlier["results"]
+            if p["role"] == "teacher" or earlier["options"].get("student") == args.student}
 
 
 def _ratio(point: dict[str, Any]) -> str:

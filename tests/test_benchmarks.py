@@ -278,6 +278,19 @@ def test_bench_steps_scores_every_sampler_and_the_student_beside_the_floor(mnist
     assert plot.size[0] > 400 and len(set(plot.convert("L").getdata())) > 20  # a drawn figure, not a blank page
     assert "student  ddim-trailing     2" in done.stdout
 
+    # --resume keeps what --out holds for the same models and options, and measures only the points it lacks
+    again = subprocess_run([str(BENCHMARKS / "bench_steps.py"), str(teacher), "--student", str(student),
+                            "--reference", str(mnist_dir), "--preset", "mnist-16", "--max-reference", "300",
+                            "--samplers", "ddim", "--nfe", "1", "4", "--num-samples", "12", "--resume",
+                            "--cache-dir", str(metrics_cache), "--out", str(out)])
+    assert again.returncode == 0, again.stderr[-2000:]
+    resumed = {(p["role"], p["sampler"], p["nfe"]): p for p in json.loads(out.read_text())["results"]}
+    assert set(resumed) == {("teacher", "ddim", 1), ("teacher", "ddim", 4), ("student", "ddim-trailing", 1),
+                            ("student", "ddim-trailing", 4)}
+    assert resumed["teacher", "ddim", 1] == points["teacher", "ddim", 1]  # kept, not sampled again
+    assert resumed["student", "ddim-trailing", 1] == points["student", "ddim-trailing", 1]
+    assert resumed["teacher", "ddim", 4]["num_images"] == 12 and not resumed["student", "ddim-trailing", 4]["distilled"]
+
 
 def subprocess_run(args: list[str]):
     import subprocess
