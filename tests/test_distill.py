@@ -125,7 +125,7 @@ def test_by_default_one_stage_with_a_second_order_teacher_walk(teacher, cache_di
 
 
 def test_without_max_steps_a_student_gets_nine_tenths_of_its_teachers_steps(mnist_dir, cache_dir, tmp_path):
-    """The default budget: a distillation step costs about 1.95 training steps, so 9/10 of the teacher's steps keep
+    """The default budget: a distillation step costs about 2 training steps, so 9/10 of the teacher's steps keep
     the distillation within twice the teacher's training time."""
     assert train_tiny(mnist_dir, cache_dir, tmp_path / "t", "--max-steps", "8") == 0
     reset_accelerate_state()

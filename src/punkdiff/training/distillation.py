@@ -85,7 +85,7 @@ def distillation_stages(teacher_steps: int, student_steps: int, factor: int = 0)
 
 def default_stage_steps(teacher_training_steps: int, num_stages: int) -> int:
     """Optimizer steps per stage without `--max-steps`: 9/10 of the teacher's, shared out over the stages. A step
-    with the teacher's 4-step walk in bf16 costs about 1.95 training steps (`benchmarks/bench_distill.py`), so a
+    with the teacher's 4-step walk in bf16 costs 1.9 to 2.0 training steps (`benchmarks/bench_distill.py`), so a
     distillation stays within twice its teacher's training time.
 
     Examples:
