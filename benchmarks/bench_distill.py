@@ -9,7 +9,7 @@ For a teacher folder, runs (each a fresh `punkdiff` process, the same thread cou
 
 Seconds per step are each run's own `wall_time_s / steps` (its loop, from the first step to the last; data loading
 and export are outside it). The full times are projected from them: the teacher's recorded step count, and the
-distillation's stages times `--stage-steps` (default: 9/10 of the teacher's steps shared out over the stages, as
+distillation's stages times `--stage-steps` (default: 2/5 of the teacher's steps shared out over the stages, as
 `punkdiff distill` does without `--max-steps`). As the other benchmarks do, it waits for a quiet machine and refuses the
 ratio (exit 3) when the load rose.
 
@@ -101,11 +101,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("teacher", type=Path, help="the teacher's exported pipeline folder (its run's "
                    "training_summary.json beside it)")
     p.add_argument("--steps", type=int, default=4, help="the student's steps")
-    p.add_argument("--teacher-steps", type=int, default=16)
+    p.add_argument("--teacher-steps", type=int, default=32, help="as punkdiff distill's (default 32)")
     p.add_argument("--stage-factor", type=int, default=0, help="0: one stage (punkdiff distill's default)")
     p.add_argument("--teacher-solver", default="dpm-solver-2m")
     p.add_argument("--stage-steps", type=int, default=0, help="optimizer steps per stage of the full distillation "
-                   "(0: 9/10 of the teacher's steps shared out over the stages, punkdiff distill's default)")
+                   "(0: 2/5 of the teacher's steps shared out over the stages, punkdiff distill's default)")
     p.add_argument("--measure-steps", type=int, default=300, help="timed optimizer steps per run")
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats (medians reported)")
     p.add_argument("--threads", type=int, default=2, help="threads per run (OMP_NUM_THREADS)")

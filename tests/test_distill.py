@@ -124,18 +124,19 @@ def test_by_default_one_stage_with_a_second_order_teacher_walk(teacher, cache_di
     assert max_diff(exported_weights(out), exported_weights(teacher.parent)) > 0
 
 
-def test_without_max_steps_a_student_gets_nine_tenths_of_its_teachers_steps(mnist_dir, cache_dir, tmp_path):
-    """The default budget: a distillation step costs about 2 training steps, so 9/10 of the teacher's steps keep
-    the distillation within twice the teacher's training time."""
-    assert train_tiny(mnist_dir, cache_dir, tmp_path / "t", "--max-steps", "8") == 0
+def test_by_default_a_student_copies_the_teachers_32_step_path_for_two_fifths_of_its_steps(mnist_dir, cache_dir,
+                                                                                              tmp_path):
+    """The defaults: one stage 32 -> 4 (the teacher walking 8 steps per student step) for 2/5 of the teacher's
+    optimizer steps; such a step costs about 3 training steps, so about 1.2x the teacher's training time."""
+    assert train_tiny(mnist_dir, cache_dir, tmp_path / "t", "--max-steps", "10") == 0
     reset_accelerate_state()
     try:
-        assert distill_main([str(tmp_path / "t" / "pipeline"), "--teacher-steps", "4", "--steps", "2",
-                             "--report-to", "none", "--cache-dir", str(cache_dir),
+        assert distill_main([str(tmp_path / "t" / "pipeline"), "--report-to", "none", "--cache-dir", str(cache_dir),
                              "--output-dir", str(tmp_path / "s")]) == 0
     finally:
         reset_accelerate_state()
-    assert json.loads((tmp_path / "s" / "stage-2" / "training_summary.json").read_text())["steps"] == 7
+    assert json.loads((tmp_path / "s" / "stage-4" / "training_summary.json").read_text())["steps"] == 4
+    assert json.loads((tmp_path / "s" / "training_summary.json").read_text())["distillation"]["stages"] == [32, 4]
 
 
 def test_a_finished_student_is_not_overwritten(student, teacher, cache_dir, capsys):

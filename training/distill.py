@@ -5,7 +5,7 @@
 
 Distillation in the manner of progressive distillation (Salimans & Ho 2022): a student learns to take one
 deterministic DDIM step where its teacher takes several, in v-prediction, on the teacher's own data pipeline. By
-default one stage, 16 -> 4, the teacher walking each student step in 4 DPM-Solver++ 2M steps (measured best on CPU
+default one stage, 32 -> 4, the teacher walking each student step in 8 DPM-Solver++ 2M steps (measured best on CPU
 budgets, docs/few-step.md); `--stage-factor 2 --teacher-solver ddim --teacher-steps 64` is the paper's halving,
 64 -> 32 -> 16 -> 8 -> 4, each stage's EMA export teaching the next. A stage is a run of `train.py`'s loop (EMA,
 checkpoints, exact resume, progress bar, TensorBoard) with the distillation loss, in `OUTPUT_DIR/stage-<n>/`. The
@@ -148,7 +148,7 @@ def _stage_args(args: argparse.Namespace, base_preset: str | None, stage_dir: Pa
     stage.set = [*args.set, "scheduler.prediction_type=v_prediction", "scheduler.clip_sample=false",
                  "scheduler.timestep_spacing=trailing", f"train.sample_inference_steps={steps}", "train.sample_eta=0"]
     stage.prediction_type = None
-    if args.max_steps is None and args.epochs is None:  # 9/10 of the teacher's steps, shared out over the stages
+    if args.max_steps is None and args.epochs is None:  # 2/5 of the teacher's steps, shared out over the stages
         stage.max_steps = default_stage_steps(resolve_training_config(stage).train.max_steps, num_stages)
     stage.resume_from_checkpoint = "latest" if args.resume_from_checkpoint and (stage_dir / "checkpoints").is_dir() \
         else None

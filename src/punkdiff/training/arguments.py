@@ -97,8 +97,9 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
     """The distillation flags: the teacher, the step counts, and every training flag (`--max-steps` per stage)."""
     p.add_argument("teacher", metavar="MODEL", help="the teacher: an exported pipeline folder or Hub model id")
     p.add_argument("--steps", type=int, default=4, help="sampling steps of the final student (default 4)")
-    p.add_argument("--teacher-steps", type=int, default=16,
-                   help="sampling steps of the teacher the first student learns from (default 16)")
+    p.add_argument("--teacher-steps", type=int, default=32,
+                   help="sampling steps of the teacher the first student learns from (default 32: where the "
+                        "presets' teacher paths have converged)")
     p.add_argument("--stage-factor", type=int, default=0,
                    help="teacher steps per student step in each stage: 0 distils in one stage (teacher steps / "
                         "--steps; the default), 2 halves the steps stage by stage (progressive distillation, e.g. "

@@ -84,17 +84,18 @@ def distillation_stages(teacher_steps: int, student_steps: int, factor: int = 0)
 
 
 def default_stage_steps(teacher_training_steps: int, num_stages: int) -> int:
-    """Optimizer steps per stage without `--max-steps`: 9/10 of the teacher's, shared out over the stages. A step
-    with the teacher's 4-step walk in bf16 costs 1.9 to 2.0 training steps (`benchmarks/bench_distill.py`), so a
-    distillation stays within twice its teacher's training time.
+    """Optimizer steps per stage without `--max-steps`: 2/5 of the teacher's, shared out over the stages. A step
+    with the default teacher walk (8 steps per student step, bf16) costs about 3 training steps
+    (`benchmarks/bench_distill.py`), so a distillation takes about 1.2x its teacher's training time; the students
+    measured as well as ones trained 9/10 of the teacher's steps on a 16-step walk (docs/few-step.md).
 
     Examples:
         ```py
         >>> default_stage_steps(5200, 1)
-        4680
+        2080
         ```
     """
-    return max(1, teacher_training_steps * 9 // (10 * num_stages))
+    return max(1, teacher_training_steps * 2 // (5 * num_stages))
 
 
 def _alpha_sigma(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
