@@ -29,6 +29,7 @@ from pathlib import Path
 
 from benchlib import RESULTS, LoadWatch, add_load_arguments, cpu_report, log, summary
 
+from punkdiff.training.arguments import DEFAULT_TEACHER_STEPS
 from punkdiff.training.distillation import default_stage_steps, distillation_stages
 
 
@@ -101,7 +102,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("teacher", type=Path, help="the teacher's exported pipeline folder (its run's "
                    "training_summary.json beside it)")
     p.add_argument("--steps", type=int, default=4, help="the student's steps")
-    p.add_argument("--teacher-steps", type=int, default=32, help="as punkdiff distill's (default 32)")
+    p.add_argument("--teacher-steps", type=int, default=DEFAULT_TEACHER_STEPS, help="as punkdiff distill's")
     p.add_argument("--stage-factor", type=int, default=0, help="0: one stage (punkdiff distill's default)")
     p.add_argument("--teacher-solver", default="dpm-solver-2m")
     p.add_argument("--stage-steps", type=int, default=0, help="optimizer steps per stage of the full distillation "
