@@ -223,7 +223,7 @@ def test_bench_inference_times_teacher_and_student_per_setting_in_the_precision_
     assert "student  ddim-trailing-4, eta 0" in done.stdout and "figures not checked" in done.stdout
 
 
-def test_bench_distill_times_the_teachers_training_and_a_stage_and_projects_both(mnist_dir, tmp_path):
+def test_bench_distill_times_the_teachers_training_and_each_stage_and_projects_them(mnist_dir, tmp_path):
     import subprocess
 
     from tiny_training import train_tiny
@@ -232,15 +232,20 @@ def test_bench_distill_times_the_teachers_training_and_a_stage_and_projects_both
     assert train_tiny(mnist_dir, cache, tmp_path / "teacher", "--max-steps", "3") == 0
     out = tmp_path / "distill.json"
     done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_distill.py"), str(tmp_path / "teacher" / "pipeline"),
-                           "--teacher-steps", "4", "--steps", "2", "--stage-steps", "10", "--measure-steps", "2",
+                           "--teacher-steps", "4", "--steps", "2", "--stage-steps", "10", "--dmd-steps", "5",
+                           "--measure-steps", "2",
                            "--repeats", "1", "--threads", "1", "--skip-load-wait", "--cache-dir", str(cache),
                            "--out", str(out)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    teacher, student = json.loads(out.read_text())["results"]
+    teacher, student, dmd, total = json.loads(out.read_text())["results"]
     assert teacher["steps"] == 3 and teacher["seconds_per_step"]["median"] > 0
     assert teacher["projected_s"] == pytest.approx(3 * teacher["seconds_per_step"]["median"])
     assert student["stages"] == [4, 2] and student["teacher_solver"] == "dpm-solver-2m" and student["steps"] == 10
     assert student["vs_teacher"] == pytest.approx(student["projected_s"] / teacher["projected_s"])
+    assert dmd["run"] == "distribution matching" and dmd["steps"] == 5 and dmd["seconds_per_step"]["median"] > 0
+    assert dmd["projected_s"] == pytest.approx(5 * dmd["seconds_per_step"]["median"])
+    assert total["steps"] == 15 and total["projected_s"] == pytest.approx(student["projected_s"] + dmd["projected_s"])
+    assert total["vs_teacher"] == pytest.approx(total["projected_s"] / teacher["projected_s"])
     assert json.loads(out.with_name("distill-teacher-config.json").read_text())["model"]["block_out_channels"] == [
         8, 16]  # the teacher's own UNet, not its preset's
     assert "the ratio not checked" in done.stdout

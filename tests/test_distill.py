@@ -1,4 +1,5 @@
-"""`training/distill.py` / `punkdiff distill`: stages, the student export, stock loading, exact resume, bad input."""
+"""`training/distill.py` / `punkdiff distill`: stages, the distribution-matching stage, the student export, stock
+loading, exact resume, bad input."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from punkdiff.scripts.distill import main as distill_main
 
 
 def distill(teacher: Path, cache_dir: Path, out: Path, *extra: str) -> int:
-    """A tiny distillation (8 -> 4 -> 2 steps, 2 optimizer steps a stage) in this process."""
+    """A tiny distillation (8 -> 4 -> 2 steps, then distribution matching; 2 optimizer steps a stage) in this
+    process."""
     reset_accelerate_state()
     try:
         return distill_main([str(teacher), "--teacher-steps", "8", "--steps", "2", "--stage-factor", "2",
@@ -46,15 +48,22 @@ def student(teacher, cache_dir, tmp_path_factory) -> Path:
     return out
 
 
-def test_each_stage_halves_the_steps_and_the_student_is_a_normal_export(student, teacher):
-    assert sorted(p.name for p in student.glob("stage-*")) == ["stage-2", "stage-4"]
-    for stage in ("stage-4", "stage-2"):
+def test_each_stage_halves_the_steps_then_distribution_matching_and_the_student_is_a_normal_export(student, teacher):
+    assert sorted(p.name for p in student.glob("stage-*")) == ["stage-2", "stage-2-dmd", "stage-4"]
+    for stage in ("stage-4", "stage-2", "stage-2-dmd"):
         summary = json.loads((student / stage / "training_summary.json").read_text())
         assert summary["steps"] == 2 and summary["config"]["scheduler"]["prediction_type"] == "v_prediction"
         assert summary["config"]["data"]["max_samples"] == 64  # the teacher's own data pipeline
+    dmd = json.loads((student / "stage-2-dmd" / "training_summary.json").read_text())["config"]["train"]
+    assert (dmd["learning_rate"], dmd["lr_scheduler"], dmd["lr_warmup_steps"]) == (1e-5, "constant", 0)
+    # its checkpoints hold the fake denoiser, in safetensors
+    checkpoint = student / "stage-2-dmd" / "checkpoints" / "checkpoint-1"
+    assert (checkpoint / "fake_denoiser" / "weights.safetensors").is_file()
     validate_model_folder(student / "pipeline")
     run = json.loads((student / "training_summary.json").read_text())  # what eval reads for the preprocessing
     assert run["config"]["data"]["max_samples"] == 64 and run["distillation"]["stages"] == [8, 4, 2]
+    assert run["distillation"]["dmd_steps"] == 2 and run["steps"] == 2
+    assert max_diff(exported_weights(student), exported_weights(student / "stage-2")) > 0  # the last stage's
     config = json.loads((student / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
     assert (config["timestep_spacing"], config["prediction_type"], config["clip_sample"]) == (
         "trailing", "v_prediction", False)
@@ -82,13 +91,17 @@ def test_stock_ddim_samples_the_student_exactly_as_punkdiff_does(student):
     assert DDPMPipeline.from_pretrained(student / "pipeline").unet.config.sample_size == 16  # every route loads it
 
 
-def test_an_interrupted_distillation_resumes_to_the_same_student(student, teacher, cache_dir, tmp_path):
+@pytest.mark.parametrize("killed_in", ["stage-2", "stage-2-dmd"])
+def test_an_interrupted_distillation_resumes_to_the_same_student(student, teacher, cache_dir, tmp_path, killed_in):
     out = Path(shutil.copytree(student, tmp_path / "run"))
     finished_stage = (out / "stage-4" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
-    # killed in stage 2 after its first step: its later checkpoint, its export and the student are not there yet
-    for path in ("stage-2/checkpoints/checkpoint-2", "stage-2/pipeline", "pipeline"):
+    # killed after the stage's first step: its later checkpoint, its export, later stages and the student are not
+    # there yet (the distribution-matching stage resumes with its fake denoiser)
+    if killed_in == "stage-2":
+        shutil.rmtree(out / "stage-2-dmd")
+    for path in (f"{killed_in}/checkpoints/checkpoint-2", f"{killed_in}/pipeline", "pipeline"):
         shutil.rmtree(out / path)
-    (out / "stage-2" / "training_summary.json").unlink()
+    (out / killed_in / "training_summary.json").unlink()
     assert distill(teacher, cache_dir, out, "--resume-from-checkpoint", "latest") == 0
     assert max_diff(exported_weights(out), exported_weights(student)) == 0.0
     stage_weights = out / "stage-4" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"
@@ -108,7 +121,10 @@ def test_bad_requests_are_refused_before_any_work(teacher, cache_dir, tmp_path, 
     assert distill(teacher, cache_dir, tmp_path / "d", "--teacher-steps", "9", "--steps", "3", "--stage-factor", "3",
                    "--teacher-solver", "dpm-solver-2") == 2
     assert "dpm-solver-2 with an even factor" in capsys.readouterr().err
+    assert distill(teacher, cache_dir, tmp_path / "e", "--dmd-steps", "-1") == 2
+    assert "--dmd-steps -1 must be 0 (no distribution-matching stage) or more" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "c" / "stage-4").exists()
+    assert not (tmp_path / "e" / "stage-4").exists()
     assert not (tmp_path / "d" / "stage-3").exists()
 
 
@@ -116,12 +132,21 @@ def test_by_default_one_stage_with_a_second_order_teacher_walk(teacher, cache_di
     """The defaults (--stage-factor 0, --teacher-solver dpm-solver-2m): 8 -> 2 in one stage, in the run's summary."""
     out = tmp_path / "one-stage"
     assert distill(teacher, cache_dir, out, "--stage-factor", "0", "--teacher-solver", "dpm-solver-2m") == 0
-    assert sorted(p.name for p in out.glob("stage-*")) == ["stage-2"]
+    assert sorted(p.name for p in out.glob("stage-*")) == ["stage-2", "stage-2-dmd"]
     run = json.loads((out / "training_summary.json").read_text())
     assert run["distillation"]["stages"] == [8, 2] and run["distillation"]["teacher_solver"] == "dpm-solver-2m"
-    assert run["config"]["train"]["learning_rate"] == 3e-4  # distillation's own default, not the teacher's 1e-3
+    stage = json.loads((out / "stage-2" / "training_summary.json").read_text())
+    assert stage["config"]["train"]["learning_rate"] == 3e-4  # distillation's own default, not the teacher's 1e-3
     assert "8 -> 2" in (out / "pipeline" / "README.md").read_text()
     assert max_diff(exported_weights(out), exported_weights(teacher.parent)) > 0
+
+
+def test_dmd_steps_0_leaves_out_distribution_matching(teacher, cache_dir, tmp_path):
+    out = tmp_path / "no-dmd"
+    assert distill(teacher, cache_dir, out, "--stage-factor", "0", "--dmd-steps", "0") == 0
+    assert sorted(p.name for p in out.glob("stage-*")) == ["stage-2"]
+    assert json.loads((out / "training_summary.json").read_text())["distillation"]["dmd_steps"] == 0
+    assert max_diff(exported_weights(out), exported_weights(out / "stage-2")) == 0.0
 
 
 def test_by_default_a_student_copies_the_teachers_32_step_path_for_two_fifths_of_its_steps(mnist_dir, cache_dir,
@@ -136,7 +161,8 @@ def test_by_default_a_student_copies_the_teachers_32_step_path_for_two_fifths_of
     finally:
         reset_accelerate_state()
     assert json.loads((tmp_path / "s" / "stage-4" / "training_summary.json").read_text())["steps"] == 4
-    assert json.loads((tmp_path / "s" / "training_summary.json").read_text())["distillation"]["stages"] == [32, 4]
+    run = json.loads((tmp_path / "s" / "training_summary.json").read_text())["distillation"]
+    assert run["stages"] == [32, 4] and run["dmd_steps"] == 1  # 1/13 of the teacher's 10 steps, at least 1
 
 
 def test_a_finished_student_is_not_overwritten(student, teacher, cache_dir, capsys):

@@ -39,6 +39,7 @@ from punkdiff.scripts.train import run as train_stage
 from punkdiff.training.arguments import add_distill_arguments, resolve_training_config
 from punkdiff.training.checkpoints import resume_hint
 from punkdiff.training.distillation import DistillationError, DistillationLoss, default_stage_steps, distillation_stages
+from punkdiff.training.distribution_matching import DMD_LEARNING_RATE, DistributionMatchingLoss, default_dmd_steps
 from punkdiff.training.speed import precision_for
 
 
@@ -66,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
         DistillationLoss.check_teacher(teacher_config)
         for teacher_steps, steps in itertools.pairwise([args.teacher_steps, *stages]):
             DistillationLoss.check_solver(args.teacher_solver, teacher_steps // steps)
+        if args.dmd_steps is not None and args.dmd_steps < 0:
+            raise DistillationError(f"--dmd-steps {args.dmd_steps} must be 0 (no distribution-matching stage) or more")
         if (teacher / CONDITION_FILE).is_file() or args.condition_on:
             raise DistillationError("distilling a conditional model is not supported: its students would need the "
                                     "condition and guidance in every teacher step; distil an unconditional model")
@@ -80,25 +83,36 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     # ---- 2. the stages: each student starts from its teacher's weights and learns its teacher's steps in one -----
+    first_teacher = teacher
     for teacher_steps, steps in itertools.pairwise([args.teacher_steps, *stages]):
         stage_dir = output_dir / f"stage-{steps}"
-        if _finished(stage_dir) and not args.overwrite_output_dir:  # done before an interruption: its export teaches
-            teacher = _recommend_steps(stage_dir / "pipeline", steps)
-            continue
-        stage_args = _stage_args(args, base_preset, stage_dir, steps, len(stages))
-        student = UNet2DModel.from_pretrained(teacher / "unet", use_safetensors=True)
-        teacher_config = dict(DDPMScheduler.from_pretrained(teacher / "scheduler").config)
-        precision, _ = precision_for(resolve_training_config(stage_args).train.mixed_precision,
-                                     torch.device("cuda" if torch.cuda.is_available() else "cpu"))  # as the student
-        loss = DistillationLoss(copy.deepcopy(student), teacher_config, steps, teacher_steps // steps,
-                                args.teacher_solver, precision)  # the teacher: a frozen copy
-        print(f"distilling {teacher_steps} -> {steps} steps into {stage_dir}", file=sys.stderr)
-        code = train_stage(stage_args, loss_fn=loss, start_from=student, keep_process_group=True)
-        if code != 0:
-            return code
+        if not (_finished(stage_dir) and not args.overwrite_output_dir):  # else done before an interruption
+            stage_args = _stage_args(args, base_preset, stage_dir, steps, len(stages))
+            student = UNet2DModel.from_pretrained(teacher / "unet", use_safetensors=True)
+            teacher_config = dict(DDPMScheduler.from_pretrained(teacher / "scheduler").config)
+            loss = DistillationLoss(copy.deepcopy(student), teacher_config, steps, teacher_steps // steps,
+                                    args.teacher_solver, _precision(stage_args))  # the teacher: a frozen copy
+            print(f"distilling {teacher_steps} -> {steps} steps into {stage_dir}", file=sys.stderr)
+            if (code := train_stage(stage_args, loss_fn=loss, start_from=student, keep_process_group=True)) != 0:
+                return code
         teacher = _recommend_steps(stage_dir / "pipeline", steps)
 
-    # ---- 3. the student: the last stage's export, its card naming the teacher and the steps it samples in -------
+    # ---- 3. distribution matching: the student's images, sampled from noise, pulled toward its first teacher's ----
+    stage_dir = output_dir / f"stage-{args.steps}-dmd"
+    stage_args = _stage_args(args, base_preset, stage_dir, args.steps, len(stages), dmd=True)
+    if stage_args.max_steps:
+        if not (_finished(stage_dir) and not args.overwrite_output_dir):
+            student = UNet2DModel.from_pretrained(teacher / "unet", use_safetensors=True)
+            loss = DistributionMatchingLoss(
+                UNet2DModel.from_pretrained(first_teacher / "unet", use_safetensors=True),
+                dict(DDPMScheduler.from_pretrained(first_teacher / "scheduler").config), args.steps,
+                _precision(stage_args), warmup=stage_args.max_steps // 4)
+            print(f"matching the {args.steps}-step student's images to its teacher's in {stage_dir}", file=sys.stderr)
+            if (code := train_stage(stage_args, loss_fn=loss, start_from=student, keep_process_group=True)) != 0:
+                return code
+        teacher = _recommend_steps(stage_dir / "pipeline", args.steps)
+
+    # ---- 4. the student: the last stage's export, its card naming the teacher and the steps it samples in -------
     state = PartialState()
     if state.is_main_process:
         _export_student(teacher.parent, output_dir, args, stages)
@@ -138,17 +152,26 @@ def _teacher_preset(args: argparse.Namespace, teacher: Path, output_dir: Path) -
 
 
 def _stage_args(args: argparse.Namespace, base_preset: str | None, stage_dir: Path, steps: int,
-                num_stages: int) -> argparse.Namespace:
+                num_stages: int, dmd: bool = False) -> argparse.Namespace:
     """The training run of one stage: the teacher's data and model, a v-prediction student sampled by trailing
     DDIM without clipping (its x target at high noise is not an image), previews at the stage's step count, and
-    without `--max-steps` `default_stage_steps` (within twice the teacher's training time)."""
+    without `--max-steps` `default_stage_steps` (with the distribution-matching stage, `dmd=True`, and its
+    `default_dmd_steps`: within twice the teacher's training time). The distribution-matching stage learns at a
+    constant 1e-5 (DMD's small steps; the student is already close)."""
     stage = copy.copy(args)
     stage.output_dir = str(stage_dir)
     stage.config = args.config or base_preset
     stage.set = [*args.set, "scheduler.prediction_type=v_prediction", "scheduler.clip_sample=false",
                  "scheduler.timestep_spacing=trailing", f"train.sample_inference_steps={steps}", "train.sample_eta=0"]
     stage.prediction_type = None
-    if args.max_steps is None and args.epochs is None:  # 2/5 of the teacher's steps, shared out over the stages
+    if dmd:
+        stage.set = [*stage.set, "train.lr_scheduler=constant", "train.lr_warmup_steps=0"]
+        stage.learning_rate, stage.epochs = DMD_LEARNING_RATE, None
+        if args.dmd_steps is not None or args.max_steps is not None:  # --max-steps: each stage's
+            stage.max_steps = args.dmd_steps if args.dmd_steps is not None else args.max_steps
+        else:
+            stage.max_steps = default_dmd_steps(resolve_training_config(stage).train.max_steps)
+    elif args.max_steps is None and args.epochs is None:  # 2/5 of the teacher's steps, shared out over the stages
         stage.max_steps = default_stage_steps(resolve_training_config(stage).train.max_steps, num_stages)
     stage.resume_from_checkpoint = "latest" if args.resume_from_checkpoint and (stage_dir / "checkpoints").is_dir() \
         else None
@@ -165,22 +188,33 @@ def _recommend_steps(export: Path, steps: int) -> Path:
     return export
 
 
+def _precision(stage_args: argparse.Namespace) -> str:
+    """The stage's mixed precision as training resolves it (bf16 only where native): the teacher runs in it."""
+    return precision_for(resolve_training_config(stage_args).train.mixed_precision,
+                         torch.device("cuda" if torch.cuda.is_available() else "cpu"))[0]
+
+
 def _finished(stage_dir: Path) -> bool:
     return (stage_dir / "training_summary.json").is_file() and (stage_dir / "pipeline" / "model_index.json").is_file()
 
 
 def _export_student(last_stage: Path, output_dir: Path, args: argparse.Namespace, stages: list[int]) -> None:
     """Copy the last stage's export to `OUTPUT_DIR/pipeline` and write its card: the teacher, the steps."""
+    stage_dirs = [output_dir / f"stage-{n}" for n in stages]
+    dmd_steps = 0
+    if last_stage not in stage_dirs:  # the distribution-matching stage
+        stage_dirs.append(last_stage)
+        dmd_steps = json.loads((last_stage / "training_summary.json").read_text())["steps"]
+    summaries = [json.loads((d / "training_summary.json").read_text()) for d in stage_dirs]
+    summary, config = summaries[-1], summaries[-1]["config"]
     target = output_dir / "pipeline"
     staging = output_dir / ".pipeline.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(last_stage / "pipeline", staging)
-    summary = json.loads((last_stage / "training_summary.json").read_text())
-    config = summary["config"]
     write_model_card(staging, ModelCardInfo(
         preset=config["name"],
         dataset=str(config["data"]["dataset"]),
-        training_steps=summary["steps"],
+        training_steps=sum(s["steps"] for s in summaries),
         resolution=config["data"]["resolution"],
         license=config["data"].get("license", "apache-2.0"),
         distilled_from=str(args.teacher),
@@ -190,11 +224,9 @@ def _export_student(last_stage: Path, output_dir: Path, args: argparse.Namespace
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     # beside the export, as after training: evaluation, the app and a further distillation read its preprocessing
-    stage_times = [json.loads((output_dir / f"stage-{n}" / "training_summary.json").read_text())["wall_time_s"]
-                   for n in stages]
     write_json(output_dir / "training_summary.json", {**summary, "distillation": {
         "teacher": str(args.teacher), "stages": [args.teacher_steps, *stages], "teacher_solver": args.teacher_solver,
-        "wall_time_s": sum(stage_times)}})
+        "dmd_steps": dmd_steps, "wall_time_s": sum(s["wall_time_s"] for s in summaries)}})
 
 
 if __name__ == "__main__":

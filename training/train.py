@@ -30,7 +30,12 @@ from punkdiff.presets import PresetError
 from punkdiff.training import TrainingError
 from punkdiff.training.arguments import build_train_parser, hub_model_id, resolve_training_config
 from punkdiff.training.batches import load_training_data, streaming_reason
-from punkdiff.training.checkpoints import require_finite_weights, resume_hint, save_checkpoint
+from punkdiff.training.checkpoints import (
+    register_state_hooks,
+    require_finite_weights,
+    resume_hint,
+    save_checkpoint,
+)
 from punkdiff.training.conditioning import batch_inputs
 from punkdiff.training.ema import ema_weights_in_sync
 from punkdiff.training.export import export_run, push_export
@@ -85,6 +90,8 @@ def run(args: argparse.Namespace, loss_fn: LossFn | None = None, start_from: UNe
                              args.compile, data.vocabulary)  # a conditional run: class embedding, encoder
     model, optimizer, lr_scheduler, ema = parts.model, parts.optimizer, parts.lr_scheduler, parts.ema
     max_steps, num_epochs = parts.max_steps, parts.num_epochs
+    if hasattr(loss_fn, "save_state"):  # a loss that learns too (distribution matching's fake denoiser)
+        register_state_hooks(accelerator, loss_fn, loss_fn.state_folder)  # saved and resumed with the run
 
     # ---- 4. resume: the exact state of the interrupted run (weights, optimizer, RNGs, data position) ------------
     try:

@@ -215,6 +215,22 @@ def register_ema_hooks(accelerator: Accelerator, ema: EMAModel, folder: str = EM
     accelerator.register_load_state_pre_hook(load_hook)
 
 
+def register_state_hooks(accelerator: Accelerator, owner: Any, folder: str) -> None:
+    """Save and restore what `owner` learns beside the model (`owner.save_state(path)`, `owner.load_state(path)`:
+    distribution matching's fake denoiser) with every Accelerate checkpoint, in its `folder`. Every process holds
+    the same state, so the main process writes it."""
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            owner.save_state(Path(output_dir) / folder)
+
+    def load_hook(models, input_dir):
+        owner.load_state(Path(input_dir) / folder)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
 def _sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
