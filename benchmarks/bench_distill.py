@@ -12,9 +12,9 @@ For a teacher folder, runs (each a fresh `punkdiff` process, the same thread cou
 Seconds per step are each run's own `wall_time_s / steps` (its loop, from the first step to the last; data loading
 and export are outside it). The full times are projected from them: the teacher's recorded step count, the
 distillation's stages times `--stage-steps` (default: 2/5 of the teacher's steps shared out over the stages, as
-`punkdiff distill` does without `--max-steps`) and the distribution-matching stage's `--dmd-steps` (default 1/13 of
-the teacher's). As the other benchmarks do, it waits for a quiet machine and refuses the ratio (exit 3) when the load
-rose.
+`punkdiff distill` does without `--max-steps`) and the distribution-matching stage's `--dmd-steps` (default as
+`punkdiff distill`'s: 400, or 1/13 of a shorter teacher's). As the other benchmarks do, it waits for a quiet
+machine and refuses the ratio (exit 3) when the load rose.
 
     .venv/bin/python benchmarks/bench_distill.py outputs/mnist16/pipeline --steps 4   # punkdiff distill's defaults
 """
@@ -127,7 +127,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stage-steps", type=int, default=0, help="optimizer steps per stage of the full distillation "
                    "(0: 2/5 of the teacher's steps shared out over the stages, punkdiff distill's default)")
     p.add_argument("--dmd-steps", type=int, default=None, help="optimizer steps of the distribution-matching stage "
-                   "(default: 1/13 of the teacher's, punkdiff distill's; 0: none)")
+                   "(default: punkdiff distill's; 0: none)")
     p.add_argument("--measure-steps", type=int, default=300, help="timed optimizer steps per run")
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats (medians reported)")
     p.add_argument("--threads", type=int, default=2, help="threads per run (OMP_NUM_THREADS)")

@@ -9,7 +9,7 @@ from diffusers import DDPMScheduler
 from tiny_models import tiny_unet
 
 from punkdiff.pipelines.punkdiff_pipeline import ExactDDIMScheduler
-from punkdiff.training.distillation import _alpha_sigma, x0_predictor
+from punkdiff.training.distillation import alpha_sigma, x0_predictor
 from punkdiff.training.distribution_matching import FAKE_OPTIMIZER, FAKE_WEIGHTS, DistributionMatchingLoss
 
 SCHEDULE = {"beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction"}
@@ -62,7 +62,7 @@ def test_the_gradient_on_each_image_is_the_fake_minus_the_teacher_denoised_norma
 
     torch.manual_seed(3)  # the same draws of t and eps
     t = torch.randint(20, 980, (4,))
-    alpha, sigma = _alpha_sigma(scheduler.alphas_cumprod, t)
+    alpha, sigma = alpha_sigma(scheduler.alphas_cumprod, t)
     z_t = alpha * x.detach() + sigma * torch.randn_like(x)
     with torch.no_grad():
         real, _ = x0_predictor(teacher, scheduler.alphas_cumprod, "v_prediction")(z_t, t)
@@ -81,7 +81,7 @@ def test_the_fake_denoiser_learns_the_students_images_and_the_teacher_stays_froz
     eps = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(1))
 
     def fake_error() -> float:
-        alpha, sigma = _alpha_sigma(scheduler.alphas_cumprod, t)
+        alpha, sigma = alpha_sigma(scheduler.alphas_cumprod, t)
         fake = x0_predictor(loss_fn.fake, scheduler.alphas_cumprod, "v_prediction")
         with torch.no_grad():
             x0, _ = fake(alpha * images + sigma * eps, t)

@@ -7,8 +7,10 @@ Distillation in the manner of progressive distillation (Salimans & Ho 2022): a s
 deterministic DDIM step where its teacher takes several, in v-prediction, on the teacher's own data pipeline. By
 default one stage, 32 -> 4, the teacher walking each student step in 8 DPM-Solver++ 2M steps (measured best on CPU
 budgets, docs/few-step.md); `--stage-factor 2 --teacher-solver ddim --teacher-steps 64` is the paper's halving,
-64 -> 32 -> 16 -> 8 -> 4, each stage's EMA export teaching the next. A stage is a run of `train.py`'s loop (EMA,
-checkpoints, exact resume, progress bar, TensorBoard) with the distillation loss, in `OUTPUT_DIR/stage-<n>/`. The
+64 -> 32 -> 16 -> 8 -> 4, each stage's EMA export teaching the next. A last stage, distribution matching (DMD,
+Yin et al. 2024; `--dmd-steps`, 0 skips it), then samples the student from pure noise and pulls its images toward
+the teacher's distribution rather than its path. A stage is a run of `train.py`'s loop (EMA, checkpoints, exact
+resume, progress bar, TensorBoard) with its loss, in `OUTPUT_DIR/stage-<n>/` (`stage-<n>-dmd/`). The
 last stage's export is copied to `OUTPUT_DIR/pipeline/`: a normal export whose scheduler config says "trailing"
 spacing (so a stock `DDIMPipeline` samples it with `num_inference_steps=n`, no guesswork) and whose card names the
 teacher.

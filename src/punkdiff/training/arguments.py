@@ -114,8 +114,8 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
                         "(default), 2S, or DDIM (progressive distillation's); the same network evaluations")
     p.add_argument("--dmd-steps", type=int, metavar="N",
                    help="optimizer steps of a last stage that pulls the student's images toward its teacher's "
-                        "distribution (distribution matching, DMD; default: 1/13 of the teacher's training steps, "
-                        "or --max-steps; 0 skips it)")
+                        "distribution (distribution matching, DMD; default: 400, 1/13 of the teacher's training steps "
+                        "if fewer, or --max-steps; 0 leaves it out)")
     add_train_arguments(p)
     # a student starts from its teacher's weights: a third of the presets' 1e-3 (3e-4 and 1e-4 measured alike)
     p.set_defaults(output_dir="outputs/distill", learning_rate=3e-4)

@@ -98,7 +98,7 @@ def default_stage_steps(teacher_training_steps: int, num_stages: int) -> int:
     return max(1, teacher_training_steps * 2 // (5 * num_stages))
 
 
-def _alpha_sigma(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def alpha_sigma(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """alpha_t, sigma_t per image, shaped to broadcast over [B, C, H, W]; t = -1 is the clean image (alpha 1)."""
     alpha_bar = torch.where(t >= 0, alphas_cumprod[t.clamp(min=0)], torch.ones_like(alphas_cumprod[0]))
     alpha_bar = alpha_bar.view(-1, 1, 1, 1)
@@ -107,7 +107,7 @@ def _alpha_sigma(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> tuple[torch.T
 
 def ddim_step(x0: torch.Tensor, eps: torch.Tensor, s: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """Deterministic DDIM (eta 0) to timestep s from the predicted x and eps: z_s = alpha_s x + sigma_s eps."""
-    alpha_s, sigma_s = _alpha_sigma(alphas_cumprod, s)
+    alpha_s, sigma_s = alpha_sigma(alphas_cumprod, s)
     return alpha_s * x0 + sigma_s * eps
 
 
@@ -138,8 +138,8 @@ def data_step(x0: torch.Tensor, z_s: torch.Tensor, s: torch.Tensor, t: torch.Ten
               alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """The exponential-integrator step s -> t with x_0 held at `x0`: z_t = (sigma_t / sigma_s) z_s + (alpha_t -
     (sigma_t / sigma_s) alpha_s) x0. With x0 the network's own prediction at (z_s, s) this is deterministic DDIM."""
-    alpha_s, sigma_s = _alpha_sigma(alphas_cumprod, s)
-    alpha_t, sigma_t = _alpha_sigma(alphas_cumprod, t)
+    alpha_s, sigma_s = alpha_sigma(alphas_cumprod, s)
+    alpha_t, sigma_t = alpha_sigma(alphas_cumprod, t)
     ratio = sigma_t / sigma_s
     return ratio * z_s + (alpha_t - ratio * alpha_s) * x0
 
@@ -162,7 +162,7 @@ def dpm_solver_2s_step(teacher: Predictor, z_s: torch.Tensor, s: torch.Tensor, s
 
 def _lambda(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """lambda_t = log(alpha_t / sigma_t), shaped to broadcast; finite placeholder 0 for the clean image (t = -1)."""
-    alpha, sigma = _alpha_sigma(alphas_cumprod, t)
+    alpha, sigma = alpha_sigma(alphas_cumprod, t)
     return torch.where(t.view(-1, 1, 1, 1) < 0, 0.0, (alpha / sigma.clamp(min=1e-12)).log())
 
 
@@ -215,8 +215,8 @@ def student_v_target(
     eps~ = (z_t - alpha_t x~) / sigma_t, v~ = alpha_t eps~ - sigma_t x~.
     """
     z = teacher_walk(teacher, z_t, path, alphas_cumprod, solver)
-    alpha_t, sigma_t = _alpha_sigma(alphas_cumprod, path[0])
-    alpha_next, sigma_next = _alpha_sigma(alphas_cumprod, path[-1])
+    alpha_t, sigma_t = alpha_sigma(alphas_cumprod, path[0])
+    alpha_next, sigma_next = alpha_sigma(alphas_cumprod, path[-1])
     ratio = sigma_next / sigma_t
     x_target = (z - ratio * z_t) / (alpha_next - ratio * alpha_t)
     eps_target = (z_t - alpha_t * x_target) / sigma_t
@@ -278,7 +278,7 @@ class DistillationLoss:
         index = (timesteps * self.student_steps // self.num_train_timesteps).cpu()
         path = self.path[:, index].to(device)
         t = path[0]
-        alpha, sigma = _alpha_sigma(alphas_cumprod, t)
+        alpha, sigma = alpha_sigma(alphas_cumprod, t)
         z_t = alpha * clean.float() + sigma * noise.float()
         clip = self.teacher_config.get("clip_sample_range", 1.0) if self.teacher_config.get("clip_sample") else None
         teacher = x0_predictor(self.teacher.to(device), alphas_cumprod, self.teacher_config["prediction_type"], clip)

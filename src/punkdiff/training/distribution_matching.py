@@ -27,8 +27,10 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file, save_file
 
-from punkdiff.training.distillation import _alpha_sigma, ddim_step, trailing_timesteps, x0_predictor
+from punkdiff.training.distillation import alpha_sigma, ddim_step, trailing_timesteps, x0_predictor
 
+# The stage's length for a teacher trained 5,200 steps or more (`default_dmd_steps`).
+DEFAULT_DMD_STEPS = 400
 # The student's learning rate in the stage, constant: DMD's small steps (the student starts close to its teacher).
 DMD_LEARNING_RATE = 1e-5
 # What a checkpoint holds of the stage's fake denoiser, in its `FAKE_FOLDER`.
@@ -38,17 +40,18 @@ T_RANGE = (0.02, 0.98)
 
 
 def default_dmd_steps(teacher_training_steps: int) -> int:
-    """Optimizer steps of the distribution-matching stage without `--dmd-steps`: 1/13 of the teacher's (400 for
-    `mnist-16`). A step (the student's whole walk with gradients, two denoisers, two fake updates) costs about
-    7 training steps, so the stage adds about half the teacher's training time (docs/few-step.md).
+    """Optimizer steps of the distribution-matching stage without `--dmd-steps`: 400 (measured on `mnist-16` and
+    `punks-24-cpu`, whose teachers trained 5,200 and 15,000 steps), or 1/13 of a teacher's that trained fewer than
+    5,200. A step (the student's whole walk with gradients, two denoisers, two fake updates) costs several training
+    steps; `benchmarks/bench_distill.py` times it (docs/few-step.md).
 
     Examples:
         ```py
-        >>> default_dmd_steps(5200)
-        400
+        >>> default_dmd_steps(15000), default_dmd_steps(5200), default_dmd_steps(1300)
+        (400, 400, 100)
         ```
     """
-    return max(1, teacher_training_steps // 13)
+    return min(DEFAULT_DMD_STEPS, max(1, teacher_training_steps // 13))
 
 
 class DistributionMatchingLoss:
@@ -103,7 +106,7 @@ class DistributionMatchingLoss:
         # 2. noised to a random level, denoised by the teacher (the data) and by the fake (the student's images)
         low, high = (round(f * self.num_train_timesteps) for f in T_RANGE)
         t = torch.randint(low, high, (x.shape[0],), device=device)
-        alpha, sigma = _alpha_sigma(alphas_cumprod, t)
+        alpha, sigma = alpha_sigma(alphas_cumprod, t)
         z_t = alpha * x.detach() + sigma * torch.randn_like(x)
         with torch.no_grad(), self._autocast(device):
             x0_real, _ = x0_predictor(self.teacher, alphas_cumprod, self.prediction_type)(z_t, t)
@@ -131,7 +134,7 @@ class DistributionMatchingLoss:
         """One denoising step of the fake denoiser on `images`, its gradient averaged over the processes."""
         t = torch.randint(0, self.num_train_timesteps, (images.shape[0],), device=images.device)
         eps = torch.randn_like(images)
-        alpha, sigma = _alpha_sigma(alphas_cumprod, t)
+        alpha, sigma = alpha_sigma(alphas_cumprod, t)
         with self._autocast(images.device, training=True):
             output = self.fake(alpha * images + sigma * eps, t).sample.float()
         target = alpha * eps - sigma * images if self.prediction_type == "v_prediction" else eps
