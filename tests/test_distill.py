@@ -69,6 +69,7 @@ def test_each_stage_halves_the_steps_then_distribution_matching_and_the_student_
         "trailing", "v_prediction", False)
     card = (student / "pipeline" / "README.md").read_text()
     assert f"distilled from `{teacher}`" in card and "8 -> 4 -> 2" in card and "num_inference_steps=2" in card
+    assert "then 2 steps of distribution matching" in card
     # the student moved away from its teacher's weights
     teacher_weights = exported_weights(teacher.parent)
     assert max_diff(exported_weights(student), teacher_weights) > 0
@@ -146,6 +147,7 @@ def test_dmd_steps_0_leaves_out_distribution_matching(teacher, cache_dir, tmp_pa
     assert distill(teacher, cache_dir, out, "--stage-factor", "0", "--dmd-steps", "0") == 0
     assert sorted(p.name for p in out.glob("stage-*")) == ["stage-2"]
     assert json.loads((out / "training_summary.json").read_text())["distillation"]["dmd_steps"] == 0
+    assert "distribution matching" not in (out / "pipeline" / "README.md").read_text()
     assert max_diff(exported_weights(out), exported_weights(out / "stage-2")) == 0.0
 
 

@@ -221,6 +221,7 @@ def _export_student(last_stage: Path, output_dir: Path, args: argparse.Namespace
         license=config["data"].get("license", "apache-2.0"),
         distilled_from=str(args.teacher),
         distillation_stages=[args.teacher_steps, *stages],
+        distribution_matching_steps=dmd_steps,
         model_name=f"punkdiff {config['name']}, {args.steps}-step student",
     ))
     shutil.rmtree(target, ignore_errors=True)
