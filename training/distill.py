@@ -203,12 +203,10 @@ def _finished(stage_dir: Path) -> bool:
 def _export_student(last_stage: Path, output_dir: Path, args: argparse.Namespace, stages: list[int]) -> None:
     """Copy the last stage's export to `OUTPUT_DIR/pipeline` and write its card: the teacher, the steps."""
     stage_dirs = [output_dir / f"stage-{n}" for n in stages]
-    dmd_steps = 0
-    if last_stage not in stage_dirs:  # the distribution-matching stage
-        stage_dirs.append(last_stage)
-        dmd_steps = json.loads((last_stage / "training_summary.json").read_text())["steps"]
-    summaries = [json.loads((d / "training_summary.json").read_text()) for d in stage_dirs]
+    matched = last_stage not in stage_dirs  # the last stage was distribution matching
+    summaries = [json.loads((d / "training_summary.json").read_text()) for d in stage_dirs + [last_stage] * matched]
     summary, config = summaries[-1], summaries[-1]["config"]
+    dmd_steps = summary["steps"] if matched else 0
     target = output_dir / "pipeline"
     staging = output_dir / ".pipeline.tmp"
     shutil.rmtree(staging, ignore_errors=True)
