@@ -13,7 +13,7 @@ Seconds per step are each run's own `wall_time_s / steps` (its loop, from the fi
 and export are outside it). The full times are projected from them: the teacher's recorded step count, the
 distillation's stages times `--stage-steps` (default: 2/5 of the teacher's steps shared out over the stages, as
 `punkdiff distill` does without `--max-steps`) and the distribution-matching stage's `--dmd-steps` (default as
-`punkdiff distill`'s: 400, or 1/13 of a shorter teacher's). As the other benchmarks do, it waits for a quiet
+`punkdiff distill`'s: 1/13 of the teacher's steps). As the other benchmarks do, it waits for a quiet
 machine and refuses the ratio (exit 3) when the load rose.
 
     .venv/bin/python benchmarks/bench_distill.py outputs/mnist16/pipeline --steps 4   # punkdiff distill's defaults

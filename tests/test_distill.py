@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMPipeline, DDPMPipeline
+from safetensors.torch import load_file
 from tiny_training import exported_weights, max_diff, reset_accelerate_state, train_tiny
 
 from punkdiff import PunkDiffPipeline
@@ -58,18 +59,19 @@ def test_each_stage_halves_the_steps_then_distribution_matching_and_the_student_
     assert (dmd["learning_rate"], dmd["lr_scheduler"], dmd["lr_warmup_steps"]) == (1e-5, "constant", 0)
     # its checkpoints hold the fake denoiser, in safetensors
     checkpoint = student / "stage-2-dmd" / "checkpoints" / "checkpoint-1"
-    assert (checkpoint / "fake_denoiser" / "weights.safetensors").is_file()
+    weights = load_file(checkpoint / "fake_denoiser" / "weights.safetensors")
+    assert any(k.startswith("discriminator.") for k in weights) and "conv_in.weight" in weights  # GAN on by default
     validate_model_folder(student / "pipeline")
     run = json.loads((student / "training_summary.json").read_text())  # what eval reads for the preprocessing
     assert run["config"]["data"]["max_samples"] == 64 and run["distillation"]["stages"] == [8, 4, 2]
-    assert run["distillation"]["dmd_steps"] == 2 and run["steps"] == 2
+    assert run["distillation"]["dmd_steps"] == 2 and run["steps"] == 2 and run["distillation"]["gan_weight"] > 0
     assert max_diff(exported_weights(student), exported_weights(student / "stage-2")) > 0  # the last stage's
     config = json.loads((student / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
     assert (config["timestep_spacing"], config["prediction_type"], config["clip_sample"]) == (
         "trailing", "v_prediction", False)
     card = (student / "pipeline" / "README.md").read_text()
     assert f"distilled from `{teacher}`" in card and "8 -> 4 -> 2" in card and "num_inference_steps=2" in card
-    assert "then 2 steps of distribution matching" in card
+    assert "then 2 steps of distribution matching" in card and "a GAN term that also sees the" in card
     # the student moved away from its teacher's weights
     teacher_weights = exported_weights(teacher.parent)
     assert max_diff(exported_weights(student), teacher_weights) > 0
@@ -124,8 +126,10 @@ def test_bad_requests_are_refused_before_any_work(teacher, cache_dir, tmp_path, 
     assert "dpm-solver-2 with an even factor" in capsys.readouterr().err
     assert distill(teacher, cache_dir, tmp_path / "e", "--dmd-steps", "-1") == 2
     assert "--dmd-steps -1 must be 0 (no distribution-matching stage) or more" in capsys.readouterr().err
+    assert distill(teacher, cache_dir, tmp_path / "f", "--gan-weight", "-0.5") == 2
+    assert "--gan-weight -0.5 must be 0 (no GAN term) or more" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "c" / "stage-4").exists()
-    assert not (tmp_path / "e" / "stage-4").exists()
+    assert not (tmp_path / "e" / "stage-4").exists() and not (tmp_path / "f" / "stage-4").exists()
     assert not (tmp_path / "d" / "stage-3").exists()
 
 

@@ -1,5 +1,5 @@
 """Distribution matching (DMD): the student's walk, the KL gradient between the two denoisers, the fake denoiser's
-learning, and its checkpointed state."""
+learning, the GAN's discriminator and gradient, and their checkpointed state."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def test_the_students_walk_is_its_pipelines_four_trailing_ddim_steps():
 
 
 def test_while_the_fake_denoiser_is_the_teacher_the_student_gets_no_gradient():
-    scheduler, _, loss_fn = setup(warmup=0, fake_updates=0)
+    scheduler, _, loss_fn = setup(warmup=0, fake_updates=0, gan_weight=0.0)
     student = tiny_unet(1, 8, seed=5)
     noise = torch.randn(4, 1, 8, 8)
     loss = loss_fn(student, scheduler, noise, noise, torch.zeros(4, dtype=torch.long))
@@ -51,7 +51,7 @@ def test_while_the_fake_denoiser_is_the_teacher_the_student_gets_no_gradient():
 def test_the_gradient_on_each_image_is_the_fake_minus_the_teacher_denoised_normalised():
     """d loss / d x = (x0_fake - x0_real) / mean|x - x0_real| / numel: descending it moves x where the teacher's
     denoiser points and away from where the student's own images (the fake's) point."""
-    scheduler, teacher, loss_fn = setup(warmup=0, fake_updates=0)
+    scheduler, teacher, loss_fn = setup(warmup=0, fake_updates=0, gan_weight=0.0)
     with torch.no_grad():
         for p in loss_fn.fake.parameters():
             p.add_(0.05 * torch.randn_like(p))  # a fake that has learnt something else
@@ -98,21 +98,75 @@ def test_a_stage_restored_from_its_checkpoint_goes_on_exactly_as_the_uninterrupt
     scheduler, _, first = setup(warmup=2, fake_updates=1)
     student = tiny_unet(1, 8, seed=5)
     noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    real = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1
     steps = torch.zeros(4, dtype=torch.long)
     torch.manual_seed(0)
-    first(student, scheduler, noise, noise, steps)
+    for _ in range(2):  # the discriminator's 2 warm-up updates: the next call has the GAN term
+        first(student, scheduler, real, noise, steps)
     first.save_state(tmp_path / "fake")
     assert sorted(p.name for p in (tmp_path / "fake").iterdir()) == sorted([FAKE_WEIGHTS, FAKE_OPTIMIZER])
 
     _, _, resumed = setup(warmup=2, fake_updates=1)
     resumed.load_state(tmp_path / "fake")
-    assert resumed.warmed_up  # no second warm-up
-    losses = []
+    assert resumed.warmed_up and resumed.discriminator_updates == 2  # no second warm-up of either
+    losses, gradients = [], []
     for loss_fn in (first, resumed):
+        student.zero_grad()
         torch.manual_seed(1)
-        losses.append(loss_fn(student, scheduler, noise, noise, steps))
+        losses.append(loss_fn(student, scheduler, real, noise, steps))
+        losses[-1].backward()
+        gradients.append([p.grad.clone() for p in student.parameters()])
     assert losses[0].item() != 0.0 and torch.equal(losses[0], losses[1])
-    assert all(torch.equal(a, b) for a, b in zip(first.fake.parameters(), resumed.fake.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(*gradients, strict=True))
+    for a, b in ((first.fake, resumed.fake), (first.discriminator, resumed.discriminator)):
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    assert first.discriminator_updates == resumed.discriminator_updates == 3
+
+
+def discriminated(loss_fn, scheduler, images: torch.Tensor, t: int = 300) -> torch.Tensor:
+    """The discriminator's mean logit for `images` noised to t (positive: it finds them real)."""
+    alpha, sigma = alpha_sigma(scheduler.alphas_cumprod, torch.full((images.shape[0],), t))
+    with torch.no_grad():
+        loss_fn.teacher(alpha * images + sigma * torch.randn_like(images), torch.full((images.shape[0],), t))
+        return loss_fn.discriminator(loss_fn._features).mean()
+
+
+def test_the_discriminator_learns_to_tell_real_images_from_the_students_through_the_frozen_teacher():
+    scheduler, teacher, loss_fn = setup()
+    before = [p.clone() for p in teacher.parameters()]
+    real, drawn = torch.full((8, 1, 8, 8), 0.8), torch.full((8, 1, 8, 8), -0.8)  # the student draws the wrong grey
+    torch.manual_seed(0)
+    start = discriminated(loss_fn, scheduler, real) - discriminated(loss_fn, scheduler, drawn)
+    for _ in range(40):
+        loss_fn.discriminator_step(drawn, real, scheduler.alphas_cumprod)
+    learnt = discriminated(loss_fn, scheduler, real) - discriminated(loss_fn, scheduler, drawn)
+    assert learnt > 1.0 and learnt > start + 1.0
+    assert loss_fn.discriminator_updates == 40
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters(), strict=True))
+
+
+def gan_step(gan_weight: float) -> torch.Tensor:
+    """Where descending the student's gradient moves its grey images (-0.8) after the discriminator has learnt
+    that real images are 0.8, with the fake still the teacher (no DMD gradient)."""
+    scheduler, _, loss_fn = setup(warmup=0, fake_updates=0, gan_weight=gan_weight)
+    real, drawn = torch.full((8, 1, 8, 8), 0.8), torch.full((8, 1, 8, 8), -0.8)
+    torch.manual_seed(0)
+    for _ in range(40 if gan_weight else 0):
+        loss_fn.discriminator_step(drawn, real, scheduler.alphas_cumprod)
+    x = drawn.clone().requires_grad_(True)
+    loss_fn.sample = lambda *args: x
+    torch.manual_seed(1)
+    loss = loss_fn(None, scheduler, real, drawn, torch.zeros(8, dtype=torch.long))
+    assert loss.item() == 0.0  # the GAN adds to the gradient, not to the reported loss
+    loss.backward()
+    return -x.grad
+
+
+def test_the_gan_term_moves_the_students_images_toward_what_the_discriminator_finds_real_by_its_weight():
+    half, full = gan_step(0.5), gan_step(1.0)
+    assert full.mean() > 0  # toward 0.8, what is real
+    torch.testing.assert_close(full, 2 * half)
+    assert torch.equal(gan_step(0.0), torch.zeros_like(full))  # no GAN: no discriminator, no gradient
 
 
 def test_a_teacher_that_predicts_x0_is_refused():

@@ -6,14 +6,14 @@
 Distillation in the manner of progressive distillation (Salimans & Ho 2022): a student learns to take one
 deterministic DDIM step where its teacher takes several, in v-prediction, on the teacher's own data pipeline. By
 default one stage, 32 -> 4, the teacher walking each student step in 8 DPM-Solver++ 2M steps (measured best on CPU
-budgets, docs/few-step.md); `--stage-factor 2 --teacher-solver ddim --teacher-steps 64` is the paper's halving,
-64 -> 32 -> 16 -> 8 -> 4, each stage's EMA export teaching the next. A last stage, distribution matching (DMD,
-Yin et al. 2024; `--dmd-steps`, 0 skips it), then samples the student from pure noise and pulls its images toward
-the teacher's distribution rather than its path. A stage is a run of `train.py`'s loop (EMA, checkpoints, exact
-resume, progress bar, TensorBoard) with its loss, in `OUTPUT_DIR/stage-<n>/` (`stage-<n>-dmd/`). The
-last stage's export is copied to `OUTPUT_DIR/pipeline/`: a normal export whose scheduler config says "trailing"
-spacing (so a stock `DDIMPipeline` samples it with `num_inference_steps=n`, no guesswork) and whose card names the
-teacher.
+budgets, docs/few-step.md); `--stage-factor 2 --teacher-solver ddim --teacher-steps 64` is the paper's halving, 64
+-> 32 -> 16 -> 8 -> 4, each stage's EMA export teaching the next. A last stage, distribution matching (DMD, Yin et
+al. 2024; `--dmd-steps`, 0 skips it), then samples the student from pure noise and pulls its images toward the
+teacher's distribution rather than its path, with DMD2's GAN term on the training images (`--gan-weight`). A stage
+is a run of `train.py`'s loop (EMA, checkpoints, exact resume, progress bar, TensorBoard) with its loss, in
+`OUTPUT_DIR/stage-<n>/` (`stage-<n>-dmd/`). The last stage's export is copied to `OUTPUT_DIR/pipeline/`: a normal
+export whose scheduler config says "trailing" spacing (so a stock `DDIMPipeline` samples it with
+`num_inference_steps=n`, no guesswork) and whose card names the teacher.
 """
 
 from __future__ import annotations
@@ -71,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
             DistillationLoss.check_solver(args.teacher_solver, teacher_steps // steps)
         if args.dmd_steps is not None and args.dmd_steps < 0:
             raise DistillationError(f"--dmd-steps {args.dmd_steps} must be 0 (no distribution-matching stage) or more")
+        if not args.gan_weight >= 0:
+            raise DistillationError(f"--gan-weight {args.gan_weight} must be 0 (no GAN term) or more")
         if (teacher / CONDITION_FILE).is_file() or args.condition_on:
             raise DistillationError("distilling a conditional model is not supported: its students would need the "
                                     "condition and guidance in every teacher step; distil an unconditional model")
@@ -108,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
             loss = DistributionMatchingLoss(
                 UNet2DModel.from_pretrained(first_teacher / "unet", use_safetensors=True),
                 dict(DDPMScheduler.from_pretrained(first_teacher / "scheduler").config), args.steps,
-                _precision(stage_args), warmup=stage_args.max_steps // 4)
+                _precision(stage_args), warmup=stage_args.max_steps // 4, gan_weight=args.gan_weight)
             print(f"matching the {args.steps}-step student's images to its teacher's in {stage_dir}", file=sys.stderr)
             if (code := train_stage(stage_args, loss_fn=loss, start_from=student, keep_process_group=True)) != 0:
                 return code
@@ -220,6 +222,7 @@ def _export_student(last_stage: Path, output_dir: Path, args: argparse.Namespace
         distilled_from=str(args.teacher),
         distillation_stages=[args.teacher_steps, *stages],
         distribution_matching_steps=dmd_steps,
+        gan_weight=args.gan_weight if dmd_steps else 0.0,
         model_name=f"punkdiff {config['name']}, {args.steps}-step student",
     ))
     shutil.rmtree(target, ignore_errors=True)
@@ -227,7 +230,8 @@ def _export_student(last_stage: Path, output_dir: Path, args: argparse.Namespace
     # beside the export, as after training: evaluation, the app and a further distillation read its preprocessing
     write_json(output_dir / "training_summary.json", {**summary, "distillation": {
         "teacher": str(args.teacher), "stages": [args.teacher_steps, *stages], "teacher_solver": args.teacher_solver,
-        "dmd_steps": dmd_steps, "wall_time_s": sum(s["wall_time_s"] for s in summaries)}})
+        "dmd_steps": dmd_steps, "gan_weight": args.gan_weight if dmd_steps else 0.0,
+        "wall_time_s": sum(s["wall_time_s"] for s in summaries)}})
 
 
 if __name__ == "__main__":

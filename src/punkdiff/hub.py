@@ -87,6 +87,7 @@ class ModelCardInfo:
         distilled_from: A distilled student's teacher (folder or Hub id); the card then says how it samples.
         distillation_stages: The student's step counts, teacher first (e.g. `[64, 32, 16, 8, 4]`).
         distribution_matching_steps: Optimizer steps of the student's last, distribution-matching stage (0: none).
+        gan_weight: The weight of that stage's GAN term on the training images (0: none).
         condition: A conditional model's vocabulary (default: the folder's `condition.json`); the card lists it
             and shows how to ask for it.
     """
@@ -105,6 +106,7 @@ class ModelCardInfo:
     distilled_from: str | None = None
     distillation_stages: list[int] | None = None
     distribution_matching_steps: int = 0
+    gan_weight: float = 0.0
     condition: ConditionVocabulary | None = None
 
 
@@ -141,6 +143,7 @@ def render_model_card(info: ModelCardInfo, *, has_samples: bool = False) -> str:
         distillation_stages=" -> ".join(map(str, info.distillation_stages or [])),
         sampling_steps=(info.distillation_stages or [None])[-1],
         distribution_matching_steps=info.distribution_matching_steps,
+        gan_weight=info.gan_weight,
         condition=info.condition.markdown() if info.condition is not None else None,
         request=_example_request(info.condition) if info.condition is not None else None,
     )
