@@ -41,7 +41,12 @@ from punkdiff.scripts.train import run as train_stage
 from punkdiff.training.arguments import add_distill_arguments, resolve_training_config
 from punkdiff.training.checkpoints import resume_hint
 from punkdiff.training.distillation import DistillationError, DistillationLoss, default_stage_steps, distillation_stages
-from punkdiff.training.distribution_matching import DMD_LEARNING_RATE, DistributionMatchingLoss, default_dmd_steps
+from punkdiff.training.distribution_matching import (
+    DMD_LEARNING_RATE,
+    GAN_WEIGHT,
+    DistributionMatchingLoss,
+    default_dmd_steps,
+)
 from punkdiff.training.speed import precision_for
 
 
@@ -71,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
             DistillationLoss.check_solver(args.teacher_solver, teacher_steps // steps)
         if args.dmd_steps is not None and args.dmd_steps < 0:
             raise DistillationError(f"--dmd-steps {args.dmd_steps} must be 0 (no distribution-matching stage) or more")
+        args.gan_weight = GAN_WEIGHT if args.gan_weight is None else args.gan_weight
         if not args.gan_weight >= 0:
             raise DistillationError(f"--gan-weight {args.gan_weight} must be 0 (no GAN term) or more")
         if (teacher / CONDITION_FILE).is_file() or args.condition_on:

@@ -10,7 +10,6 @@ import importlib.util
 from pathlib import Path
 
 from punkdiff.presets import PRESETS, Preset, PresetError, parse_set_flags, resolve_preset
-from punkdiff.training.distribution_matching import GAN_WEIGHT
 
 
 def build_train_parser(prog: str = "train.py") -> argparse.ArgumentParser:
@@ -115,12 +114,12 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
                         "(default), 2S, or DDIM (progressive distillation's); the same network evaluations")
     p.add_argument("--dmd-steps", type=int, metavar="N",
                    help="optimizer steps of a last stage that pulls the student's images toward its teacher's "
-                        "distribution (distribution matching, DMD; default: 1/13 of the teacher's training steps, about "
-                        "half its training time, or --max-steps; 0 leaves it out)")
-    p.add_argument("--gan-weight", type=float, default=GAN_WEIGHT, metavar="W",
+                        "distribution (distribution matching, DMD; default: 1/13 of the teacher's training steps, "
+                        "about half its training time, or --max-steps; 0 leaves it out)")
+    p.add_argument("--gan-weight", type=float, metavar="W",
                    help="weight of that stage's GAN term, a discriminator on the teacher's features that also sees "
-                        f"the training images and keeps the student's modes in the data's proportions (default: "
-                        f"{GAN_WEIGHT}; 0 leaves it out)")
+                        "the training images and keeps the student's modes in the data's proportions (default: 3, "
+                        "`distribution_matching.GAN_WEIGHT`; 0 leaves it out)")
     add_train_arguments(p)
     # a student starts from its teacher's weights: a third of the presets' 1e-3 (3e-4 and 1e-4 measured alike)
     p.set_defaults(output_dir="outputs/distill", learning_rate=3e-4)
