@@ -52,7 +52,7 @@ GAN_WEIGHT, DISCRIMINATOR_LEARNING_RATE, GAN_T_LOW = 3.0, 1e-3, 0.3
 def default_dmd_steps(teacher_training_steps: int) -> int:
     """Optimizer steps of the distribution-matching stage without `--dmd-steps`: 1/13 of the teacher's training
     steps (400 for `mnist-16`, 1,153 for `punks-24-cpu`). A step (the student's whole walk with gradients, the two
-    denoisers, two fake and two discriminator updates) costs about 6.5 training steps, so the stage takes about half
+    denoisers, two fake and two discriminator updates) costs about 6.8 training steps, so the stage takes about half
     the teacher's training time and the whole distillation stays within twice it; `benchmarks/bench_distill.py`
     times it (docs/few-step.md).
 
