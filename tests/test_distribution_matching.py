@@ -10,7 +10,12 @@ from tiny_models import tiny_unet
 
 from punkdiff.pipelines.punkdiff_pipeline import ExactDDIMScheduler
 from punkdiff.training.distillation import alpha_sigma, x0_predictor
-from punkdiff.training.distribution_matching import FAKE_OPTIMIZER, FAKE_WEIGHTS, DistributionMatchingLoss
+from punkdiff.training.distribution_matching import (
+    FAKE_OPTIMIZER,
+    FAKE_WEIGHTS,
+    GAN_T_LOW,
+    DistributionMatchingLoss,
+)
 
 SCHEDULE = {"beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction"}
 
@@ -48,27 +53,33 @@ def test_while_the_fake_denoiser_is_the_teacher_the_student_gets_no_gradient():
     assert all(p.grad is None or p.grad.abs().max() == 0 for p in student.parameters())
 
 
-def test_the_gradient_on_each_image_is_the_fake_minus_the_teacher_denoised_normalised():
+@pytest.mark.parametrize("gan_weight", [0.0, 3.0])
+def test_the_gradient_on_each_image_is_the_fake_minus_the_teacher_denoised_normalised(gan_weight):
     """d loss / d x = (x0_fake - x0_real) / mean|x - x0_real| / numel: descending it moves x where the teacher's
-    denoiser points and away from where the student's own images (the fake's) point."""
-    scheduler, teacher, loss_fn = setup(warmup=0, fake_updates=0, gan_weight=0.0)
+    denoiser points and away from where the student's own images (the fake's) point. With the GAN on, only images
+    noised below GAN_T_LOW T get it: above, the discriminator alone judges them."""
+    scheduler, teacher, loss_fn = setup(warmup=0, fake_updates=0, gan_weight=gan_weight)
     with torch.no_grad():
         for p in loss_fn.fake.parameters():
             p.add_(0.05 * torch.randn_like(p))  # a fake that has learnt something else
-    x = torch.randn(4, 1, 8, 8, requires_grad=True)
+        if loss_fn.discriminator is not None:
+            torch.nn.init.zeros_(loss_fn.discriminator.net[-1].weight)  # one that cannot tell: no GAN gradient
+    x = torch.randn(8, 1, 8, 8, requires_grad=True)
     loss_fn.sample = lambda *args: x
     torch.manual_seed(3)
-    loss_fn(None, scheduler, x.detach(), x.detach(), torch.zeros(4, dtype=torch.long)).backward()
+    loss_fn(None, scheduler, x.detach(), x.detach(), torch.zeros(8, dtype=torch.long)).backward()
 
     torch.manual_seed(3)  # the same draws of t and eps
-    t = torch.randint(20, 980, (4,))
+    t = torch.randint(20, 980, (8,))
+    matched = torch.ones(8) if gan_weight == 0 else (t < round(GAN_T_LOW * 1000)).float()
+    assert 0 < matched.sum() < 8 or gan_weight == 0  # the draw has images on both sides
     alpha, sigma = alpha_sigma(scheduler.alphas_cumprod, t)
     z_t = alpha * x.detach() + sigma * torch.randn_like(x)
     with torch.no_grad():
         real, _ = x0_predictor(teacher, scheduler.alphas_cumprod, "v_prediction")(z_t, t)
         fake, _ = x0_predictor(loss_fn.fake, scheduler.alphas_cumprod, "v_prediction")(z_t, t)
     weight = (x.detach() - real).abs().mean(dim=(1, 2, 3), keepdim=True)
-    expected = (fake - real) / weight / x.numel()
+    expected = (fake - real) / weight / x.numel() * matched.view(-1, 1, 1, 1)
     assert expected.abs().max() > 0
     torch.testing.assert_close(x.grad, expected)
 

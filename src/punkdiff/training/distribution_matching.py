@@ -19,6 +19,9 @@ Both denoisers only know the teacher's score, and a score can draw its modes in 
 al. 2024b), a GAN term sees the real images too: a discriminator, here a small head on the frozen teacher's
 bottleneck features, tells real images from the student's, both noised to the same t >= `GAN_T_LOW` T (what the
 images show, not their pixel detail), and the student also descends softplus(-D(z_t)), weighted by `gan_weight`.
+With the GAN on, the two denoisers are compared only below `GAN_T_LOW` T: the teacher's score teaches the detail,
+and the real images alone decide what the images show and in what proportions (with the score's gradient also at
+high noise, the punk type mix landed anywhere from 40 to 45 % Female, seed to seed: docs/few-step.md).
 The student stays an ordinary v-prediction `UNet2DModel` sampled by stock trailing DDIM in its n steps.
 """
 
@@ -45,7 +48,8 @@ DISCRIMINATOR = "discriminator."
 # The noise levels at which the two denoisers are compared: DMD's [0.02 T, 0.98 T).
 T_RANGE = (0.02, 0.98)
 # The GAN term's weight beside the DMD loss, the discriminator's learning rate, and the lowest noise level it judges
-# (as a fraction of T), measured on `punks-24-cpu` and `mnist-16` (docs/few-step.md).
+# (as a fraction of T; with the GAN on, the denoisers are compared below it), measured on `punks-24-cpu` and
+# `mnist-16` (docs/few-step.md).
 GAN_WEIGHT, DISCRIMINATOR_LEARNING_RATE, GAN_T_LOW = 3.0, 1e-3, 0.3
 
 
@@ -156,8 +160,9 @@ class DistributionMatchingLoss:
             x0_fake, _ = x0_predictor(self.fake, alphas_cumprod, self.prediction_type)(z_t.detach(), t)
         # 3. the KL gradient, normalised per image, as a loss whose gradient in x it is; plus the GAN's gradient,
         #    d unreal / dx = alpha_t d unreal / dz_t (added to the gradient, not to the loss's value)
+        #    (with the GAN, only below GAN_T_LOW T: above it the real images decide)
         weight = (x.detach() - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-6)
-        gradient = torch.nan_to_num((x0_fake - x0_real) / weight)
+        gradient = torch.nan_to_num((x0_fake - x0_real) / weight) * self._matched(t).view(-1, 1, 1, 1)
         loss = 0.5 * F.mse_loss(x, (x - gradient).detach())
         if judged:
             gan = (x * (alpha * unreal_gradient).detach()).sum()
@@ -169,6 +174,13 @@ class DistributionMatchingLoss:
         for _ in range(self.fake_updates):
             self.fake_step(x.detach(), alphas_cumprod)
         return loss
+
+    def _matched(self, t: torch.Tensor) -> torch.Tensor:
+        """1 where the two denoisers' difference is the student's gradient at noise level `t`, else 0: every
+        level without the GAN, the levels below the discriminator's with it."""
+        if self.discriminator is None:
+            return torch.ones_like(t, dtype=torch.float32)
+        return (t < round(GAN_T_LOW * self.num_train_timesteps)).float()
 
     def sample(self, model: torch.nn.Module, noise: torch.Tensor, alphas_cumprod: torch.Tensor,
                dtype: torch.dtype) -> torch.Tensor:
