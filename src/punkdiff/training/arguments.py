@@ -118,8 +118,9 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
                         "about half its training time, or --max-steps; 0 leaves it out)")
     p.add_argument("--gan-weight", type=float, metavar="W",
                    help="weight of that stage's GAN term, a discriminator on the teacher's features that also sees "
-                        "the training images and keeps the student's modes in the data's proportions (default: 3, "
-                        "`distribution_matching.GAN_WEIGHT`; 0 leaves it out)")
+                        "the training images and alone judges the noisiest levels, so the student draws its modes "
+                        "in the data's proportions (default: 3, `distribution_matching.GAN_WEIGHT`; 0 leaves it out "
+                        "and the teacher's score judges every level)")
     add_train_arguments(p)
     # a student starts from its teacher's weights: a third of the presets' 1e-3 (3e-4 and 1e-4 measured alike)
     p.set_defaults(output_dir="outputs/distill", learning_rate=3e-4)
